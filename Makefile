@@ -1,0 +1,35 @@
+# make repro: create/refresh .venv, then run the pipeline (dvc repro) on the default data.
+# make test:  create/refresh .venv, then run the test suite.
+# The venv is rebuilt only when pyproject.toml changes (stamp file), so both targets are idempotent.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+BIN := $(abspath $(VENV))/bin
+STAMP := $(VENV)/.edc-installed
+PIP_QUIET := --quiet --disable-pip-version-check
+
+.PHONY: repro test lint venv clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -m pip install $(PIP_QUIET) $(TORCH_SPEC) 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -m pip install $(PIP_QUIET) -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -c "import edc, torch, torchvision, dvc, mlflow, webdataset, pydantic, mlxtend"
+	touch $(STAMP)
+
+repro: $(STAMP)
+	PATH="$(BIN):$$PATH" dvc repro
+	@PATH="$(BIN):$$PATH" dvc metrics show
+
+test: $(STAMP)
+	PATH="$(BIN):$$PATH" python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check edc stages tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,11 @@
+"""Model registry: ``create_model(arch, in_channels=, num_classes=, image_size=, **kwargs)``.
+
+Every architecture here is a small-resolution variant (stride-1 stems, no early max-pool) that works
+for any channel count, square image size and class count. Adding an architecture is one decorated
+builder function in this package; no stage script changes.
+"""
+
+from edc.models.registry import create_model, list_models, model_kwargs, register_model
+from edc.models import zoo as _zoo  # noqa: F401  (registers the architectures)
+
+__all__ = ["create_model", "list_models", "model_kwargs", "register_model"]

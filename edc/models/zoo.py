@@ -1,0 +1,173 @@
+"""Small-resolution architectures (CIFAR/MNIST-sized inputs).
+
+ResNet-18 and WRN are written here because torchvision has no width-scaled or wide variants of
+them; MobileNet-V2 and ShuffleNet-V2 are torchvision's modules with the stem adapted (input
+channels, stride 1, no max-pool), which is what "small-resolution" means for them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models import MobileNetV2, ShuffleNetV2
+
+from edc.models.registry import register_model
+
+_NORMS = ("batch", "instance", "none")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        # The dataset-distillation ConvNet's "instancenorm": GroupNorm with one channel per group.
+        return nn.GroupNorm(channels, channels, affine=True)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be one of {_NORMS}, got {kind!r}")
+
+
+class ConvNet(nn.Module):
+    """``depth`` x [conv3x3(width) - norm - ReLU - pool2x2], then a linear classifier."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int, depth: int,
+                 norm: str, pool: str):
+        super().__init__()
+        if pool not in ("avg", "max"):
+            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
+        if image_size >> depth < 1:
+            raise ValueError(f"depth {depth} halves a {image_size}px image below one pixel")
+        layers: list[nn.Module] = []
+        ch = in_channels
+        for _ in range(depth):
+            layers += [nn.Conv2d(ch, width, 3, padding=1, bias=norm != "batch"), _norm(norm, width),
+                       nn.ReLU(inplace=True), nn.AvgPool2d(2) if pool == "avg" else nn.MaxPool2d(2)]
+            ch = width
+        self.features = nn.Sequential(*layers)
+        side = image_size >> depth
+        self.classifier = nn.Linear(width * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+@register_model("convnet")
+def convnet(in_channels: int, num_classes: int, image_size: int, width: int = 128, depth: int = 3,
+            norm: str = "instance", pool: str = "avg") -> nn.Module:
+    return ConvNet(in_channels, num_classes, image_size, width, depth, norm, pool)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet: 3x3 stride-1 stem, no max-pool, four stages of basic blocks."""
+
+    def __init__(self, in_channels: int, num_classes: int, blocks: list[int], width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages, cin = [], width
+        for i, n in enumerate(blocks):
+            cout = width << i
+            stages.append(nn.Sequential(*[BasicBlock(cin if j == 0 else cout, cout, 2 if (i and j == 0) else 1)
+                                          for j in range(n)]))
+            cin = cout
+        self.layers = nn.Sequential(*stages)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@register_model("resnet18")
+def resnet18(in_channels: int, num_classes: int, image_size: int, width: int = 64) -> nn.Module:
+    """ResNet-18; ``width`` is the first stage's channel count (64 in the original)."""
+    return ResNet(in_channels, num_classes, [2, 2, 2, 2], width)
+
+
+class WideBlock(nn.Module):
+    """Pre-activation wide basic block (Zagoruyko & Komodakis)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None if (stride == 1 and cin == cout) else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = torch.relu(self.bn1(x))
+        y = self.conv2(torch.relu(self.bn2(self.conv1(o))))
+        return y + (x if self.shortcut is None else self.shortcut(o))
+
+
+class WideResNet(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, depth: int, width: int):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n+4 (10, 16, 22, 28, ...), got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        groups, cin = [], widths[0]
+        for i, cout in enumerate(widths[1:]):
+            groups.append(nn.Sequential(*[WideBlock(cin if j == 0 else cout, cout, 2 if (i and j == 0) else 1)
+                                          for j in range(n)]))
+            cin = cout
+        self.groups = nn.Sequential(*groups)
+        self.bn = nn.BatchNorm2d(cin)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.groups(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@register_model("wrn")
+def wrn(in_channels: int, num_classes: int, image_size: int, depth: int = 16, width: int = 2) -> nn.Module:
+    """WRN-depth-width, e.g. the paper's WRN-16-2."""
+    return WideResNet(in_channels, num_classes, depth, width)
+
+
+def _restem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, stride=1, padding=conv.padding,
+                     bias=conv.bias is not None)
+
+
+@register_model("mobilenet_v2")
+def mobilenet_v2(in_channels: int, num_classes: int, image_size: int, width_mult: float = 1.0) -> nn.Module:
+    """torchvision's MobileNet-V2 with a stride-1 stem (total stride 16 instead of 32)."""
+    m = MobileNetV2(num_classes=num_classes, width_mult=width_mult)
+    m.features[0][0] = _restem(m.features[0][0], in_channels)
+    return m
+
+
+_SHUFFLE_CHANNELS = {0.5: [24, 48, 96, 192, 1024], 1.0: [24, 116, 232, 464, 1024],
+                     1.5: [24, 176, 352, 704, 1024], 2.0: [24, 244, 488, 976, 2048]}
+
+
+@register_model("shufflenet_v2")
+def shufflenet_v2(in_channels: int, num_classes: int, image_size: int, width_mult: float = 1.0) -> nn.Module:
+    """torchvision's ShuffleNet-V2 (x0.5/1.0/1.5/2.0) with a stride-1 stem and no max-pool."""
+    if width_mult not in _SHUFFLE_CHANNELS:
+        raise ValueError(f"shufflenet_v2 width_mult must be one of {sorted(_SHUFFLE_CHANNELS)}, got {width_mult}")
+    m = ShuffleNetV2([4, 8, 4], _SHUFFLE_CHANNELS[width_mult], num_classes=num_classes)
+    m.conv1[0] = _restem(m.conv1[0], in_channels)
+    m.maxpool = nn.Identity()
+    return m

@@ -1,0 +1,137 @@
+"""Observer training and the observer checkpoint format.
+
+An observer is saved as two files in the observers directory:
+
+- ``<name>.safetensors``: the model's ``state_dict`` (no pickle; byte-identical for the same seed);
+- ``<name>.json``: its spec: ``arch``, ``kwargs``, the dataset facts it was trained on, the
+  training params used, the seed, and its final ``test_acc``.
+
+``load_observer(dir, name)`` rebuilds the model from the spec and loads the weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from edc.data import DatasetFacts
+from edc.data.augment import shift_flip
+from edc.errors import ArtifactError
+from edc.io import read_json, write_json
+from edc.models import create_model
+from edc.runtime import derive_seed, progress, seed_everything
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    test_acc: float
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
+    seconds: float = 0.0
+
+
+def build(arch: str, kwargs: dict[str, Any], facts: DatasetFacts) -> nn.Module:
+    return create_model(arch, in_channels=facts.channels, num_classes=facts.num_classes,
+                        image_size=facts.image_size, **kwargs)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in eval mode (restores the model's previous mode)."""
+    was_training = model.training
+    model.eval()
+    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                  for i in range(0, len(x), batch_size))
+    model.train(was_training)
+    return correct / len(x)
+
+
+def _lr_lambda(schedule: str, total_steps: int) -> Callable[[int], float]:
+    if schedule == "cosine":
+        return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    return lambda step: 1.0
+
+
+def train_observer(spec, cfg, facts: DatasetFacts, train: tuple[torch.Tensor, torch.Tensor],
+                   test: tuple[torch.Tensor, torch.Tensor], seed: int) -> TrainResult:
+    """Train one observer (``spec``: ObserverSpec) on normalised ``train`` tensors with ``cfg``
+    (ObserversParams). The test split is used once, after the last epoch, to report accuracy."""
+    gen = seed_everything(derive_seed(seed, "observer", spec.name))
+    model = build(spec.arch, dict(spec.kwargs), facts)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    x, y = train
+    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.schedule, cfg.epochs * steps_per_epoch))
+    history, start = [], time.perf_counter()
+    model.train()
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(x), generator=gen)
+        loss_sum, correct = 0.0, 0
+        bar = progress(range(steps_per_epoch), desc=f"{spec.name} epoch {epoch + 1}/{cfg.epochs}", unit="batch")
+        for i in bar:
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            xb = shift_flip(x[idx], cfg.augment.crop_padding, cfg.augment.flip, gen)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == y[idx]).sum())
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / len(x), "train_acc": correct / len(x),
+               "lr": opt.param_groups[0]["lr"]}
+        history.append(row)
+        print(f"[{spec.name}] epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
+              f"train_acc {row['train_acc']:.4f}", flush=True)
+    test_acc = accuracy(model, *test)
+    return TrainResult(model.eval(), test_acc, history, time.perf_counter() - start)
+
+
+def save_observer(directory: str | Path, name: str, model: nn.Module, spec: dict[str, Any]) -> None:
+    directory = Path(directory)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / f"{name}.safetensors"), metadata={"name": name, "arch": spec["arch"]})
+    write_json(directory / f"{name}.json", spec)
+
+
+def observer_names(directory: str | Path) -> list[str]:
+    """Names of the observers saved in ``directory`` (sorted)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: observers directory not found; run the train_observers stage")
+    return sorted(p.stem for p in directory.glob("*.json"))
+
+
+def load_observer(directory: str | Path, name: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild observer ``name`` from its spec and weights; returns (model in eval mode, spec)."""
+    directory = Path(directory)
+    spec_file, weights = directory / f"{name}.json", directory / f"{name}.safetensors"
+    for f in (spec_file, weights):
+        if not f.is_file():
+            raise ArtifactError(f"{f}: missing; run the train_observers stage")
+    spec = read_json(spec_file)
+    facts = DatasetFacts.from_dict(spec["dataset"])
+    model = build(spec["arch"], spec["kwargs"], facts)
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise ArtifactError(f"{weights}: unreadable checkpoint ({exc})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ArtifactError(f"{weights}: does not match architecture {spec['arch']} {spec['kwargs']} "
+                            f"described in {spec_file} ({first})") from None
+    return model.eval(), spec

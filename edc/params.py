@@ -1,0 +1,202 @@
+"""The params.yaml schema and its loader.
+
+Every model forbids unknown keys and every number has a range, so a typo or an out-of-range value
+stops a stage before it touches any output, with one line per problem naming the dotted key::
+
+    params.yaml: observers.epochs: must be >= 1 (got 0)
+
+The YAML is read the way DVC reads it (ruamel.yaml, YAML 1.2: ``1e-3`` is a float), and validation
+is strict: a quoted ``"0.1"`` where a number belongs is an error, not silently converted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from edc.errors import ParamsError
+
+
+class Section(BaseModel):
+    # One base class, so that extra="forbid" and strict typing reach every nested model.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DatasetParams(Section):
+    name: Literal["mnist5k", "cifar10", "cifar100", "imagefolder", "npz"] = "mnist5k"
+    root: Optional[str] = Field(default=None, validate_default=True,
+                                description="source location; required for all but mnist5k")
+    test_size: int = Field(default=1000, ge=1, description="mnist5k: images held out, stratified by class")
+    image_size: Optional[int] = Field(default=None, ge=8, le=1024, description="imagefolder: resize side")
+
+    @field_validator("root")
+    @classmethod
+    def _root_needed(cls, v: Optional[str], info: ValidationInfo) -> Optional[str]:
+        name = info.data.get("name")
+        if name is not None and name != "mnist5k" and not v:
+            raise ValueError(f"required for dataset {name!r}")
+        return v
+
+
+class ObserverSpec(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="file stem under models/observers/")
+    arch: str
+    kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from edc.models import list_models
+
+        if v not in list_models():
+            raise ValueError(f"unknown architecture {v!r} (known: {', '.join(list_models())})")
+        return v
+
+    @field_validator("kwargs")
+    @classmethod
+    def _known_kwargs(cls, v: dict, info: ValidationInfo) -> dict:
+        from edc.models import model_kwargs
+
+        arch = info.data.get("arch")
+        if arch is None:  # the arch itself was invalid and is reported already
+            return v
+        allowed = model_kwargs(arch)
+        unknown = sorted(set(v) - set(allowed))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} not accepted by {arch} "
+                             f"(accepts: {', '.join(sorted(allowed)) or 'nothing'})")
+        return v
+
+
+class AugmentParams(Section):
+    crop_padding: int = Field(default=2, ge=0, le=64, description="random shift of up to this many pixels")
+    flip: bool = Field(default=False, description="random horizontal flip (off for digits)")
+
+
+class ObserversParams(Section):
+    models: list[ObserverSpec] = Field(min_length=1)
+    epochs: int = Field(ge=1, le=10_000)
+    batch_size: int = Field(ge=1, le=65_536)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(gt=0, le=10)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0, le=1)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    augment: AugmentParams = Field(default_factory=AugmentParams)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, v: list[ObserverSpec]) -> list[ObserverSpec]:
+        names = [m.name for m in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"observer names must be unique, repeated: {', '.join(dup)}")
+        return v
+
+
+class StatsParams(Section):
+    batch_size: int = Field(default=500, ge=1, le=65_536)
+
+
+class Params(Section):
+    seed: int = Field(ge=0, le=2**32 - 1)
+    ipc: int = Field(ge=1, description="images per class of the condensed set")
+    alpha: float = Field(ge=0, le=1, description="weight of global (Form 1) vs per-class (Form 2) matching")
+    zeta: float = Field(gt=0, description="slowdown of the smoothing LR schedule in post-evaluation")
+    dataset: DatasetParams
+    observers: ObserversParams
+    stats: StatsParams
+
+
+# pydantic puts the member type of a failed union into the location: width.int, width.float, ...
+_UNION_TAGS = ("int", "float", "str", "bool")
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _describe(err: dict[str, Any]) -> str:
+    t, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
+    messages = {
+        "greater_than_equal": lambda: f"must be >= {ctx.get('ge')}",
+        "greater_than": lambda: f"must be > {ctx.get('gt')}",
+        "less_than_equal": lambda: f"must be <= {ctx.get('le')}",
+        "less_than": lambda: f"must be < {ctx.get('lt')}",
+        "missing": lambda: "missing",
+        "extra_forbidden": lambda: "unknown key",
+        "int_type": lambda: "must be an integer",
+        "float_type": lambda: "must be a number",
+        "bool_type": lambda: "must be true or false",
+        "string_type": lambda: "must be a string",
+        "list_type": lambda: "must be a list",
+        "model_type": lambda: "must be a mapping (a section of keys)",
+        "dict_type": lambda: "must be a mapping",
+        "literal_error": lambda: f"must be one of {ctx.get('expected')}",
+        "too_short": lambda: f"must have at least {ctx.get('min_length')} item(s)",
+        "string_pattern_mismatch": lambda: "may contain only letters, digits, '_' and '-'",
+    }
+    if t in messages:
+        msg = messages[t]()
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+    if t in ("missing", "extra_forbidden") or t == "value_error":
+        return msg
+    return f"{msg} (got {got!r})"
+
+
+def _problems(exc: ValidationError) -> list[str]:
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = err["loc"]
+        if len(loc) > 1 and loc[-1] in _UNION_TAGS:
+            # A scalar union reports one error per member; report the union once.
+            key, msg = _dotted(loc[:-1]), f"must be a number, string or true/false (got {err.get('input')!r})"
+        else:
+            key, msg = _dotted(loc), _describe(err)
+        line = f"{key}: {msg}" if key else msg
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def parse_params(data: Any, path: str = "params.yaml") -> Params:
+    """Validate an already-loaded mapping; raises :class:`ParamsError` listing every problem."""
+    if not isinstance(data, dict):
+        raise ParamsError(path, [f"top level must be a mapping of keys, got {type(data).__name__}"])
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ParamsError(path, _problems(exc)) from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Load YAML exactly as DVC does (ruamel.yaml safe loader, YAML 1.2)."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ParamsError(str(path), ["file not found"]) from None
+    try:
+        return YAML(typ="safe").load(text) or {}
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ParamsError(str(path), [f"YAML syntax error at {where}{exc.problem}"]) from None
+    except YAMLError as exc:
+        raise ParamsError(str(path), [f"YAML syntax error: {exc}"]) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    return parse_params(read_yaml(path), str(path))

@@ -1,0 +1,155 @@
+"""Per-class BatchNorm statistics of an observer, computed exactly in one pass.
+
+For every BatchNorm layer ``l`` the statistics describe the layer's *input* over (images, height,
+width): per channel, the mean and the population variance (divide by the count, as BatchNorm
+normalises), globally and for each class ``c``. The variance of class ``c`` is the pooled variance
+of all its values, not the average of per-image variances.
+
+Vectorised accumulation: a forward pre-hook reduces each image's activation map to its spatial mean
+``m_i`` and sum of squared deviations ``M2_i`` in float32 (``torch.var_mean``), then adds
+``L*m_i``, ``L*m_i**2`` and ``M2_i`` (``L`` = H*W) into float64 per-class accumulators with
+``index_add_``. At the end, for class c with ``n_c`` values per channel:
+``mean_c = S1_c / n_c`` and ``var_c = (M2_c + S2_c - n_c * mean_c**2) / n_c``.
+
+File format (safetensors, one file per observer), for each layer name ``<l>`` (the module's dotted
+path in the model, e.g. ``layers.0.0.bn1``), all float64:
+
+    <l>.mean         (C,)    global mean
+    <l>.var          (C,)    global variance
+    <l>.class_mean   (K, C)  per-class mean
+    <l>.class_var    (K, C)  per-class variance
+    <l>.class_count  (K,)    values per channel behind each class's statistics (images x H x W)
+
+Metadata (strings): ``format`` = ``edc-stats/1``, ``observer``, ``arch``, ``layers`` (JSON list in
+model order), ``num_classes``, ``images``, ``observer_md5`` (md5 of the weights file it came from).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from edc.errors import ArtifactError
+from edc.runtime import progress
+
+FORMAT = "edc-stats/1"
+STAT_NAMES = ("mean", "var", "class_mean", "class_var", "class_count")
+
+
+def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's BatchNorm layers in registration order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@dataclass
+class LayerStats:
+    mean: torch.Tensor  # (C,)
+    var: torch.Tensor  # (C,)
+    class_mean: torch.Tensor  # (K, C)
+    class_var: torch.Tensor  # (K, C)
+    class_count: torch.Tensor  # (K,)
+
+
+class _Accumulator:
+    def __init__(self, num_classes: int, channels: int):
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+        self.count, self.s1, self.s2, self.m2 = z(num_classes), z(num_classes, channels), \
+            z(num_classes, channels), z(num_classes, channels)
+
+    def add(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        b, c = x.shape[:2]
+        flat = x.detach().reshape(b, c, -1)
+        n = flat.shape[2]
+        var, mean = torch.var_mean(flat.float(), dim=2, unbiased=False)  # (B, C) each, float32
+        mean = mean.double()
+        self.count.index_add_(0, labels, torch.full((b,), float(n), dtype=torch.float64))
+        self.s1.index_add_(0, labels, mean * n)
+        self.s2.index_add_(0, labels, mean.square() * n)
+        self.m2.index_add_(0, labels, var.double() * n)
+
+    def result(self) -> LayerStats:
+        if (self.count == 0).any():
+            missing = torch.nonzero(self.count == 0).flatten().tolist()
+            raise ValueError(f"no images of class(es) {missing[:5]} were seen")
+
+        def moments(count, s1, s2, m2):
+            mean = s1 / count[..., None]
+            var = (m2 + s2 - count[..., None] * mean.square()) / count[..., None]
+            return mean, var.clamp_min(0.0)
+
+        class_mean, class_var = moments(self.count, self.s1, self.s2, self.m2)
+        mean, var = moments(self.count.sum(0), self.s1.sum(0), self.s2.sum(0), self.m2.sum(0))
+        return LayerStats(mean, var, class_mean, class_var, self.count.clone())
+
+
+@torch.no_grad()
+def collect_bn_stats(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                     batch_size: int = 500, desc: str = "stats") -> dict[str, LayerStats]:
+    """One eval-mode pass over (images, labels); returns {layer name: LayerStats} in model order."""
+    layers = bn_layers(model)
+    if not layers:
+        raise ArtifactError(f"{desc}: the model has no BatchNorm layers, so it has no statistics to match")
+    accs: dict[str, _Accumulator] = {}
+    current: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str, bn: nn.Module):
+        def hook(_module, inputs):
+            x = inputs[0]
+            if name not in accs:
+                accs[name] = _Accumulator(num_classes, x.shape[1])
+            accs[name].add(x, current["labels"])
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n, m)) for n, m in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        for i in progress(range(0, len(images), batch_size), desc=desc, unit="batch"):
+            current["labels"] = labels[i:i + batch_size]
+            model(images[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    try:
+        return {n: accs[n].result() for n, _ in layers if n in accs}
+    except ValueError as exc:
+        raise ArtifactError(f"{desc}: {exc}") from None
+
+
+def save_stats(path: str | Path, stats: dict[str, LayerStats], metadata: dict[str, str]) -> None:
+    tensors = {f"{layer}.{k}": getattr(s, k).contiguous() for layer, s in stats.items() for k in STAT_NAMES}
+    meta = {**{k: str(v) for k, v in metadata.items()}, "format": FORMAT, "layers": json.dumps(list(stats))}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def read_stats_metadata(path: str | Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{path}: unreadable statistics file ({exc})") from None
+
+
+def load_stats(path: str | Path) -> tuple[dict[str, LayerStats], dict[str, str]]:
+    """Read a statistics file: ({layer: LayerStats} in model order, metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: statistics file not found; run the collect_stats stage")
+    meta = read_stats_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: format {meta.get('format')!r}, this version reads {FORMAT!r}")
+    tensors = load_file(str(path))
+    out = {}
+    for layer in json.loads(meta["layers"]):
+        try:
+            out[layer] = LayerStats(*(tensors[f"{layer}.{k}"] for k in STAT_NAMES))
+        except KeyError as exc:
+            raise ArtifactError(f"{path}: missing tensor {exc.args[0]}") from None
+    return out, meta

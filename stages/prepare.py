@@ -1,0 +1,28 @@
+"""prepare: read the source dataset, split it, measure its facts, write the prepared format."""
+
+from __future__ import annotations
+
+from edc.data import prepare
+from edc.io import atomic_dir
+from edc.params import load_params
+from edc.stage import parser, stage_main
+from edc.tracking import stage_run
+
+
+def main(argv=None) -> None:
+    ap = parser("prepare", __doc__)
+    ap.add_argument("--out", required=True, help="prepared dataset directory (data/prepared)")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    with stage_run("prepare", {"seed": p.seed, "dataset": p.dataset.model_dump()}, seed=p.seed) as run:
+        with atomic_dir(args.out) as tmp:
+            facts = prepare(p.dataset, p.seed, tmp)
+        run.json(facts.to_dict(), "facts.json")
+        run.metrics({"train_images": sum(facts.counts["train"]), "test_images": sum(facts.counts["test"]),
+                     "num_classes": facts.num_classes})
+    print(f"prepared {facts.name}: {sum(facts.counts['train'])} train / {sum(facts.counts['test'])} test images, "
+          f"{facts.num_classes} classes, {facts.channels}x{facts.height}x{facts.width} -> {args.out}")
+
+
+if __name__ == "__main__":
+    stage_main(main)

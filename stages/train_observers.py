@@ -1,0 +1,56 @@
+"""train_observers: train every observer in params.observers.models on the prepared train split."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from edc.data import load_prepared
+from edc.io import atomic_dir, atomic_file, write_json
+from edc.observers import save_observer, train_observer
+from edc.params import load_params
+from edc.stage import parser, stage_main
+from edc.tracking import stage_run
+
+
+def main(argv=None) -> None:
+    ap = parser("train_observers", __doc__)
+    ap.add_argument("--data", required=True, help="prepared dataset directory")
+    ap.add_argument("--out", required=True, help="observers directory (models/observers)")
+    ap.add_argument("--report", required=True, help="test accuracies, JSON (reports/observers.json)")
+    ap.add_argument("--plots", required=True, help="directory for per-observer training curves (CSV)")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    cfg = p.observers
+    with stage_run("train_observers", {"seed": p.seed, "observers": cfg.model_dump()}, seed=p.seed) as run:
+        data = load_prepared(args.data)
+        train, test = data.normalized("train"), data.normalized("test")
+        report, curves = {}, {}
+        with atomic_dir(args.out) as tmp:
+            for spec in cfg.models:
+                res = train_observer(spec, cfg, data.facts, train, test, p.seed)
+                save_observer(tmp, spec.name, res.model, {
+                    "name": spec.name, "arch": spec.arch, "kwargs": dict(spec.kwargs),
+                    "dataset": data.facts.to_dict(), "seed": p.seed, "training": cfg.model_dump(exclude={"models"}),
+                    "test_acc": res.test_acc,
+                })
+                n_params = sum(t.numel() for t in res.model.parameters())
+                report[spec.name] = {"arch": spec.arch, "test_acc": round(res.test_acc, 6), "params": n_params}
+                curves[spec.name] = res.history
+                for row in res.history:
+                    run.metrics({f"{spec.name}.train_loss": row["train_loss"],
+                                 f"{spec.name}.train_acc": row["train_acc"]}, step=row["epoch"])
+                run.metrics({f"{spec.name}.test_acc": res.test_acc, f"{spec.name}.seconds": res.seconds})
+                print(f"[{spec.name}] test_acc {res.test_acc:.4f} ({res.seconds:.0f} s)", flush=True)
+        with atomic_dir(args.plots) as tmp:
+            for name, rows in curves.items():
+                with open(Path(tmp) / f"{name}.csv", "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "train_acc", "lr"])
+                    w.writeheader()
+                    w.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+        write_json(args.report, report)
+        run.artifact(args.report)
+
+
+if __name__ == "__main__":
+    stage_main(main)
