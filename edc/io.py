@@ -11,8 +11,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def _tmp_sibling(path: Path) -> Path:
@@ -86,3 +87,24 @@ def md5_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# safetensors keeps its header metadata in a Rust HashMap, so a file with several metadata keys is
+# written in a random key order: the same tensors give different bytes (and DVC hashes) per run. We
+# store all metadata as one canonical JSON string under the single key "edc".
+_META_KEY = "edc"
+
+
+def save_safetensors(path: str | Path, tensors: dict, metadata: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={_META_KEY: json.dumps(metadata, sort_keys=True)})
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata written by :func:`save_safetensors` (raises OSError/SafetensorError if unreadable)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(_META_KEY)
+    return json.loads(raw) if raw else {}

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from edc.data import DatasetFacts
 from edc.data.augment import shift_flip
 from edc.errors import ArtifactError
-from edc.io import read_json, write_json
+from edc.io import read_json, save_safetensors, write_json
 from edc.models import create_model
 from edc.runtime import derive_seed, progress, seed_everything
 
@@ -102,7 +103,7 @@ def train_observer(spec, cfg, facts: DatasetFacts, train: tuple[torch.Tensor, to
 def save_observer(directory: str | Path, name: str, model: nn.Module, spec: dict[str, Any]) -> None:
     directory = Path(directory)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / f"{name}.safetensors"), metadata={"name": name, "arch": spec["arch"]})
+    save_safetensors(directory / f"{name}.safetensors", state, {"name": name, "arch": spec["arch"]})
     write_json(directory / f"{name}.json", spec)
 
 

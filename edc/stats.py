@@ -20,22 +20,23 @@ path in the model, e.g. ``layers.0.0.bn1``), all float64:
     <l>.class_var    (K, C)  per-class variance
     <l>.class_count  (K,)    values per channel behind each class's statistics (images x H x W)
 
-Metadata (strings): ``format`` = ``edc-stats/1``, ``observer``, ``arch``, ``layers`` (JSON list in
-model order), ``num_classes``, ``images``, ``observer_md5`` (md5 of the weights file it came from).
+Metadata (one JSON object under the safetensors metadata key ``edc``, see :mod:`edc.io`):
+``format`` = ``edc-stats/1``, ``observer``, ``arch``, ``layers`` (list, model order), ``num_classes``,
+``images``, ``observer_md5`` (md5 of the weights file the statistics came from).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from edc.errors import ArtifactError
+from edc.io import read_safetensors_metadata, save_safetensors
 from edc.runtime import progress
 
 FORMAT = "edc-stats/1"
@@ -123,21 +124,19 @@ def collect_bn_stats(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         raise ArtifactError(f"{desc}: {exc}") from None
 
 
-def save_stats(path: str | Path, stats: dict[str, LayerStats], metadata: dict[str, str]) -> None:
+def save_stats(path: str | Path, stats: dict[str, LayerStats], metadata: dict) -> None:
     tensors = {f"{layer}.{k}": getattr(s, k).contiguous() for layer, s in stats.items() for k in STAT_NAMES}
-    meta = {**{k: str(v) for k, v in metadata.items()}, "format": FORMAT, "layers": json.dumps(list(stats))}
-    save_file(tensors, str(path), metadata=meta)
+    save_safetensors(path, tensors, {**metadata, "format": FORMAT, "layers": list(stats)})
 
 
-def read_stats_metadata(path: str | Path) -> dict[str, str]:
+def read_stats_metadata(path: str | Path) -> dict:
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except (SafetensorError, OSError) as exc:
+        return read_safetensors_metadata(path)
+    except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"{path}: unreadable statistics file ({exc})") from None
 
 
-def load_stats(path: str | Path) -> tuple[dict[str, LayerStats], dict[str, str]]:
+def load_stats(path: str | Path) -> tuple[dict[str, LayerStats], dict]:
     """Read a statistics file: ({layer: LayerStats} in model order, metadata)."""
     path = Path(path)
     if not path.is_file():
@@ -147,7 +146,7 @@ def load_stats(path: str | Path) -> tuple[dict[str, LayerStats], dict[str, str]]
         raise ArtifactError(f"{path}: format {meta.get('format')!r}, this version reads {FORMAT!r}")
     tensors = load_file(str(path))
     out = {}
-    for layer in json.loads(meta["layers"]):
+    for layer in meta["layers"]:
         try:
             out[layer] = LayerStats(*(tensors[f"{layer}.{k}"] for k in STAT_NAMES))
         except KeyError as exc:

@@ -18,8 +18,9 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 EXPERIMENT_ENV = "EDC_MLFLOW_EXPERIMENT"
 DEFAULT_EXPERIMENT = "edc"

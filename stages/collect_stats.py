@@ -36,8 +36,8 @@ def main(argv=None) -> None:
                 # How far the observer's running BN estimates are from the exact statistics: a check
                 # that the observer and the data agree (large values mean a wrong dataset or observer).
                 bns = dict(model.named_modules())
-                gap = max(float(((bns[l].running_mean.double() - s.mean).abs() / s.var.sqrt().clamp_min(1e-6)).mean())
-                          for l, s in stats.items())
+                gap = max(float(((bns[layer].running_mean.double() - s.mean).abs()
+                                 / s.var.sqrt().clamp_min(1e-6)).mean()) for layer, s in stats.items())
                 report[name] = {"layers": len(stats), "channels": sum(len(s.mean) for s in stats.values()),
                                 "running_mean_gap": round(gap, 6)}
                 run.metrics({f"{name}.layers": len(stats), f"{name}.running_mean_gap": gap})

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from edc.data import load_prepared
-from edc.io import atomic_dir, atomic_file, write_json
+from edc.io import atomic_dir, write_json
 from edc.observers import save_observer, train_observer
 from edc.params import load_params
 from edc.stage import parser, stage_main

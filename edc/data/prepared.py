@@ -53,7 +53,7 @@ class DatasetFacts:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DatasetFacts":
+    def from_dict(cls, d: dict) -> DatasetFacts:
         return cls(**d)
 
 

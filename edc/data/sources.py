@@ -10,9 +10,9 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

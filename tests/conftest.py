@@ -1,0 +1,103 @@
+"""Shared fixtures: a throwaway MLflow store, the repository's params, and small real-format data."""
+
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edc.params import read_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_store(tmp_path_factory):
+    """Every test logs to its own session store, never to the project's mlflow.db."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture
+def default_params() -> dict:
+    return copy.deepcopy(read_yaml(ROOT / "params.yaml"))
+
+
+def tiny_params() -> dict:
+    """The repository's params.yaml shrunk to seconds on a CPU: one small observer, one epoch."""
+    p = copy.deepcopy(read_yaml(ROOT / "params.yaml"))
+    p["observers"]["models"] = [{"name": "tiny", "arch": "convnet", "kwargs": {"width": 8, "depth": 2,
+                                                                               "norm": "batch"}}]
+    p["observers"]["epochs"] = 1
+    p["observers"]["batch_size"] = 128
+    return p
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    from ruamel.yaml import YAML
+
+    with open(path, "w") as f:
+        YAML(typ="safe").dump(data, f)
+    return path
+
+
+def _images(rng, n: int, c: int, h: int) -> np.ndarray:
+    return rng.integers(0, 256, size=(n, c, h, h), dtype=np.uint8)
+
+
+def make_cifar10(root: Path, per_class: int = 3, test_per_class: int = 2, seed: int = 0) -> Path:
+    """The standard CIFAR-10 python layout: cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}."""
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    names = [f"class{i}" for i in range(10)]
+    for b in range(1, 6):
+        labels = list(range(10)) * per_class if b == 1 else [b % 10] * 2
+        x = _images(rng, len(labels), 3, 32).reshape(len(labels), -1)
+        with open(d / f"data_batch_{b}", "wb") as f:
+            pickle.dump({b"data": x, b"labels": labels, b"batch_label": b"batch"}, f)
+    labels = list(range(10)) * test_per_class
+    with open(d / "test_batch", "wb") as f:
+        pickle.dump({b"data": _images(rng, len(labels), 3, 32).reshape(len(labels), -1), b"labels": labels}, f)
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in names], b"num_vis": 3072}, f)
+    return root
+
+
+def make_cifar100(root: Path, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-100-python"
+    d.mkdir(parents=True)
+    for split, reps in (("train", 2), ("test", 1)):
+        labels = list(range(100)) * reps
+        with open(d / split, "wb") as f:
+            pickle.dump({b"data": _images(rng, len(labels), 3, 32).reshape(len(labels), -1),
+                         b"fine_labels": labels, b"coarse_labels": [0] * len(labels)}, f)
+    with open(d / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"c{i:02d}".encode() for i in range(100)],
+                     b"coarse_label_names": [b"x"] * 20}, f)
+    return root
+
+
+def make_imagefolder(root: Path, classes=("cat", "dog", "emu"), n: int = 3, size: int = 12, mode: str = "RGB",
+                     seed: int = 0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                shape = (size, size, 3) if mode == "RGB" else (size, size)
+                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / split / c / f"{i}.png")
+    return root

@@ -1,0 +1,55 @@
+"""Model registry: every architecture builds for any channel count, image size and class count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edc.models import create_model, list_models, model_kwargs
+from edc.stats import bn_layers
+
+
+@pytest.mark.parametrize("arch", list_models())
+@pytest.mark.parametrize("channels, size, classes", [(1, 28, 10), (3, 32, 100), (3, 16, 7)])
+def test_every_architecture_builds_and_runs(arch, channels, size, classes):
+    kwargs = {"width": 8} if arch in ("convnet", "resnet18") else {}
+    if arch in ("mobilenet_v2", "shufflenet_v2"):
+        kwargs = {"width_mult": 0.5}
+    model = create_model(arch, in_channels=channels, num_classes=classes, image_size=size, **kwargs).eval()
+    out = model(torch.randn(2, channels, size, size))
+    assert out.shape == (2, classes)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "shufflenet_v2", "wrn"])
+def test_small_resolution_stems_keep_full_resolution(arch):
+    """The first convolution is stride 1 and no max-pool follows it (small-resolution variants)."""
+    model = create_model(arch, in_channels=3, num_classes=10, image_size=32)
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first.stride == (1, 1) and first.in_channels == 3
+    assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())
+    assert bn_layers(model), f"{arch} has BatchNorm layers to match"
+
+
+def test_convnet_norm_variants():
+    kinds = {norm: create_model("convnet", in_channels=1, num_classes=10, image_size=28, width=16, norm=norm)
+             for norm in ("batch", "instance", "none")}
+    assert len(bn_layers(kinds["batch"])) == 3
+    assert not bn_layers(kinds["instance"]) and not bn_layers(kinds["none"])
+    assert any(isinstance(m, nn.GroupNorm) for m in kinds["instance"].modules())
+
+
+def test_resnet18_depth_and_width():
+    model = create_model("resnet18", in_channels=3, num_classes=10, image_size=32, width=16)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) == 17  # stem + 8 blocks x 2
+    assert model.fc.in_features == 16 * 8
+
+
+def test_unknown_argument_and_architecture_are_clear():
+    with pytest.raises(TypeError, match=r"resnet18: unknown argument\(s\) \['depth'\]"):
+        create_model("resnet18", in_channels=1, num_classes=10, image_size=28, depth=3)
+    with pytest.raises(KeyError, match="unknown architecture 'vgg'"):
+        model_kwargs("vgg")
+    with pytest.raises(ValueError, match="6n\\+4"):
+        create_model("wrn", in_channels=1, num_classes=10, image_size=28, depth=15)

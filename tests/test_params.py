@@ -1,0 +1,108 @@
+"""params.yaml validation: every problem is one line naming the dotted key, and stages stop early."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from edc.errors import ParamsError
+from edc.params import load_params, parse_params
+from tests.conftest import ROOT, write_yaml
+
+
+def problems(data: dict) -> list[str]:
+    with pytest.raises(ParamsError) as exc:
+        parse_params(data)
+    return exc.value.problems
+
+
+def test_repository_params_are_valid():
+    p = load_params(ROOT / "params.yaml")
+    assert p.dataset.name == "mnist5k"
+    assert len({m.arch for m in p.observers.models}) >= 3, "default observers: at least three architectures"
+
+
+def test_exponent_notation_is_a_float_as_dvc_reads_it(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text((ROOT / "params.yaml").read_text().replace("weight_decay: 5e-4", "weight_decay: 1e-3"))
+    assert load_params(f).observers.weight_decay == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda p: p["observers"].__setitem__("epochs", 0), "observers.epochs: must be >= 1 (got 0)"),
+    (lambda p: p.__setitem__("alpha", 1.5), "alpha: must be <= 1.0 (got 1.5)"),
+    (lambda p: p.__setitem__("zeta", 0), "zeta: must be > 0.0 (got 0)"),
+    (lambda p: p.__setitem__("ipc", 0), "ipc: must be >= 1 (got 0)"),
+    (lambda p: p["observers"].__setitem__("epochz", 3), "observers.epochz: unknown key"),
+    (lambda p: p["observers"]["augment"].__setitem__("rotate", 3), "observers.augment.rotate: unknown key"),
+    (lambda p: p.pop("stats"), "stats: missing"),
+    (lambda p: p["observers"].__setitem__("lr", "0.1"), "observers.lr: must be a number (got '0.1')"),
+    (lambda p: p["observers"].__setitem__("epochs", 2.5), "observers.epochs: must be an integer (got 2.5)"),
+    (lambda p: p["observers"]["augment"].__setitem__("flip", "yes"),
+     "observers.augment.flip: must be true or false (got 'yes')"),
+    (lambda p: p["dataset"].__setitem__("name", "svhn"), "dataset.name: must be one of"),
+    (lambda p: p["dataset"].__setitem__("name", "cifar10"), "dataset.root: required for dataset 'cifar10'"),
+    (lambda p: p["observers"]["models"][1].__setitem__("arch", "vgg"),
+     "observers.models[1].arch: unknown architecture 'vgg'"),
+    (lambda p: p["observers"]["models"][1]["kwargs"].__setitem__("depth", 3),
+     "observers.models[1].kwargs: depth not accepted by resnet18"),
+    (lambda p: p["observers"]["models"][1].__setitem__("name", p["observers"]["models"][0]["name"]),
+     "observers.models: observer names must be unique"),
+    (lambda p: p.__setitem__("stats", 3), "stats: must be a mapping"),
+])
+def test_each_problem_is_one_line_naming_the_key(default_params, mutate, expected):
+    mutate(default_params)
+    lines = problems(default_params)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(expected), lines
+
+
+def test_all_problems_are_reported_at_once(default_params):
+    default_params["observers"]["epochs"] = 0
+    default_params["alpha"] = -1
+    assert len(problems(default_params)) == 2
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("seed: 0\nobservers: [unclosed\n")
+    with pytest.raises(ParamsError) as exc:
+        load_params(f)
+    assert str(exc.value).startswith(f"{f}: YAML syntax error at line ")
+
+
+def _run_stage(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("bad", ["unknown_key", "out_of_range", "wrong_type", "syntax", "missing_section"])
+def test_a_bad_params_file_stops_the_stage_and_leaves_outputs_untouched(tmp_path, default_params, bad):
+    f = tmp_path / "params.yaml"
+    if bad == "syntax":
+        f.write_text("seed: 0\ndataset: {name: mnist5k\n")
+    else:
+        {"unknown_key": lambda p: p["dataset"].__setitem__("nmae", "x"),
+         "out_of_range": lambda p: p["observers"].__setitem__("epochs", 0),
+         "wrong_type": lambda p: p.__setitem__("seed", "zero"),
+         "missing_section": lambda p: p.pop("observers")}[bad](default_params)
+        write_yaml(f, default_params)
+    out = tmp_path / "prepared"
+    out.mkdir()
+    (out / "facts.json").write_text("earlier output")
+    r = _run_stage("stages/prepare.py", "--params", str(f), "--out", str(out))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{f}: "), r.stderr
+    assert "Traceback" not in r.stderr
+    assert [p.name for p in out.iterdir()] == ["facts.json"]
+    assert (out / "facts.json").read_text() == "earlier output"
+
+
+def test_edc_check_reports_ok_and_problems(tmp_path, default_params):
+    r = _run_stage("-m", "edc.cli", "check", "--params", str(ROOT / "params.yaml"))
+    assert r.returncode == 0 and "OK" in r.stdout
+    default_params["observers"]["epochs"] = 0
+    r = _run_stage("-m", "edc.cli", "check", "--params", str(write_yaml(tmp_path / "p.yaml", default_params)))
+    assert r.returncode == 2 and "observers.epochs: must be >= 1 (got 0)" in r.stderr

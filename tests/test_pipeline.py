@@ -1,0 +1,145 @@
+"""The first three stages end to end: as scripts, and through DVC in a throwaway repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edc.io import md5_file, read_json
+from edc.stats import load_stats
+from tests.conftest import ROOT, tiny_params, write_yaml
+
+
+def stage(name: str):
+    return runpy.run_path(str(ROOT / "stages" / f"{name}.py"), run_name="edc_test")["main"]
+
+
+def run_stages(work: Path, params: Path) -> None:
+    p = ["--params", str(params)]
+    stage("prepare")([*p, "--out", str(work / "data/prepared")])
+    stage("train_observers")([*p, "--data", str(work / "data/prepared"), "--out", str(work / "models/observers"),
+                              "--report", str(work / "reports/observers.json"),
+                              "--plots", str(work / "reports/plots/observers")])
+    stage("collect_stats")([*p, "--data", str(work / "data/prepared"), "--observers", str(work / "models/observers"),
+                            "--out", str(work / "stats"), "--report", str(work / "reports/stats.json")])
+
+
+def md5_tree(root: Path) -> dict[str, str]:
+    return {str(f.relative_to(root)): md5_file(f) for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
+    params = write_yaml(tmp_path / "params.yaml", tiny_params())
+    run_stages(tmp_path / "a", params)
+    run_stages(tmp_path / "b", params)
+    a = tmp_path / "a"
+    assert md5_tree(a) == md5_tree(tmp_path / "b")
+    assert sorted(md5_tree(a)) == [
+        "data/prepared/facts.json", "data/prepared/test_images.npy", "data/prepared/test_labels.npy",
+        "data/prepared/train_images.npy", "data/prepared/train_labels.npy",
+        "models/observers/tiny.json", "models/observers/tiny.safetensors",
+        "reports/observers.json", "reports/plots/observers/tiny.csv", "reports/stats.json", "stats/tiny.safetensors",
+    ]
+    spec = read_json(a / "models/observers/tiny.json")
+    assert spec["arch"] == "convnet" and spec["dataset"]["name"] == "mnist5k" and spec["training"]["epochs"] == 1
+    assert read_json(a / "reports/observers.json")["tiny"]["test_acc"] == spec["test_acc"] > 0.5
+    stats, meta = load_stats(a / "stats/tiny.safetensors")
+    assert len(stats) == 2 and meta["observer_md5"] == md5_file(a / "models/observers/tiny.safetensors")
+    assert stats["features.1"].class_mean.shape == (10, 8)
+    assert float(stats["features.1"].class_count[0]) == 400 * 28 * 28
+
+
+def test_a_failing_stage_keeps_the_earlier_output(tmp_path, default_params):
+    out = tmp_path / "prepared"
+    out.mkdir()
+    (out / "facts.json").write_text("earlier")
+    default_params["dataset"].update(name="cifar10", root=str(tmp_path / "missing"))
+    params = write_yaml(tmp_path / "params.yaml", default_params)
+    r = subprocess.run([sys.executable, "stages/prepare.py", "--params", str(params), "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().endswith("missing does not exist"), r.stderr
+    assert (out / "facts.json").read_text() == "earlier" and len(list(tmp_path.iterdir())) == 2
+
+
+# --- through DVC ---------------------------------------------------------------------------------
+
+def sh(cmd: list[str], cwd: Path, env: dict) -> str:
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
+    return r.stdout + r.stderr
+
+
+def lock_outs(repo: Path) -> dict[str, str]:
+    from ruamel.yaml import YAML
+
+    lock = YAML(typ="safe").load((repo / "dvc.lock").read_text())
+    return {f"{name}:{o['path']}": o["md5"] for name, s in lock["stages"].items() for o in s.get("outs", [])}
+
+
+@pytest.fixture
+def dvc_repo(tmp_path) -> tuple[Path, dict]:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for item in ("edc", "stages", "dvc.yaml"):
+        src = ROOT / item
+        (shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
+         else shutil.copy(src, repo / item))
+    write_yaml(repo / "params.yaml", tiny_params())
+    (repo / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME")}
+    env.update(HOME=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{env['PATH']}", DVC_NO_ANALYTICS="1",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@example.com")
+    sh(["git", "init", "-q", "-b", "main"], repo, env)
+    sh(["dvc", "init", "-q"], repo, env)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "init"], repo, env)
+    return repo, env
+
+
+@pytest.mark.slow
+def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
+    repo, env = dvc_repo
+    out = sh(["dvc", "repro"], repo, env)
+    for s in ("prepare", "train_observers", "collect_stats"):
+        assert f"Running stage '{s}'" in out
+    first = lock_outs(repo)
+    assert set(first) == {"prepare:data/prepared", "train_observers:models/observers", "collect_stats:stats",
+                          "train_observers:reports/observers.json", "train_observers:reports/plots/observers",
+                          "collect_stats:reports/stats.json"}
+
+    # Nothing changed: nothing runs.
+    assert "Running stage" not in sh(["dvc", "repro"], repo, env)
+
+    # From scratch again, without the run-cache: the same bytes.
+    sh(["dvc", "repro", "--force", "--no-run-cache"], repo, env)
+    assert lock_outs(repo) == first
+
+    # An observers param reruns train_observers and collect_stats, not prepare.
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "lock"], repo, env)
+    out = sh(["dvc", "exp", "run", "-S", "observers.epochs=2", "-n", "two-epochs"], repo, env)
+    assert "Running stage 'prepare'" not in out
+    assert "Running stage 'train_observers'" in out and "Running stage 'collect_stats'" in out
+    assert read_json(repo / "models/observers/tiny.json")["training"]["epochs"] == 2
+
+    # MLflow: the default store under the repository root, one run per stage execution, tagged.
+    db = sqlite3.connect(repo / "mlflow.db")
+    runs = db.execute("select r.run_uuid, r.status, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
+                      "and t.key = 'edc.stage'").fetchall()
+    stages = [s for _, _, s in runs]
+    assert sorted(stages) == sorted(["prepare", "train_observers", "collect_stats"] * 2 + ["train_observers",
+                                                                                          "collect_stats"])
+    assert {status for _, status, _ in runs} == {"FINISHED"}
+    exp_tags = db.execute("select value from tags where key = 'dvc.exp_name'").fetchall()
+    assert {v for (v,) in exp_tags} == {"two-epochs"} and len(exp_tags) == 2
+    epochs = db.execute("select value from params where key = 'observers.epochs'").fetchall()
+    assert sorted(json.loads(v) for (v,) in epochs) == [1, 1, 2]
