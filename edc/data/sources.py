@@ -198,21 +198,22 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 def _folder_split(d: Path, classes: list[str], size: int | None, mode: str) -> Split:
     from PIL import Image, UnidentifiedImageError
 
+    from edc.runtime import progress
+
+    files = [(c, p) for c, name in enumerate(classes) if (d / name).is_dir()
+             for p in sorted((d / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
     images, labels = [], []
-    for c, name in enumerate(classes):
-        files = sorted(p for p in (d / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) \
-            if (d / name).is_dir() else []
-        for p in files:
-            try:
-                with Image.open(p) as im:
-                    im = im.convert(mode)
-                    if size is not None and im.size != (size, size):
-                        im = im.resize((size, size), Image.Resampling.BICUBIC)
-                    arr = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-                raise DataError(f"{p}: corrupt or unreadable image ({exc})") from None
-            images.append(arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1))
-            labels.append(c)
+    for c, p in progress(files, desc=f"reading {d.name}/", unit="img"):
+        try:
+            with Image.open(p) as im:
+                im = im.convert(mode)
+                if size is not None and im.size != (size, size):
+                    im = im.resize((size, size), Image.Resampling.BICUBIC)
+                arr = np.asarray(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise DataError(f"{p}: corrupt or unreadable image ({exc})") from None
+        images.append(arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1))
+        labels.append(c)
     if not images:
         raise DataError(f"{d}: no images (expected {d}/<class>/*.png|jpg)")
     shapes = {a.shape for a in images}
