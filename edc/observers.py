@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from edc.errors import ArtifactError
 from edc.io import read_json, save_safetensors, write_json
 from edc.models import create_model
 from edc.runtime import derive_seed, progress, seed_everything
+from edc.schedules import lr_lambda
 
 
 @dataclass
@@ -55,12 +55,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
-def _lr_lambda(schedule: str, total_steps: int) -> Callable[[int], float]:
-    if schedule == "cosine":
-        return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    return lambda step: 1.0
-
-
 def train_observer(spec, cfg, facts: DatasetFacts, train: tuple[torch.Tensor, torch.Tensor],
                    test: tuple[torch.Tensor, torch.Tensor], seed: int) -> TrainResult:
     """Train one observer (``spec``: ObserverSpec) on normalised ``train`` tensors with ``cfg``
@@ -73,7 +67,7 @@ def train_observer(spec, cfg, facts: DatasetFacts, train: tuple[torch.Tensor, to
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     x, y = train
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.schedule, cfg.epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, cfg.epochs * steps_per_epoch))
     history, start = [], time.perf_counter()
     model.train()
     for epoch in range(cfg.epochs):

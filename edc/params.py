@@ -14,7 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from edc.errors import ParamsError
 
@@ -100,6 +108,46 @@ class StatsParams(Section):
     batch_size: int = Field(default=500, ge=1, le=65_536)
 
 
+class InitParams(Section):
+    method: Literal["rded", "real", "noise"] = "rded"
+    observers: list[str] = Field(min_length=1, description="rded: observers whose mean logits score crops")
+    candidates: int = Field(default=50, ge=1, description="rded: real images drawn per class")
+    crops: int = Field(default=5, ge=1, le=1000, description="rded: random crops scored per candidate")
+    factor: int = Field(default=2, ge=1, le=8, description="rded: crops of side H/factor, stitched factor x factor")
+    batch_size: int = Field(default=500, ge=1, le=65_536, description="rded: crops scored per forward pass")
+
+
+class FlatnessParams(Section):
+    mode: Literal["off", "logits", "stats"] = Field(default="logits", description="Eq. 7 (logits) or Eq. 6 (stats)")
+    weight: float = Field(default=1.0, ge=0)
+    beta: float = Field(default=0.99, ge=0, lt=1, description="EMA rate of the teacher images X_ema")
+    tau: float = Field(default=4.0, gt=0, description="softmax temperature of Eq. 7")
+
+
+class SynthAugParams(Section):
+    scale_min: float = Field(default=0.5, gt=0, le=1, description="RandomResizedCrop area lower bound")
+    flip: bool = False
+
+
+class SynthParams(Section):
+    observers: list[str] = Field(min_length=1, description="used one per iteration, round-robin")
+    iterations: int = Field(ge=0, le=1_000_000, description="steps per batch; 0 keeps the initial images")
+    lr: float = Field(default=0.05, gt=0, le=100)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    batch_size: int | Literal["all"] = Field(default="all", description="images per batch, or all")
+    r_bn: float = Field(default=0.1, ge=0, description="weight of the statistics-matching loss")
+    ce_weight: float = Field(default=1.0, ge=0, description="weight of the cross-entropy term")
+    flatness: FlatnessParams = Field(default_factory=FlatnessParams)
+    aug: SynthAugParams = Field(default_factory=SynthAugParams)
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch(cls, v: Any) -> Any:
+        if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"must be a positive integer or 'all' (got {v!r})")
+
+
 class Params(Section):
     seed: int = Field(ge=0, le=2**32 - 1)
     ipc: int = Field(ge=1, description="images per class of the condensed set")
@@ -108,6 +156,24 @@ class Params(Section):
     dataset: DatasetParams
     observers: ObserversParams
     stats: StatsParams
+    init: InitParams
+    synth: SynthParams
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Params:
+        names = [m.name for m in self.observers.models]
+        problems = []
+        for section, used in (("init", self.init.observers), ("synth", self.synth.observers)):
+            for i, name in enumerate(used):
+                if name not in names:
+                    problems.append(f"{section}.observers[{i}]: {name!r} is not among observers.models "
+                                    f"({', '.join(names)})")
+        need = self.ipc * self.init.factor ** 2
+        if self.init.method == "rded" and self.init.candidates < need:
+            problems.append(f"init.candidates: must be >= ipc * init.factor^2 = {need} (got {self.init.candidates})")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
 
 
 # pydantic puts the member type of a failed union into the location: width.int, width.float, ...
@@ -148,7 +214,7 @@ def _describe(err: dict[str, Any]) -> str:
         msg = messages[t]()
     else:
         msg = err["msg"].removeprefix("Value error, ")
-    if t in ("missing", "extra_forbidden") or t == "value_error":
+    if t in ("missing", "extra_forbidden", "value_error"):
         return msg
     return f"{msg} (got {got!r})"
 
@@ -162,9 +228,10 @@ def _problems(exc: ValidationError) -> list[str]:
             key, msg = _dotted(loc[:-1]), f"must be a number, string or true/false (got {err.get('input')!r})"
         else:
             key, msg = _dotted(loc), _describe(err)
-        line = f"{key}: {msg}" if key else msg
-        if line not in lines:
-            lines.append(line)
+        # A cross-field check names its own keys, one problem per line.
+        for line in (f"{key}: {msg}" if key else msg).splitlines():
+            if line not in lines:
+                lines.append(line)
     return lines
 
 

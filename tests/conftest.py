@@ -40,6 +40,9 @@ def tiny_params() -> dict:
                                                                                "norm": "batch"}}]
     p["observers"]["epochs"] = 1
     p["observers"]["batch_size"] = 128
+    p["ipc"] = 2
+    p["init"].update(observers=["tiny"], candidates=8, crops=2, factor=2)
+    p["synth"].update(observers=["tiny"], iterations=4)
     return p
 
 

@@ -1,10 +1,19 @@
 """Datasets: source readers (registry), the prepared format, and batch augmentation."""
 
-from edc.data.prepared import DatasetFacts, PreparedDataset, Split, load_prepared, normalize, read_facts
+from edc.data.prepared import (
+    DatasetFacts,
+    PreparedDataset,
+    Split,
+    load_prepared,
+    normalize,
+    pixel_bounds,
+    read_facts,
+    to_uint8,
+)
 from edc.data.sources import Source, list_sources, read_source, register_source, stratified_split
 
 __all__ = ["DatasetFacts", "PreparedDataset", "Source", "Split", "list_sources", "load_prepared", "normalize",
-           "read_facts", "read_source", "register_source", "stratified_split", "prepare"]
+           "read_facts", "read_source", "register_source", "stratified_split", "prepare", "pixel_bounds", "to_uint8"]
 
 
 def prepare(cfg, seed: int, out) -> DatasetFacts:

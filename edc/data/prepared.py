@@ -141,3 +141,17 @@ def load_prepared(path: str | Path) -> PreparedDataset:
             raise DataError(f"{path}/{split}_labels.npy: {labels.shape[0]} labels for {len(images)} images")
         splits[split] = Split(images, labels.astype(np.int64, copy=False))
     return PreparedDataset(facts, splits["train"], splits["test"])
+
+
+def to_uint8(images: torch.Tensor, facts: DatasetFacts) -> torch.Tensor:
+    """Inverse of :func:`normalize`, rounded to the nearest pixel value and clipped to [0, 255]."""
+    mean = torch.tensor(facts.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(facts.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return ((images.detach().float() * std + mean) * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def pixel_bounds(facts: DatasetFacts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (low, high) of valid pixels in the normalised space, shaped (1, C, 1, 1)."""
+    mean = torch.tensor(facts.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(facts.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (0.0 - mean) / std, (1.0 - mean) / std

@@ -1,0 +1,109 @@
+"""Initialisation of the condensed set: ``rded``, ``real`` and ``noise``.
+
+``rded`` (RDED, Sun et al. 2024; EDC's "real image initialisation"): per class, sample ``candidates``
+real images; from each take ``crops`` random crops of size (ceil(H/f), ceil(W/f)); score every crop by
+the cross-entropy of the observers' mean logits on the crop resized to full size; keep each image's
+best (lowest-loss) crop, then the class's best ``ipc * f * f`` crops, and stitch them f x f (in rank
+order, row-major) into ``ipc`` images. When f does not divide the side, the stitched image is trimmed
+to (H, W). f = 1 keeps the best whole images.
+
+Every returned image carries its provenance: the train-split indices of its source images, the crop
+boxes ``[top, left, height, width]`` in source-image pixels, and the crops' scores.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edc.errors import DataError
+from edc.runtime import progress
+
+
+@dataclass
+class InitResult:
+    images: torch.Tensor  # (N, C, H, W), normalised space
+    labels: torch.Tensor  # (N,) int64, sorted by class
+    index: list[dict]  # one provenance record per image
+
+
+def _per_class_sample(labels: torch.Tensor, k: int, n: int, gen: torch.Generator, what: str) -> torch.Tensor:
+    """(K, n) train indices: n distinct images of each class, drawn with ``gen``."""
+    rows = []
+    for c in range(k):  # K small index draws; the heavy work below is batched over all classes
+        idx = torch.nonzero(labels == c).flatten()
+        if len(idx) < n:
+            raise DataError(f"{what}: class {c} has {len(idx)} train images, {n} are needed")
+        rows.append(idx[torch.randperm(len(idx), generator=gen)[:n]])
+    return torch.stack(rows)
+
+
+def real_init(x: torch.Tensor, y: torch.Tensor, k: int, ipc: int, gen: torch.Generator) -> InitResult:
+    """``ipc`` random real images per class."""
+    idx = _per_class_sample(y, k, ipc, gen, "ipc").flatten()
+    h, w = x.shape[2:]
+    index = [{"class": int(y[i]), "sources": [int(i)], "boxes": [[0, 0, h, w]], "scores": []} for i in idx]
+    return InitResult(x[idx].clone(), y[idx].clone(), index)
+
+
+def noise_init(shape: tuple[int, int, int], k: int, ipc: int, gen: torch.Generator) -> InitResult:
+    """Standard Gaussian images in the normalised space (SRe2L / G-VBSM's initialisation)."""
+    labels = torch.arange(k).repeat_interleave(ipc)
+    images = torch.randn(k * ipc, *shape, generator=gen)
+    return InitResult(images, labels, [{"class": int(c), "sources": [], "boxes": [], "scores": []} for c in labels])
+
+
+@torch.no_grad()
+def crop_scores(crops: torch.Tensor, labels: torch.Tensor, observers: list[nn.Module], size: tuple[int, int],
+                batch_size: int = 500) -> torch.Tensor:
+    """Cross-entropy of the observers' mean logits on each crop resized to ``size`` (lower = better)."""
+    out = torch.empty(len(crops))
+    for i in progress(range(0, len(crops), batch_size), desc="scoring crops", unit="batch"):
+        xb = F.interpolate(crops[i:i + batch_size], size=size, mode="bilinear", align_corners=False)
+        logits = torch.stack([m(xb) for m in observers]).mean(0)
+        out[i:i + batch_size] = F.cross_entropy(logits, labels[i:i + batch_size], reduction="none")
+    return out
+
+
+def rded_init(x: torch.Tensor, y: torch.Tensor, k: int, ipc: int, observers: list[nn.Module], candidates: int,
+              crops: int, factor: int, gen: torch.Generator, batch_size: int = 500) -> InitResult:
+    n, c, h, w = x.shape
+    f2 = factor * factor
+    if candidates < ipc * f2:
+        raise DataError(f"init.candidates: {candidates} candidates cannot fill ipc*factor^2 = {ipc * f2} tiles")
+    ch, cw = math.ceil(h / factor), math.ceil(w / factor)
+    src = _per_class_sample(y, k, candidates, gen, "init.candidates")  # (K, P)
+    tops = torch.randint(0, h - ch + 1, (k, candidates, crops), generator=gen)
+    lefts = torch.randint(0, w - cw + 1, (k, candidates, crops), generator=gen)
+    # Gather every crop at once: (K*P*R, C, ch, cw).
+    img = src[:, :, None].expand(-1, -1, crops).reshape(-1)
+    rows = (tops.reshape(-1, 1) + torch.arange(ch))[:, None, :, None]
+    cols = (lefts.reshape(-1, 1) + torch.arange(cw))[:, None, None, :]
+    patches = x[img[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    cls = torch.arange(k).repeat_interleave(candidates * crops)
+    for m in observers:
+        m.eval()
+    scores = crop_scores(patches, cls, observers, (h, w), batch_size).view(k, candidates, crops)
+    best_crop = scores.argmin(2)  # (K, P): each candidate's best crop
+    best_score = scores.gather(2, best_crop[..., None]).squeeze(2)
+    rank = torch.argsort(best_score, dim=1, stable=True)[:, : ipc * f2]  # (K, ipc*f2) candidates, best first
+    crop_of = best_crop.gather(1, rank)
+    flat = (torch.arange(k)[:, None] * candidates + rank) * crops + crop_of  # indices into patches
+    tiles = patches[flat.reshape(-1)].view(k, ipc, factor, factor, c, ch, cw)
+    images = tiles.permute(0, 1, 4, 2, 5, 3, 6).reshape(k * ipc, c, factor * ch, factor * cw)[:, :, :h, :w]
+    index = []
+    for cl in range(k):
+        for j in range(ipc):
+            sel = slice(j * f2, (j + 1) * f2)
+            cands, cr = rank[cl, sel], crop_of[cl, sel]
+            index.append({
+                "class": cl,
+                "sources": src[cl, cands].tolist(),
+                "boxes": [[int(tops[cl, p, r]), int(lefts[cl, p, r]), ch, cw] for p, r in zip(cands, cr)],
+                "scores": [round(float(scores[cl, p, r]), 6) for p, r in zip(cands, cr)],
+            })
+    return InitResult(images.contiguous(), torch.arange(k).repeat_interleave(ipc), index)

@@ -1,0 +1,56 @@
+"""init: the starting images of the condensed set (rded, real or noise), with their provenance."""
+
+from __future__ import annotations
+
+import torch
+
+from edc.data import load_prepared, to_uint8
+from edc.imageset import save_grid, write_imageset
+from edc.init import noise_init, rded_init, real_init
+from edc.io import atomic_dir, atomic_file
+from edc.observers import load_observer
+from edc.params import load_params
+from edc.runtime import derive_seed, seed_everything
+from edc.stage import parser, stage_main
+from edc.tracking import stage_run
+
+
+def main(argv=None) -> None:
+    ap = parser("init", __doc__)
+    ap.add_argument("--data", required=True, help="prepared dataset directory")
+    ap.add_argument("--observers", required=True, help="observers directory")
+    ap.add_argument("--out", required=True, help="initial image set directory (condensed/init)")
+    ap.add_argument("--grid", required=True, help="PNG of the initial images, one row per class")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    cfg = p.init
+    with stage_run("init", {"seed": p.seed, "ipc": p.ipc, "init": cfg.model_dump()}, seed=p.seed) as run:
+        data = load_prepared(args.data)
+        k = data.facts.num_classes
+        gen = seed_everything(derive_seed(p.seed, "init"))
+        if cfg.method == "noise":
+            res = noise_init((data.facts.channels, data.facts.height, data.facts.width), k, p.ipc, gen)
+        else:
+            x, y = data.normalized("train")
+            if cfg.method == "real":
+                res = real_init(x, y, k, p.ipc, gen)
+            else:
+                models = [load_observer(args.observers, name)[0] for name in cfg.observers]
+                res = rded_init(x, y, k, p.ipc, models, cfg.candidates, cfg.crops, cfg.factor, gen, cfg.batch_size)
+        images = to_uint8(res.images, data.facts)
+        with atomic_dir(args.out) as tmp:
+            write_imageset(tmp, images, res.labels, {
+                "method": cfg.method, "ipc": p.ipc, "seed": p.seed, "params": cfg.model_dump(),
+                "dataset": data.facts.name, "index": res.index,
+            })
+        with atomic_file(args.grid, "wb") as f:
+            save_grid(f, images, res.labels, k)
+        run.artifact(args.grid)
+        scores = [s for r in res.index for s in r["scores"]]
+        if scores:
+            run.metrics({"mean_crop_score": float(torch.tensor(scores).mean())})
+    print(f"init ({cfg.method}): {len(images)} images, {p.ipc} per class -> {args.out}")
+
+
+if __name__ == "__main__":
+    stage_main(main)
