@@ -1,4 +1,4 @@
-"""The first three stages end to end: as scripts, and through DVC in a throwaway repository."""
+"""The pipeline end to end: as scripts, and through DVC in a throwaway repository."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from edc.imageset import read_imageset
 from edc.io import md5_file, read_json
 from edc.stats import load_stats
 from tests.conftest import ROOT, tiny_params, write_yaml
@@ -30,6 +32,13 @@ def run_stages(work: Path, params: Path) -> None:
                               "--plots", str(work / "reports/plots/observers")])
     stage("collect_stats")([*p, "--data", str(work / "data/prepared"), "--observers", str(work / "models/observers"),
                             "--out", str(work / "stats"), "--report", str(work / "reports/stats.json")])
+    stage("init")([*p, "--data", str(work / "data/prepared"), "--observers", str(work / "models/observers"),
+                   "--out", str(work / "condensed/init"), "--grid", str(work / "reports/init_grid.png")])
+    stage("synthesize")([*p, "--data", str(work / "data/prepared"), "--init", str(work / "condensed/init"),
+                         "--observers", str(work / "models/observers"), "--stats", str(work / "stats"),
+                         "--out", str(work / "condensed/images"), "--report", str(work / "reports/synth.json"),
+                         "--curves", str(work / "reports/plots/synth_loss.csv"),
+                         "--grid", str(work / "reports/synth_grid.png")])
 
 
 def md5_tree(root: Path) -> dict[str, str]:
@@ -43,10 +52,14 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
     a = tmp_path / "a"
     assert md5_tree(a) == md5_tree(tmp_path / "b")
     assert sorted(md5_tree(a)) == [
+        "condensed/images/images.npy", "condensed/images/labels.npy", "condensed/images/meta.json",
+        "condensed/init/images.npy", "condensed/init/labels.npy", "condensed/init/meta.json",
         "data/prepared/facts.json", "data/prepared/test_images.npy", "data/prepared/test_labels.npy",
         "data/prepared/train_images.npy", "data/prepared/train_labels.npy",
         "models/observers/tiny.json", "models/observers/tiny.safetensors",
-        "reports/observers.json", "reports/plots/observers/tiny.csv", "reports/stats.json", "stats/tiny.safetensors",
+        "reports/init_grid.png", "reports/observers.json", "reports/plots/observers/tiny.csv",
+        "reports/plots/synth_loss.csv", "reports/stats.json", "reports/synth.json", "reports/synth_grid.png",
+        "stats/tiny.safetensors",
     ]
     spec = read_json(a / "models/observers/tiny.json")
     assert spec["arch"] == "convnet" and spec["dataset"]["name"] == "mnist5k" and spec["training"]["epochs"] == 1
@@ -55,6 +68,13 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
     assert len(stats) == 2 and meta["observer_md5"] == md5_file(a / "models/observers/tiny.safetensors")
     assert stats["features.1"].class_mean.shape == (10, 8)
     assert float(stats["features.1"].class_count[0]) == 400 * 28 * 28
+    init_images, init_labels, init_meta = read_imageset(a / "condensed/init")
+    assert init_images.shape == (20, 1, 28, 28) and init_labels.tolist() == sorted(list(range(10)) * 2)
+    assert len(init_meta["index"]) == 20 and len(init_meta["index"][0]["sources"]) == 4  # factor 2: 2 x 2 tiles
+    images, labels, meta = read_imageset(a / "condensed/images")
+    assert images.shape == init_images.shape and torch.equal(labels, init_labels)
+    assert not torch.equal(images, init_images) and meta["init"] == "rded"
+    assert len((a / "reports/plots/synth_loss.csv").read_text().splitlines()) == 1 + 4
 
 
 def test_a_failing_stage_keeps_the_earlier_output(tmp_path, default_params):
@@ -75,6 +95,13 @@ def sh(cmd: list[str], cwd: Path, env: dict) -> str:
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
     return r.stdout + r.stderr
+
+
+STAGES = ("prepare", "train_observers", "collect_stats", "init", "synthesize")
+
+
+def ran(output: str) -> set[str]:
+    return {s for s in STAGES if f"Running stage '{s}'" in output}
 
 
 def lock_outs(repo: Path) -> dict[str, str]:
@@ -109,15 +136,14 @@ def dvc_repo(tmp_path) -> tuple[Path, dict]:
 def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
     repo, env = dvc_repo
     out = sh(["dvc", "repro"], repo, env)
-    for s in ("prepare", "train_observers", "collect_stats"):
-        assert f"Running stage '{s}'" in out
+    assert ran(out) == set(STAGES)
     first = lock_outs(repo)
-    assert set(first) == {"prepare:data/prepared", "train_observers:models/observers", "collect_stats:stats",
-                          "train_observers:reports/observers.json", "train_observers:reports/plots/observers",
-                          "collect_stats:reports/stats.json"}
+    assert {k for k in first if not k.split(":")[1].startswith("reports")} == {
+        "prepare:data/prepared", "train_observers:models/observers", "collect_stats:stats", "init:condensed/init",
+        "synthesize:condensed/images"}
 
     # Nothing changed: nothing runs.
-    assert "Running stage" not in sh(["dvc", "repro"], repo, env)
+    assert ran(sh(["dvc", "repro"], repo, env)) == set()
 
     # From scratch again, without the run-cache: the same bytes.
     sh(["dvc", "repro", "--force", "--no-run-cache"], repo, env)
@@ -127,19 +153,23 @@ def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "lock"], repo, env)
     out = sh(["dvc", "exp", "run", "-S", "observers.epochs=2", "-n", "two-epochs"], repo, env)
-    assert "Running stage 'prepare'" not in out
-    assert "Running stage 'train_observers'" in out and "Running stage 'collect_stats'" in out
+    assert ran(out) == {"train_observers", "collect_stats", "init", "synthesize"}
     assert read_json(repo / "models/observers/tiny.json")["training"]["epochs"] == 2
+
+    # alpha reruns synthesize and nothing upstream of it.
+    out = sh(["dvc", "exp", "run", "-S", "alpha=0.25", "-n", "alpha-quarter"], repo, env)
+    assert ran(out) == {"synthesize"}
+    assert read_json(repo / "condensed/images/meta.json")["alpha"] == 0.25
 
     # MLflow: the default store under the repository root, one run per stage execution, tagged.
     db = sqlite3.connect(repo / "mlflow.db")
     runs = db.execute("select r.run_uuid, r.status, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
                       "and t.key = 'edc.stage'").fetchall()
     stages = [s for _, _, s in runs]
-    assert sorted(stages) == sorted(["prepare", "train_observers", "collect_stats"] * 2 + ["train_observers",
-                                                                                          "collect_stats"])
+    assert sorted(stages) == sorted(list(STAGES) * 2 + ["train_observers", "collect_stats", "init", "synthesize"]
+                                    + ["synthesize"])
     assert {status for _, status, _ in runs} == {"FINISHED"}
-    exp_tags = db.execute("select value from tags where key = 'dvc.exp_name'").fetchall()
-    assert {v for (v,) in exp_tags} == {"two-epochs"} and len(exp_tags) == 2
+    exp_tags = sorted(v for (v,) in db.execute("select value from tags where key = 'dvc.exp_name'").fetchall())
+    assert exp_tags == ["alpha-quarter"] + ["two-epochs"] * 4
     epochs = db.execute("select value from params where key = 'observers.epochs'").fetchall()
     assert sorted(json.loads(v) for (v,) in epochs) == [1, 1, 2]

@@ -1,0 +1,91 @@
+"""Initialisation: RDED crop scoring and stitching, traced back to the real images; real and noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edc.errors import DataError
+from edc.init import noise_init, rded_init, real_init
+
+
+class Brightness(nn.Module):
+    """A hand-made observer: class c's logit is the mean of row band c, so scores are computable."""
+
+    def forward(self, x):
+        h = x.shape[2]
+        bands = x.mean(1).reshape(len(x), 2, h // 2, -1).mean((2, 3))  # (B, 2): top half, bottom half
+        return bands * 4
+
+
+def data(n_per_class=6, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(2).repeat_interleave(n_per_class)
+    x = torch.rand(len(y), 1, size, size, generator=g)
+    return x, y
+
+
+@pytest.mark.parametrize("factor", [1, 2])
+def test_rded_tiles_trace_back_to_their_source_crops_and_are_the_best(factor):
+    x, y = data()
+    obs = [Brightness()]
+    ipc, cands, crops = 1, 4, 3
+    res = rded_init(x, y, 2, ipc, obs, cands, crops, factor, torch.Generator().manual_seed(1), batch_size=5)
+    assert res.images.shape == (2 * ipc, 1, 8, 8) and res.labels.tolist() == [0, 1]
+    side = 8 // factor
+    for img, rec in zip(res.images, res.index):
+        assert len(rec["sources"]) == len(rec["boxes"]) == len(rec["scores"]) == factor * factor
+        assert rec["scores"] == sorted(rec["scores"])  # tiles in rank order, best first
+        for t, (src, (top, left, h, w), score) in enumerate(zip(rec["sources"], rec["boxes"], rec["scores"])):
+            assert y[src] == rec["class"] and (h, w) == (side, side)
+            crop = x[src, :, top:top + h, left:left + w]
+            r, c = divmod(t, factor)
+            assert torch.equal(img[:, r * side:(r + 1) * side, c * side:(c + 1) * side], crop)
+            # the stored score is the cross-entropy of the observers on the crop resized to full size
+            logits = obs[0](F.interpolate(crop[None], size=(8, 8), mode="bilinear", align_corners=False))
+            assert score == pytest.approx(float(F.cross_entropy(logits, torch.tensor([rec["class"]]))), abs=1e-5)
+
+
+def test_rded_keeps_the_most_confident_images_with_factor_one():
+    x, y = data(n_per_class=10)
+    res = rded_init(x, y, 2, 2, [Brightness()], 10, 1, 1, torch.Generator().manual_seed(0))
+    scores = F.cross_entropy(Brightness()(x), y, reduction="none")
+    for c in range(2):
+        idx = torch.nonzero(y == c).flatten()
+        best = idx[scores[idx].argsort()[:2]].tolist()
+        chosen = [s for r in res.index if r["class"] == c for s in r["sources"]]
+        assert chosen == best
+
+
+def test_rded_is_seeded_and_checks_it_has_enough_candidates():
+    x, y = data()
+    a = rded_init(x, y, 2, 1, [Brightness()], 4, 3, 2, torch.Generator().manual_seed(7))
+    b = rded_init(x, y, 2, 1, [Brightness()], 4, 3, 2, torch.Generator().manual_seed(7))
+    assert torch.equal(a.images, b.images) and a.index == b.index
+    with pytest.raises(DataError, match=r"init.candidates: 3 candidates cannot fill ipc\*factor\^2 = 4"):
+        rded_init(x, y, 2, 1, [Brightness()], 3, 3, 2, torch.Generator())
+    with pytest.raises(DataError, match="init.candidates: class 0 has 6 train images, 8 are needed"):
+        rded_init(x, y, 2, 2, [Brightness()], 8, 1, 2, torch.Generator())
+
+
+def test_stitching_trims_when_the_factor_does_not_divide_the_side():
+    x, y = data(n_per_class=9, size=8)
+    res = rded_init(x, y, 2, 1, [Brightness()], 9, 2, 3, torch.Generator().manual_seed(0))
+    assert res.images.shape[2:] == (8, 8) and res.index[0]["boxes"][0][2:] == [3, 3]  # 3 x 3 tiles of 3 px, trimmed
+    top, left, _, _ = res.index[0]["boxes"][8]
+    src = res.index[0]["sources"][8]
+    assert torch.equal(res.images[0, :, 6:8, 6:8], x[src, :, top:top + 2, left:left + 2])
+
+
+def test_real_and_noise():
+    x, y = data()
+    res = real_init(x, y, 2, 3, torch.Generator().manual_seed(0))
+    assert res.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    for img, rec in zip(res.images, res.index):
+        assert torch.equal(img, x[rec["sources"][0]]) and y[rec["sources"][0]] == rec["class"]
+    assert len({r["sources"][0] for r in res.index}) == 6
+    res = noise_init((1, 8, 8), 2, 3, torch.Generator().manual_seed(0))
+    assert res.images.shape == (6, 1, 8, 8) and res.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert abs(float(res.images.std()) - 1) < 0.2

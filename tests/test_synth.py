@@ -1,0 +1,225 @@
+"""EDC synthesis against its formulas (paper Eqs. 5-7), by brute force on hand-sized cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edc.params import parse_params
+from edc.stats import bn_layers, collect_bn_stats
+from edc.synth import (
+    Observer,
+    Target,
+    apply_crop_flip,
+    batch_moments,
+    ema_update,
+    flatness_kl,
+    matching_loss,
+    matching_report,
+    partition,
+    sample_crop_flip,
+    synthesize,
+)
+from tests.conftest import tiny_params
+
+K = 3
+
+
+def tiny_observer_model(seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3, stride=2),
+                         nn.BatchNorm2d(5), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, K)).eval()
+
+
+def real_like(n=30, seed=0):
+    """Class-dependent images: class c is brighter in band c."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % K
+    x = torch.randn(n, 1, 9, 9, generator=g) * 0.5
+    for c in range(K):
+        x[y == c, :, 3 * c:3 * c + 3] += 1.5
+    return x, y
+
+
+def brute_force_moments(a: torch.Tensor, sel: torch.Tensor):
+    vals = a[sel].transpose(0, 1).reshape(a.shape[1], -1).double()
+    return vals.mean(1), vals.var(1, unbiased=False)
+
+
+def class_term(a, sel, t: Target, c: int):
+    m, v = brute_force_moments(a, sel)
+    return torch.linalg.norm(m - t.class_mean[c].double()) + torch.linalg.norm(v - t.class_var[c].double())
+
+
+def brute_force_loss(a, y, t: Target, alpha):
+    """Eq. 5 written out with a loop over classes and explicit slicing."""
+    mean, var = brute_force_moments(a, torch.ones_like(y, dtype=torch.bool))
+    form1 = torch.linalg.norm(mean - t.mean.double()) + torch.linalg.norm(var - t.var.double())
+    form2 = torch.zeros((), dtype=torch.float64)
+    for c in range(t.class_mean.shape[0]):
+        sel = y == c
+        if sel.any():
+            form2 += sel.double().mean() * class_term(a, sel, t, c)
+    return alpha * form1 + (1 - alpha) * form2
+
+
+def random_target(c=4, k=K, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return Target(torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5, torch.randn(k, c, generator=g),
+                  torch.rand(k, c, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
+def test_matching_loss_equals_brute_force(alpha):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 4, 5, 5, generator=g) * 2 + 1
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])
+    t = random_target()
+    torch.testing.assert_close(matching_loss(a, y, t, alpha).double(), brute_force_loss(a, y, t, alpha),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_alpha_one_is_global_only_and_alpha_zero_is_per_class_only():
+    a, y, t = torch.randn(6, 4, 3, 3), torch.tensor([0, 0, 1, 1, 2, 2]), random_target()
+    other = Target(t.mean, t.var, t.class_mean + 5, t.class_var * 3)  # only per-class targets differ
+    assert torch.equal(matching_loss(a, y, t, 1.0), matching_loss(a, y, other, 1.0))
+    assert not torch.allclose(matching_loss(a, y, t, 0.0), matching_loss(a, y, other, 0.0))
+    shifted = Target(t.mean + 5, t.var * 3, t.class_mean, t.class_var)  # only global targets differ
+    assert torch.equal(matching_loss(a, y, t, 0.0), matching_loss(a, y, shifted, 0.0))
+
+
+def test_class_share_weights_unbalanced_batches_and_absent_classes_count_zero():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(8, 4, 3, 3, generator=g)
+    y = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])  # p = 5/8, 3/8, class 2 absent
+    t = random_target()
+    per_class = [class_term(a, y == c, t, c) for c in (0, 1)]
+    want = 5 / 8 * per_class[0] + 3 / 8 * per_class[1]
+    torch.testing.assert_close(matching_loss(a, y, t, 0.0).double(), want, rtol=1e-5, atol=1e-6)
+    moved = Target(t.mean, t.var, t.class_mean.clone(), t.class_var.clone())
+    moved.class_mean[2] += 100
+    assert torch.equal(matching_loss(a, y, t, 0.0), matching_loss(a, y, moved, 0.0))
+
+
+def test_batch_moments_are_population_moments():
+    a, y = torch.randn(7, 3, 4, 4), torch.tensor([0, 1, 1, 2, 2, 2, 0])
+    got = batch_moments(a, F.one_hot(y, K).float())
+    for c in range(K):
+        m, v = brute_force_moments(a, y == c)
+        torch.testing.assert_close(got.class_mean[c].double(), m, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.class_var[c].double(), v, rtol=1e-5, atol=1e-6)
+
+
+def observer_with_stats(x, y, seed=0) -> Observer:
+    model = tiny_observer_model(seed)
+    return Observer("tiny", model, collect_bn_stats(model, x, y, K, batch_size=7))
+
+
+def test_matching_loss_is_zero_when_the_batch_is_the_data_the_targets_came_from():
+    x, y = real_like()
+    obs = observer_with_stats(x, y)
+    _, inputs = obs.forward(x)
+    for alpha in (0.0, 0.5, 1.0):
+        assert float(obs.matching(inputs, y, alpha)) < 1e-4
+
+
+def test_ema_update():
+    x_ema, x = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -2.0])
+    ema_update(x_ema, x, beta=0.75)
+    torch.testing.assert_close(x_ema, torch.tensor([0.75 * 1 + 0.25 * 3, 0.75 * 2 + 0.25 * -2]))
+
+
+def test_flatness_kl_formula_zero_at_equality_and_no_gradient_into_ema():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 5, generator=g, requires_grad=True)
+    logits_ema = torch.randn(4, 5, generator=g, requires_grad=True)
+    tau = 4.0
+    p, q = F.softmax(logits / tau, 1), F.softmax(logits_ema / tau, 1)
+    want = (p * (p.log() - q.log())).sum(1).mean()
+    got = flatness_kl(logits, logits_ema, tau)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    assert logits_ema.grad is None
+    assert flatness_kl(logits, logits.detach().clone(), tau).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_crop_flip_identity_and_flip():
+    x = torch.randn(3, 2, 6, 6)
+    ones, zeros = torch.ones(3), torch.zeros(3)
+    from edc.synth import CropFlip
+
+    torch.testing.assert_close(apply_crop_flip(x, CropFlip(ones, ones, zeros, zeros, zeros.bool())), x)
+    torch.testing.assert_close(apply_crop_flip(x, CropFlip(ones, ones, zeros, zeros, ones.bool())), x.flip(-1))
+    t = sample_crop_flip(1000, 0.5, True, torch.Generator().manual_seed(0))
+    area = t.scale_w * t.scale_h
+    assert area.min() >= 0.5 * 0.74 and area.max() <= 1.0 and 0.4 < t.flip.float().mean() < 0.6
+    assert ((t.center_x.abs() + t.scale_w) <= 1 + 1e-6).all()  # the crop stays inside the image
+
+
+def test_partition_interleaves_classes():
+    labels = torch.arange(3).repeat_interleave(4)  # 0000 1111 2222
+    batches = partition(labels, 6)
+    assert [labels[b].tolist() for b in batches] == [[0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 2]]
+    assert len(partition(labels, None)) == 1
+
+
+def synth_cfg(**over):
+    raw = tiny_params()
+    raw["synth"].update(over)
+    return parse_params(raw).synth
+
+
+def run_synth(seed=0, **over):
+    x, y = real_like()
+    obs = observer_with_stats(x, y)
+    start = torch.randn(6, 1, 9, 9, generator=torch.Generator().manual_seed(5))
+    labels = torch.arange(K).repeat_interleave(2)
+    rows = []
+    out = synthesize(start, labels, [obs], synth_cfg(**over), 0.5, (torch.tensor(-4.0), torch.tensor(4.0)),
+                     lambda b: seed * 1000 + b, rows.append)
+    return start, labels, obs, out, rows
+
+
+def test_a_few_steps_lower_the_matching_loss():
+    start, labels, obs, out, rows = run_synth(iterations=40, lr=0.1, aug={"scale_min": 1.0, "flip": False})
+    batches = partition(labels, None)
+    before = matching_report(start, labels, [obs], 0.5, batches)["tiny"]
+    after = matching_report(out, labels, [obs], 0.5, batches)["tiny"]
+    assert after < 0.6 * before, (before, after)
+    assert len(rows) == 40 and {"ce", "bn", "flat", "total"} <= set(rows[0])
+    assert out.min() >= -4 and out.max() <= 4  # clipped to the valid range
+
+
+def test_flatness_is_zero_on_the_first_step_and_active_after():
+    *_, rows = run_synth(iterations=5, flatness={"mode": "logits", "weight": 1.0, "beta": 0.9, "tau": 4.0})
+    assert rows[0]["flat"] == 0.0 and rows[-1]["flat"] > 0
+    *_, rows = run_synth(iterations=5, flatness={"mode": "stats", "weight": 1.0, "beta": 0.9, "tau": 4.0})
+    assert rows[0]["flat"] < 1e-5 and rows[-1]["flat"] > 0
+    *_, rows = run_synth(iterations=3, flatness={"mode": "off", "weight": 1.0, "beta": 0.9, "tau": 4.0})
+    assert all(r["flat"] == 0.0 for r in rows)
+
+
+def test_same_seed_same_bytes_other_seed_other_images():
+    a = run_synth(seed=0, iterations=6)[3]
+    b = run_synth(seed=0, iterations=6)[3]
+    c = run_synth(seed=1, iterations=6)[3]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_zero_iterations_keep_the_initial_images():
+    start, _, _, out, rows = run_synth(iterations=0)
+    assert torch.equal(start, out) and rows == []
+
+
+def test_round_robin_over_observers():
+    x, y = real_like()
+    observers = [observer_with_stats(x, y, seed=s) for s in (0, 1)]
+    observers[1].name = "other"
+    rows = []
+    synthesize(torch.randn(6, 1, 9, 9), torch.arange(K).repeat_interleave(2), observers, synth_cfg(iterations=5),
+               0.5, (torch.tensor(-4.0), torch.tensor(4.0)), lambda b: b, rows.append)
+    assert [r["observer"] for r in rows] == ["tiny", "other", "tiny", "other", "tiny"]
+    assert bn_layers(observers[0].model)[0][1].training is False
