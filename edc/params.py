@@ -148,6 +148,43 @@ class SynthParams(Section):
         raise ValueError(f"must be a positive integer or 'all' (got {v!r})")
 
 
+class RelabelAugParams(Section):
+    scale_min: float = Field(default=0.5, gt=0, le=1, description="RandomResizedCrop area lower bound")
+    flip: bool = False
+
+
+class RelabelParams(Section):
+    teachers: list[str] = Field(min_length=1, description="observers whose mean logits become the soft labels")
+    epochs: int = Field(ge=1, le=100_000, description="post-evaluation epochs the plan covers")
+    batch_size: int = Field(ge=1, le=65_536, description="post-evaluation batch size")
+    topk: int = Field(default=0, ge=0, description="store the k largest logits per image; 0 = all")
+    cutmix: bool = False
+    aug: RelabelAugParams = Field(default_factory=RelabelAugParams)
+
+
+class EvaluateParams(Section):
+    students: list[ObserverSpec] = Field(min_length=1, description="architectures trained on the condensed set")
+    seeds: int = Field(default=3, ge=1, le=100, description="repeats per student, reported as mean and std")
+    labels: Literal["soft", "hard"] = "soft"
+    loss: Literal["kl", "mse_ce"] = "kl"
+    temperature: float = Field(default=4.0, gt=0)
+    lr: float = Field(default=1e-3, gt=0, le=10)
+    weight_decay: float = Field(default=0.01, ge=0, le=1)
+    schedule: Literal["smoothing", "ssrs", "multistep", "cosine"] = "smoothing"
+    milestones: list[float] = Field(default_factory=lambda: [0.8, 0.9, 0.95], description="multistep, fractions")
+    gamma: float = Field(default=0.5, gt=0, le=1, description="multistep decay")
+    ema: bool = Field(default=True, description="evaluate the EMA of the weights (EDC) instead of the raw model")
+    ema_rate: float = Field(default=0.99, ge=0, lt=1)
+    eval_every: int = Field(default=25, ge=1, description="epochs between test points on the curves")
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < m < 1 for m in v):
+            raise ValueError(f"must be fractions of training in (0, 1) (got {v})")
+        return v
+
+
 class Params(Section):
     seed: int = Field(ge=0, le=2**32 - 1)
     ipc: int = Field(ge=1, description="images per class of the condensed set")
@@ -158,19 +195,27 @@ class Params(Section):
     stats: StatsParams
     init: InitParams
     synth: SynthParams
+    relabel: RelabelParams
+    evaluate: EvaluateParams
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
         names = [m.name for m in self.observers.models]
         problems = []
-        for section, used in (("init", self.init.observers), ("synth", self.synth.observers)):
+        for section, used in (("init.observers", self.init.observers), ("synth.observers", self.synth.observers),
+                              ("relabel.teachers", self.relabel.teachers)):
             for i, name in enumerate(used):
                 if name not in names:
-                    problems.append(f"{section}.observers[{i}]: {name!r} is not among observers.models "
+                    problems.append(f"{section}[{i}]: {name!r} is not among observers.models "
                                     f"({', '.join(names)})")
         need = self.ipc * self.init.factor ** 2
         if self.init.method == "rded" and self.init.candidates < need:
             problems.append(f"init.candidates: must be >= ipc * init.factor^2 = {need} (got {self.init.candidates})")
+        if self.evaluate.loss == "mse_ce" and self.relabel.topk:
+            problems.append("evaluate.loss: mse_ce regresses all logits; it needs relabel.topk: 0")
+        students = [s.name for s in self.evaluate.students]
+        if len(set(students)) != len(students):
+            problems.append("evaluate.students: names must be unique")
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -1,0 +1,88 @@
+"""Post-evaluation: train students only from a condensed set's shards and test them.
+
+No teacher runs here: the soft labels are the ones stored by ``relabel`` for exactly the batches,
+crops, flips and CutMix boxes the plan fixes. Loss ``kl``: KL(softmax(teacher/T) || softmax(student/T))
+* T^2; ``mse_ce``: MSE(student logits, teacher logits) + 0.025 * CE(student, hard label), the public
+CIFAR recipe; with hard labels, plain cross-entropy. AdamW, a schedule from ``edc.schedules`` over
+the training steps, and an EMA of the weights (``torch.optim.swa_utils``) that is the evaluated model.
+The reported accuracy is the final model's top-1 on the test split: the test split never selects an
+epoch or a checkpoint (it is evaluated every ``eval_every`` epochs for the curves only).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from edc.observers import accuracy, build
+from edc.runtime import progress, seed_everything
+from edc.schedules import lr_lambda
+from edc.shards import CondensedDataset
+
+
+@dataclass
+class StudentResult:
+    acc: float  # the evaluated model (EMA when enabled) on the test split, after the last epoch
+    raw_acc: float  # the raw (non-EMA) weights, logged for comparison
+    curve: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def student_loss(kind: str, out: torch.Tensor, target: torch.Tensor, hard: torch.Tensor, temperature: float,
+                 soft: bool) -> torch.Tensor:
+    if not soft:
+        return F.cross_entropy(out, hard)
+    if kind == "kl":
+        t = temperature
+        log_p_student = F.log_softmax(out / t, dim=1)
+        p_teacher = F.softmax(target / t, dim=1)
+        return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * t * t
+    return F.mse_loss(out, target) + 0.025 * F.cross_entropy(out, hard)
+
+
+def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test: tuple[torch.Tensor, torch.Tensor],
+                  seed: int, log: Callable[[dict], None] | None = None) -> StudentResult:
+    """Train one student (``spec``: an ObserverSpec-like arch/kwargs) with the ``evaluate`` params."""
+    seed_everything(seed)
+    model = build(spec.arch, dict(spec.kwargs), ds.facts)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = ds.epochs * ds.batches_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, total, zeta, cfg.milestones, cfg.gamma))
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_rate), use_buffers=True) if cfg.ema else None
+    evaluated = (lambda: ema.module) if ema is not None else (lambda: model)
+    soft = ds.labels == "soft"
+    curve, start = [], time.perf_counter()
+    model.train()
+    for e in progress(range(ds.epochs), desc=f"{spec.name} seed {seed}", unit="epoch"):
+        loss_sum, n = 0.0, 0
+        for x, target, hard in ds.epoch(e):
+            out = model(x)
+            loss = student_loss(cfg.loss, out, target, hard, cfg.temperature, soft)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            loss_sum += loss.item() * len(x)
+            n += len(x)
+        row = {"epoch": e + 1, "train_loss": loss_sum / n}
+        if (e + 1) % cfg.eval_every == 0 or e + 1 == ds.epochs:
+            row["test_acc"] = accuracy(evaluated(), *test)
+        curve.append(row)
+        if log is not None:
+            log(row)
+    acc = accuracy(evaluated(), *test)
+    raw = accuracy(model, *test) if ema is not None else acc
+    return StudentResult(acc, raw, curve, time.perf_counter() - start)
+
+
+def summarize(accs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single seed)."""
+    t = torch.tensor(accs, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(accs) > 1 else 0.0

@@ -1,0 +1,71 @@
+"""post_evaluate: train students from the condensed shards alone and report their test accuracy."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from edc.data import load_prepared
+from edc.errors import ArtifactError
+from edc.evaluate import summarize, train_student
+from edc.io import atomic_dir, write_json
+from edc.params import load_params
+from edc.runtime import derive_seed
+from edc.shards import load_condensed
+from edc.stage import parser, stage_main
+from edc.tracking import stage_run
+
+
+def main(argv=None) -> None:
+    ap = parser("post_evaluate", __doc__)
+    ap.add_argument("--data", required=True, help="prepared dataset directory (its test split)")
+    ap.add_argument("--shards", required=True, help="condensed set (condensed/shards)")
+    ap.add_argument("--metrics", required=True, help="accuracies, JSON (reports/metrics.json)")
+    ap.add_argument("--curves", required=True, help="directory for per-student training curves (CSV)")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    cfg = p.evaluate
+    with stage_run("post_evaluate", {"seed": p.seed, "zeta": p.zeta, "evaluate": cfg.model_dump()},
+                   seed=p.seed) as run:
+        data = load_prepared(args.data)
+        ds = load_condensed(args.shards, labels=cfg.labels)
+        if (ds.facts.name, ds.facts.num_classes) != (data.facts.name, data.facts.num_classes):
+            raise ArtifactError(f"{args.shards}/meta.json: made from {ds.facts.name} ({ds.facts.num_classes} classes), "
+                                f"but the test split is {data.facts.name} ({data.facts.num_classes} classes)")
+        test = data.normalized("test")
+        metrics, curves = {}, {}
+        for spec in cfg.students:
+            accs, raws = [], []
+            for s in range(cfg.seeds):
+                def log(row, name=spec.name, s=s):
+                    run.metrics({f"{name}.seed{s}.{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+                res = train_student(spec, cfg, p.zeta, ds, test, derive_seed(p.seed, "evaluate", spec.name, str(s)),
+                                    log)
+                accs.append(res.acc)
+                raws.append(res.raw_acc)
+                curves[f"{spec.name}-seed{s}"] = res.curve
+                run.metrics({f"{spec.name}.seed{s}.final_acc": res.acc, f"{spec.name}.seed{s}.raw_acc": res.raw_acc,
+                             f"{spec.name}.seed{s}.seconds": res.seconds})
+                print(f"[{spec.name}] seed {s}: test accuracy {100 * res.acc:.2f}% (raw weights "
+                      f"{100 * res.raw_acc:.2f}%, {res.seconds:.0f} s)", flush=True)
+            mean, std = summarize(accs)
+            metrics[spec.name] = {"acc_mean": round(mean, 6), "acc_std": round(std, 6),
+                                  "raw_acc_mean": round(summarize(raws)[0], 6),
+                                  "seeds": {str(s): round(a, 6) for s, a in enumerate(accs)}}
+            run.metrics({f"{spec.name}.acc_mean": mean, f"{spec.name}.acc_std": std})
+        with atomic_dir(args.curves) as tmp:
+            for name, rows in curves.items():
+                with open(Path(tmp) / f"{name}.csv", "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "test_acc"])
+                    w.writeheader()
+                    w.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+        write_json(args.metrics, metrics)
+        run.artifact(args.metrics)
+    for name, m in metrics.items():
+        print(f"{name}: test accuracy {100 * m['acc_mean']:.2f} +- {100 * m['acc_std']:.2f}% over {cfg.seeds} seeds "
+              f"({cfg.labels} labels, {ds.epochs} epochs)")
+
+
+if __name__ == "__main__":
+    stage_main(main)

@@ -1,0 +1,59 @@
+"""relabel: fix the post-evaluation plan and store the teachers' soft labels in WebDataset shards."""
+
+from __future__ import annotations
+
+import torch
+
+from edc.data import normalize, read_facts
+from edc.errors import EdcError
+from edc.imageset import read_imageset
+from edc.io import atomic_dir
+from edc.observers import load_observer
+from edc.params import load_params
+from edc.relabel import augment, batches, make_plan, teacher_logits
+from edc.runtime import derive_seed, progress
+from edc.shards import CondensedWriter
+from edc.stage import parser, stage_main
+from edc.tracking import stage_run
+
+
+def main(argv=None) -> None:
+    ap = parser("relabel", __doc__)
+    ap.add_argument("--data", required=True, help="prepared dataset directory (for its facts)")
+    ap.add_argument("--images", required=True, help="synthesized image set (condensed/images)")
+    ap.add_argument("--observers", required=True, help="observers directory")
+    ap.add_argument("--out", required=True, help="condensed set: shards + meta.json (condensed/shards)")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    cfg = p.relabel
+    with stage_run("relabel", {"seed": p.seed, "relabel": cfg.model_dump()}, seed=p.seed) as run:
+        facts = read_facts(args.data)
+        if cfg.topk >= facts.num_classes:
+            raise EdcError(f"{args.params}: relabel.topk: must be < the {facts.num_classes} classes (0 = all)")
+        images_u8, labels, img_meta = read_imageset(args.images)
+        images = normalize(images_u8, facts)
+        teachers = [load_observer(args.observers, name)[0] for name in cfg.teachers]
+        n, _, h, w = images.shape
+        meta = {"dataset": facts.to_dict(), "class_names": facts.class_names, "num_classes": facts.num_classes,
+                "ipc": img_meta["ipc"], "teachers": cfg.teachers, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                "topk": cfg.topk, "cutmix": cfg.cutmix, "aug": cfg.aug.model_dump(),
+                "params": {"seed": p.seed, "relabel": cfg.model_dump(), "synthesis": img_meta}}
+        agree = 0
+        with atomic_dir(args.out) as tmp:
+            writer = CondensedWriter(tmp, images_u8, labels, meta)
+            for e in progress(range(cfg.epochs), desc="relabel", unit="epoch"):
+                gen = torch.Generator().manual_seed(derive_seed(p.seed, "relabel", str(e)))
+                plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, gen)
+                x = torch.cat([augment(images[ids], crops, mix) for ids, crops, mix in batches(plan, cfg.batch_size)])
+                logits = teacher_logits(teachers, x)
+                agree += int((logits.argmax(1) == labels[plan.order]).sum())
+                writer.write_epoch(e, plan, cfg.batch_size, logits, cfg.topk)
+            writer.close()
+        # How often the teachers' top class is the image's own class on the augmented views.
+        run.metrics({"teacher_agreement": agree / (n * cfg.epochs)})
+    print(f"relabel: {n} images x {cfg.epochs} epochs of soft labels from {', '.join(cfg.teachers)} -> {args.out} "
+          f"(teachers agree with the class on {100 * agree / (n * cfg.epochs):.1f}% of augmented views)")
+
+
+if __name__ == "__main__":
+    stage_main(main)
