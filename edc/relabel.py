@@ -86,7 +86,8 @@ def augment(images: torch.Tensor, crops: torch.Tensor, mix: torch.Tensor | None)
     b, _, h, w = images.shape
     top, left, bh, bw, fl = crops.T.to(images.dtype)
     rois = torch.stack([torch.arange(b, dtype=images.dtype), left, top, left + bw, top + bh], 1)
-    x = roi_align(images, rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    # One bilinear sample per output pixel at its centre: the box resized like resize(align_corners=False).
+    x = roi_align(images, rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
     x = torch.where(fl.bool()[:, None, None, None], x.flip(-1), x)
     if mix is not None:
         partner, x1, y1, x2, y2 = mix.T

@@ -195,7 +195,7 @@ def read_epoch(path: str | Path, meta: dict[str, Any], epoch: int) -> list[dict[
     samples = _members(shard)
     header = samples.pop("header", {}).get("json")
     if header is None:
-        raise ArtifactError(f"{shard}: no header sample; not an epoch shard of this format")
+        raise ArtifactError(f"{shard}: no header sample (truncated, or not an epoch shard of this format)")
     h = json.loads(header)
     if h.get("set_id") != meta["set_id"]:
         raise ArtifactError(f"{shard}: belongs to another condensed set (set_id {h.get('set_id')}, meta.json has "

@@ -39,6 +39,11 @@ def run_stages(work: Path, params: Path) -> None:
                          "--out", str(work / "condensed/images"), "--report", str(work / "reports/synth.json"),
                          "--curves", str(work / "reports/plots/synth_loss.csv"),
                          "--grid", str(work / "reports/synth_grid.png")])
+    stage("relabel")([*p, "--data", str(work / "data/prepared"), "--images", str(work / "condensed/images"),
+                      "--observers", str(work / "models/observers"), "--out", str(work / "condensed/shards")])
+    stage("post_evaluate")([*p, "--data", str(work / "data/prepared"), "--shards", str(work / "condensed/shards"),
+                            "--metrics", str(work / "reports/metrics.json"),
+                            "--curves", str(work / "reports/plots/evaluate")])
 
 
 def md5_tree(root: Path) -> dict[str, str]:
@@ -54,10 +59,13 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
     assert sorted(md5_tree(a)) == [
         "condensed/images/images.npy", "condensed/images/labels.npy", "condensed/images/meta.json",
         "condensed/init/images.npy", "condensed/init/labels.npy", "condensed/init/meta.json",
+        "condensed/shards/epoch-0000.tar", "condensed/shards/epoch-0001.tar", "condensed/shards/images-000000.tar",
+        "condensed/shards/meta.json",
         "data/prepared/facts.json", "data/prepared/test_images.npy", "data/prepared/test_labels.npy",
         "data/prepared/train_images.npy", "data/prepared/train_labels.npy",
         "models/observers/tiny.json", "models/observers/tiny.safetensors",
-        "reports/init_grid.png", "reports/observers.json", "reports/plots/observers/tiny.csv",
+        "reports/init_grid.png", "reports/metrics.json", "reports/observers.json",
+        "reports/plots/evaluate/student-seed0.csv", "reports/plots/observers/tiny.csv",
         "reports/plots/synth_loss.csv", "reports/stats.json", "reports/synth.json", "reports/synth_grid.png",
         "stats/tiny.safetensors",
     ]
@@ -75,6 +83,21 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
     assert images.shape == init_images.shape and torch.equal(labels, init_labels)
     assert not torch.equal(images, init_images) and meta["init"] == "rded"
     assert len((a / "reports/plots/synth_loss.csv").read_text().splitlines()) == 1 + 4
+    metrics = read_json(a / "reports/metrics.json")["student"]
+    assert set(metrics) == {"acc_mean", "acc_std", "raw_acc_mean", "seeds"} and 0 <= metrics["acc_mean"] <= 1
+
+
+def test_post_evaluate_names_a_bad_shard(tmp_path):
+    params = write_yaml(tmp_path / "params.yaml", tiny_params())
+    run_stages(tmp_path, params)
+    shard = tmp_path / "condensed/shards/epoch-0001.tar"
+    shard.unlink()
+    r = subprocess.run([sys.executable, "stages/post_evaluate.py", "--params", str(params), "--data",
+                        str(tmp_path / "data/prepared"), "--shards", str(tmp_path / "condensed/shards"), "--metrics",
+                        str(tmp_path / "m.json"), "--curves", str(tmp_path / "curves")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == f"{shard}: missing (meta.json lists 2 epochs)", r.stderr
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "curves").exists()
 
 
 def test_a_failing_stage_keeps_the_earlier_output(tmp_path, default_params):
@@ -97,7 +120,7 @@ def sh(cmd: list[str], cwd: Path, env: dict) -> str:
     return r.stdout + r.stderr
 
 
-STAGES = ("prepare", "train_observers", "collect_stats", "init", "synthesize")
+STAGES = ("prepare", "train_observers", "collect_stats", "init", "synthesize", "relabel", "post_evaluate")
 
 
 def ran(output: str) -> set[str]:
@@ -140,7 +163,7 @@ def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
     first = lock_outs(repo)
     assert {k for k in first if not k.split(":")[1].startswith("reports")} == {
         "prepare:data/prepared", "train_observers:models/observers", "collect_stats:stats", "init:condensed/init",
-        "synthesize:condensed/images"}
+        "synthesize:condensed/images", "relabel:condensed/shards"}
 
     # Nothing changed: nothing runs.
     assert ran(sh(["dvc", "repro"], repo, env)) == set()
@@ -153,23 +176,30 @@ def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "lock"], repo, env)
     out = sh(["dvc", "exp", "run", "-S", "observers.epochs=2", "-n", "two-epochs"], repo, env)
-    assert ran(out) == {"train_observers", "collect_stats", "init", "synthesize"}
+    assert ran(out) == set(STAGES) - {"prepare"}
     assert read_json(repo / "models/observers/tiny.json")["training"]["epochs"] == 2
 
-    # alpha reruns synthesize and nothing upstream of it.
+    # alpha reruns synthesize and what follows it, nothing upstream.
     out = sh(["dvc", "exp", "run", "-S", "alpha=0.25", "-n", "alpha-quarter"], repo, env)
-    assert ran(out) == {"synthesize"}
+    assert ran(out) == {"synthesize", "relabel", "post_evaluate"}
     assert read_json(repo / "condensed/images/meta.json")["alpha"] == 0.25
+
+    # zeta reruns post_evaluate alone.
+    out = sh(["dvc", "exp", "run", "-S", "zeta=1.5", "-n", "zeta-one-half"], repo, env)
+    assert ran(out) == {"post_evaluate"}
+    table = sh(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env)
+    assert "zeta-one-half" in table and "alpha-quarter" in table and "student.acc_mean" in table
 
     # MLflow: the default store under the repository root, one run per stage execution, tagged.
     db = sqlite3.connect(repo / "mlflow.db")
     runs = db.execute("select r.run_uuid, r.status, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
                       "and t.key = 'edc.stage'").fetchall()
     stages = [s for _, _, s in runs]
-    assert sorted(stages) == sorted(list(STAGES) * 2 + ["train_observers", "collect_stats", "init", "synthesize"]
-                                    + ["synthesize"])
+    expected = list(STAGES) * 2 + [s for s in STAGES if s != "prepare"] + ["synthesize", "relabel", "post_evaluate",
+                                                                          "post_evaluate"]
+    assert sorted(stages) == sorted(expected)
     assert {status for _, status, _ in runs} == {"FINISHED"}
     exp_tags = sorted(v for (v,) in db.execute("select value from tags where key = 'dvc.exp_name'").fetchall())
-    assert exp_tags == ["alpha-quarter"] + ["two-epochs"] * 4
+    assert exp_tags == ["alpha-quarter"] * 3 + ["two-epochs"] * 6 + ["zeta-one-half"]
     epochs = db.execute("select value from params where key = 'observers.epochs'").fetchall()
     assert sorted(json.loads(v) for (v,) in epochs) == [1, 1, 2]

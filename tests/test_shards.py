@@ -1,0 +1,154 @@
+"""The condensed-dataset format: stored soft labels replay exactly, bad shards are named, plain
+webdataset reads it."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edc.data import DatasetFacts, normalize
+from edc.errors import ArtifactError
+from edc.io import md5_file
+from edc.relabel import augment, batches, make_plan, sample_boxes, teacher_logits
+from edc.shards import CondensedWriter, load_condensed, read_meta
+from tests.conftest import ROOT
+
+FACTS = DatasetFacts(name="toy", channels=3, height=10, width=10, num_classes=4, class_names=list("abcd"),
+                     mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3], counts={"train": [5] * 4, "test": [2] * 4})
+
+
+def teachers():
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(6, 4)).eval() for _ in range(2)]
+
+
+def toy_images(n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 10, 10), generator=g, dtype=torch.uint8), torch.arange(n) % 4
+
+
+def write_set(out, epochs=3, batch_size=4, topk=0, cutmix=True, seed=0, images=None):
+    out.mkdir(parents=True, exist_ok=True)
+    u8, y = images if images is not None else toy_images()
+    x = normalize(u8, FACTS)
+    meta = {"dataset": FACTS.to_dict(), "class_names": FACTS.class_names, "num_classes": 4, "ipc": 2,
+            "teachers": ["t0", "t1"], "epochs": epochs, "batch_size": batch_size, "topk": topk, "cutmix": cutmix,
+            "aug": {"scale_min": 0.3, "flip": True}, "params": {}}
+    w = CondensedWriter(out, u8, y, meta)
+    plans = []
+    for e in range(epochs):
+        plan = make_plan(len(y), 10, 10, batch_size, 0.3, True, cutmix, torch.Generator().manual_seed(seed * 100 + e))
+        xa = torch.cat([augment(x[i], c, m) for i, c, m in batches(plan, batch_size)])
+        w.write_epoch(e, plan, batch_size, teacher_logits(teachers(), xa), topk)
+        plans.append((plan, xa))
+    w.close()
+    return plans
+
+
+def test_replayed_soft_labels_equal_the_teachers_on_the_fly(tmp_path):
+    plans = write_set(tmp_path / "set")
+    ds = load_condensed(tmp_path / "set")
+    t = teachers()
+    for e in range(3):
+        plan, xa = plans[e]
+        got = list(ds.epoch(e))
+        assert [len(b[0]) for b in got] == [4, 4, 2]
+        x = torch.cat([b[0] for b in got])
+        assert torch.equal(x, xa)  # the replayed augmentation is the one the labels were made on
+        stored = torch.cat([b[1] for b in got])
+        fresh = teacher_logits(t, x)
+        torch.testing.assert_close(stored, fresh.half().float(), rtol=0, atol=0)  # float16 of the same logits
+        assert torch.equal(torch.cat([b[2] for b in got]), (torch.arange(10) % 4)[plan.order])
+
+
+def test_topk_keeps_the_largest_logits(tmp_path):
+    write_set(tmp_path / "full")
+    write_set(tmp_path / "top2", topk=2)
+    full, top = load_condensed(tmp_path / "full"), load_condensed(tmp_path / "top2")
+    (xf, lf, _), (xt, lt, _) = next(iter(full)), next(iter(top))
+    assert torch.equal(xf, xt)
+    kept = torch.isfinite(lt)
+    assert kept.sum(1).tolist() == [2] * len(lt)
+    assert torch.equal(lt[kept].view(-1, 2).sort(1).values, lf.topk(2, dim=1).values.sort(1).values)
+
+
+def test_hard_label_mode(tmp_path):
+    write_set(tmp_path / "s")
+    x, target, hard = next(iter(load_condensed(tmp_path / "s", labels="hard")))
+    assert torch.equal(target, hard) and target.dtype == torch.int64
+
+
+def test_shards_are_byte_identical_on_rerun(tmp_path):
+    write_set(tmp_path / "a")
+    write_set(tmp_path / "b")
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["epoch-0000.tar", "epoch-0001.tar", "epoch-0002.tar", "images-000000.tar", "meta.json"]
+    assert all(md5_file(tmp_path / "a" / n) == md5_file(tmp_path / "b" / n) for n in names)
+    with tarfile.open(tmp_path / "a" / "epoch-0000.tar") as tf:
+        members = tf.getmembers()
+    assert {m.mtime for m in members} == {0}
+    assert all(m.name.count(".") == 1 or m.name.endswith(".npy") and m.name.count(".") == 2 for m in members)
+    assert all("." not in m.name.split(".")[0] for m in members)  # keys have no dots
+
+
+def test_bad_shards_are_named(tmp_path):
+    write_set(tmp_path / "s")
+    write_set(tmp_path / "other", seed=1, images=toy_images(seed=5))
+    s = tmp_path / "s"
+    # truncated epoch shard
+    data = (s / "epoch-0001.tar").read_bytes()
+    (s / "epoch-0001.tar").write_bytes(data[: len(data) // 2])
+    truncated = r"epoch-0001.tar: (truncated or corrupt shard|no header sample \(truncated|.*batches, its header)"
+    with pytest.raises(ArtifactError, match=truncated):
+        list(load_condensed(s).epoch(1))
+    # an epoch shard from another condensed set
+    shutil.copy(tmp_path / "other" / "epoch-0002.tar", s / "epoch-0002.tar")
+    with pytest.raises(ArtifactError, match=r"epoch-0002.tar: belongs to another condensed set"):
+        list(load_condensed(s).epoch(2))
+    # a missing epoch
+    (s / "epoch-0000.tar").unlink()
+    with pytest.raises(ArtifactError, match=r"epoch-0000.tar: missing \(meta.json lists 3 epochs\)"):
+        list(load_condensed(s).epoch(0))
+    # image shard from another set
+    shutil.copy(tmp_path / "other" / "images-000000.tar", s / "images-000000.tar")
+    with pytest.raises(ArtifactError, match="do not match meta.json"):
+        load_condensed(s)
+    with pytest.raises(ArtifactError, match="meta.json: missing"):
+        read_meta(tmp_path)
+
+
+def test_boxes_follow_random_resized_crop():
+    b = sample_boxes(2000, 28, 28, (0.25, 1.0), torch.Generator().manual_seed(0))
+    top, left, h, w = b.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 28).all() and (left + w <= 28).all()
+    area = (h * w).float() / 784
+    assert area.min() > 0.2 and area.max() <= 1.0
+    x = torch.randn(2, 3, 8, 8)
+    whole = torch.tensor([[0, 0, 8, 8, 0], [0, 0, 8, 8, 1]])
+    out = augment(x, whole, None)
+    torch.testing.assert_close(out[0], x[0])
+    torch.testing.assert_close(out[1], x[1].flip(-1))
+    mix = torch.tensor([[1, 0, 0, 4, 8], [0, 0, 0, 4, 8]])  # left half from the partner
+    out = augment(x, whole[:1].repeat(2, 1), mix)
+    torch.testing.assert_close(out[0, :, :, :4], x[1, :, :, :4])
+    torch.testing.assert_close(out[0, :, :, 4:], x[0, :, :, 4:])
+
+
+def test_readme_example_reads_a_shard_with_plain_webdataset(tmp_path, monkeypatch):
+    """The README's example, run as written against a condensed set."""
+    write_set(tmp_path / "condensed" / "shards")
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"<!-- webdataset-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["images"].shape == (10, 10, 10, 3) and scope["images"].dtype == np.uint8
+    assert torch.allclose(scope["soft"].sum(1), torch.ones(len(scope["soft"])))
+    assert len(scope["hard"]) == 10 and scope["soft"].shape[1] == 4
