@@ -41,7 +41,7 @@ def tiny_params() -> dict:
     p["observers"]["epochs"] = 1
     p["observers"]["batch_size"] = 128
     p["ipc"] = 2
-    p["init"].update(observers=["tiny"], candidates=8, crops=2, factor=2)
+    p["init"].update(method="rded", observers=["tiny"], candidates=8, crops=2, factor=2)
     p["synth"].update(observers=["tiny"], iterations=4)
     p["relabel"].update(teachers=["tiny"], epochs=2, batch_size=8)
     p["evaluate"].update(students=[{"name": "student", "arch": "convnet", "kwargs": {"width": 8, "depth": 2}}],

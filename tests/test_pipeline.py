@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import runpy
@@ -187,8 +189,13 @@ def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
     # zeta reruns post_evaluate alone.
     out = sh(["dvc", "exp", "run", "-S", "zeta=1.5", "-n", "zeta-one-half"], repo, env)
     assert ran(out) == {"post_evaluate"}
-    table = sh(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env)
-    assert "zeta-one-half" in table and "alpha-quarter" in table and "student.acc_mean" in table
+    # dvc exp show lists alpha, zeta and the accuracy of every experiment side by side.
+    rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(sh(["dvc", "exp", "show", "--no-pager", "--csv"],
+                                                                         repo, env)))}
+    # (each `dvc exp run` starts from the workspace the previous one left, so zeta-one-half keeps alpha 0.25)
+    for name, alpha, zeta in (("alpha-quarter", "0.25", "2.0"), ("zeta-one-half", "0.25", "1.5")):
+        assert (rows[name]["alpha"], rows[name]["zeta"]) == (alpha, zeta)
+        assert 0 <= float(rows[name]["student.acc_mean"]) <= 1, rows[name]
 
     # MLflow: the default store under the repository root, one run per stage execution, tagged.
     db = sqlite3.connect(repo / "mlflow.db")
