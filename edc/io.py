@@ -77,6 +77,19 @@ def write_json(path: str | Path, obj: Any) -> None:
         f.write(dumps_json(obj))
 
 
+def write_curves(directory: str | Path, curves: dict[str, list[dict[str, Any]]], fields: list[str]) -> None:
+    """Replace ``directory`` with one CSV per curve (``<name>.csv``, floats rounded to 6 digits): the
+    format of the stages' DVC plots."""
+    import csv
+
+    with atomic_dir(directory) as tmp:
+        for name, rows in curves.items():
+            with open(tmp / f"{name}.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 

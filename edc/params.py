@@ -124,7 +124,9 @@ class FlatnessParams(Section):
     tau: float = Field(default=4.0, gt=0, description="softmax temperature of Eq. 7")
 
 
-class SynthAugParams(Section):
+class CropAugParams(Section):
+    """RandomResizedCrop + horizontal flip, as synthesis and the relabel plan draw them."""
+
     scale_min: float = Field(default=0.5, gt=0, le=1, description="RandomResizedCrop area lower bound")
     flip: bool = False
 
@@ -138,7 +140,7 @@ class SynthParams(Section):
     r_bn: float = Field(default=0.1, ge=0, description="weight of the statistics-matching loss")
     ce_weight: float = Field(default=1.0, ge=0, description="weight of the cross-entropy term")
     flatness: FlatnessParams = Field(default_factory=FlatnessParams)
-    aug: SynthAugParams = Field(default_factory=SynthAugParams)
+    aug: CropAugParams = Field(default_factory=CropAugParams)
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -148,18 +150,13 @@ class SynthParams(Section):
         raise ValueError(f"must be a positive integer or 'all' (got {v!r})")
 
 
-class RelabelAugParams(Section):
-    scale_min: float = Field(default=0.5, gt=0, le=1, description="RandomResizedCrop area lower bound")
-    flip: bool = False
-
-
 class RelabelParams(Section):
     teachers: list[str] = Field(min_length=1, description="observers whose mean logits become the soft labels")
     epochs: int = Field(ge=1, le=100_000, description="post-evaluation epochs the plan covers")
     batch_size: int = Field(ge=1, le=65_536, description="post-evaluation batch size")
     topk: int = Field(default=0, ge=0, description="store the k largest logits per image; 0 = all")
     cutmix: bool = False
-    aug: RelabelAugParams = Field(default_factory=RelabelAugParams)
+    aug: CropAugParams = Field(default_factory=CropAugParams)
 
 
 class EvaluateParams(Section):

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 from edc.data import load_prepared
 from edc.errors import ArtifactError
 from edc.evaluate import summarize, train_student
-from edc.io import atomic_dir, write_json
+from edc.io import write_curves, write_json
 from edc.params import load_params
 from edc.runtime import derive_seed
 from edc.shards import load_condensed
@@ -54,12 +51,7 @@ def main(argv=None) -> None:
                                   "raw_acc_mean": round(summarize(raws)[0], 6),
                                   "seeds": {str(s): round(a, 6) for s, a in enumerate(accs)}}
             run.metrics({f"{spec.name}.acc_mean": mean, f"{spec.name}.acc_std": std})
-        with atomic_dir(args.curves) as tmp:
-            for name, rows in curves.items():
-                with open(Path(tmp) / f"{name}.csv", "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "test_acc"])
-                    w.writeheader()
-                    w.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+        write_curves(args.curves, curves, ["epoch", "train_loss", "test_acc"])
         write_json(args.metrics, metrics)
         run.artifact(args.metrics)
     for name, m in metrics.items():

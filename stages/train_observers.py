@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 from edc.data import load_prepared
-from edc.io import atomic_dir, write_json
+from edc.io import atomic_dir, write_curves, write_json
 from edc.observers import save_observer, train_observer
 from edc.params import load_params
 from edc.stage import parser, stage_main
@@ -42,12 +39,7 @@ def main(argv=None) -> None:
                                  f"{spec.name}.train_acc": row["train_acc"]}, step=row["epoch"])
                 run.metrics({f"{spec.name}.test_acc": res.test_acc, f"{spec.name}.seconds": res.seconds})
                 print(f"[{spec.name}] test_acc {res.test_acc:.4f} ({res.seconds:.0f} s)", flush=True)
-        with atomic_dir(args.plots) as tmp:
-            for name, rows in curves.items():
-                with open(Path(tmp) / f"{name}.csv", "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=["epoch", "train_loss", "train_acc", "lr"])
-                    w.writeheader()
-                    w.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+        write_curves(args.plots, curves, ["epoch", "train_loss", "train_acc", "lr"])
         write_json(args.report, report)
         run.artifact(args.report)
 
