@@ -5,11 +5,11 @@ width): per channel, the mean and the population variance (divide by the count, 
 normalises), globally and for each class ``c``. The variance of class ``c`` is the pooled variance
 of all its values, not the average of per-image variances.
 
-Vectorised accumulation: a forward pre-hook reduces each image's activation map to its spatial mean
-``m_i`` and sum of squared deviations ``M2_i`` in float32 (``torch.var_mean``), then adds
-``L*m_i``, ``L*m_i**2`` and ``M2_i`` (``L`` = H*W) into float64 per-class accumulators with
-``index_add_``. At the end, for class c with ``n_c`` values per channel:
-``mean_c = S1_c / n_c`` and ``var_c = (M2_c + S2_c - n_c * mean_c**2) / n_c``.
+Vectorised accumulation: a forward pre-hook shifts the layer input by a per-channel constant ``s``
+(the first batch's channel means), reduces each image to its spatial sum and sum of squares in
+float32, and adds them into float64 per-class accumulators ``S1``, ``S2`` with ``index_add_``. At
+the end, for class c with ``n_c`` values per channel: ``m = S1_c / n_c``, ``mean_c = s + m`` and
+``var_c = S2_c / n_c - m**2``. The shift keeps the sums of squares free of cancellation.
 
 File format (safetensors, one file per observer), for each layer name ``<l>`` (the module's dotted
 path in the model, e.g. ``layers.0.0.bn1``), all float64:
@@ -58,34 +58,41 @@ class LayerStats:
 
 
 class _Accumulator:
+    """Per-class float64 sums of a layer's input, shifted by the first batch's channel means.
+
+    Each image's spatial sum and sum of squares are taken in float32 (one einsum, no square
+    temporary) on values shifted by ``shift``; the shift keeps the sums of squares free of
+    cancellation when a channel's mean is large against its spread. Moments are recovered in float64.
+    """
+
     def __init__(self, num_classes: int, channels: int):
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
-        self.count, self.s1, self.s2, self.m2 = z(num_classes), z(num_classes, channels), \
-            z(num_classes, channels), z(num_classes, channels)
+        self.count, self.s1, self.s2 = z(num_classes), z(num_classes, channels), z(num_classes, channels)
+        self.shift: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         b, c = x.shape[:2]
-        flat = x.detach().reshape(b, c, -1)
+        flat = x.detach().float().reshape(b, c, -1)
+        if self.shift is None:
+            self.shift = flat.mean((0, 2))
+        d = flat - self.shift[None, :, None]
         n = flat.shape[2]
-        var, mean = torch.var_mean(flat.float(), dim=2, unbiased=False)  # (B, C) each, float32
-        mean = mean.double()
         self.count.index_add_(0, labels, torch.full((b,), float(n), dtype=torch.float64))
-        self.s1.index_add_(0, labels, mean * n)
-        self.s2.index_add_(0, labels, mean.square() * n)
-        self.m2.index_add_(0, labels, var.double() * n)
+        self.s1.index_add_(0, labels, d.sum(2).double())
+        self.s2.index_add_(0, labels, torch.einsum("bcn,bcn->bc", d, d).double())
 
     def result(self) -> LayerStats:
         if (self.count == 0).any():
             missing = torch.nonzero(self.count == 0).flatten().tolist()
             raise ValueError(f"no images of class(es) {missing[:5]} were seen")
+        shift = self.shift.double()
 
-        def moments(count, s1, s2, m2):
-            mean = s1 / count[..., None]
-            var = (m2 + s2 - count[..., None] * mean.square()) / count[..., None]
-            return mean, var.clamp_min(0.0)
+        def moments(count, s1, s2):
+            m = s1 / count[..., None]  # mean of the shifted values
+            return m + shift, (s2 / count[..., None] - m.square()).clamp_min(0.0)
 
-        class_mean, class_var = moments(self.count, self.s1, self.s2, self.m2)
-        mean, var = moments(self.count.sum(0), self.s1.sum(0), self.s2.sum(0), self.m2.sum(0))
+        class_mean, class_var = moments(self.count, self.s1, self.s2)
+        mean, var = moments(self.count.sum(0), self.s1.sum(0), self.s2.sum(0))
         return LayerStats(mean, var, class_mean, class_var, self.count.clone())
 
 

@@ -1,0 +1,173 @@
+"""Hot-path benchmarks on the default data: statistics, synthesis and post-evaluation against their
+limits. Prints medians over repeats and the ratios measured in the same run.
+
+    python benchmarks/hot_paths.py [--repeats 5] [--only stats|synth|eval|bytes]
+
+Needs the outputs of `dvc repro` (prepared data, observers, statistics, condensed shards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, median_time, need, row  # noqa: E402
+
+from edc.data import load_prepared, pixel_bounds  # noqa: E402
+from edc.evaluate import student_loss  # noqa: E402
+from edc.observers import build, load_observer  # noqa: E402
+from edc.params import load_params  # noqa: E402
+from edc.relabel import augment, teacher_logits  # noqa: E402
+from edc.shards import load_condensed  # noqa: E402
+from edc.stats import bn_layers, collect_bn_stats, load_stats  # noqa: E402
+from edc.synth import Observer, synthesize  # noqa: E402
+
+
+def per_sample_reference(model, x, y, k):
+    """What the public code does: one image at a time, Python-side per-class running sums."""
+    sums = {}
+
+    def hook(name):
+        def f(_m, inp):
+            a = inp[0][0].double()  # (C, H, W)
+            s = sums.setdefault(name, {})
+            c = int(current[0])
+            m, v = a.mean((1, 2)), a.var((1, 2), unbiased=False)
+            if c not in s:
+                s[c] = [0, torch.zeros_like(m), torch.zeros_like(v)]
+            s[c][0] += 1
+            s[c][1] += m
+            s[c][2] += v
+        return f
+
+    current = [0]
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in bn_layers(model)]
+    with torch.no_grad():
+        for i in range(len(x)):
+            current[0] = y[i]
+            model(x[i:i + 1])
+    for h in handles:
+        h.remove()
+
+
+def stats_timings(model, x, y, k, batch_size, repeats, sub=400):
+    """(bare eval forward, collect_bn_stats, per-sample reference scaled from ``sub`` images)."""
+
+    def bare():
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                model(x[i:i + batch_size])
+
+    t_bare = median_time(bare, repeats)
+    t_ours = median_time(lambda: collect_bn_stats(model, x, y, k, batch_size), repeats)
+    t_ref = median_time(lambda: per_sample_reference(model, x[:sub], y[:sub], k), max(1, repeats // 2))
+    return t_bare, t_ours, t_ref * len(x) / sub
+
+
+def bench_stats(p, data, repeats):
+    print("collect_stats (one eval pass over the 4,000 train images, per observer)")
+    x, y = data.normalized("train")
+    for name in [m.name for m in p.observers.models]:
+        t_bare, t_ours, t_ref = stats_timings(load_observer(ROOT / "models/observers", name)[0], x, y,
+                                              data.facts.num_classes, p.stats.batch_size, repeats)
+        print(row(f"{name}: bare eval forward", t_bare))
+        print(row(f"{name}: collect_bn_stats", t_ours, t_bare, "target <= 1.2x"))
+        print(row(f"{name}: per-sample loop reference (scaled)", t_ref, t_ours, "vs ours"))
+
+
+def plain_steps(model, images, labels, iters):
+    """The limit of a synthesis step: forward + backward to the pixels, nothing else."""
+    for _ in range(iters):
+        xi = images.clone().requires_grad_(True)
+        F.cross_entropy(model(xi), labels).backward()
+
+
+def bench_synth(p, data, repeats, iters=10):
+    print(f"synthesize (100 images, one observer, {iters} iterations; per-iteration time)")
+    facts = data.facts
+    x0, y0 = data.normalized("train")
+    idx = torch.cat([torch.nonzero(y0 == c).flatten()[:10] for c in range(10)])
+    images, labels = x0[idx], y0[idx]
+    for name in p.synth.observers:
+        model, _ = load_observer(ROOT / "models/observers", name)
+        obs = Observer(name, model, load_stats(ROOT / "stats" / f"{name}.safetensors")[0])
+        t_plain = median_time(lambda m=model: plain_steps(m, images, labels, iters), repeats) / iters
+        for mode in ("off", "logits"):
+            cfg = p.synth.model_copy(update={"iterations": iters, "observers": [name],
+                                             "flatness": p.synth.flatness.model_copy(update={"mode": mode})})
+            t = median_time(lambda cfg=cfg, o=obs: synthesize(images, labels, [o], cfg, p.alpha, pixel_bounds(facts),
+                                                              lambda b: 0), repeats) / iters
+            print(row(f"{name}: synthesis step, flatness {mode}", t, t_plain,
+                      "target <= 1.25x" if mode == "off" else "adds an EMA forward"))
+        print(row(f"{name}: plain forward+backward", t_plain))
+
+
+def bench_eval(p, data, repeats):
+    print("post_evaluate (one epoch of the default student over the condensed set)")
+    ds = load_condensed(ROOT / "condensed/shards")
+    spec = p.evaluate.students[0]
+    model = build(spec.arch, dict(spec.kwargs), ds.facts)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pre = list(ds.epoch(0))  # the same augmented batches, already in memory
+    teachers = [load_observer(ROOT / "models/observers", n)[0] for n in ds.meta["teachers"]]
+    from edc.shards import read_epoch
+
+    def step(x, target, hard):
+        loss = student_loss("kl", model(x), target, hard, 4.0, True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def bare():
+        for x, target, hard in pre:
+            step(x, target, hard)
+
+    def stored():
+        for x, target, hard in ds.epoch(0):
+            step(x, target, hard)
+
+    def on_the_fly():
+        for b in read_epoch(ds.path, ds.meta, 0):
+            ids = torch.from_numpy(b["ids"])
+            x = augment(ds.images[ids], torch.from_numpy(b["crops"]), None)
+            step(x, teacher_logits(teachers, x), ds.hard[ids])
+
+    t_bare = median_time(bare, repeats)
+    print(row("bare forward+backward (batches in memory)", t_bare))
+    print(row("stored soft labels (read shard, replay plan)", median_time(stored, repeats), t_bare, "target <= 1.15x"))
+    print(row(f"teachers on the fly ({len(teachers)} teachers)", median_time(on_the_fly, repeats), t_bare))
+
+
+def bench_bytes(p):
+    print("shard bytes per image per epoch")
+    meta = load_condensed(ROOT / "condensed/shards").meta
+    shards = sorted((ROOT / "condensed/shards").glob("epoch-*.tar"))
+    total = sum(f.stat().st_size for f in shards)
+    per = total / len(shards) / meta["num_images"]
+    print(f"  full logits, K={meta['num_classes']}, topk={meta['topk']}: {per:.0f} bytes "
+          f"(payload {2 * meta['num_classes'] + 4 + 10} bytes; the rest is tar headers, 512 B per member)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", choices=["stats", "synth", "eval", "bytes"], help="run one group")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    p = load_params(ROOT / "params.yaml")
+    need(ROOT / "condensed/shards")
+    data = load_prepared(ROOT / "data/prepared")
+    groups = {"stats": lambda: bench_stats(p, data, args.repeats), "synth": lambda: bench_synth(p, data, args.repeats),
+              "eval": lambda: bench_eval(p, data, args.repeats), "bytes": lambda: bench_bytes(p)}
+    for name, fn in groups.items():
+        if args.only in (None, name):
+            fn()
+
+
+if __name__ == "__main__":
+    main()
