@@ -228,11 +228,12 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Obser
         x_ema = x.detach().clone()
         opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, cfg.iterations))
+        use_ema = fr.mode != "off" and fr.weight > 0
+        onehot = F.one_hot(y, observers[0].targets[0].class_mean.shape[0]).float()
         bar = progress(range(cfg.iterations), desc=f"synthesize batch {b + 1}/{len(batches)}", unit="it")
         for it in bar:
             obs = observers[it % len(observers)]
             aug = sample_crop_flip(len(x), cfg.aug.scale_min, cfg.aug.flip, gen)
-            use_ema = fr.mode != "off" and fr.weight > 0
             if use_ema:
                 with torch.no_grad():
                     logits_ema, inputs_ema = obs.forward(apply_crop_flip(x_ema, aug))
@@ -243,8 +244,6 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Obser
             if use_ema and fr.mode == "logits":
                 flat = flatness_kl(logits, logits_ema, fr.tau)
             elif use_ema and fr.mode == "stats":
-                k = obs.targets[0].class_mean.shape[0]
-                onehot = F.one_hot(y, k).float()
                 ema_targets = [batch_moments(a, onehot) for a in inputs_ema]
                 flat = obs.matching(inputs, y, alpha, ema_targets)
             total = cfg.ce_weight * ce + cfg.r_bn * bn + fr.weight * flat
