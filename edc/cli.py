@@ -3,15 +3,27 @@
     edc check [--params params.yaml]   validate params.yaml (same checks as every stage)
     edc list                           datasets and architectures (with their keyword arguments)
     edc stats FILE                     summarise a statistics file written by collect_stats
+    edc exp preset NAME [--ipc N]      run one of the paper's methods as a DVC experiment
+    edc exp sweep NAME [--ipc N]       run a design-space sweep around the edc preset (--queue to queue it)
+    edc report                         tables and plots of the experiments into reports/
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import subprocess
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 from edc.errors import EdcError
+
+
+def _yaml_value(text: str):
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe").load(text)
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -43,6 +55,99 @@ def _stats(args: argparse.Namespace) -> None:
         print(f"  {layer:<40} C={len(s.mean):<5} mean {float(s.mean.mean()):+.4f} var {float(s.var.mean()):.4f}")
 
 
+def _dvc_exp_run(name: str, overrides: dict, args: argparse.Namespace) -> list[str]:
+    from edc.presets import format_value
+
+    cmd = ["dvc", "exp", "run", "-n", name]
+    for key, value in overrides.items():
+        cmd += ["-S", f"{key}={format_value(value)}"]
+    for extra in args.set or []:
+        cmd += ["-S", extra]
+    if args.queue:
+        cmd.append("--queue")
+    return cmd
+
+
+def _existing_experiments() -> set[str]:
+    r = subprocess.run(["dvc", "exp", "list", "--name-only"], capture_output=True, text=True)
+    return set(r.stdout.split()) if r.returncode == 0 else set()
+
+
+def _launch(commands: list[tuple[str, list[str]]], args: argparse.Namespace) -> None:
+    existing = _existing_experiments() if not args.dry_run else set()
+    clash = [name for name, _ in commands if name in existing]
+    if clash and not args.replace:
+        raise EdcError(f"experiment(s) {', '.join(clash)} exist for this commit; pass --replace to run them again "
+                       "(the old ones are removed) or remove them with `dvc exp remove`")
+    for name, cmd in commands:
+        print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+        if args.dry_run:
+            continue
+        if name in clash:
+            subprocess.run(["dvc", "exp", "remove", name], check=False)
+        r = subprocess.run(cmd)
+        if r.returncode != 0:
+            raise EdcError(f"experiment {name} failed (exit status {r.returncode}); see the output above")
+    if args.queue and not args.dry_run:
+        print("queued; run them with `dvc queue start -j 2` and follow with `dvc queue status`")
+
+
+def _preset(args: argparse.Namespace) -> None:
+    from edc.params import load_params
+    from edc.presets import experiment_name, preset_overrides
+
+    p = load_params(args.params)
+    ipc = args.ipc or p.ipc
+    overrides = {"ipc": ipc, **preset_overrides(args.name, p)}
+    _launch([(args.exp_name or experiment_name(args.name, ipc), _dvc_exp_run(
+        args.exp_name or experiment_name(args.name, ipc), overrides, args))], args)
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from edc.params import load_params
+    from edc.presets import SWEEPS, experiment_name, preset_overrides
+
+    p = load_params(args.params)
+    if args.name not in SWEEPS:
+        raise EdcError(f"unknown sweep {args.name!r} (known: {', '.join(SWEEPS)})")
+    sweep, ipc = SWEEPS[args.name], args.ipc or p.ipc
+    base = {"ipc": ipc, **preset_overrides("edc", p)}
+    commands = []
+    for value in (args.values or sweep.values):
+        if args.name == "ipc":
+            name, point = experiment_name("edc", value), {**base, "ipc": value}
+        else:
+            name, point = experiment_name(args.name, ipc, value), {**base, sweep.key: value}
+            if point == base and not args.values:
+                print(f"{name}: the edc preset itself (edc-ipc{ipc}); run `edc exp preset edc` for it")
+                continue
+        commands.append((name, _dvc_exp_run(name, point, args)))
+    _launch(commands, args)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from edc.report import build_report, check_mlflow, read_experiments
+
+    exps = read_experiments(".")
+    if not args.no_mlflow:
+        check_mlflow(exps)
+    out = Path(args.out)
+    text = build_report(exps, Path(args.plots), out.parent)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    differ = [e.name for e in exps.values() if e.mlflow_ok is False]
+    print(f"{out}: {len(exps)} experiments" + (f"; MLflow differs for {', '.join(differ)}" if differ else ""))
+
+
+def _exp_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--ipc", type=int, help="images per class (default: params.yaml's ipc)")
+    sp.add_argument("--queue", action="store_true", help="queue instead of running (then `dvc queue start -j 2`)")
+    sp.add_argument("--replace", action="store_true", help="rerun experiments whose name exists already")
+    sp.add_argument("--dry-run", action="store_true", help="print the dvc commands only")
+    sp.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="further params, as for dvc exp run")
+    sp.add_argument("--params", default="params.yaml")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="edc", description="EDC dataset condensation toolkit")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -53,6 +158,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     s = sub.add_parser("stats", help="summarise a statistics file")
     s.add_argument("file")
     s.set_defaults(fn=_stats)
+    e = sub.add_parser("exp", help="run the paper's methods and sweeps as DVC experiments")
+    esub = e.add_subparsers(dest="exp_cmd", required=True)
+    from edc.presets import PRESET_HELP, SWEEPS
+
+    pr = esub.add_parser("preset", help="run one method: " + ", ".join(PRESET_HELP),
+                         description="\n".join(f"{k}: {v}" for k, v in PRESET_HELP.items()),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr.add_argument("name", choices=list(PRESET_HELP))
+    pr.add_argument("-n", "--name", dest="exp_name", help="experiment name (default: NAME-ipcN)")
+    _exp_args(pr)
+    pr.set_defaults(fn=_preset)
+    sw = esub.add_parser("sweep", help="one design choice around the edc preset: " + ", ".join(SWEEPS),
+                         description="\n".join(f"{k}: {s.key} in {list(s.values)} ({s.help})"
+                                               for k, s in SWEEPS.items()),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    sw.add_argument("name", choices=list(SWEEPS))
+    sw.add_argument("--values", nargs="+", type=_yaml_value, help="only these values")
+    _exp_args(sw)
+    sw.set_defaults(fn=_sweep)
+    r = sub.add_parser("report", help="markdown tables and plots of the experiments")
+    r.add_argument("--out", default="reports/results.md")
+    r.add_argument("--plots", default="reports/plots/sweeps")
+    r.add_argument("--no-mlflow", action="store_true", help="do not cross-check the accuracies with MLflow")
+    r.set_defaults(fn=_report)
     args = ap.parse_args(argv)
     try:
         args.fn(args)

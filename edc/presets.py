@@ -1,0 +1,117 @@
+"""The paper's methods and design-space sweeps, expressed only as params values.
+
+A preset is a set of ``key=value`` overrides that ``edc exp preset NAME`` passes to
+``dvc exp run -S``; there is no code path behind a preset name, so ``dvc params diff`` shows all
+that a preset changes. Every preset sets the same keys (:data:`METHOD_KEYS`), so presets do not
+depend on which experiment last left its params in the workspace.
+
+Evaluation stays the same for every method (students, epochs, seeds, optimiser, temperature), so
+the table compares condensed sets on one budget; a preset changes the evaluation only where the
+method itself is defined by it (SRe2L and G-VBSM: cosine schedule, no EMA of the weights, and
+SRe2L's large batch).
+
+A sweep varies one design choice of the paper around the ``edc`` preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from edc.errors import ParamsError
+from edc.params import Params
+
+# The keys any preset sets; each preset gives all of them.
+METHOD_KEYS = (
+    "init.method", "synth.iterations", "synth.observers", "alpha", "synth.flatness.mode", "synth.aug.scale_min",
+    "relabel.batch_size", "evaluate.labels", "evaluate.schedule", "zeta", "evaluate.ema",
+)
+
+PRESET_HELP = {
+    "edc": "EDC: real init, soft category-aware matching (alpha 0.5), all observers, flatness (Eq. 7), weak "
+           "augmentation, smoothing LR (zeta 2), EMA evaluation",
+    "rded": "RDED: rded init, no synthesis steps, soft labels",
+    "sre2l": "SRe2L: noise init, global matching only (alpha 1), one observer, no flatness, RRC scale 0.08, "
+             "cosine schedule (zeta 1), no EMA evaluation, large evaluation batch",
+    "gvbsm": "G-VBSM: as SRe2L but matching all observers and the default evaluation batch",
+    "random-soft": "random real images (real init, no synthesis) with stored soft labels",
+    "random-hard": "random real images (real init, no synthesis) with hard class labels",
+}
+
+
+def _edc(p: Params) -> dict[str, Any]:
+    return {
+        "init.method": "real", "synth.iterations": 300, "synth.observers": [m.name for m in p.observers.models],
+        "alpha": 0.5, "synth.flatness.mode": "logits", "synth.aug.scale_min": 0.5, "relabel.batch_size": 25,
+        "evaluate.labels": "soft", "evaluate.schedule": "smoothing", "zeta": 2.0, "evaluate.ema": True,
+    }
+
+
+def preset_overrides(name: str, p: Params) -> dict[str, Any]:
+    """The values preset ``name`` gives to :data:`METHOD_KEYS`, for the observers of params ``p``."""
+    if name not in PRESET_HELP:
+        raise ParamsError("preset", [f"unknown preset {name!r} (known: {', '.join(PRESET_HELP)})"])
+    v = _edc(p)
+    if name == "rded":
+        v.update({"init.method": "rded", "synth.iterations": 0})
+    elif name in ("random-soft", "random-hard"):
+        v.update({"synth.iterations": 0, "evaluate.labels": "soft" if name == "random-soft" else "hard"})
+    elif name in ("sre2l", "gvbsm"):
+        v.update({"init.method": "noise", "alpha": 1.0, "synth.flatness.mode": "off", "synth.aug.scale_min": 0.08,
+                  "evaluate.schedule": "cosine", "zeta": 1.0, "evaluate.ema": False})
+        if name == "sre2l":
+            v.update({"synth.observers": [p.observers.models[0].name], "relabel.batch_size": 100})
+    assert set(v) == set(METHOD_KEYS)
+    return v
+
+
+@dataclass(frozen=True)
+class Sweep:
+    key: str
+    values: tuple[Any, ...]
+    help: str
+
+
+SWEEPS = {
+    "alpha": Sweep("alpha", (0.0, 0.25, 0.5, 0.75, 1.0), "global (1) vs per-class (0) statistics matching"),
+    "zeta": Sweep("zeta", (1.0, 1.5, 2.0, 2.5, 3.0), "smoothing LR schedule slowdown (1 = cosine)"),
+    "init": Sweep("init.method", ("noise", "real", "rded"), "initialisation of the synthetic images"),
+    "flatness": Sweep("synth.flatness.mode", ("off", "logits", "stats"), "flatness regularisation: Eq. 7 / Eq. 6"),
+    "ema": Sweep("evaluate.ema", (True, False), "evaluate the EMA of the student's weights"),
+    "weak_aug": Sweep("synth.aug.scale_min", (0.5, 0.08), "synthesis RandomResizedCrop scale lower bound"),
+    "eval_batch": Sweep("relabel.batch_size", (10, 25, 50), "post-evaluation batch size (fixed by the plan)"),
+    "ipc": Sweep("ipc", (1, 10, 50), "images per class"),
+}
+
+
+def format_value(v: Any) -> str:
+    """A value as DVC's ``-S key=value`` (Hydra syntax) reads it back to the same YAML value."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list):
+        return "[" + ",".join(format_value(x) for x in v) + "]"
+    return str(v)
+
+
+def label(v: Any) -> str:
+    """A value as it appears in an experiment name."""
+    return format_value(v).strip("[]").replace(",", "+")
+
+
+def experiment_name(kind: str, ipc: int, value: Any = None) -> str:
+    """``edc-ipc10`` for a preset; ``alpha-0.25-ipc10`` for a sweep point."""
+    return f"{kind}-{label(value)}-ipc{ipc}" if value is not None else f"{kind}-ipc{ipc}"
+
+
+def parse_name(name: str) -> tuple[str, str | None, int] | None:
+    """Inverse of :func:`experiment_name`: (preset or sweep, value label or None, ipc), or None if the
+    name is not one this module makes."""
+    head, sep, ipc = name.rpartition("-ipc")
+    if not sep or not ipc.isdigit():
+        return None
+    if head in PRESET_HELP:
+        return head, None, int(ipc)
+    for sweep in sorted(SWEEPS, key=len, reverse=True):
+        if head.startswith(sweep + "-"):
+            return sweep, head[len(sweep) + 1:], int(ipc)
+    return None

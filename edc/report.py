@@ -1,0 +1,194 @@
+"""``edc report``: the paper's tables from the project's DVC experiments, checked against MLflow.
+
+Experiments are found by name (:func:`edc.presets.experiment_name`: ``edc-ipc10``,
+``alpha-0.25-ipc10``), in every commit's experiments (``dvc exp show --json -A``); when a name
+occurs more than once, the newest wins. Accuracies are read from each experiment's
+``reports/metrics.json`` as DVC stored it; the MLflow ``post_evaluate`` run tagged with the same
+``dvc.exp_name`` must hold the same values, and a difference is printed and marked in the table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edc.errors import EdcError
+from edc.presets import PRESET_HELP, SWEEPS, label, parse_name, preset_overrides
+from edc.params import parse_params
+
+METRICS_FILE = "reports/metrics.json"
+
+
+@dataclass
+class Experiment:
+    name: str
+    rev: str
+    timestamp: str
+    params: dict[str, Any]
+    metrics: dict[str, Any]  # student -> {acc_mean, acc_std, seeds, ...}
+    mlflow_run: str | None = None
+    mlflow_ok: bool | None = None  # None: no MLflow run (e.g. restored from DVC's run-cache)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> int:
+        return max((len(m.get("seeds", {})) for m in self.metrics.values()), default=0)
+
+
+def read_experiments(repo: str | Path = ".") -> dict[str, Experiment]:
+    """Named experiments with post-evaluation metrics, newest per name."""
+    r = subprocess.run(["dvc", "exp", "show", "--json", "-A"], cwd=repo, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise EdcError(f"dvc exp show failed:\n{r.stderr.strip()}")
+    found: dict[str, Experiment] = {}
+    for baseline in json.loads(r.stdout or "[]"):
+        for exp in baseline.get("experiments") or []:
+            rev = (exp.get("revs") or [None])[0]
+            if not rev or not rev.get("name") or parse_name(rev["name"]) is None:
+                continue
+            data = rev.get("data") or {}
+            metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
+            params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+            if not metrics or not params:
+                continue  # queued, running or failed
+            e = Experiment(rev["name"], rev["rev"], data.get("timestamp") or "", params, metrics)
+            if e.name not in found or e.timestamp > found[e.name].timestamp:
+                found[e.name] = e
+    return found
+
+
+def check_mlflow(exps: dict[str, Experiment]) -> None:
+    """Attach each experiment's MLflow post_evaluate run and whether its accuracies match DVC's."""
+    import mlflow
+
+    from edc.tracking import DEFAULT_EXPERIMENT, tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    if exp is None:
+        return
+    for e in exps.values():
+        runs = client.search_runs([exp.experiment_id],
+                                  f"tags.`dvc.exp_name` = '{e.name}' and tags.`edc.stage` = 'post_evaluate' "
+                                  "and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+        for run in runs:
+            m = run.data.metrics
+            ok = all(abs(m.get(f"{s}.acc_mean", math.nan) - v["acc_mean"]) <= 5e-6
+                     and abs(m.get(f"{s}.acc_std", math.nan) - v["acc_std"]) <= 5e-6 for s, v in e.metrics.items())
+            if ok or e.mlflow_run is None:
+                e.mlflow_run, e.mlflow_ok = run.info.run_id, ok
+            if ok:
+                break
+        if e.mlflow_ok is False:
+            e.notes.append("MLflow differs")
+
+
+def _cell(e: Experiment | None, student: str) -> str:
+    if e is None or student not in e.metrics:
+        return "-"
+    m = e.metrics[student]
+    flag = " (!)" if e.mlflow_ok is False else ""
+    return f"{100 * m['acc_mean']:.2f} ± {100 * m['acc_std']:.2f}{flag}"
+
+
+def _students(exps: list[Experiment]) -> list[str]:
+    out: list[str] = []
+    for e in exps:
+        out += [s for s in e.metrics if s not in out]
+    return out
+
+
+def _table(header: str, rows: list[tuple[str, Experiment | None]], students: list[str]) -> list[str]:
+    lines = [f"| {header} | " + " | ".join(students) + " | experiment |",
+             "| --- | " + " | ".join("---" for _ in students) + " | --- |"]
+    for title, e in rows:
+        lines.append(f"| {title} | " + " | ".join(_cell(e, s) for s in students) + f" | {e.name if e else '-'} |")
+    return lines
+
+
+def _sweep_points(sweep: str, ipc: int, exps: dict[str, Experiment]) -> list[tuple[str, Experiment]]:
+    """A sweep's points at ipc: its named experiments plus the edc preset at edc's own value."""
+    s = SWEEPS[sweep]
+    points: dict[str, Experiment] = {}
+    for e in exps.values():
+        kind, value, e_ipc = parse_name(e.name)
+        if kind == sweep and e_ipc == ipc:
+            points[value] = e
+    base = exps.get(f"edc-ipc{ipc}")
+    if base is not None and sweep != "ipc":
+        v = preset_overrides("edc", parse_params(base.params)).get(s.key, base.params.get(s.key))
+        points.setdefault(label(v), base)
+    order = {label(v): i for i, v in enumerate(s.values)}
+    return sorted(points.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+
+
+def _plot(path: Path, title: str, xlabel: str, points: list[tuple[str, Experiment]], students: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    xs = list(range(len(points)))
+    for s in students:
+        ys = [100 * e.metrics[s]["acc_mean"] if s in e.metrics else math.nan for _, e in points]
+        err = [100 * e.metrics[s]["acc_std"] if s in e.metrics else 0 for _, e in points]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=s)
+    ax.set_xticks(xs, [v for v, _ in points])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Path = Path(".")) -> str:
+    """The markdown report (to be saved in ``md_dir``); writes one plot per sweep into ``plots_dir``."""
+    if not exps:
+        return ("# Results\n\nNo experiments found. Run a preset or a sweep first, e.g. `edc exp preset edc`, "
+                "`edc exp sweep alpha`.\n")
+    ordered = sorted(exps.values(), key=lambda e: e.name)
+    students = _students(ordered)
+    out = ["# Results", "",
+           "Test top-1 accuracy (%) of the students trained on each condensed set, mean ± std over seeds.",
+           "Each row is a DVC experiment (`dvc exp show`); `(!)` marks a value MLflow disagrees with.", ""]
+    ipcs = sorted({parse_name(e.name)[2] for e in ordered})
+    for ipc in ipcs:
+        rows = [(m, exps.get(f"{m}-ipc{ipc}")) for m in PRESET_HELP]
+        rows = [(m, e) for m, e in rows if e is not None]
+        if rows:
+            seeds = sorted({e.seeds for _, e in rows})
+            out += [f"## Methods at ipc {ipc} (Table 1; {'/'.join(map(str, seeds))} seeds)", ""]
+            out += _table("method", rows, students) + [""]
+    for sweep, s in SWEEPS.items():
+        for ipc in ipcs:
+            if sweep == "ipc":
+                points = [(str(i), exps[f"edc-ipc{i}"]) for i in ipcs if f"edc-ipc{i}" in exps]
+            else:
+                points = _sweep_points(sweep, ipc, exps)
+            if len(points) < 2 or (sweep == "ipc" and ipc != ipcs[0]):
+                continue
+            title = f"{s.key} sweep" + ("" if sweep == "ipc" else f" at ipc {ipc}")
+            out += [f"## {title} ({s.help})", ""]
+            out += _table(s.key, [(f"{s.key} = {v}", e) for v, e in points], students) + [""]
+            if plots_dir is not None:
+                png = plots_dir / (f"{sweep}.png" if sweep == "ipc" else f"{sweep}-ipc{ipc}.png")
+                _plot(png, title, s.key, points, students)
+                out += [f"![{title}]({Path(os.path.relpath(png, md_dir)).as_posix()})", ""]
+    out += ["## Experiments", "", "| experiment | DVC rev | created | MLflow post_evaluate run |", "| --- | --- | --- | --- |"]
+    for e in ordered:
+        run = e.mlflow_run or "none (restored from the run-cache?)"
+        if e.mlflow_ok is False:
+            run += " (differs)"
+        out.append(f"| {e.name} | {e.rev[:7]} | {e.timestamp} | {run} |")
+    return "\n".join(out) + "\n"
