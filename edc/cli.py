@@ -14,8 +14,8 @@ import argparse
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 from edc.errors import EdcError
 

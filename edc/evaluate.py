@@ -46,8 +46,12 @@ def student_loss(kind: str, out: torch.Tensor, target: torch.Tensor, hard: torch
 
 
 def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test: tuple[torch.Tensor, torch.Tensor],
-                  seed: int, log: Callable[[dict], None] | None = None) -> StudentResult:
-    """Train one student (``spec``: an ObserverSpec-like arch/kwargs) with the ``evaluate`` params."""
+                  seed: int, log: Callable[[dict], None] | None = None, resume: dict | None = None,
+                  on_epoch: Callable[[Callable[[], dict]], None] | None = None) -> StudentResult:
+    """Train one student (``spec``: an ObserverSpec-like arch/kwargs) with the ``evaluate`` params.
+
+    ``on_epoch(snapshot)`` is called after every epoch; ``snapshot()`` returns the whole training
+    state, which ``resume=`` continues from exactly (same weights, same result)."""
     seed_everything(seed)
     model = build(spec.arch, dict(spec.kwargs), ds.facts)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -56,9 +60,23 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test: tuple[torc
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_rate), use_buffers=True) if cfg.ema else None
     evaluated = (lambda: ema.module) if ema is not None else (lambda: model)
     soft = ds.labels == "soft"
-    curve, start = [], time.perf_counter()
+    curve, start, first = [], time.perf_counter(), 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["opt"])
+        sched.load_state_dict(resume["sched"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
+        torch.set_rng_state(resume["rng"])
+        curve, first = list(resume["curve"]), resume["epoch"]
+
+    def snapshot(epoch: int) -> dict:
+        return {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None, "rng": torch.get_rng_state(),
+                "curve": curve, "epoch": epoch}
+
     model.train()
-    for e in progress(range(ds.epochs), desc=f"{spec.name} seed {seed}", unit="epoch"):
+    for e in progress(range(first, ds.epochs), desc=f"{spec.name} seed {seed}", unit="epoch"):
         loss_sum, n = 0.0, 0
         for x, target, hard in ds.epoch(e):
             out = model(x)
@@ -77,6 +95,8 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test: tuple[torc
         curve.append(row)
         if log is not None:
             log(row)
+        if on_epoch is not None:
+            on_epoch(lambda e=e: snapshot(e + 1))
     acc = accuracy(evaluated(), *test)
     raw = accuracy(model, *test) if ema is not None else acc
     return StudentResult(acc, raw, curve, time.perf_counter() - start)

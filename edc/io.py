@@ -35,6 +35,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = _tmp_sibling(path)
     _remove(tmp)
     tmp.mkdir()
@@ -43,6 +44,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+    publish_dir(tmp, path)
+
+
+def publish_dir(tmp: str | Path, path: str | Path) -> None:
+    """Put the complete directory ``tmp`` in the place of ``path`` (two renames; a crash between
+    them leaves ``path`` missing, which DVC reruns, never half-written)."""
+    tmp, path = Path(tmp), Path(path)
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists() or path.is_symlink():
         os.replace(path, old)
@@ -50,11 +58,31 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     _remove(old)
 
 
+def remove_stale_temporaries(path: str | Path) -> None:
+    """Remove what a killed process left next to ``path``: ``.name.tmp-PID`` and ``.name.old-PID``
+    whose process is gone."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for p in path.parent.glob(f".{path.name}.*-*"):
+        kind, _, pid = p.name[len(path.name) + 2:].rpartition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running (a concurrent writer): leave it
+        except ProcessLookupError:
+            _remove(p)
+        except PermissionError:
+            continue
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary file that replaces ``path`` when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = _tmp_sibling(path)
     try:
         with open(tmp, mode) as f:

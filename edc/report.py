@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from edc.errors import EdcError
-from edc.presets import PRESET_HELP, SWEEPS, label, parse_name, preset_overrides
 from edc.params import parse_params
+from edc.presets import PRESET_HELP, SWEEPS, label, parse_name, preset_overrides
 
 METRICS_FILE = "reports/metrics.json"
 
@@ -185,7 +185,8 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
                 png = plots_dir / (f"{sweep}.png" if sweep == "ipc" else f"{sweep}-ipc{ipc}.png")
                 _plot(png, title, s.key, points, students)
                 out += [f"![{title}]({Path(os.path.relpath(png, md_dir)).as_posix()})", ""]
-    out += ["## Experiments", "", "| experiment | DVC rev | created | MLflow post_evaluate run |", "| --- | --- | --- | --- |"]
+    out += ["## Experiments", "", "| experiment | DVC rev | created | MLflow post_evaluate run |",
+            "| --- | --- | --- | --- |"]
     for e in ordered:
         run = e.mlflow_run or "none (restored from the run-cache?)"
         if e.mlflow_ok is False:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -95,7 +96,8 @@ class CondensedWriter:
         """``logits`` (N, K) are the teachers' mean logits in plan order (aligned with ``plan.order``)."""
         name = epoch_shard_name(epoch)
         n_batches = (len(plan.order) + batch_size - 1) // batch_size
-        with _tar_writer(self.out / name) as w:
+        tmp = self.out / f".{name}.tmp"
+        with _tar_writer(tmp) as w:
             for j, (ids, crops, mix) in enumerate(batches(plan, batch_size)):
                 sample = {"__key__": f"b{j:05d}", "ids.npy": _npy(ids.numpy().astype(np.int32)),
                           "crops.npy": _npy(crops.numpy().astype(np.int16))}
@@ -111,6 +113,14 @@ class CondensedWriter:
                 w.write(sample)
             w.write({"__key__": "header", "json": dumps_json({"set_id": self.sid, "epoch": epoch,
                                                               "batches": n_batches}).encode()})
+        os.replace(tmp, self.out / name)  # a shard is complete or absent, also after a kill
+        self.meta["epoch_shards"].append(name)
+
+    def keep_epoch(self, epoch: int) -> None:
+        """Count epoch ``epoch``'s shard, written by an earlier (interrupted) run, as part of the set."""
+        name = epoch_shard_name(epoch)
+        if not (self.out / name).is_file():
+            raise ArtifactError(f"{self.out / name}: missing from the checkpoint")
         self.meta["epoch_shards"].append(name)
 
     def close(self) -> None:

@@ -24,5 +24,6 @@ def stage_main(fn: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
             print(line, file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: no output of this stage was replaced; rerun `dvc repro` to finish", file=sys.stderr)
+        print("interrupted: no output of this stage was replaced; rerun `dvc repro` to finish (synthesize, relabel "
+              "and post_evaluate resume from their last checkpoint)", file=sys.stderr)
         sys.exit(130)

@@ -211,26 +211,53 @@ def matching_report(images: torch.Tensor, labels: torch.Tensor, observers: list[
 
 def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Observer], cfg, alpha: float,
                bounds: tuple[torch.Tensor, torch.Tensor], seed_for: Callable[[int], int],
-               log: Callable[[dict], None] | None = None) -> torch.Tensor:
+               log: Callable[[dict], None] | None = None, ckpt=None) -> torch.Tensor:
     """Optimise ``images`` (normalised, (N, C, H, W)) batch by batch; returns the synthesized images.
 
     ``cfg`` is the ``synth`` params section; ``seed_for(batch_index)`` seeds each batch's augmentation,
     so a batch's result does not depend on which other batches run (or on which process runs them).
-    ``log`` receives one row per iteration."""
+    ``log`` receives one row per iteration. ``ckpt`` (an :class:`edc.resume.Checkpointer`) saves the
+    whole optimisation state now and then and resumes from it: the result is the same bytes."""
     lo, hi = bounds
     batches = partition(labels, None if cfg.batch_size == "all" else cfg.batch_size)
     out = images.clone()
     fr = cfg.flatness
+    history: list[dict] = []
+    state = ckpt.load() if ckpt is not None else None
+    start_b = 0
+    if state is not None:
+        out, start_b, history = state["out"], state["batch"], state["rows"]
+        print(f"synthesize: resuming at batch {start_b + 1}/{len(batches)}, iteration {state['it']} "
+              f"(checkpoint in {ckpt.dir})", flush=True)
+        for row in history:
+            if log is not None:
+                log(row)
     for b, idx in enumerate(batches):
+        if b < start_b:
+            continue
         gen = torch.Generator().manual_seed(seed_for(b))
         x = images[idx].clone().requires_grad_(True)
         y = labels[idx]
         x_ema = x.detach().clone()
         opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, cfg.iterations))
+        it0 = 0
+        if state is not None and b == start_b and state["it"] > 0:
+            with torch.no_grad():
+                x.copy_(state["x"])
+                x_ema.copy_(state["x_ema"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            gen.set_state(state["gen"])
+            it0 = state["it"]
         use_ema = fr.mode != "off" and fr.weight > 0
         onehot = F.one_hot(y, observers[0].targets[0].class_mean.shape[0]).float()
-        bar = progress(range(cfg.iterations), desc=f"synthesize batch {b + 1}/{len(batches)}", unit="it")
+
+        def snapshot(next_it: int, b=b, x=x, x_ema=x_ema, opt=opt, sched=sched, gen=gen) -> dict:
+            return {"out": out, "batch": b, "it": next_it, "rows": history, "x": x.detach(), "x_ema": x_ema,
+                    "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state()}
+
+        bar = progress(range(it0, cfg.iterations), desc=f"synthesize batch {b + 1}/{len(batches)}", unit="it")
         for it in bar:
             obs = observers[it % len(observers)]
             aug = sample_crop_flip(len(x), cfg.aug.scale_min, cfg.aug.flip, gen)
@@ -259,8 +286,12 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Obser
             with torch.no_grad():
                 x.clamp_(lo, hi)
             ema_update(x_ema, x, fr.beta)
+            row = {"step": b * cfg.iterations + it, "batch": b, "iteration": it, "observer": obs.name, "lr": lr,
+                   **{k: v.item() for k, v in (("ce", ce), ("bn", bn), ("flat", flat), ("total", total))}}
+            history.append(row)
             if log is not None:
-                log({"step": b * cfg.iterations + it, "batch": b, "iteration": it, "observer": obs.name, "lr": lr,
-                     **{k: v.item() for k, v in (("ce", ce), ("bn", bn), ("flat", flat), ("total", total))}})
+                log(row)
+            if ckpt is not None:
+                ckpt.maybe_save(lambda it=it: snapshot(it + 1))
         out[idx] = x.detach()
     return out

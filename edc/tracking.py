@@ -18,9 +18,12 @@ import json
 import logging
 import os
 import subprocess
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 EXPERIMENT_ENV = "EDC_MLFLOW_EXPERIMENT"
 DEFAULT_EXPERIMENT = "edc"
@@ -52,6 +55,43 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 60, **kwargs: Any) -> T:
+    """Call ``fn``, retrying while SQLite reports "database is locked": experiments queued with
+    ``dvc queue start -j 2`` write one store from several processes at once."""
+    delay = 0.05
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # MlflowException or sqlalchemy's OperationalError, depending on the call
+            if "locked" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 1.0)
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _creation_lock(uri: str) -> Iterator[None]:
+    """An exclusive file lock next to a SQLite store: two processes creating the same new store at
+    once race in MLflow's schema migration ("Online migration expected to match one row")."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, the race stays possible
+        yield
+        return
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _git_commit(root: Path) -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -72,13 +112,13 @@ class Run:
         return self.run.info.run_id
 
     def metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+        retry_locked(self._mlflow.log_metrics, {k: float(v) for k, v in values.items()}, step=step)
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        retry_locked(self._mlflow.log_artifact, str(path), artifact_path=artifact_path)
 
     def json(self, obj: Any, name: str) -> None:
-        self._mlflow.log_dict(obj, name)
+        retry_locked(self._mlflow.log_dict, obj, name)
 
 
 @contextlib.contextmanager
@@ -88,8 +128,10 @@ def stage_run(stage: str, params: Mapping[str, Any], seed: int | None = None) ->
     logging.getLogger("alembic").setLevel(logging.WARNING)
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    with _creation_lock(uri):  # the first process to touch a new store creates its tables; others wait
+        retry_locked(mlflow.set_experiment, os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
     exp_name = os.environ.get("DVC_EXP_NAME", "")
     tags = {"edc.stage": stage, "git.commit": _git_commit(project_root())}
     if exp_name:
@@ -97,11 +139,15 @@ def stage_run(stage: str, params: Mapping[str, Any], seed: int | None = None) ->
     if seed is not None:
         tags["edc.seed"] = str(seed)
     run_name = f"{stage}:{exp_name}" if exp_name else stage
-    with mlflow.start_run(run_name=run_name, tags=tags) as active:
+    active = retry_locked(mlflow.start_run, run_name=run_name, tags=tags)
+    status = "FAILED"
+    try:
         flat = flatten(params)
-        mlflow.log_params({k: v[:6000] for k, v in flat.items()})
-        try:
-            yield Run(mlflow, active)
-        except KeyboardInterrupt:
-            mlflow.end_run(status="KILLED")
-            raise
+        retry_locked(mlflow.log_params, {k: v[:6000] for k, v in flat.items()})
+        yield Run(mlflow, active)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        retry_locked(mlflow.end_run, status=status)

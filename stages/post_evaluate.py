@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from edc.data import load_prepared
 from edc.errors import ArtifactError
-from edc.evaluate import summarize, train_student
+from edc.evaluate import StudentResult, summarize, train_student
 from edc.io import write_curves, write_json
 from edc.params import load_params
+from edc.resume import Checkpointer, fingerprint
 from edc.runtime import derive_seed
 from edc.shards import load_condensed
 from edc.stage import parser, stage_main
@@ -30,15 +31,36 @@ def main(argv=None) -> None:
             raise ArtifactError(f"{args.shards}/meta.json: made from {ds.facts.name} ({ds.facts.num_classes} classes), "
                                 f"but the test split is {data.facts.name} ({data.facts.num_classes} classes)")
         test = data.normalized("test")
+        ckpt = Checkpointer(args.metrics, fingerprint("post_evaluate", {"seed": p.seed, "zeta": p.zeta,
+                                                                        "evaluate": cfg.model_dump()},
+                                                      [args.shards, args.data + "/test_images.npy",
+                                                       args.data + "/test_labels.npy"]))
+        state = ckpt.load() or {"done": {}, "current": None}
+        if state["done"] or state["current"]:
+            print(f"post_evaluate: resuming ({len(state['done'])} students/seeds finished; checkpoint in "
+                  f"{ckpt.dir})", flush=True)
         metrics, curves = {}, {}
         for spec in cfg.students:
             accs, raws = [], []
             for s in range(cfg.seeds):
+                key = f"{spec.name}/{s}"
+
                 def log(row, name=spec.name, s=s):
                     run.metrics({f"{name}.seed{s}.{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
-                res = train_student(spec, cfg, p.zeta, ds, test, derive_seed(p.seed, "evaluate", spec.name, str(s)),
-                                    log)
+                def on_epoch(snapshot, key=key):
+                    ckpt.maybe_save(lambda: {"done": state["done"], "current": {"key": key, **snapshot()}})
+
+                if key in state["done"]:
+                    res = StudentResult(**state["done"][key])
+                else:
+                    current = state["current"] if (state["current"] or {}).get("key") == key else None
+                    res = train_student(spec, cfg, p.zeta, ds, test,
+                                        derive_seed(p.seed, "evaluate", spec.name, str(s)), log, current, on_epoch)
+                    state["done"][key] = {"acc": res.acc, "raw_acc": res.raw_acc, "curve": res.curve,
+                                          "seconds": res.seconds}
+                    state["current"] = None
+                    ckpt.maybe_save(lambda: state)
                 accs.append(res.acc)
                 raws.append(res.raw_acc)
                 curves[f"{spec.name}-seed{s}"] = res.curve
@@ -53,6 +75,7 @@ def main(argv=None) -> None:
             run.metrics({f"{spec.name}.acc_mean": mean, f"{spec.name}.acc_std": std})
         write_curves(args.curves, curves, ["epoch", "train_loss", "test_acc"])
         write_json(args.metrics, metrics)
+        ckpt.clear()
         run.artifact(args.metrics)
     for name, m in metrics.items():
         print(f"{name}: test accuracy {100 * m['acc_mean']:.2f} +- {100 * m['acc_std']:.2f}% over {cfg.seeds} seeds "

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from edc.data import normalize, read_facts
 from edc.errors import EdcError
 from edc.imageset import read_imageset
-from edc.io import atomic_dir
+from edc.io import publish_dir
 from edc.observers import load_observer
 from edc.params import load_params
 from edc.relabel import augment, batches, make_plan, teacher_logits
+from edc.resume import Checkpointer, fingerprint
 from edc.runtime import derive_seed, progress
 from edc.shards import CondensedWriter
 from edc.stage import parser, stage_main
@@ -38,17 +41,33 @@ def main(argv=None) -> None:
                 "ipc": img_meta["ipc"], "teachers": cfg.teachers, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                 "topk": cfg.topk, "cutmix": cfg.cutmix, "aug": cfg.aug.model_dump(),
                 "params": {"seed": p.seed, "relabel": cfg.model_dump(), "synthesis": img_meta}}
-        agree = 0
-        with atomic_dir(args.out) as tmp:
-            writer = CondensedWriter(tmp, images_u8, labels, meta)
-            for e in progress(range(cfg.epochs), desc="relabel", unit="epoch"):
-                gen = torch.Generator().manual_seed(derive_seed(p.seed, "relabel", str(e)))
-                plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, gen)
-                x = torch.cat([augment(images[ids], crops, mix) for ids, crops, mix in batches(plan, cfg.batch_size)])
-                logits = teacher_logits(teachers, x)
-                agree += int((logits.argmax(1) == labels[plan.order]).sum())
-                writer.write_epoch(e, plan, cfg.batch_size, logits, cfg.topk)
-            writer.close()
+        ckpt = Checkpointer(args.out, fingerprint("relabel", {"seed": p.seed, "relabel": cfg.model_dump()},
+                                                  [args.data + "/facts.json", args.images,
+                                                   *(Path(args.observers) / f"{t}.safetensors" for t in cfg.teachers)]))
+        # The set is built in the checkpoint directory itself: each finished epoch's shard is kept
+        # there, and a rerun after an interruption starts at the first epoch without one.
+        state = ckpt.load() or {"agree": []}
+        agree = state["agree"]
+        if agree:
+            print(f"relabel: resuming after epoch {len(agree)}/{cfg.epochs} (checkpoint in {ckpt.dir})", flush=True)
+        writer = CondensedWriter(ckpt.dir, images_u8, labels, meta)
+        for e in range(len(agree)):
+            writer.keep_epoch(e)
+        for e in progress(range(len(agree), cfg.epochs), desc="relabel", unit="epoch"):
+            gen = torch.Generator().manual_seed(derive_seed(p.seed, "relabel", str(e)))
+            plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, gen)
+            x = torch.cat([augment(images[ids], crops, mix) for ids, crops, mix in batches(plan, cfg.batch_size)])
+            logits = teacher_logits(teachers, x)
+            agree.append(int((logits.argmax(1) == labels[plan.order]).sum()))
+            writer.write_epoch(e, plan, cfg.batch_size, logits, cfg.topk)
+            ckpt.maybe_save(lambda: {"agree": agree})
+        writer.close()
+        keep = {*writer.meta["image_shards"], *writer.meta["epoch_shards"], "meta.json"}
+        for f in ckpt.dir.iterdir():  # the checkpoint's own files, and a shard a kill left half-written
+            if f.name not in keep:
+                f.unlink()
+        publish_dir(ckpt.dir, args.out)
+        agree = sum(agree)
         # How often the teachers' top class is the image's own class on the augmented views.
         run.metrics({"teacher_agreement": agree / (n * cfg.epochs)})
     print(f"relabel: {n} images x {cfg.epochs} epochs of soft labels from {', '.join(cfg.teachers)} -> {args.out} "

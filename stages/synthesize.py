@@ -11,6 +11,7 @@ from edc.imageset import read_imageset, save_grid, write_imageset
 from edc.io import atomic_dir, atomic_file, md5_file, write_json
 from edc.observers import load_observer
 from edc.params import load_params
+from edc.resume import Checkpointer, fingerprint
 from edc.runtime import derive_seed, seed_everything
 from edc.stage import parser, stage_main
 from edc.stats import load_stats
@@ -64,8 +65,12 @@ def main(argv=None) -> None:
             run.metrics({"ce": row["ce"], "bn": row["bn"], f"bn.{row['observer']}": row["bn"], "flat": row["flat"],
                          "total": row["total"]}, step=row["step"])
 
+        ckpt = Checkpointer(args.out, fingerprint("synthesize", {"seed": p.seed, "alpha": p.alpha,
+                                                                 "synth": cfg.model_dump()},
+                                                  [args.init, args.stats, *(Path(args.observers) / f"{n}.safetensors"
+                                                                            for n in cfg.observers)]))
         result = synthesize(images, labels, observers, cfg, p.alpha, pixel_bounds(facts),
-                            lambda b: derive_seed(p.seed, "synthesize", str(b)), log)
+                            lambda b: derive_seed(p.seed, "synthesize", str(b)), log, ckpt)
         out_u8 = to_uint8(result, facts)
         # Measured on what is saved (the images rounded to pixels). "matching" is under the synthesis
         # augmentation, what the objective minimises; "plain" is on the un-augmented images, which the
@@ -87,6 +92,7 @@ def main(argv=None) -> None:
         with atomic_file(args.grid, "wb") as f:
             save_grid(f, out_u8, labels, facts.num_classes)
         write_json(args.report, report)
+        ckpt.clear()
         for name, r in report.items():
             run.metrics({f"{key}.{name}": r[key] for key in ("matching_initial", "matching_final", "plain_initial",
                                                              "plain_final")})

@@ -51,3 +51,28 @@ def test_default_store_is_under_dvc_root(monkeypatch, tmp_path):
 def test_flatten():
     assert flatten({"a": {"b": {"c": 1}}, "d": [1, 2], "e": "s", "f": None}) == \
         {"a.b.c": "1", "d": "[1, 2]", "e": "s", "f": "null"}
+
+
+def test_concurrent_writers_lose_no_metric(tmp_path, monkeypatch):
+    """Two processes logging to one SQLite store at once (as `dvc queue start -j 2` does) keep every value."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    code = ("import sys\nfrom edc.tracking import stage_run\n"
+            "with stage_run('writer', {'who': sys.argv[1]}) as run:\n"
+            "    for i in range(150):\n"
+            "        run.metrics({'a': i, 'b': 2 * i}, step=i)\n")
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": uri}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(w)], env=env, stderr=subprocess.PIPE, text=True)
+             for w in range(3)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert sorted(r.data.params["who"] for r in runs) == ["0", "1", "2"]
+    client = mlflow.MlflowClient()
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert [m.value for m in client.get_metric_history(r.info.run_id, "b")] == [2.0 * i for i in range(150)]

@@ -1,0 +1,115 @@
+"""Resumable long stages: checkpoints that a rerun picks up, and never a wrong output.
+
+synthesize, relabel and post_evaluate save their state next to their output, in a hidden sibling
+``.<output>.resume/`` (for example ``condensed/.images.resume/``), at most every
+``EDC_CHECKPOINT_SECONDS`` seconds (default 30). The state holds everything the remaining work
+depends on (tensors, optimiser and scheduler states, random generator states, finished results),
+so a run that resumes writes the same bytes as one that was never interrupted.
+
+A checkpoint belongs to a *fingerprint*: the stage, its params and the md5 of every input file.
+A checkpoint made from other inputs is discarded, never used. The directory is removed when the
+stage's outputs are in place. DVC does not track it (it is not an output) and git ignores it.
+
+``EDC_CRASH_AFTER_CHECKPOINTS=N`` kills the process with SIGKILL right after its N-th checkpoint:
+a fault-injection hook for the tests of this guarantee.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edc.io import md5_file
+
+STATE = "state.pt"
+FINGERPRINT = "fingerprint.json"
+
+
+def fingerprint(stage: str, params: Any, inputs: list[str | Path]) -> str:
+    """sha256 over the stage name, its params (canonical JSON) and the md5 of every input file."""
+    h = hashlib.sha256(json.dumps({"stage": stage, "params": params}, sort_keys=True, default=str).encode())
+    for root in inputs:
+        root = Path(root)
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        for f in files:
+            h.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{md5_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def resume_dir(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(f".{output.name}.resume")
+
+
+class Checkpointer:
+    """Save and restore one stage's state under :func:`resume_dir` of its output."""
+
+    def __init__(self, output: str | Path, fp: str, every_s: float | None = None):
+        self.dir = resume_dir(output)
+        self.fp = fp
+        env = os.environ.get("EDC_CHECKPOINT_SECONDS")
+        self.every_s = every_s if every_s is not None else float(env) if env else 30.0
+        self._last = time.monotonic()
+        self._saves = 0
+        crash = os.environ.get("EDC_CRASH_AFTER_CHECKPOINTS")
+        self._crash_after = int(crash) if crash else None
+
+    def open(self) -> bool:
+        """Make the directory ready for this fingerprint; True if it holds a matching checkpoint."""
+        fp_file = self.dir / FINGERPRINT
+        if self.dir.exists():
+            try:
+                same = json.loads(fp_file.read_text()).get("fingerprint") == self.fp
+            except (OSError, ValueError):
+                same = False
+            if same:
+                return True
+            print(f"{self.dir}: checkpoint of other inputs or params; discarded", flush=True)
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        fp_file.write_text(json.dumps({"fingerprint": self.fp}) + "\n")
+        return False
+
+    def load(self) -> dict | None:
+        """The last saved state, or None."""
+        if not self.open():
+            return None
+        path = self.dir / STATE
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as exc:  # a torn file cannot happen (atomic replace), but never trust it blindly
+            print(f"{path}: unreadable checkpoint ({exc}); starting over", flush=True)
+            return None
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self.every_s
+
+    def save(self, state: dict) -> None:
+        """Atomically replace the saved state."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f".{STATE}.tmp"
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / STATE)
+        self._last = time.monotonic()
+        self._saves += 1
+        if self._crash_after is not None and self._saves >= self._crash_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def maybe_save(self, make_state) -> None:
+        if self.due():
+            self.save(make_state())
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,103 @@
+"""Presets and sweeps are params values only; the report's tables come from the experiments."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from edc.errors import ParamsError
+from edc.params import load_params, parse_params, read_yaml
+from edc.presets import METHOD_KEYS, PRESET_HELP, SWEEPS, experiment_name, format_value, parse_name, preset_overrides
+from edc.report import Experiment, build_report
+from tests.conftest import ROOT
+
+
+def get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+@pytest.mark.parametrize("name", list(PRESET_HELP))
+def test_a_preset_goes_through_dvcs_own_override_parser_to_valid_params(tmp_path, name):
+    """What `edc exp preset` passes to `dvc exp run -S` is read back by DVC as the intended values."""
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    base = load_params(params)
+    want = preset_overrides(name, base)
+    assert set(want) == set(METHOD_KEYS)
+    apply_overrides(params, [f"{k}={format_value(v)}" for k, v in want.items()])
+    after = read_yaml(params)
+    for key, value in want.items():
+        assert get(after, key) == value and type(get(after, key)) is type(value), key
+    parse_params(after)  # every preset is a valid configuration
+    before = read_yaml(ROOT / "params.yaml")
+    for section in ("dataset", "observers", "stats", "seed"):  # nothing outside the method keys moves
+        assert after[section] == before[section]
+    assert after["evaluate"]["students"] == before["evaluate"]["students"]
+    assert after["relabel"]["epochs"] == before["relabel"]["epochs"]
+
+
+def test_presets_say_what_the_issue_asks():
+    p = load_params(ROOT / "params.yaml")
+    observers = [m.name for m in p.observers.models]
+    edc, rded, sre2l, gvbsm = (preset_overrides(n, p) for n in ("edc", "rded", "sre2l", "gvbsm"))
+    assert edc["synth.observers"] == observers and edc["alpha"] == 0.5 and edc["evaluate.ema"] is True
+    assert (rded["init.method"], rded["synth.iterations"], rded["evaluate.labels"]) == ("rded", 0, "soft")
+    assert (sre2l["init.method"], sre2l["alpha"], sre2l["synth.observers"], sre2l["synth.flatness.mode"],
+            sre2l["zeta"], sre2l["evaluate.schedule"], sre2l["evaluate.ema"]) == \
+        ("noise", 1.0, observers[:1], "off", 1.0, "cosine", False)
+    assert sre2l["relabel.batch_size"] > edc["relabel.batch_size"]
+    assert gvbsm["synth.observers"] == observers and gvbsm["alpha"] == 1.0 and gvbsm["init.method"] == "noise"
+    soft, hard = preset_overrides("random-soft", p), preset_overrides("random-hard", p)
+    assert soft["synth.iterations"] == hard["synth.iterations"] == 0
+    assert {k for k in soft if soft[k] != hard[k]} == {"evaluate.labels"}
+    # The defaults are the edc preset: `dvc repro` on a fresh clone is the paper's method.
+    assert all(get(read_yaml(ROOT / "params.yaml"), k) == v for k, v in edc.items())
+    with pytest.raises(ParamsError, match="unknown preset 'dsa'"):
+        preset_overrides("dsa", p)
+
+
+def test_experiment_names_parse_back():
+    for name in PRESET_HELP:
+        assert parse_name(experiment_name(name, 10)) == (name, None, 10)
+    for sweep, s in SWEEPS.items():
+        for v in s.values:
+            kind, label, ipc = parse_name(experiment_name(sweep, 1, v))
+            assert (kind, ipc) == (sweep, 1) and label == format_value(v)
+    assert parse_name("my-own-run") is None and parse_name("edc-ipcx") is None
+
+
+def exp(name: str, accs: dict[str, tuple[float, float]], params: dict | None = None, ok: bool | None = True):
+    metrics = {s: {"acc_mean": m, "acc_std": sd, "seeds": {"0": m, "1": m, "2": m}} for s, (m, sd) in accs.items()}
+    e = Experiment(name, "abcdef0123", "2026-11-28T05:00:00", params or read_yaml(ROOT / "params.yaml"), metrics)
+    e.mlflow_run, e.mlflow_ok = ("run1" if ok is not None else None), ok
+    return e
+
+
+def test_report_tables_hold_the_experiments_numbers(tmp_path):
+    base = read_yaml(ROOT / "params.yaml")
+    exps = {e.name: e for e in [
+        exp("edc-ipc10", {"convnet": (0.9767, 0.0015), "resnet18": (0.95, 0.01)}, base),
+        exp("sre2l-ipc10", {"convnet": (0.9012, 0.0101), "resnet18": (0.88, 0.02)}, ok=False),
+        exp("alpha-0.0-ipc10", {"convnet": (0.97, 0.002), "resnet18": (0.94, 0.0)}),
+        exp("alpha-1.0-ipc10", {"convnet": (0.96, 0.003), "resnet18": (0.93, 0.0)}),
+        exp("edc-ipc1", {"convnet": (0.80, 0.02), "resnet18": (0.7, 0.03)}, ok=None),
+    ]}
+    text = build_report(exps, tmp_path / "plots", tmp_path)
+    lines = text.splitlines()
+    assert "| edc | 97.67 ± 0.15 | 95.00 ± 1.00 | edc-ipc10 |" in lines
+    assert "| sre2l | 90.12 ± 1.01 (!) | 88.00 ± 2.00 (!) | sre2l-ipc10 |" in lines
+    # The alpha sweep takes its 0.5 point from the edc preset, in the sweep's order.
+    sweep = [ln for ln in lines if ln.startswith("| alpha = ")]
+    assert sweep == ["| alpha = 0.0 | 97.00 ± 0.20 | 94.00 ± 0.00 | alpha-0.0-ipc10 |",
+                     "| alpha = 0.5 | 97.67 ± 0.15 | 95.00 ± 1.00 | edc-ipc10 |",
+                     "| alpha = 1.0 | 96.00 ± 0.30 | 93.00 ± 0.00 | alpha-1.0-ipc10 |"]
+    assert (tmp_path / "plots/alpha-ipc10.png").stat().st_size > 1000
+    assert (tmp_path / "plots/ipc.png").exists() and "![alpha sweep at ipc 10](plots/alpha-ipc10.png)" in lines
+    assert any("## Methods at ipc 1 " in ln for ln in lines) and "zeta" not in text.split("## Experiments")[0]
+    assert "| edc-ipc1 | abcdef0 | 2026-11-28T05:00:00 | none (restored from the run-cache?) |" in lines
+    assert "No experiments found" in build_report({}, None)
