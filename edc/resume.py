@@ -62,28 +62,30 @@ class Checkpointer:
         crash = os.environ.get("EDC_CRASH_AFTER_CHECKPOINTS")
         self._crash_after = int(crash) if crash else None
 
-    def open(self) -> bool:
-        """Make the directory ready for this fingerprint; True if it holds a matching checkpoint."""
-        fp_file = self.dir / FINGERPRINT
-        if self.dir.exists():
-            try:
-                same = json.loads(fp_file.read_text()).get("fingerprint") == self.fp
-            except (OSError, ValueError):
-                same = False
-            if same:
-                return True
+    def _matches(self) -> bool:
+        """Whether the directory holds a checkpoint of this fingerprint; one of another is removed."""
+        if not self.dir.exists():
+            return False
+        try:
+            same = json.loads((self.dir / FINGERPRINT).read_text()).get("fingerprint") == self.fp
+        except (OSError, ValueError):
+            same = False
+        if not same:
             print(f"{self.dir}: checkpoint of other inputs or params; discarded", flush=True)
             shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
-        fp_file.write_text(json.dumps({"fingerprint": self.fp}) + "\n")
-        return False
+        return same
+
+    def prepare(self) -> Path:
+        """The directory, created for this fingerprint if needed (for stages that build their output in it)."""
+        if not self._matches():
+            self.dir.mkdir(parents=True)
+            (self.dir / FINGERPRINT).write_text(json.dumps({"fingerprint": self.fp}) + "\n")
+        return self.dir
 
     def load(self) -> dict | None:
-        """The last saved state, or None."""
-        if not self.open():
-            return None
+        """The last saved state of this fingerprint, or None. Creates nothing."""
         path = self.dir / STATE
-        if not path.exists():
+        if not self._matches() or not path.exists():
             return None
         try:
             return torch.load(path, weights_only=True)
@@ -96,7 +98,7 @@ class Checkpointer:
 
     def save(self, state: dict) -> None:
         """Atomically replace the saved state."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
         tmp = self.dir / f".{STATE}.tmp"
         torch.save(state, tmp)
         with open(tmp, "rb") as f:

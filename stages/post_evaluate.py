@@ -23,13 +23,21 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     p = load_params(args.params)
     cfg = p.evaluate
-    with stage_run("post_evaluate", {"seed": p.seed, "zeta": p.zeta, "evaluate": cfg.model_dump()},
+    with stage_run("post_evaluate", {"seed": p.seed, "zeta": p.zeta, "evaluate": cfg.model_dump(),
+                                     "relabel": {"batch_size": p.relabel.batch_size, "epochs": p.relabel.epochs}},
                    seed=p.seed) as run:
         data = load_prepared(args.data)
         ds = load_condensed(args.shards, labels=cfg.labels)
         if (ds.facts.name, ds.facts.num_classes) != (data.facts.name, data.facts.num_classes):
             raise ArtifactError(f"{args.shards}/meta.json: made from {ds.facts.name} ({ds.facts.num_classes} classes), "
                                 f"but the test split is {data.facts.name} ({data.facts.num_classes} classes)")
+        # The evaluation batch size and epoch count are the relabel plan's: a set planned otherwise
+        # cannot serve them (the soft labels belong to those exact batches).
+        for key, have, want in (("batch_size", ds.batch_size, p.relabel.batch_size),
+                                ("epochs", ds.epochs, p.relabel.epochs)):
+            if have != want:
+                raise ArtifactError(f"{args.shards}: its stored plan has {key} {have}, but {args.params} asks for "
+                                    f"relabel.{key}: {want}; rerun relabel (dvc repro) to plan for it")
         test = data.normalized("test")
         ckpt = Checkpointer(args.metrics, fingerprint("post_evaluate", {"seed": p.seed, "zeta": p.zeta,
                                                                         "evaluate": cfg.model_dump()},

@@ -50,7 +50,7 @@ def main(argv=None) -> None:
         agree = state["agree"]
         if agree:
             print(f"relabel: resuming after epoch {len(agree)}/{cfg.epochs} (checkpoint in {ckpt.dir})", flush=True)
-        writer = CondensedWriter(ckpt.dir, images_u8, labels, meta)
+        writer = CondensedWriter(ckpt.prepare(), images_u8, labels, meta)
         for e in range(len(agree)):
             writer.keep_epoch(e)
         for e in progress(range(len(agree), cfg.epochs), desc="relabel", unit="epoch"):
