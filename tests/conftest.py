@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +110,32 @@ def make_imagefolder(root: Path, classes=("cat", "dog", "emu"), n: int = 3, size
                 shape = (size, size, 3) if mode == "RGB" else (size, size)
                 Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / split / c / f"{i}.png")
     return root
+
+
+# --- DVC in a throwaway repository ---------------------------------------------------------------
+
+def sh(cmd: list[str], cwd: Path, env: dict) -> str:
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
+    return r.stdout + r.stderr
+
+
+@pytest.fixture
+def dvc_repo(tmp_path) -> tuple[Path, dict]:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for item in ("edc", "stages", "dvc.yaml"):
+        src = ROOT / item
+        (shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
+         else shutil.copy(src, repo / item))
+    write_yaml(repo / "params.yaml", tiny_params())
+    (repo / ".gitignore").write_text((ROOT / ".gitignore").read_text())
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME")}
+    env.update(HOME=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{env['PATH']}", DVC_NO_ANALYTICS="1",
+               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@example.com")
+    sh(["git", "init", "-q", "-b", "main"], repo, env)
+    sh(["dvc", "init", "-q"], repo, env)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "init"], repo, env)
+    return repo, env

@@ -5,9 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import runpy
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +17,7 @@ import torch
 from edc.imageset import read_imageset
 from edc.io import md5_file, read_json
 from edc.stats import load_stats
-from tests.conftest import ROOT, tiny_params, write_yaml
+from tests.conftest import ROOT, sh, tiny_params, write_yaml
 
 
 def stage(name: str):
@@ -116,12 +114,6 @@ def test_a_failing_stage_keeps_the_earlier_output(tmp_path, default_params):
 
 # --- through DVC ---------------------------------------------------------------------------------
 
-def sh(cmd: list[str], cwd: Path, env: dict) -> str:
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout}\n{r.stderr}"
-    return r.stdout + r.stderr
-
-
 STAGES = ("prepare", "train_observers", "collect_stats", "init", "synthesize", "relabel", "post_evaluate")
 
 
@@ -134,27 +126,6 @@ def lock_outs(repo: Path) -> dict[str, str]:
 
     lock = YAML(typ="safe").load((repo / "dvc.lock").read_text())
     return {f"{name}:{o['path']}": o["md5"] for name, s in lock["stages"].items() for o in s.get("outs", [])}
-
-
-@pytest.fixture
-def dvc_repo(tmp_path) -> tuple[Path, dict]:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for item in ("edc", "stages", "dvc.yaml"):
-        src = ROOT / item
-        (shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir()
-         else shutil.copy(src, repo / item))
-    write_yaml(repo / "params.yaml", tiny_params())
-    (repo / ".gitignore").write_text((ROOT / ".gitignore").read_text())
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME")}
-    env.update(HOME=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{env['PATH']}", DVC_NO_ANALYTICS="1",
-               GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@example.com")
-    sh(["git", "init", "-q", "-b", "main"], repo, env)
-    sh(["dvc", "init", "-q"], repo, env)
-    sh(["git", "add", "-A"], repo, env)
-    sh(["git", "commit", "-qm", "init"], repo, env)
-    return repo, env
 
 
 @pytest.mark.slow
@@ -210,3 +181,40 @@ def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
     assert exp_tags == ["alpha-quarter"] * 3 + ["two-epochs"] * 6 + ["zeta-one-half"]
     epochs = db.execute("select value from params where key = 'observers.epochs'").fetchall()
     assert sorted(json.loads(v) for (v,) in epochs) == [1, 1, 2]
+
+    # Two sweep points queued and run at once (`dvc queue start -j 2`): no MLflow run or metric is
+    # lost, and `edc report` shows the numbers `dvc exp show` and MLflow hold for them.
+    edc = [sys.executable, "-m", "edc.cli"]
+    sh([*edc, "exp", "sweep", "zeta", "--values", "1.5", "2.5", "--queue"], repo, env)
+    sh(["dvc", "queue", "start", "-j", "2"], repo, env)
+    import time
+
+    deadline = time.monotonic() + 600
+    while True:
+        status = sh(["dvc", "queue", "status"], repo, env)
+        if "Queued" not in status and "Running" not in status:
+            break
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+    shown = {}
+    for baseline in json.loads(sh(["dvc", "exp", "show", "--json"], repo, env)):
+        for e in baseline.get("experiments") or []:
+            r = e["revs"][0]
+            shown[r["name"]] = r["data"]["metrics"]["reports/metrics.json"]["data"]["student"]
+    db = sqlite3.connect(repo / "mlflow.db")
+    sh([*edc, "report"], repo, env)
+    report = (repo / "reports/results.md").read_text().splitlines()
+    for name, zeta in (("zeta-1.5-ipc2", "1.5"), ("zeta-2.5-ipc2", "2.5")):
+        (run_id,) = [r for (r,) in db.execute(
+            "select r.run_uuid from runs r join tags a on a.run_uuid = r.run_uuid and a.key = 'dvc.exp_name' "
+            "join tags s on s.run_uuid = r.run_uuid and s.key = 'edc.stage' where a.value = ? and "
+            "s.value = 'post_evaluate' and r.status = 'FINISHED'", (name,))]
+        logged = dict(db.execute("select key, value from latest_metrics where run_uuid = ?", (run_id,)).fetchall())
+        assert abs(logged["student.acc_mean"] - shown[name]["acc_mean"]) < 1e-6
+        steps = db.execute("select count(*) from metrics where run_uuid = ? and key = 'student.seed0.train_loss'",
+                           (run_id,)).fetchone()[0]
+        assert steps == 2  # one point per epoch, none lost
+        m = shown[name]
+        assert (f"| zeta = {zeta} | {100 * m['acc_mean']:.2f} ± {100 * m['acc_std']:.2f} | {name} |") in report
+        assert any(line.startswith(f"| {name} |") and run_id in line for line in report)
