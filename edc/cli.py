@@ -125,6 +125,28 @@ def _sweep(args: argparse.Namespace) -> None:
     _launch(commands, args)
 
 
+def _dataset(args: argparse.Namespace) -> None:
+    from edc.presets import dataset_overrides
+
+    root = str(Path(args.root).expanduser().resolve())
+    overrides = dataset_overrides(args.name, root)
+    if args.ipc:
+        overrides["ipc"] = args.ipc
+    if args.apply:
+        from dvc.utils.hydra import apply_overrides
+
+        from edc.params import load_params
+        from edc.presets import format_value
+
+        apply_overrides(args.params, [f"{k}={format_value(v)}" for k, v in overrides.items()] + (args.set or []))
+        load_params(args.params)  # the result must validate
+        print(f"{args.params}: switched to the paper's {args.name} settings; `dvc params diff` shows the changes, "
+              "`dvc repro` runs them")
+        return
+    name = args.exp_name or f"{args.name}-paper"
+    _launch([(name, _dvc_exp_run(name, overrides, args))], args)
+
+
 def _report(args: argparse.Namespace) -> None:
     from edc.report import build_report, check_mlflow, read_experiments
 
@@ -177,6 +199,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     sw.add_argument("--values", nargs="+", type=_yaml_value, help="only these values")
     _exp_args(sw)
     sw.set_defaults(fn=_sweep)
+    from edc.presets import DATASET_HELP
+
+    ds = esub.add_parser("dataset", help="the paper's settings for a dataset: " + ", ".join(DATASET_HELP),
+                         description="\n".join(f"{k}: {v}" for k, v in DATASET_HELP.items()),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    ds.add_argument("name", choices=list(DATASET_HELP))
+    ds.add_argument("--root", required=True, help="where the dataset lives (CIFAR python batches, image folder)")
+    ds.add_argument("--apply", action="store_true", help="only rewrite params.yaml (then `dvc params diff`, "
+                                                          "`dvc repro`) instead of running a DVC experiment")
+    ds.add_argument("-n", "--name", dest="exp_name", help="experiment name (default: NAME-paper)")
+    _exp_args(ds)
+    ds.set_defaults(fn=_dataset)
     r = sub.add_parser("report", help="markdown tables and plots of the experiments")
     r.add_argument("--out", default="reports/results.md")
     r.add_argument("--plots", default="reports/plots/sweeps")

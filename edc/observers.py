@@ -55,6 +55,19 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
+def imagenet_observer(spec, facts: DatasetFacts, test: tuple[torch.Tensor, torch.Tensor]) -> TrainResult:
+    """An observer with torchvision's ImageNet weights from the hub cache instead of training
+    (``weights: imagenet``); its test accuracy is measured on the prepared test split."""
+    from edc.models.imagenet import load_imagenet_weights
+
+    if facts.num_classes != 1000:
+        raise ArtifactError(f"observers: {spec.name} has ImageNet weights (1000 classes), but the dataset has "
+                            f"{facts.num_classes} classes")
+    start = time.perf_counter()
+    model = load_imagenet_weights(build(spec.arch, dict(spec.kwargs), facts), spec.arch)
+    return TrainResult(model, accuracy(model, *test), [], time.perf_counter() - start)
+
+
 def train_observer(spec, cfg, facts: DatasetFacts, train: tuple[torch.Tensor, torch.Tensor],
                    test: tuple[torch.Tensor, torch.Tensor], seed: int) -> TrainResult:
     """Train one observer (``spec``: ObserverSpec) on normalised ``train`` tensors with ``cfg``

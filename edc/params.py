@@ -52,6 +52,9 @@ class ObserverSpec(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="file stem under models/observers/")
     arch: str
     kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    weights: Literal["train", "imagenet"] = Field(
+        default="train", description="train on the prepared data, or load torchvision's ImageNet checkpoint "
+                                     "from the torch hub cache (tv_* architectures, observers only)")
 
     @field_validator("arch")
     @classmethod
@@ -210,6 +213,14 @@ class Params(Section):
             problems.append(f"init.candidates: must be >= ipc * init.factor^2 = {need} (got {self.init.candidates})")
         if self.evaluate.loss == "mse_ce" and self.relabel.topk:
             problems.append("evaluate.loss: mse_ce regresses all logits; it needs relabel.topk: 0")
+        for i, m in enumerate(self.observers.models):
+            if m.weights == "imagenet" and not m.arch.startswith("tv_"):
+                problems.append(f"observers.models[{i}].weights: imagenet weights exist only for the tv_* "
+                                f"architectures (got arch {m.arch!r})")
+        for i, s in enumerate(self.evaluate.students):
+            if s.weights != "train":
+                problems.append(f"evaluate.students[{i}].weights: students are trained from the condensed set; "
+                                "remove the key")
         students = [s.name for s in self.evaluate.students]
         if len(set(students)) != len(students):
             problems.append("evaluate.students: names must be unique")

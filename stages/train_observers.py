@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from edc.data import load_prepared
 from edc.io import atomic_dir, write_curves, write_json
-from edc.observers import save_observer, train_observer
+from edc.observers import imagenet_observer, save_observer, train_observer
 from edc.params import load_params
 from edc.stage import parser, stage_main
 from edc.tracking import stage_run
@@ -25,10 +25,14 @@ def main(argv=None) -> None:
         report, curves = {}, {}
         with atomic_dir(args.out) as tmp:
             for spec in cfg.models:
-                res = train_observer(spec, cfg, data.facts, train, test, p.seed)
+                if spec.weights == "imagenet":
+                    res = imagenet_observer(spec, data.facts, test)
+                else:
+                    res = train_observer(spec, cfg, data.facts, train, test, p.seed)
                 save_observer(tmp, spec.name, res.model, {
                     "name": spec.name, "arch": spec.arch, "kwargs": dict(spec.kwargs),
-                    "dataset": data.facts.to_dict(), "seed": p.seed, "training": cfg.model_dump(exclude={"models"}),
+                    "dataset": data.facts.to_dict(), "seed": p.seed,
+                    "training": cfg.model_dump(exclude={"models"}) if spec.weights == "train" else "imagenet",
                     "test_acc": res.test_acc,
                 })
                 n_params = sum(t.numel() for t in res.model.parameters())

@@ -5,6 +5,7 @@ for any channel count, square image size and class count. Adding an architecture
 builder function in this package; no stage script changes.
 """
 
+from edc.models import imagenet as _imagenet  # noqa: F401  (registers torchvision's ImageNet models)
 from edc.models import zoo as _zoo  # noqa: F401  (registers the architectures)
 from edc.models.registry import create_model, list_models, model_kwargs, register_model
 

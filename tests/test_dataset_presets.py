@@ -1,0 +1,59 @@
+"""`edc exp dataset NAME --root R`: the paper's per-dataset settings as params values."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from edc.cli import main as edc_main
+from edc.io import read_json
+from edc.params import load_params, read_yaml
+from edc.presets import DATASET_HELP, dataset_overrides
+from tests.conftest import ROOT, make_cifar10
+from tests.test_pipeline import run_stages
+from tests.test_presets import get
+
+
+@pytest.mark.parametrize("name", list(DATASET_HELP))
+def test_dataset_preset_applies_through_dvcs_parser_and_validates(tmp_path, monkeypatch, name):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    edc_main(["exp", "dataset", name, "--root", "data dir/with 'quotes'", "--apply"])
+    after, want = read_yaml("params.yaml"), dataset_overrides(name, str(tmp_path / "data dir/with 'quotes'"))
+    for key, value in want.items():
+        assert get(after, key) == value, key
+    load_params("params.yaml")
+    before = read_yaml(ROOT / "params.yaml")
+    assert after["seed"] == before["seed"] and after["ipc"] == before["ipc"]  # untouched keys stay
+
+
+def test_paper_tables_values():
+    c10, c100, tiny, in1k = (dataset_overrides(n, "/r") for n in ("cifar10", "cifar100", "tinyimagenet",
+                                                                   "imagenet1k"))
+    assert (c10["synth.iterations"], c10["synth.batch_size"], c10["relabel.epochs"], c10["relabel.batch_size"],
+            c10["evaluate.schedule"]) == (75, "all", 1000, 25, "multistep")
+    assert (c100["synth.iterations"], c100["synth.batch_size"], c100["relabel.batch_size"]) == (2000, 100, 50)
+    assert len(c10["observers.models"]) == 8 and c10["init.method"] == "real"
+    assert (tiny["relabel.epochs"], tiny["relabel.batch_size"], tiny["dataset.image_size"]) == (300, 100, 64)
+    assert in1k["init.method"] == "rded" and in1k["synth.batch_size"] == 80
+    assert all(m["weights"] == "imagenet" for m in in1k["observers.models"])
+    assert "efficientnet_b0" in in1k["synth.observers"] and "efficientnet_b0" not in in1k["relabel.teachers"]
+    for v in (c10, c100, tiny, in1k):
+        assert (v["alpha"], v["synth.flatness.beta"], v["synth.flatness.tau"], v["evaluate.ema_rate"]) == \
+            (0.5, 0.99, 4.0, 0.99)
+
+
+def test_cifar10_preset_runs_the_pipeline_end_to_end(tmp_path, monkeypatch):
+    """The CIFAR-10 command on a root of standard CIFAR-10 python batches, epochs cut down by -S."""
+    root = make_cifar10(tmp_path / "cifar", per_class=3)
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    edc_main(["exp", "dataset", "cifar10", "--root", str(root), "--apply", "-S", "ipc=1", "-S", "observers.epochs=1",
+              "-S", "synth.iterations=2", "-S", "relabel.epochs=2", "-S", "evaluate.seeds=1",
+              "-S", "dataset.test_size=10"])
+    run_stages(tmp_path, tmp_path / "params.yaml")
+    assert sorted(read_json(tmp_path / "reports/observers.json")) == sorted(
+        o["name"] for o in dataset_overrides("cifar10", "/r")["observers.models"])
+    assert 0 <= read_json(tmp_path / "reports/metrics.json")["resnet18"]["acc_mean"] <= 1
+    assert read_json(tmp_path / "condensed/shards/meta.json")["dataset"]["name"] == "cifar10"
