@@ -80,17 +80,20 @@ def epoch_shard_name(epoch: int) -> str:
 class CondensedWriter:
     """Writes a condensed set: the images once, then one shard per epoch (call in epoch order)."""
 
-    def __init__(self, out: str | Path, images_u8: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any]):
+    def __init__(self, out: str | Path, images_u8: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any],
+                 write_images: bool = True):
         self.out = Path(out)
         self.sid = set_id(images_u8, labels)
         self.meta = {**meta, "format": FORMAT, "set_id": self.sid, "num_images": len(labels), "epoch_shards": []}
         self.meta["image_shards"] = []
         for s, start in enumerate(range(0, len(labels), IMAGES_PER_SHARD)):
             name = f"images-{s:06d}.tar"
+            self.meta["image_shards"].append(name)
+            if not write_images:  # another process writes them (torchrun ranks > 0 write epochs only)
+                continue
             with _tar_writer(self.out / name) as w:
                 for i in range(start, min(start + IMAGES_PER_SHARD, len(labels))):
                     w.write({"__key__": f"img{i:06d}", "png": _png(images_u8[i]), "cls": str(int(labels[i])).encode()})
-            self.meta["image_shards"].append(name)
 
     def write_epoch(self, epoch: int, plan: EpochPlan, batch_size: int, logits: torch.Tensor, topk: int) -> None:
         """``logits`` (N, K) are the teachers' mean logits in plan order (aligned with ``plan.order``)."""

@@ -237,13 +237,15 @@ def matching_report(images: torch.Tensor, labels: torch.Tensor, observers: list[
 
 def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Observer], cfg, alpha: float,
                bounds: tuple[torch.Tensor, torch.Tensor], seed_for: Callable[[int], int],
-               log: Callable[[dict], None] | None = None, ckpt=None) -> torch.Tensor:
+               log: Callable[[dict], None] | None = None, ckpt=None, only: list[int] | None = None) -> torch.Tensor:
     """Optimise ``images`` (normalised, (N, C, H, W)) batch by batch; returns the synthesized images.
 
     ``cfg`` is the ``synth`` params section; ``seed_for(batch_index)`` seeds each batch's augmentation,
     so a batch's result does not depend on which other batches run (or on which process runs them).
     ``log`` receives one row per iteration. ``ckpt`` (an :class:`edc.resume.Checkpointer`) saves the
-    whole optimisation state now and then and resumes from it: the result is the same bytes."""
+    whole optimisation state now and then and resumes from it: the result is the same bytes.
+    ``only`` lists the batch indices to run (the others keep their initial images): how several
+    processes share the work."""
     lo, hi = bounds
     batches = partition(labels, None if cfg.batch_size == "all" else cfg.batch_size)
     out = images.clone()
@@ -259,7 +261,7 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Obser
             if log is not None:
                 log(row)
     for b, idx in enumerate(batches):
-        if b < start_b:
+        if b < start_b or (only is not None and b not in only):
             continue
         gen = torch.Generator().manual_seed(seed_for(b))
         x = images[idx].clone().requires_grad_(True)

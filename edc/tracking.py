@@ -121,10 +121,29 @@ class Run:
         retry_locked(self._mlflow.log_dict, obj, name)
 
 
+class NullRun:
+    """What the ranks other than 0 of a torchrun job log through: nothing."""
+
+    run_id = ""
+
+    def metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def json(self, obj: Any, name: str) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, params: Mapping[str, Any], seed: int | None = None) -> Iterator[Run]:
+def stage_run(stage: str, params: Mapping[str, Any], seed: int | None = None,
+              enabled: bool = True) -> Iterator[Run | NullRun]:
     """Start an MLflow run for ``stage``, log ``params`` flat and the tags; end it FINISHED, or FAILED
-    if the block raises."""
+    if the block raises. ``enabled=False`` (ranks > 0 under torchrun) logs nothing."""
+    if not enabled:
+        yield NullRun()
+        return
     logging.getLogger("alembic").setLevel(logging.WARNING)
     import mlflow
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
+from edc import distributed
 from edc.data import normalize, read_facts
 from edc.errors import EdcError
 from edc.imageset import read_imageset
-from edc.io import publish_dir
+from edc.io import publish_dir, read_json, write_json
 from edc.observers import load_observer
 from edc.params import load_params
 from edc.relabel import augment, batches, make_plan, teacher_logits
@@ -29,7 +30,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     p = load_params(args.params)
     cfg = p.relabel
-    with stage_run("relabel", {"seed": p.seed, "relabel": cfg.model_dump()}, seed=p.seed) as run:
+    world = distributed.init()
+    with stage_run("relabel", {"seed": p.seed, "relabel": cfg.model_dump()}, seed=p.seed, enabled=world.main) as run:
         facts = read_facts(args.data)
         if cfg.topk >= facts.num_classes:
             raise EdcError(f"{args.params}: relabel.topk: must be < the {facts.num_classes} classes (0 = all)")
@@ -46,21 +48,50 @@ def main(argv=None) -> None:
                                                    *(Path(args.observers) / f"{t}.safetensors" for t in cfg.teachers)]))
         # The set is built in the checkpoint directory itself: each finished epoch's shard is kept
         # there, and a rerun after an interruption starts at the first epoch without one.
-        state = ckpt.load() or {"agree": []}
-        agree = state["agree"]
-        if agree:
-            print(f"relabel: resuming after epoch {len(agree)}/{cfg.epochs} (checkpoint in {ckpt.dir})", flush=True)
-        writer = CondensedWriter(ckpt.prepare(), images_u8, labels, meta)
-        for e in range(len(agree)):
-            writer.keep_epoch(e)
-        for e in progress(range(len(agree), cfg.epochs), desc="relabel", unit="epoch"):
+        def epoch_logits(e: int):
             gen = torch.Generator().manual_seed(derive_seed(p.seed, "relabel", str(e)))
             plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, gen)
             x = torch.cat([augment(images[ids], crops, mix) for ids, crops, mix in batches(plan, cfg.batch_size)])
             logits = teacher_logits(teachers, x)
-            agree.append(int((logits.argmax(1) == labels[plan.order]).sum()))
-            writer.write_epoch(e, plan, cfg.batch_size, logits, cfg.topk)
-            ckpt.maybe_save(lambda: {"agree": agree})
+            return plan, logits, int((logits.argmax(1) == labels[plan.order]).sum())
+
+        if world.size > 1:
+            # Epochs dealt out to the ranks (each plan is seeded by its epoch alone); rank 0 writes
+            # the images and meta.json and publishes the set once every rank is done.
+            if world.main:
+                ckpt.clear()
+                ckpt.prepare()
+            world.barrier()
+            writer = CondensedWriter(ckpt.dir, images_u8, labels, meta, write_images=world.main)
+            mine = {}
+            for e in progress(world.mine(range(cfg.epochs)), desc=f"relabel rank {world.rank}", unit="epoch"):
+                plan, logits, mine[e] = epoch_logits(e)
+                writer.write_epoch(e, plan, cfg.batch_size, logits, cfg.topk)
+            write_json(ckpt.dir / f".agree-rank{world.rank}.json", {str(e): a for e, a in mine.items()})
+            world.barrier()
+            if not world.main:
+                return
+            counts: dict[int, int] = {}
+            for r in range(world.size):
+                counts.update({int(e): a for e, a in read_json(ckpt.dir / f".agree-rank{r}.json").items()})
+            agree = [counts[e] for e in range(cfg.epochs)]
+            writer.meta["epoch_shards"] = []  # rank 0 listed its own; list all, in epoch order
+            for e in range(cfg.epochs):
+                writer.keep_epoch(e)
+        else:
+            state = ckpt.load() or {"agree": []}
+            agree = state["agree"]
+            if agree:
+                print(f"relabel: resuming after epoch {len(agree)}/{cfg.epochs} (checkpoint in {ckpt.dir})",
+                      flush=True)
+            writer = CondensedWriter(ckpt.prepare(), images_u8, labels, meta)
+            for e in range(len(agree)):
+                writer.keep_epoch(e)
+            for e in progress(range(len(agree), cfg.epochs), desc="relabel", unit="epoch"):
+                plan, logits, a = epoch_logits(e)
+                agree.append(a)
+                writer.write_epoch(e, plan, cfg.batch_size, logits, cfg.topk)
+                ckpt.maybe_save(lambda: {"agree": agree})
         writer.close()
         keep = {*writer.meta["image_shards"], *writer.meta["epoch_shards"], "meta.json"}
         for f in ckpt.dir.iterdir():  # the checkpoint's own files, and a shard a kill left half-written

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
+import torch
+
+from edc import distributed
 from edc.data import normalize, pixel_bounds, read_facts, to_uint8
 from edc.errors import ArtifactError
 from edc.imageset import read_imageset, save_grid, write_imageset
@@ -44,7 +48,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     p = load_params(args.params)
     cfg = p.synth
-    with stage_run("synthesize", {"seed": p.seed, "alpha": p.alpha, "synth": cfg.model_dump()}, seed=p.seed) as run:
+    world = distributed.init()
+    with stage_run("synthesize", {"seed": p.seed, "alpha": p.alpha, "synth": cfg.model_dump()}, seed=p.seed,
+                   enabled=world.main) as run:
         facts = read_facts(args.data)
         init_u8, labels, init_meta = read_imageset(args.init)
         images = normalize(init_u8, facts)
@@ -57,7 +63,6 @@ def main(argv=None) -> None:
             return (matching_report(imgs, labels, observers, p.alpha, batches, cfg.aug, seed=report_seed),
                     matching_report(imgs, labels, observers, p.alpha, batches))
 
-        before, plain_before = measure(images)
         rows = []
 
         def log(row: dict) -> None:
@@ -65,12 +70,44 @@ def main(argv=None) -> None:
             run.metrics({"ce": row["ce"], "bn": row["bn"], f"bn.{row['observer']}": row["bn"], "flat": row["flat"],
                          "total": row["total"]}, step=row["step"])
 
-        ckpt = Checkpointer(args.out, fingerprint("synthesize", {"seed": p.seed, "alpha": p.alpha,
-                                                                 "synth": cfg.model_dump()},
-                                                  [args.init, args.stats, *(Path(args.observers) / f"{n}.safetensors"
-                                                                            for n in cfg.observers)]))
-        result = synthesize(images, labels, observers, cfg, p.alpha, pixel_bounds(facts),
-                            lambda b: derive_seed(p.seed, "synthesize", str(b)), log, ckpt)
+        seed_for = lambda b: derive_seed(p.seed, "synthesize", str(b))  # noqa: E731
+        if world.size > 1:
+            # Each rank synthesizes its share of the batches and leaves it in a parts directory;
+            # rank 0 merges them (a batch's result depends on its index only, not on the rank).
+            parts = Path(args.out).with_name(f".{Path(args.out).name}.parts")
+            if world.main:
+                shutil.rmtree(parts, ignore_errors=True)
+                parts.mkdir(parents=True)
+            world.barrier()
+            mine = world.mine(range(len(batches)))
+            own_rows: list[dict] = []
+            result = synthesize(images, labels, observers, cfg, p.alpha, pixel_bounds(facts), seed_for,
+                                own_rows.append, only=mine)
+            with atomic_file(parts / f"rank{world.rank}.pt", "wb") as f:
+                torch.save({"batches": {b: result[batches[b]] for b in mine}, "rows": own_rows}, f)
+            world.barrier()
+            if not world.main:
+                return
+            before, plain_before = measure(images)
+            result = images.clone()
+            merged: list[dict] = []
+            for r in range(world.size):
+                part = torch.load(parts / f"rank{r}.pt", weights_only=True)
+                for b, x in part["batches"].items():
+                    result[batches[b]] = x
+                merged += part["rows"]
+            for row in sorted(merged, key=lambda r: r["step"]):
+                log(row)
+            shutil.rmtree(parts)
+            ckpt = None
+        else:
+            before, plain_before = measure(images)
+            ckpt = Checkpointer(args.out, fingerprint("synthesize", {"seed": p.seed, "alpha": p.alpha,
+                                                                     "synth": cfg.model_dump()},
+                                                      [args.init, args.stats,
+                                                       *(Path(args.observers) / f"{n}.safetensors"
+                                                         for n in cfg.observers)]))
+            result = synthesize(images, labels, observers, cfg, p.alpha, pixel_bounds(facts), seed_for, log, ckpt)
         out_u8 = to_uint8(result, facts)
         # Measured on what is saved (the images rounded to pixels). "matching" is under the synthesis
         # augmentation, what the objective minimises; "plain" is on the un-augmented images, which the
@@ -92,7 +129,8 @@ def main(argv=None) -> None:
         with atomic_file(args.grid, "wb") as f:
             save_grid(f, out_u8, labels, facts.num_classes)
         write_json(args.report, report)
-        ckpt.clear()
+        if ckpt is not None:
+            ckpt.clear()
         for name, r in report.items():
             run.metrics({f"{key}.{name}": r[key] for key in ("matching_initial", "matching_final", "plain_initial",
                                                              "plain_final")})
