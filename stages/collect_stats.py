@@ -9,7 +9,7 @@ from edc.io import atomic_dir, md5_file, write_json
 from edc.observers import load_observer, observer_names
 from edc.params import load_params
 from edc.stage import parser, stage_main
-from edc.stats import collect_bn_stats, save_stats
+from edc.stats import bn_layers, collect_bn_stats, save_stats
 from edc.tracking import stage_run
 
 
@@ -28,6 +28,11 @@ def main(argv=None) -> None:
         with atomic_dir(args.out) as tmp:
             for name in observer_names(args.observers):
                 model, spec = load_observer(args.observers, name)
+                if not bn_layers(model):  # e.g. AlexNet: a teacher for soft labels, nothing to match
+                    print(f"[{name}] no BatchNorm layers: no statistics (usable in relabel.teachers, not in "
+                          "synth.observers)", flush=True)
+                    report[name] = {"layers": 0, "channels": 0, "running_mean_gap": 0.0}
+                    continue
                 stats = collect_bn_stats(model, x, y, data.facts.num_classes, p.stats.batch_size, desc=name)
                 save_stats(Path(tmp) / f"{name}.safetensors", stats, {
                     "observer": name, "arch": spec["arch"], "num_classes": data.facts.num_classes,

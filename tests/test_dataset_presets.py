@@ -39,6 +39,7 @@ def test_paper_tables_values():
     assert in1k["init.method"] == "rded" and in1k["synth.batch_size"] == 80
     assert all(m["weights"] == "imagenet" for m in in1k["observers.models"])
     assert "efficientnet_b0" in in1k["synth.observers"] and "efficientnet_b0" not in in1k["relabel.teachers"]
+    assert "alexnet" not in in1k["synth.observers"] and "alexnet" in in1k["relabel.teachers"]  # no BatchNorm
     for v in (c10, c100, tiny, in1k):
         assert (v["alpha"], v["synth.flatness.beta"], v["synth.flatness.tau"], v["evaluate.ema_rate"]) == \
             (0.5, 0.99, 4.0, 0.99)
