@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from edc.observers import accuracy, build
-from edc.runtime import progress, seed_everything
+from edc.runtime import autocast, place, progress, seed_everything
 from edc.schedules import lr_lambda
 from edc.shards import CondensedDataset
 
@@ -47,13 +47,15 @@ def student_loss(kind: str, out: torch.Tensor, target: torch.Tensor, hard: torch
 
 def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test: tuple[torch.Tensor, torch.Tensor],
                   seed: int, log: Callable[[dict], None] | None = None, resume: dict | None = None,
-                  on_epoch: Callable[[Callable[[], dict]], None] | None = None) -> StudentResult:
+                  on_epoch: Callable[[Callable[[], dict]], None] | None = None, device: torch.device | None = None,
+                  bf16: bool = False) -> StudentResult:
     """Train one student (``spec``: an ObserverSpec-like arch/kwargs) with the ``evaluate`` params.
 
     ``on_epoch(snapshot)`` is called after every epoch; ``snapshot()`` returns the whole training
     state, which ``resume=`` continues from exactly (same weights, same result)."""
     seed_everything(seed)
-    model = build(spec.arch, dict(spec.kwargs), ds.facts)
+    device = device or torch.device("cpu")
+    model = place(build(spec.arch, dict(spec.kwargs), ds.facts), device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = ds.epochs * ds.batches_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, total, zeta, cfg.milestones, cfg.gamma))
@@ -79,8 +81,10 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test: tuple[torc
     for e in progress(range(first, ds.epochs), desc=f"{spec.name} seed {seed}", unit="epoch"):
         loss_sum, n = 0.0, 0
         for x, target, hard in ds.epoch(e):
-            out = model(x)
-            loss = student_loss(cfg.loss, out, target, hard, cfg.temperature, soft)
+            x, target, hard = x.to(device), target.to(device), hard.to(device)
+            with autocast(device, bf16):
+                out = model(x)
+                loss = student_loss(cfg.loss, out.float(), target, hard, cfg.temperature, soft)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

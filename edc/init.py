@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edc.errors import DataError
-from edc.runtime import progress
+from edc.runtime import model_device, progress
 
 
 @dataclass
@@ -62,10 +62,11 @@ def crop_scores(crops: torch.Tensor, labels: torch.Tensor, observers: list[nn.Mo
                 batch_size: int = 500) -> torch.Tensor:
     """Cross-entropy of the observers' mean logits on each crop resized to ``size`` (lower = better)."""
     out = torch.empty(len(crops))
+    dev = model_device(observers[0])
     for i in progress(range(0, len(crops), batch_size), desc="scoring crops", unit="batch"):
-        xb = F.interpolate(crops[i:i + batch_size], size=size, mode="bilinear", align_corners=False)
+        xb = F.interpolate(crops[i:i + batch_size].to(dev), size=size, mode="bilinear", align_corners=False)
         logits = torch.stack([m(xb) for m in observers]).mean(0)
-        out[i:i + batch_size] = F.cross_entropy(logits, labels[i:i + batch_size], reduction="none")
+        out[i:i + batch_size] = F.cross_entropy(logits, labels[i:i + batch_size].to(dev), reduction="none").cpu()
     return out
 
 

@@ -27,7 +27,7 @@ from edc.data.augment import shift_flip
 from edc.errors import ArtifactError
 from edc.io import read_json, save_safetensors, write_json
 from edc.models import create_model
-from edc.runtime import derive_seed, progress, seed_everything
+from edc.runtime import autocast, derive_seed, model_device, place, progress, seed_everything
 from edc.schedules import lr_lambda
 
 
@@ -49,13 +49,15 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     """Top-1 accuracy in eval mode (restores the model's previous mode)."""
     was_training = model.training
     model.eval()
-    correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+    dev = model_device(model)
+    correct = sum(int((model(x[i:i + batch_size].to(dev)).argmax(1).cpu() == y[i:i + batch_size]).sum())
                   for i in range(0, len(x), batch_size))
     model.train(was_training)
     return correct / len(x)
 
 
-def imagenet_observer(spec, facts: DatasetFacts, test: tuple[torch.Tensor, torch.Tensor]) -> TrainResult:
+def imagenet_observer(spec, facts: DatasetFacts, test: tuple[torch.Tensor, torch.Tensor],
+                      device: torch.device | None = None) -> TrainResult:
     """An observer with torchvision's ImageNet weights from the hub cache instead of training
     (``weights: imagenet``); its test accuracy is measured on the prepared test split."""
     from edc.models.imagenet import load_imagenet_weights
@@ -64,16 +66,19 @@ def imagenet_observer(spec, facts: DatasetFacts, test: tuple[torch.Tensor, torch
         raise ArtifactError(f"observers: {spec.name} has ImageNet weights (1000 classes), but the dataset has "
                             f"{facts.num_classes} classes")
     start = time.perf_counter()
-    model = load_imagenet_weights(build(spec.arch, dict(spec.kwargs), facts), spec.arch)
+    model = place(load_imagenet_weights(build(spec.arch, dict(spec.kwargs), facts), spec.arch),
+                  device or torch.device("cpu"))
     return TrainResult(model, accuracy(model, *test), [], time.perf_counter() - start)
 
 
 def train_observer(spec, cfg, facts: DatasetFacts, train: tuple[torch.Tensor, torch.Tensor],
-                   test: tuple[torch.Tensor, torch.Tensor], seed: int) -> TrainResult:
+                   test: tuple[torch.Tensor, torch.Tensor], seed: int, device: torch.device | None = None,
+                   bf16: bool = False) -> TrainResult:
     """Train one observer (``spec``: ObserverSpec) on normalised ``train`` tensors with ``cfg``
     (ObserversParams). The test split is used once, after the last epoch, to report accuracy."""
     gen = seed_everything(derive_seed(seed, "observer", spec.name))
-    model = build(spec.arch, dict(spec.kwargs), facts)
+    device = device or torch.device("cpu")
+    model = place(build(spec.arch, dict(spec.kwargs), facts), device)
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
@@ -89,15 +94,17 @@ def train_observer(spec, cfg, facts: DatasetFacts, train: tuple[torch.Tensor, to
         bar = progress(range(steps_per_epoch), desc=f"{spec.name} epoch {epoch + 1}/{cfg.epochs}", unit="batch")
         for i in bar:
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            xb = shift_flip(x[idx], cfg.augment.crop_padding, cfg.augment.flip, gen)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, y[idx])
+            xb = shift_flip(x[idx], cfg.augment.crop_padding, cfg.augment.flip, gen).to(device)
+            yb = y[idx].to(device)
+            with autocast(device, bf16):
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             loss_sum += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y[idx]).sum())
+            correct += int((logits.argmax(1) == yb).sum())
         row = {"epoch": epoch + 1, "train_loss": loss_sum / len(x), "train_acc": correct / len(x),
                "lr": opt.param_groups[0]["lr"]}
         history.append(row)
@@ -109,7 +116,7 @@ def train_observer(spec, cfg, facts: DatasetFacts, train: tuple[torch.Tensor, to
 
 def save_observer(directory: str | Path, name: str, model: nn.Module, spec: dict[str, Any]) -> None:
     directory = Path(directory)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_safetensors(directory / f"{name}.safetensors", state, {"name": name, "arch": spec["arch"]})
     write_json(directory / f"{name}.json", spec)
 

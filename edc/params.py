@@ -190,6 +190,9 @@ class Params(Section):
     ipc: int = Field(ge=1, description="images per class of the condensed set")
     alpha: float = Field(ge=0, le=1, description="weight of global (Form 1) vs per-class (Form 2) matching")
     zeta: float = Field(gt=0, description="slowdown of the smoothing LR schedule in post-evaluation")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when present")
+    bf16: bool = Field(default=True, description="bf16 autocast on CUDA for observer/student training and "
+                                                  "teachers (never on the CPU, never for statistics)")
     launcher: str = Field(default="python", min_length=1,
                           description="runs synthesize and relabel, e.g. 'torchrun --standalone --nproc_per_node 2'")
     dataset: DatasetParams

@@ -106,9 +106,16 @@ def batches(plan: EpochPlan, batch_size: int) -> Iterator[tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def teacher_logits(teachers: list[nn.Module], x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """The ensemble's mean logits (float32) on x, in chunks, teachers in eval mode."""
+def teacher_logits(teachers: list[nn.Module], x: torch.Tensor, chunk: int = 512, bf16: bool = False) -> torch.Tensor:
+    """The ensemble's mean logits (float32, on the CPU) on x, in chunks, teachers in eval mode, on
+    the teachers' device (bf16 autocast there when ``bf16`` and it is CUDA)."""
+    from edc.runtime import autocast, model_device
+
+    dev = model_device(teachers[0])
     out = []
     for i in range(0, len(x), chunk):
-        out.append(torch.stack([t.eval()(x[i:i + chunk]) for t in teachers]).mean(0))
+        xb = x[i:i + chunk].to(dev)
+        with autocast(dev, bf16):
+            logits = [t.eval()(xb).float() for t in teachers]
+        out.append(torch.stack(logits).mean(0).cpu())
     return torch.cat(out)

@@ -37,7 +37,7 @@ from torch import nn
 
 from edc.errors import ArtifactError
 from edc.io import read_safetensors_metadata, save_safetensors
-from edc.runtime import progress
+from edc.runtime import model_device, progress
 
 FORMAT = "edc-stats/1"
 STAT_NAMES = ("mean", "var", "class_mean", "class_var", "class_count")
@@ -78,14 +78,15 @@ class _Accumulator:
         d = flat - self.shift[None, :, None]
         n = flat.shape[2]
         self.count.index_add_(0, labels, torch.full((b,), float(n), dtype=torch.float64))
-        self.s1.index_add_(0, labels, d.sum(2).double())
-        self.s2.index_add_(0, labels, torch.einsum("bcn,bcn->bc", d, d).double())
+        # (B, C) per-image sums come back to the CPU accumulators (no-ops on the CPU)
+        self.s1.index_add_(0, labels, d.sum(2).double().cpu())
+        self.s2.index_add_(0, labels, torch.einsum("bcn,bcn->bc", d, d).double().cpu())
 
     def result(self) -> LayerStats:
         if (self.count == 0).any():
             missing = torch.nonzero(self.count == 0).flatten().tolist()
             raise ValueError(f"no images of class(es) {missing[:5]} were seen")
-        shift = self.shift.double()
+        shift = self.shift.double().cpu()
 
         def moments(count, s1, s2):
             m = s1 / count[..., None]  # mean of the shifted values
@@ -115,12 +116,13 @@ def collect_bn_stats(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n, m)) for n, m in layers]
+    dev = model_device(model)
     was_training = model.training
     model.eval()
     try:
         for i in progress(range(0, len(images), batch_size), desc=desc, unit="batch"):
             current["labels"] = labels[i:i + batch_size]
-            model(images[i:i + batch_size])
+            model(images[i:i + batch_size].to(dev))
     finally:
         for h in handles:
             h.remove()

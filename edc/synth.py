@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edc.errors import EdcError
-from edc.runtime import progress
+from edc.runtime import model_device, progress
 from edc.schedules import lr_lambda
 from edc.stats import LayerStats, bn_layers
 
@@ -49,8 +49,8 @@ class Target:
     class_var: torch.Tensor
 
     @classmethod
-    def from_stats(cls, s: LayerStats) -> Target:
-        return cls(s.mean.float(), s.var.float(), s.class_mean.float(), s.class_var.float())
+    def from_stats(cls, s: LayerStats, device: torch.device | None = None) -> Target:
+        return cls(*(t.float().to(device) for t in (s.mean, s.var, s.class_mean, s.class_var)))
 
 
 class _SquareMean(torch.autograd.Function):
@@ -157,6 +157,7 @@ def apply_crop_flip(x: torch.Tensor, t: CropFlip) -> torch.Tensor:
     theta[:, 0, 2] = t.center_x
     theta[:, 1, 1] = t.scale_h
     theta[:, 1, 2] = t.center_y
+    theta = theta.to(x.device)  # drawn on the CPU generator: the same draws on any device
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -174,7 +175,8 @@ class Observer:
         missing = [layer for layer in stats if layer not in modules]
         if missing:
             raise EdcError(f"observer {name}: statistics name layers it does not have ({missing[:3]})")
-        self.targets = [Target.from_stats(s) for s in stats.values()]
+        dev = model_device(model)
+        self.targets = [Target.from_stats(s, dev) for s in stats.values()]
         self._inputs: list[torch.Tensor] | None = None
         for layer in stats:
             modules[layer].register_forward_pre_hook(self._tap)
@@ -246,8 +248,8 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Obser
     whole optimisation state now and then and resumes from it: the result is the same bytes.
     ``only`` lists the batch indices to run (the others keep their initial images): how several
     processes share the work."""
-    lo, hi = bounds
-    batches = partition(labels, None if cfg.batch_size == "all" else cfg.batch_size)
+    lo, hi = (t.to(images.device) for t in bounds)
+    batches = partition(labels.cpu(), None if cfg.batch_size == "all" else cfg.batch_size)
     out = images.clone()
     fr = cfg.flatness
     history: list[dict] = []

@@ -8,6 +8,7 @@ from edc.data import load_prepared
 from edc.io import atomic_dir, md5_file, write_json
 from edc.observers import load_observer, observer_names
 from edc.params import load_params
+from edc.runtime import place, resolve_device
 from edc.stage import parser, stage_main
 from edc.stats import bn_layers, collect_bn_stats, save_stats
 from edc.tracking import stage_run
@@ -21,6 +22,7 @@ def main(argv=None) -> None:
     ap.add_argument("--report", required=True, help="summary JSON (reports/stats.json)")
     args = ap.parse_args(argv)
     p = load_params(args.params)
+    device = resolve_device(p.device)
     with stage_run("collect_stats", {"stats": p.stats.model_dump()}, seed=p.seed) as run:
         data = load_prepared(args.data)
         x, y = data.normalized("train")
@@ -28,6 +30,7 @@ def main(argv=None) -> None:
         with atomic_dir(args.out) as tmp:
             for name in observer_names(args.observers):
                 model, spec = load_observer(args.observers, name)
+                model = place(model, device)
                 if not bn_layers(model):  # e.g. AlexNet: a teacher for soft labels, nothing to match
                     print(f"[{name}] no BatchNorm layers: no statistics (usable in relabel.teachers, not in "
                           "synth.observers)", flush=True)
@@ -41,7 +44,7 @@ def main(argv=None) -> None:
                 # How far the observer's running BN estimates are from the exact statistics: a check
                 # that the observer and the data agree (large values mean a wrong dataset or observer).
                 bns = dict(model.named_modules())
-                gap = max(float(((bns[layer].running_mean.double() - s.mean).abs()
+                gap = max(float(((bns[layer].running_mean.double().cpu() - s.mean).abs()
                                  / s.var.sqrt().clamp_min(1e-6)).mean()) for layer, s in stats.items())
                 report[name] = {"layers": len(stats), "channels": sum(len(s.mean) for s in stats.values()),
                                 "running_mean_gap": round(gap, 6)}

@@ -10,7 +10,7 @@ from edc.init import noise_init, rded_init, real_init
 from edc.io import atomic_dir, atomic_file
 from edc.observers import load_observer
 from edc.params import load_params
-from edc.runtime import derive_seed, seed_everything
+from edc.runtime import derive_seed, place, resolve_device, seed_everything
 from edc.stage import parser, stage_main
 from edc.tracking import stage_run
 
@@ -35,7 +35,8 @@ def main(argv=None) -> None:
             if cfg.method == "real":
                 res = real_init(x, y, k, p.ipc, gen)
             else:
-                models = [load_observer(args.observers, name)[0] for name in cfg.observers]
+                device = resolve_device(p.device)
+                models = [place(load_observer(args.observers, name)[0], device) for name in cfg.observers]
                 res = rded_init(x, y, k, p.ipc, models, cfg.candidates, cfg.crops, cfg.factor, gen, cfg.batch_size)
         images = to_uint8(res.images, data.facts)
         with atomic_dir(args.out) as tmp:

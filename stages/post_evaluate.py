@@ -8,7 +8,7 @@ from edc.evaluate import StudentResult, summarize, train_student
 from edc.io import write_curves, write_json
 from edc.params import load_params
 from edc.resume import Checkpointer, fingerprint
-from edc.runtime import derive_seed
+from edc.runtime import derive_seed, resolve_device
 from edc.shards import load_condensed
 from edc.stage import parser, stage_main
 from edc.tracking import stage_run
@@ -23,6 +23,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     p = load_params(args.params)
     cfg = p.evaluate
+    device = resolve_device(p.device)
     with stage_run("post_evaluate", {"seed": p.seed, "zeta": p.zeta, "evaluate": cfg.model_dump(),
                                      "relabel": {"batch_size": p.relabel.batch_size, "epochs": p.relabel.epochs}},
                    seed=p.seed) as run:
@@ -64,7 +65,8 @@ def main(argv=None) -> None:
                 else:
                     current = state["current"] if (state["current"] or {}).get("key") == key else None
                     res = train_student(spec, cfg, p.zeta, ds, test,
-                                        derive_seed(p.seed, "evaluate", spec.name, str(s)), log, current, on_epoch)
+                                        derive_seed(p.seed, "evaluate", spec.name, str(s)), log, current, on_epoch,
+                                        device, p.bf16)
                     state["done"][key] = {"acc": res.acc, "raw_acc": res.raw_acc, "curve": res.curve,
                                           "seconds": res.seconds}
                     state["current"] = None

@@ -15,7 +15,7 @@ from edc.observers import load_observer
 from edc.params import load_params
 from edc.relabel import augment, batches, make_plan, teacher_logits
 from edc.resume import Checkpointer, fingerprint
-from edc.runtime import derive_seed, progress
+from edc.runtime import derive_seed, place, progress, resolve_device
 from edc.shards import CondensedWriter
 from edc.stage import parser, stage_main
 from edc.tracking import stage_run
@@ -37,7 +37,8 @@ def main(argv=None) -> None:
             raise EdcError(f"{args.params}: relabel.topk: must be < the {facts.num_classes} classes (0 = all)")
         images_u8, labels, img_meta = read_imageset(args.images)
         images = normalize(images_u8, facts)
-        teachers = [load_observer(args.observers, name)[0] for name in cfg.teachers]
+        device = resolve_device(p.device)
+        teachers = [place(load_observer(args.observers, name)[0], device) for name in cfg.teachers]
         n, _, h, w = images.shape
         meta = {"dataset": facts.to_dict(), "class_names": facts.class_names, "num_classes": facts.num_classes,
                 "ipc": img_meta["ipc"], "teachers": cfg.teachers, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
@@ -52,7 +53,7 @@ def main(argv=None) -> None:
             gen = torch.Generator().manual_seed(derive_seed(p.seed, "relabel", str(e)))
             plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, gen)
             x = torch.cat([augment(images[ids], crops, mix) for ids, crops, mix in batches(plan, cfg.batch_size)])
-            logits = teacher_logits(teachers, x)
+            logits = teacher_logits(teachers, x, bf16=p.bf16)
             return plan, logits, int((logits.argmax(1) == labels[plan.order]).sum())
 
         if world.size > 1:

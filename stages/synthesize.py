@@ -16,7 +16,7 @@ from edc.io import atomic_dir, atomic_file, md5_file, write_json
 from edc.observers import load_observer
 from edc.params import load_params
 from edc.resume import Checkpointer, fingerprint
-from edc.runtime import derive_seed, seed_everything
+from edc.runtime import derive_seed, place, resolve_device, seed_everything
 from edc.stage import parser, stage_main
 from edc.stats import load_stats
 from edc.synth import Observer, matching_report, partition, synthesize
@@ -25,8 +25,10 @@ from edc.tracking import stage_run
 CURVE_FIELDS = ["step", "batch", "iteration", "observer", "ce", "bn", "flat", "total", "lr"]
 
 
-def load_matched_observer(observers_dir: str, stats_dir: str, name: str) -> Observer:
+def load_matched_observer(observers_dir: str, stats_dir: str, name: str, device=None) -> Observer:
     model, _ = load_observer(observers_dir, name)
+    if device is not None:
+        model = place(model, device)
     stats, meta = load_stats(Path(stats_dir) / f"{name}.safetensors")
     weights = Path(observers_dir) / f"{name}.safetensors"
     if meta.get("observer_md5") != md5_file(weights):
@@ -53,15 +55,17 @@ def main(argv=None) -> None:
                    enabled=world.main) as run:
         facts = read_facts(args.data)
         init_u8, labels, init_meta = read_imageset(args.init)
-        images = normalize(init_u8, facts)
-        observers = [load_matched_observer(args.observers, args.stats, name) for name in cfg.observers]
+        device = resolve_device(p.device)
+        images = normalize(init_u8, facts).to(device)  # synthesis stays fp32 on any device
+        ydev = labels.to(device)
+        observers = [load_matched_observer(args.observers, args.stats, name, device) for name in cfg.observers]
         seed_everything(derive_seed(p.seed, "synthesize"))
         batches = partition(labels, None if cfg.batch_size == "all" else cfg.batch_size)
         report_seed = derive_seed(p.seed, "synthesize", "report")
 
         def measure(imgs):
-            return (matching_report(imgs, labels, observers, p.alpha, batches, cfg.aug, seed=report_seed),
-                    matching_report(imgs, labels, observers, p.alpha, batches))
+            return (matching_report(imgs, ydev, observers, p.alpha, batches, cfg.aug, seed=report_seed),
+                    matching_report(imgs, ydev, observers, p.alpha, batches))
 
         rows = []
 
@@ -81,10 +85,10 @@ def main(argv=None) -> None:
             world.barrier()
             mine = world.mine(range(len(batches)))
             own_rows: list[dict] = []
-            result = synthesize(images, labels, observers, cfg, p.alpha, pixel_bounds(facts), seed_for,
+            result = synthesize(images, ydev, observers, cfg, p.alpha, pixel_bounds(facts), seed_for,
                                 own_rows.append, only=mine)
             with atomic_file(parts / f"rank{world.rank}.pt", "wb") as f:
-                torch.save({"batches": {b: result[batches[b]] for b in mine}, "rows": own_rows}, f)
+                torch.save({"batches": {b: result[batches[b]].cpu() for b in mine}, "rows": own_rows}, f)
             world.barrier()
             if not world.main:
                 return
@@ -94,7 +98,7 @@ def main(argv=None) -> None:
             for r in range(world.size):
                 part = torch.load(parts / f"rank{r}.pt", weights_only=True)
                 for b, x in part["batches"].items():
-                    result[batches[b]] = x
+                    result[batches[b]] = x.to(device)
                 merged += part["rows"]
             for row in sorted(merged, key=lambda r: r["step"]):
                 log(row)
@@ -107,12 +111,12 @@ def main(argv=None) -> None:
                                                       [args.init, args.stats,
                                                        *(Path(args.observers) / f"{n}.safetensors"
                                                          for n in cfg.observers)]))
-            result = synthesize(images, labels, observers, cfg, p.alpha, pixel_bounds(facts), seed_for, log, ckpt)
-        out_u8 = to_uint8(result, facts)
+            result = synthesize(images, ydev, observers, cfg, p.alpha, pixel_bounds(facts), seed_for, log, ckpt)
+        out_u8 = to_uint8(result.cpu(), facts)
         # Measured on what is saved (the images rounded to pixels). "matching" is under the synthesis
         # augmentation, what the objective minimises; "plain" is on the un-augmented images, which the
         # crops never show the observers, so it need not fall.
-        after, plain_after = measure(normalize(out_u8, facts))
+        after, plain_after = measure(normalize(out_u8, facts).to(device))
         report = {name: {"matching_initial": round(before[name], 6), "matching_final": round(after[name], 6),
                          "ratio": round(after[name] / before[name], 6) if before[name] else None,
                          "plain_initial": round(plain_before[name], 6), "plain_final": round(plain_after[name], 6)}

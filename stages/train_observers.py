@@ -6,6 +6,7 @@ from edc.data import load_prepared
 from edc.io import atomic_dir, write_curves, write_json
 from edc.observers import imagenet_observer, save_observer, train_observer
 from edc.params import load_params
+from edc.runtime import resolve_device
 from edc.stage import parser, stage_main
 from edc.tracking import stage_run
 
@@ -19,6 +20,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     p = load_params(args.params)
     cfg = p.observers
+    device = resolve_device(p.device)
     with stage_run("train_observers", {"seed": p.seed, "observers": cfg.model_dump()}, seed=p.seed) as run:
         data = load_prepared(args.data)
         train, test = data.normalized("train"), data.normalized("test")
@@ -26,9 +28,9 @@ def main(argv=None) -> None:
         with atomic_dir(args.out) as tmp:
             for spec in cfg.models:
                 if spec.weights == "imagenet":
-                    res = imagenet_observer(spec, data.facts, test)
+                    res = imagenet_observer(spec, data.facts, test, device)
                 else:
-                    res = train_observer(spec, cfg, data.facts, train, test, p.seed)
+                    res = train_observer(spec, cfg, data.facts, train, test, p.seed, device, p.bf16)
                 save_observer(tmp, spec.name, res.model, {
                     "name": spec.name, "arch": spec.arch, "kwargs": dict(spec.kwargs),
                     "dataset": data.facts.to_dict(), "seed": p.seed,

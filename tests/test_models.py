@@ -10,7 +10,7 @@ from edc.models import create_model, list_models, model_kwargs
 from edc.stats import bn_layers
 
 
-@pytest.mark.parametrize("arch", list_models())
+@pytest.mark.parametrize("arch", [a for a in list_models() if not a.startswith("tv_")])
 @pytest.mark.parametrize("channels, size, classes", [(1, 28, 10), (3, 32, 100), (3, 16, 7)])
 def test_every_architecture_builds_and_runs(arch, channels, size, classes):
     kwargs = {"width": 8} if arch in ("convnet", "resnet18") else {}
@@ -19,6 +19,14 @@ def test_every_architecture_builds_and_runs(arch, channels, size, classes):
     model = create_model(arch, in_channels=channels, num_classes=classes, image_size=size, **kwargs).eval()
     out = model(torch.randn(2, channels, size, size))
     assert out.shape == (2, classes)
+
+
+@pytest.mark.parametrize("arch", [a for a in list_models() if a.startswith("tv_")])
+def test_torchvision_imagenet_architectures_build_unchanged(arch):
+    model = create_model(arch, in_channels=3, num_classes=10, image_size=64).eval()
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    with pytest.raises(ValueError, match="takes 3-channel images"):
+        create_model(arch, in_channels=1, num_classes=10, image_size=64)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "shufflenet_v2", "wrn"])
@@ -53,3 +61,22 @@ def test_unknown_argument_and_architecture_are_clear():
         model_kwargs("vgg")
     with pytest.raises(ValueError, match="6n\\+4"):
         create_model("wrn", in_channels=1, num_classes=10, image_size=28, depth=15)
+
+
+def test_device_auto_is_the_cpu_here_and_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
+    from edc.errors import ParamsError
+    from edc.runtime import autocast, place, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") == resolve_device("cpu")
+    with pytest.raises(ParamsError, match="device: cuda, but torch.cuda.is_available.. is False"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    # On the CPU neither placement nor autocast changes anything: CPU results do not depend on GPU code.
+    model = torch.nn.Conv2d(3, 4, 3)
+    w = model.weight.clone()
+    assert place(model, torch.device("cpu")) is model and torch.equal(model.weight, w)
+    assert model.weight.is_contiguous()
+    with autocast(torch.device("cpu"), True):
+        assert model(torch.randn(1, 3, 5, 5)).dtype == torch.float32
