@@ -59,8 +59,10 @@ def _dvc_exp_run(name: str, overrides: dict, args: argparse.Namespace) -> list[s
     from edc.presets import format_value
 
     cmd = ["dvc", "exp", "run", "-n", name]
+    mine = {extra.split("=", 1)[0] for extra in args.set or []}  # the user's -S wins over the preset's
     for key, value in overrides.items():
-        cmd += ["-S", f"{key}={format_value(value)}"]
+        if key not in mine:
+            cmd += ["-S", f"{key}={format_value(value)}"]
     for extra in args.set or []:
         cmd += ["-S", extra]
     if args.queue:

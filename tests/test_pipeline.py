@@ -185,7 +185,8 @@ def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
     # Two sweep points queued and run at once (`dvc queue start -j 2`): no MLflow run or metric is
     # lost, and `edc report` shows the numbers `dvc exp show` and MLflow hold for them.
     edc = [sys.executable, "-m", "edc.cli"]
-    sh([*edc, "exp", "sweep", "zeta", "--values", "1.5", "2.5", "--queue"], repo, env)
+    sh([*edc, "exp", "sweep", "zeta", "--values", "1.5", "2.5", "--queue", "-S", "synth.iterations=4",
+        "-S", "relabel.batch_size=8"], repo, env)
     sh(["dvc", "queue", "start", "-j", "2"], repo, env)
     import time
 

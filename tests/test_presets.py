@@ -61,6 +61,17 @@ def test_presets_say_what_the_issue_asks():
         preset_overrides("dsa", p)
 
 
+def test_a_users_set_param_replaces_the_presets_value(tmp_path, monkeypatch, capsys):
+    from edc.cli import main as edc_main
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    edc_main(["exp", "preset", "sre2l", "--dry-run", "-S", "synth.iterations=7", "-S", "evaluate.seeds=1"])
+    cmd = capsys.readouterr().out
+    assert "-S synth.iterations=7" in cmd and "synth.iterations=300" not in cmd and "-S evaluate.seeds=1" in cmd
+    assert "dvc exp run -n sre2l-ipc10 " in cmd and "-S alpha=1.0" in cmd
+
+
 def test_experiment_names_parse_back():
     for name in PRESET_HELP:
         assert parse_name(experiment_name(name, 10)) == (name, None, 10)
