@@ -57,8 +57,9 @@ def _stats(args: argparse.Namespace) -> None:
 
 def _dvc_exp_run(name: str, overrides: dict, args: argparse.Namespace) -> list[str]:
     from edc.presets import format_value
+    from edc.report import dvc_command
 
-    cmd = ["dvc", "exp", "run", "-n", name]
+    cmd = [dvc_command(), "exp", "run", "-n", name]
     mine = {extra.split("=", 1)[0] for extra in args.set or []}  # the user's -S wins over the preset's
     for key, value in overrides.items():
         if key not in mine:
@@ -71,7 +72,9 @@ def _dvc_exp_run(name: str, overrides: dict, args: argparse.Namespace) -> list[s
 
 
 def _existing_experiments() -> set[str]:
-    r = subprocess.run(["dvc", "exp", "list", "--name-only"], capture_output=True, text=True)
+    from edc.report import dvc_command
+
+    r = subprocess.run([dvc_command(), "exp", "list", "--name-only"], capture_output=True, text=True)
     return set(r.stdout.split()) if r.returncode == 0 else set()
 
 
@@ -86,7 +89,7 @@ def _launch(commands: list[tuple[str, list[str]]], args: argparse.Namespace) -> 
         if args.dry_run:
             continue
         if name in clash:
-            subprocess.run(["dvc", "exp", "remove", name], check=False)
+            subprocess.run([cmd[0], "exp", "remove", name], check=False)
         r = subprocess.run(cmd)
         if r.returncode != 0:
             raise EdcError(f"experiment {name} failed (exit status {r.returncode}); see the output above")

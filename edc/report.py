@@ -40,14 +40,27 @@ class Experiment:
         return max((len(m.get("seeds", {})) for m in self.metrics.values()), default=0)
 
 
+def dvc_command() -> str:
+    """``dvc`` on PATH, else the one installed next to this Python (an unactivated virtualenv)."""
+    import shutil
+    import sys
+
+    found = shutil.which("dvc") or shutil.which("dvc", path=str(Path(sys.executable).parent))
+    if not found:
+        raise EdcError("dvc: not found on PATH nor next to this Python; install it (pip install dvc)")
+    return found
+
+
 def read_experiments(repo: str | Path = ".") -> dict[str, Experiment]:
     """Named experiments with post-evaluation metrics, newest per name."""
-    r = subprocess.run(["dvc", "exp", "show", "--json", "-A"], cwd=repo, capture_output=True, text=True)
+    r = subprocess.run([dvc_command(), "exp", "show", "--json", "-A"], cwd=repo, capture_output=True, text=True)
     if r.returncode != 0:
         raise EdcError(f"dvc exp show failed:\n{r.stderr.strip()}")
     found: dict[str, Experiment] = {}
     for baseline in json.loads(r.stdout or "[]"):
         for exp in baseline.get("experiments") or []:
+            if exp.get("executor"):  # queued or running: its metrics are not its own yet
+                continue
             rev = (exp.get("revs") or [None])[0]
             if not rev or not rev.get("name") or parse_name(rev["name"]) is None:
                 continue
@@ -94,7 +107,11 @@ def _cell(e: Experiment | None, student: str) -> str:
         return "-"
     m = e.metrics[student]
     flag = " (!)" if e.mlflow_ok is False else ""
-    return f"{100 * m['acc_mean']:.2f} ± {100 * m['acc_std']:.2f}{flag}"
+    # With EMA evaluation, the raw weights' accuracy too: with few steps the EMA still carries part
+    # of the initial weights.
+    raw = f" (raw {100 * m['raw_acc_mean']:.2f})" if e.params.get("evaluate", {}).get("ema") and \
+        "raw_acc_mean" in m else ""
+    return f"{100 * m['acc_mean']:.2f} ± {100 * m['acc_std']:.2f}{raw}{flag}"
 
 
 def _students(exps: list[Experiment]) -> list[str]:
@@ -161,7 +178,9 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
     students = _students(ordered)
     out = ["# Results", "",
            "Test top-1 accuracy (%) of the students trained on each condensed set, mean ± std over seeds.",
-           "Each row is a DVC experiment (`dvc exp show`); `(!)` marks a value MLflow disagrees with.", ""]
+           "Each row is a DVC experiment (`dvc exp show`); `(!)` marks a value MLflow disagrees with.",
+           "With EMA evaluation (the edc preset) the evaluated model is the EMA of the weights; `(raw x)` is the "
+           "mean accuracy of the raw weights of the same runs.", ""]
     ipcs = sorted({parse_name(e.name)[2] for e in ordered})
     for ipc in ipcs:
         rows = [(m, exps.get(f"{m}-ipc{ipc}")) for m in PRESET_HELP]

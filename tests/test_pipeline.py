@@ -217,5 +217,6 @@ def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
                            (run_id,)).fetchone()[0]
         assert steps == 2  # one point per epoch, none lost
         m = shown[name]
-        assert (f"| zeta = {zeta} | {100 * m['acc_mean']:.2f} ± {100 * m['acc_std']:.2f} | {name} |") in report
+        assert (f"| zeta = {zeta} | {100 * m['acc_mean']:.2f} ± {100 * m['acc_std']:.2f} "
+                f"(raw {100 * m['raw_acc_mean']:.2f}) | {name} |") in report
         assert any(line.startswith(f"| {name} |") and run_id in line for line in report)

@@ -112,3 +112,13 @@ def test_report_tables_hold_the_experiments_numbers(tmp_path):
     assert any("## Methods at ipc 1 " in ln for ln in lines) and "zeta" not in text.split("## Experiments")[0]
     assert "| edc-ipc1 | abcdef0 | 2026-11-28T05:00:00 | none (restored from the run-cache?) |" in lines
     assert "No experiments found" in build_report({}, None)
+
+
+def test_report_shows_the_raw_weights_next_to_an_ema_evaluation(tmp_path):
+    base = read_yaml(ROOT / "params.yaml")
+    ema = exp("edc-ipc1", {"convnet": (0.81, 0.01)}, base)
+    ema.metrics["convnet"]["raw_acc_mean"] = 0.85
+    no_ema = exp("sre2l-ipc1", {"convnet": (0.25, 0.01)}, {**base, "evaluate": {**base["evaluate"], "ema": False}})
+    no_ema.metrics["convnet"]["raw_acc_mean"] = 0.25
+    lines = build_report({e.name: e for e in (ema, no_ema)}, None).splitlines()
+    assert "| edc | 81.00 ± 1.00 (raw 85.00) | edc-ipc1 |" in lines and "| sre2l | 25.00 ± 1.00 | sre2l-ipc1 |" in lines
