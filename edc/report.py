@@ -59,7 +59,8 @@ def read_experiments(repo: str | Path = ".") -> dict[str, Experiment]:
     found: dict[str, Experiment] = {}
     for baseline in json.loads(r.stdout or "[]"):
         for exp in baseline.get("experiments") or []:
-            if exp.get("executor"):  # queued or running: its metrics are not its own yet
+            state = (exp.get("executor") or {}).get("state")
+            if state not in (None, "success"):  # queued, running or failed: no metrics of its own
                 continue
             rev = (exp.get("revs") or [None])[0]
             if not rev or not rev.get("name") or parse_name(rev["name"]) is None:

@@ -122,3 +122,30 @@ def test_report_shows_the_raw_weights_next_to_an_ema_evaluation(tmp_path):
     no_ema.metrics["convnet"]["raw_acc_mean"] = 0.25
     lines = build_report({e.name: e for e in (ema, no_ema)}, None).splitlines()
     assert "| edc | 81.00 ± 1.00 (raw 85.00) | edc-ipc1 |" in lines and "| sre2l | 25.00 ± 1.00 | sre2l-ipc1 |" in lines
+
+
+def test_report_reads_finished_experiments_and_skips_queued_and_running(monkeypatch):
+    """`dvc exp show --json` keeps an executor entry on experiments: "success" after a queue run."""
+    import json
+    import subprocess
+
+    from edc import report
+
+    params = read_yaml(ROOT / "params.yaml")
+
+    def entry(name, state, acc, ts):
+        metrics = {"reports/metrics.json": {"data": {"convnet": {"acc_mean": acc, "acc_std": 0.0, "seeds": {}}}}}
+        return {"executor": None if state is None else {"state": state},
+                "revs": [{"rev": name * 3, "name": name, "data": {"timestamp": ts, "metrics": metrics,
+                                                                 "params": {"params.yaml": {"data": params}}}}]}
+
+    shown = [{"rev": "abc", "experiments": [entry("edc-ipc10", "success", 0.9, "2026-01-02"),
+                                            entry("edc-ipc1", None, 0.5, "2026-01-01"),
+                                            entry("zeta-1.5-ipc10", "running", 0.1, "2026-01-03"),
+                                            entry("zeta-2.5-ipc10", "queued", 0.1, "2026-01-03")]},
+             {"rev": "old", "experiments": [entry("edc-ipc10", None, 0.8, "2026-01-01")]}]
+    monkeypatch.setattr(report, "dvc_command", lambda: "dvc")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, json.dumps(shown), ""))
+    exps = report.read_experiments(".")
+    assert sorted(exps) == ["edc-ipc1", "edc-ipc10"]
+    assert exps["edc-ipc10"].metrics["convnet"]["acc_mean"] == 0.9  # the newest of two with one name
