@@ -1,7 +1,7 @@
 """Hot-path benchmarks on the default data: statistics, synthesis and post-evaluation against their
 limits. Prints medians over repeats and the ratios measured in the same run.
 
-    python benchmarks/hot_paths.py [--repeats 5] [--only stats|synth|eval|bytes]
+    python benchmarks/hot_paths.py [--repeats 5] [--only stats|moments|synth|eval|bytes]
 
 Needs the outputs of `dvc repro` (prepared data, observers, statistics, condensed shards).
 """
@@ -107,6 +107,41 @@ def bench_synth(p, data, repeats, iters=10):
         print(row(f"{name}: plain forward+backward", t_plain))
 
 
+def bench_moments(repeats):
+    """The synthesis matching's moments on one BatchNorm input, forward + backward: the two-pass
+    formula (what this code did before) against edc.synth.batch_moments (one pass, shifted,
+    hand-written backward for the mean of squares)."""
+    import torch.nn.functional as F
+
+    from edc.synth import batch_moments
+
+    print("synthesis moments, forward+backward, one layer input (100, 96, 14, 14), 10 classes")
+    torch.manual_seed(0)
+    a0 = torch.randn(100, 96, 14, 14) * 2 + 1
+    onehot = F.one_hot(torch.arange(100) % 10, 10).float()
+    shift = torch.ones(96)
+
+    def two_pass():
+        a = a0.clone().requires_grad_(True)
+        flat = a.reshape(100, 96, -1)
+        img_mean = flat.mean(2)
+        mean = img_mean.mean(0)
+        var = (flat - mean[None, :, None]).square().mean((0, 2))
+        counts = onehot.sum(0)[:, None]
+        class_mean = onehot.T @ img_mean / counts
+        class_var = onehot.T @ (flat - (onehot @ class_mean)[:, :, None]).square().mean(2) / counts
+        (mean.sum() + var.sum() + class_mean.sum() + class_var.sum()).backward()
+
+    def one_pass():
+        a = a0.clone().requires_grad_(True)
+        t = batch_moments(a, onehot, shift)
+        (t.mean.sum() + t.var.sum() + t.class_mean.sum() + t.class_var.sum()).backward()
+
+    base = median_time(two_pass, repeats * 3)
+    print(row("two-pass formula (reference)", base))
+    print(row("batch_moments (one pass, custom backward)", median_time(one_pass, repeats * 3), base))
+
+
 def bench_eval(p, data, repeats):
     print("post_evaluate (one epoch of the default student over the condensed set)")
     ds = load_condensed(ROOT / "condensed/shards")
@@ -156,13 +191,14 @@ def bench_bytes(p):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--only", choices=["stats", "synth", "eval", "bytes"], help="run one group")
+    ap.add_argument("--only", choices=["stats", "moments", "synth", "eval", "bytes"], help="run one group")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     p = load_params(ROOT / "params.yaml")
     need(ROOT / "condensed/shards")
     data = load_prepared(ROOT / "data/prepared")
-    groups = {"stats": lambda: bench_stats(p, data, args.repeats), "synth": lambda: bench_synth(p, data, args.repeats),
+    groups = {"stats": lambda: bench_stats(p, data, args.repeats), "moments": lambda: bench_moments(args.repeats),
+              "synth": lambda: bench_synth(p, data, args.repeats),
               "eval": lambda: bench_eval(p, data, args.repeats), "bytes": lambda: bench_bytes(p)}
     for name, fn in groups.items():
         if args.only in (None, name):
