@@ -104,8 +104,8 @@ def _preset(args: argparse.Namespace) -> None:
     p = load_params(args.params)
     ipc = args.ipc or p.ipc
     overrides = {"ipc": ipc, **preset_overrides(args.name, p)}
-    _launch([(args.exp_name or experiment_name(args.name, ipc), _dvc_exp_run(
-        args.exp_name or experiment_name(args.name, ipc), overrides, args))], args)
+    name = args.exp_name or experiment_name(args.name, ipc)
+    _launch([(name, _dvc_exp_run(name, overrides, args))], args)
 
 
 def _sweep(args: argparse.Namespace) -> None:

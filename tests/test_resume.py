@@ -14,21 +14,16 @@ import pytest
 from edc.io import md5_file
 from edc.resume import resume_dir
 from tests.conftest import ROOT, tiny_params, write_yaml
+from tests.test_bad_inputs import ARGS
 from tests.test_pipeline import md5_tree, run_stages
 
-# stage -> (inputs it reads from the workspace, outputs it writes, its extra argv)
+# stage -> (inputs it reads from the workspace, outputs it writes); argv as in the bad-input catalogue
 STAGES = {
     "synthesize": (["data/prepared", "condensed/init", "models/observers", "stats"],
-                   ["condensed/images", "reports/synth.json", "reports/plots/synth_loss.csv", "reports/synth_grid.png"],
-                   ["--data", "data/prepared", "--init", "condensed/init", "--observers", "models/observers",
-                    "--stats", "stats", "--out", "condensed/images", "--report", "reports/synth.json",
-                    "--curves", "reports/plots/synth_loss.csv", "--grid", "reports/synth_grid.png"]),
-    "relabel": (["data/prepared", "condensed/images", "models/observers"], ["condensed/shards"],
-                ["--data", "data/prepared", "--images", "condensed/images", "--observers", "models/observers",
-                 "--out", "condensed/shards"]),
-    "post_evaluate": (["data/prepared", "condensed/shards"], ["reports/metrics.json", "reports/plots/evaluate"],
-                      ["--data", "data/prepared", "--shards", "condensed/shards", "--metrics", "reports/metrics.json",
-                       "--curves", "reports/plots/evaluate"]),
+                   ["condensed/images", "reports/synth.json", "reports/plots/synth_loss.csv",
+                    "reports/synth_grid.png"]),
+    "relabel": (["data/prepared", "condensed/images", "models/observers"], ["condensed/shards"]),
+    "post_evaluate": (["data/prepared", "condensed/shards"], ["reports/metrics.json", "reports/plots/evaluate"]),
 }
 
 
@@ -48,7 +43,7 @@ def upstream(tmp_path_factory) -> Path:
 def run_stage(work: Path, name: str, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **env}
     return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py"), "--params", "params.yaml",
-                           *STAGES[name][2]], cwd=work, env=full_env, capture_output=True, text=True, timeout=600)
+                           *ARGS[name]], cwd=work, env=full_env, capture_output=True, text=True, timeout=600)
 
 
 def workspace(upstream: Path, dest: Path, name: str) -> Path:
