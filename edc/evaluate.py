@@ -45,7 +45,7 @@ def student_loss(kind: str, out: torch.Tensor, target: torch.Tensor, hard: torch
     return F.mse_loss(out, target) + 0.025 * F.cross_entropy(out, hard)
 
 
-def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test: tuple[torch.Tensor, torch.Tensor],
+def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
                   seed: int, log: Callable[[dict], None] | None = None, resume: dict | None = None,
                   on_epoch: Callable[[Callable[[], dict]], None] | None = None, device: torch.device | None = None,
                   bf16: bool = False) -> StudentResult:
@@ -95,14 +95,14 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test: tuple[torc
             n += len(x)
         row = {"epoch": e + 1, "train_loss": loss_sum / n}
         if (e + 1) % cfg.eval_every == 0 or e + 1 == ds.epochs:
-            row["test_acc"] = accuracy(evaluated(), *test)
+            row["test_acc"] = accuracy(evaluated(), test)
         curve.append(row)
         if log is not None:
             log(row)
         if on_epoch is not None:
             on_epoch(lambda e=e: snapshot(e + 1))
-    acc = accuracy(evaluated(), *test)
-    raw = accuracy(model, *test) if ema is not None else acc
+    acc = accuracy(evaluated(), test)
+    raw = accuracy(model, test) if ema is not None else acc
     return StudentResult(acc, raw, curve, time.perf_counter() - start)
 
 

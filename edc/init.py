@@ -7,6 +7,9 @@ best (lowest-loss) crop, then the class's best ``ipc * f * f`` crops, and stitch
 order, row-major) into ``ipc`` images. When f does not divide the side, the stitched image is trimmed
 to (H, W). f = 1 keeps the best whole images.
 
+Images are read class chunk by class chunk (``batch_size`` candidate images at a time) from a split
+that may be an image folder decoded on the fly, so memory does not grow with the dataset or K.
+
 Every returned image carries its provenance: the train-split indices of its source images, the crop
 boxes ``[top, left, height, width]`` in source-image pixels, and the crops' scores.
 """
@@ -42,12 +45,22 @@ def _per_class_sample(labels: torch.Tensor, k: int, n: int, gen: torch.Generator
     return torch.stack(rows)
 
 
-def real_init(x: torch.Tensor, y: torch.Tensor, k: int, ipc: int, gen: torch.Generator) -> InitResult:
-    """``ipc`` random real images per class."""
+def _source(images, labels):
+    """(images, labels) tensors or a SplitView (``labels`` then its own)."""
+    from edc.data import as_split
+
+    return as_split((images, labels)) if isinstance(images, torch.Tensor) else images
+
+
+def real_init(images, labels: torch.Tensor | None, k: int, ipc: int, gen: torch.Generator) -> InitResult:
+    """``ipc`` random real images per class (``images``: a tensor with ``labels``, or a SplitView)."""
+    src = _source(images, labels)
+    y = src.labels
     idx = _per_class_sample(y, k, ipc, gen, "ipc").flatten()
+    x = src.take(idx).clone()
     h, w = x.shape[2:]
     index = [{"class": int(y[i]), "sources": [int(i)], "boxes": [[0, 0, h, w]], "scores": []} for i in idx]
-    return InitResult(x[idx].clone(), y[idx].clone(), index)
+    return InitResult(x, y[idx].clone(), index)
 
 
 def noise_init(shape: tuple[int, int, int], k: int, ipc: int, gen: torch.Generator) -> InitResult:
@@ -63,38 +76,53 @@ def crop_scores(crops: torch.Tensor, labels: torch.Tensor, observers: list[nn.Mo
     """Cross-entropy of the observers' mean logits on each crop resized to ``size`` (lower = better)."""
     out = torch.empty(len(crops))
     dev = model_device(observers[0])
-    for i in progress(range(0, len(crops), batch_size), desc="scoring crops", unit="batch"):
+    for i in range(0, len(crops), batch_size):
         xb = F.interpolate(crops[i:i + batch_size].to(dev), size=size, mode="bilinear", align_corners=False)
         logits = torch.stack([m(xb) for m in observers]).mean(0)
         out[i:i + batch_size] = F.cross_entropy(logits, labels[i:i + batch_size].to(dev), reduction="none").cpu()
     return out
 
 
-def rded_init(x: torch.Tensor, y: torch.Tensor, k: int, ipc: int, observers: list[nn.Module], candidates: int,
-              crops: int, factor: int, gen: torch.Generator, batch_size: int = 500) -> InitResult:
-    n, c, h, w = x.shape
+def rded_init(images, labels: torch.Tensor | None, k: int, ipc: int, observers: list[nn.Module],
+              candidates: int, crops: int, factor: int, gen: torch.Generator, batch_size: int = 500) -> InitResult:
+    """RDED (module docstring); ``images``: a tensor with ``labels``, or a SplitView read in chunks."""
+    src_split = _source(images, labels)
+    y = src_split.labels
     f2 = factor * factor
     if candidates < ipc * f2:
         raise DataError(f"init.candidates: {candidates} candidates cannot fill ipc*factor^2 = {ipc * f2} tiles")
-    ch, cw = math.ceil(h / factor), math.ceil(w / factor)
     src = _per_class_sample(y, k, candidates, gen, "init.candidates")  # (K, P)
+    first = src_split.take(src[0, :1])
+    _, c, h, w = first.shape
+    ch, cw = math.ceil(h / factor), math.ceil(w / factor)
     tops = torch.randint(0, h - ch + 1, (k, candidates, crops), generator=gen)
     lefts = torch.randint(0, w - cw + 1, (k, candidates, crops), generator=gen)
-    # Gather every crop at once: (K*P*R, C, ch, cw).
-    img = src[:, :, None].expand(-1, -1, crops).reshape(-1)
-    rows = (tops.reshape(-1, 1) + torch.arange(ch))[:, None, :, None]
-    cols = (lefts.reshape(-1, 1) + torch.arange(cw))[:, None, None, :]
-    patches = x[img[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
-    cls = torch.arange(k).repeat_interleave(candidates * crops)
     for m in observers:
         m.eval()
-    scores = crop_scores(patches, cls, observers, (h, w), batch_size).view(k, candidates, crops)
-    best_crop = scores.argmin(2)  # (K, P): each candidate's best crop
-    best_score = scores.gather(2, best_crop[..., None]).squeeze(2)
-    rank = torch.argsort(best_score, dim=1, stable=True)[:, : ipc * f2]  # (K, ipc*f2) candidates, best first
-    crop_of = best_crop.gather(1, rank)
-    flat = (torch.arange(k)[:, None] * candidates + rank) * crops + crop_of  # indices into patches
-    tiles = patches[flat.reshape(-1)].view(k, ipc, factor, factor, c, ch, cw)
+    scores = torch.empty(k, candidates, crops)
+    rank = torch.empty(k, ipc * f2, dtype=torch.int64)  # (K, ipc*f2) candidates, best first
+    crop_of = torch.empty(k, ipc * f2, dtype=torch.int64)
+    tiles = torch.empty(k, ipc * f2, c, ch, cw)
+    per_chunk = max(1, batch_size // (candidates * crops))  # classes whose candidates are read at once
+    for c0 in progress(range(0, k, per_chunk), desc="scoring crops", unit="chunk"):
+        c1 = min(k, c0 + per_chunk)
+        nk = c1 - c0
+        x = src_split.take(src[c0:c1].flatten())  # (nk*P, C, H, W)
+        # Gather every crop of the chunk at once: (nk*P*R, C, ch, cw).
+        img = torch.arange(nk * candidates)[:, None].expand(-1, crops).reshape(-1)
+        rows = (tops[c0:c1].reshape(-1, 1) + torch.arange(ch))[:, None, :, None]
+        cols = (lefts[c0:c1].reshape(-1, 1) + torch.arange(cw))[:, None, None, :]
+        patches = x[img[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+        cls = torch.arange(c0, c1).repeat_interleave(candidates * crops)
+        sc = crop_scores(patches, cls, observers, (h, w), batch_size).view(nk, candidates, crops)
+        best_crop = sc.argmin(2)  # (nk, P): each candidate's best crop
+        best_score = sc.gather(2, best_crop[..., None]).squeeze(2)
+        r = torch.argsort(best_score, dim=1, stable=True)[:, : ipc * f2]
+        co = best_crop.gather(1, r)
+        flat = (torch.arange(nk)[:, None] * candidates + r) * crops + co  # indices into patches
+        scores[c0:c1], rank[c0:c1], crop_of[c0:c1] = sc, r, co
+        tiles[c0:c1] = patches[flat.reshape(-1)].view(nk, ipc * f2, c, ch, cw)
+    tiles = tiles.view(k, ipc, factor, factor, c, ch, cw)
     images = tiles.permute(0, 1, 4, 2, 5, 3, 6).reshape(k * ipc, c, factor * ch, factor * cw)[:, :, :h, :w]
     index = []
     for cl in range(k):

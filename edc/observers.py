@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from edc.data import DatasetFacts
+from edc.data import DatasetFacts, as_split
 from edc.data.augment import shift_flip
 from edc.errors import ArtifactError
 from edc.io import read_json, save_safetensors, write_json
@@ -45,19 +45,19 @@ def build(arch: str, kwargs: dict[str, Any], facts: DatasetFacts) -> nn.Module:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in eval mode (restores the model's previous mode)."""
+def accuracy(model: nn.Module, test, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in eval mode on ``test`` ((images, labels) tensors or a SplitView read batch
+    by batch); restores the model's previous mode."""
+    test = as_split(test)
     was_training = model.training
     model.eval()
     dev = model_device(model)
-    correct = sum(int((model(x[i:i + batch_size].to(dev)).argmax(1).cpu() == y[i:i + batch_size]).sum())
-                  for i in range(0, len(x), batch_size))
+    correct = sum(int((model(x.to(dev)).argmax(1).cpu() == y).sum()) for x, y in test.batches(batch_size))
     model.train(was_training)
-    return correct / len(x)
+    return correct / len(test)
 
 
-def imagenet_observer(spec, facts: DatasetFacts, test: tuple[torch.Tensor, torch.Tensor],
-                      device: torch.device | None = None) -> TrainResult:
+def imagenet_observer(spec, facts: DatasetFacts, test, device: torch.device | None = None) -> TrainResult:
     """An observer with torchvision's ImageNet weights from the hub cache instead of training
     (``weights: imagenet``); its test accuracy is measured on the prepared test split."""
     from edc.models.imagenet import load_imagenet_weights
@@ -68,14 +68,14 @@ def imagenet_observer(spec, facts: DatasetFacts, test: tuple[torch.Tensor, torch
     start = time.perf_counter()
     model = place(load_imagenet_weights(build(spec.arch, dict(spec.kwargs), facts), spec.arch),
                   device or torch.device("cpu"))
-    return TrainResult(model, accuracy(model, *test), [], time.perf_counter() - start)
+    return TrainResult(model, accuracy(model, test), [], time.perf_counter() - start)
 
 
-def train_observer(spec, cfg, facts: DatasetFacts, train: tuple[torch.Tensor, torch.Tensor],
-                   test: tuple[torch.Tensor, torch.Tensor], seed: int, device: torch.device | None = None,
+def train_observer(spec, cfg, facts: DatasetFacts, train, test, seed: int, device: torch.device | None = None,
                    bf16: bool = False) -> TrainResult:
-    """Train one observer (``spec``: ObserverSpec) on normalised ``train`` tensors with ``cfg``
-    (ObserversParams). The test split is used once, after the last epoch, to report accuracy."""
+    """Train one observer (``spec``: ObserverSpec) with ``cfg`` (ObserversParams) on ``train``:
+    normalised (images, labels) tensors or a SplitView read batch by batch in each epoch's order.
+    The test split is used once, after the last epoch, to report accuracy."""
     gen = seed_everything(derive_seed(seed, "observer", spec.name))
     device = device or torch.device("cpu")
     model = place(build(spec.arch, dict(spec.kwargs), facts), device)
@@ -83,19 +83,20 @@ def train_observer(spec, cfg, facts: DatasetFacts, train: tuple[torch.Tensor, to
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    x, y = train
-    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    train = as_split(train)
+    n = len(train)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, cfg.epochs * steps_per_epoch))
     history, start = [], time.perf_counter()
     model.train()
     for epoch in range(cfg.epochs):
-        order = torch.randperm(len(x), generator=gen)
+        order = torch.randperm(n, generator=gen)
         loss_sum, correct = 0.0, 0
-        bar = progress(range(steps_per_epoch), desc=f"{spec.name} epoch {epoch + 1}/{cfg.epochs}", unit="batch")
-        for i in bar:
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            xb = shift_flip(x[idx], cfg.augment.crop_padding, cfg.augment.flip, gen).to(device)
-            yb = y[idx].to(device)
+        bar = progress(train.batches(cfg.batch_size, order), total=steps_per_epoch,
+                       desc=f"{spec.name} epoch {epoch + 1}/{cfg.epochs}", unit="batch")
+        for xb, yb in bar:
+            xb = shift_flip(xb, cfg.augment.crop_padding, cfg.augment.flip, gen).to(device)
+            yb = yb.to(device)
             with autocast(device, bf16):
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb)
@@ -103,14 +104,14 @@ def train_observer(spec, cfg, facts: DatasetFacts, train: tuple[torch.Tensor, to
             loss.backward()
             opt.step()
             sched.step()
-            loss_sum += float(loss.detach()) * len(idx)
+            loss_sum += float(loss.detach()) * len(yb)
             correct += int((logits.argmax(1) == yb).sum())
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / len(x), "train_acc": correct / len(x),
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / n, "train_acc": correct / n,
                "lr": opt.param_groups[0]["lr"]}
         history.append(row)
         print(f"[{spec.name}] epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
               f"train_acc {row['train_acc']:.4f}", flush=True)
-    test_acc = accuracy(model, *test)
+    test_acc = accuracy(model, test)
     return TrainResult(model.eval(), test_acc, history, time.perf_counter() - start)
 
 

@@ -38,6 +38,9 @@ class DatasetParams(Section):
                                 description="source location; required for all but mnist5k")
     test_size: int = Field(default=1000, ge=1, description="mnist5k: images held out, stratified by class")
     image_size: Optional[int] = Field(default=None, ge=8, le=1024, description="imagefolder: resize side")
+    storage: Literal["arrays", "files"] = Field(
+        default="arrays", description="arrays: prepare copies the pixels into .npy arrays; files (imagefolder "
+                                      "with image_size): prepare lists the files, stages decode them on the fly")
 
     @field_validator("root")
     @classmethod
@@ -45,6 +48,17 @@ class DatasetParams(Section):
         name = info.data.get("name")
         if name is not None and name != "mnist5k" and not v:
             raise ValueError(f"required for dataset {name!r}")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _files_need_a_folder(cls, v: str, info: ValidationInfo) -> str:
+        if v == "files":
+            if info.data.get("name") not in (None, "imagefolder"):
+                raise ValueError(f"files reads image folders only (dataset.name: imagefolder), not "
+                                 f"{info.data.get('name')!r}")
+            if "image_size" in info.data and info.data["image_size"] is None:
+                raise ValueError("files needs dataset.image_size (every image is resized to it when read)")
         return v
 
 
@@ -193,6 +207,8 @@ class Params(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when present")
     bf16: bool = Field(default=True, description="bf16 autocast on CUDA for observer/student training and "
                                                   "teachers (never on the CPU, never for statistics)")
+    workers: int = Field(default=4, ge=0, le=64, description="DataLoader processes decoding image files "
+                                                            "(dataset.storage: files); speed only")
     launcher: str = Field(default="python", min_length=1,
                           description="runs synthesize and relabel, e.g. 'torchrun --standalone --nproc_per_node 2'")
     dataset: DatasetParams

@@ -98,9 +98,13 @@ class _Accumulator:
 
 
 @torch.no_grad()
-def collect_bn_stats(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+def collect_bn_stats(model: nn.Module, images, labels: torch.Tensor | None, num_classes: int,
                      batch_size: int = 500, desc: str = "stats") -> dict[str, LayerStats]:
-    """One eval-mode pass over (images, labels); returns {layer name: LayerStats} in model order."""
+    """One eval-mode pass over (images, labels) tensors, or over ``images`` = a split read batch by
+    batch (:class:`edc.data.SplitView`, ``labels`` None); returns {layer name: LayerStats} in model order."""
+    from edc.data import as_split
+
+    source = as_split((images, labels) if labels is not None else images)
     layers = bn_layers(model)
     if not layers:
         raise ArtifactError(f"{desc}: the model has no BatchNorm layers, so it has no statistics to match")
@@ -120,9 +124,10 @@ def collect_bn_stats(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     was_training = model.training
     model.eval()
     try:
-        for i in progress(range(0, len(images), batch_size), desc=desc, unit="batch"):
-            current["labels"] = labels[i:i + batch_size]
-            model(images[i:i + batch_size].to(dev))
+        total = -(-len(source) // batch_size)
+        for xb, yb in progress(source.batches(batch_size), total=total, desc=desc, unit="batch"):
+            current["labels"] = yb
+            model(xb.to(dev))
     finally:
         for h in handles:
             h.remove()

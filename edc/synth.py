@@ -305,7 +305,7 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Obser
                 flat = obs.matching(inputs, y, alpha, ema_targets)
             total = cfg.ce_weight * ce + cfg.r_bn * bn + fr.weight * flat
             if not torch.isfinite(total):
-                raise SynthesisError(f"synthesize: loss became {float(total)} at batch {b}, iteration {it} "
+                raise SynthesisError(f"synthesize: loss became {float(total.detach())} at batch {b}, iteration {it} "
                                      f"(observer {obs.name}; ce {float(ce)}, bn {float(bn)}, flat {float(flat)}); "
                                      f"lower synth.lr or synth.r_bn")
             opt.zero_grad(set_to_none=True)

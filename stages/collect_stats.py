@@ -24,8 +24,8 @@ def main(argv=None) -> None:
     p = load_params(args.params)
     device = resolve_device(p.device)
     with stage_run("collect_stats", {"stats": p.stats.model_dump()}, seed=p.seed) as run:
-        data = load_prepared(args.data)
-        x, y = data.normalized("train")
+        data = load_prepared(args.data, p.workers)
+        train = data.view("train")  # read batch by batch (memory-mapped arrays or decoded files)
         report = {}
         with atomic_dir(args.out) as tmp:
             for name in observer_names(args.observers):
@@ -36,10 +36,10 @@ def main(argv=None) -> None:
                           "synth.observers)", flush=True)
                     report[name] = {"layers": 0, "channels": 0, "running_mean_gap": 0.0}
                     continue
-                stats = collect_bn_stats(model, x, y, data.facts.num_classes, p.stats.batch_size, desc=name)
+                stats = collect_bn_stats(model, train, None, data.facts.num_classes, p.stats.batch_size, desc=name)
                 save_stats(Path(tmp) / f"{name}.safetensors", stats, {
                     "observer": name, "arch": spec["arch"], "num_classes": data.facts.num_classes,
-                    "images": len(x), "observer_md5": md5_file(Path(args.observers) / f"{name}.safetensors"),
+                    "images": len(train), "observer_md5": md5_file(Path(args.observers) / f"{name}.safetensors"),
                 })
                 # How far the observer's running BN estimates are from the exact statistics: a check
                 # that the observer and the data agree (large values mean a wrong dataset or observer).

@@ -25,19 +25,19 @@ def main(argv=None) -> None:
     p = load_params(args.params)
     cfg = p.init
     with stage_run("init", {"seed": p.seed, "ipc": p.ipc, "init": cfg.model_dump()}, seed=p.seed) as run:
-        data = load_prepared(args.data)
+        data = load_prepared(args.data, p.workers)
         k = data.facts.num_classes
         gen = seed_everything(derive_seed(p.seed, "init"))
         if cfg.method == "noise":
             res = noise_init((data.facts.channels, data.facts.height, data.facts.width), k, p.ipc, gen)
         else:
-            x, y = data.normalized("train")
+            train = data.view("train")  # only the images drawn are read
             if cfg.method == "real":
-                res = real_init(x, y, k, p.ipc, gen)
+                res = real_init(train, None, k, p.ipc, gen)
             else:
                 device = resolve_device(p.device)
                 models = [place(load_observer(args.observers, name)[0], device) for name in cfg.observers]
-                res = rded_init(x, y, k, p.ipc, models, cfg.candidates, cfg.crops, cfg.factor, gen, cfg.batch_size)
+                res = rded_init(train, None, k, p.ipc, models, cfg.candidates, cfg.crops, cfg.factor, gen, cfg.batch_size)
         images = to_uint8(res.images, data.facts)
         with atomic_dir(args.out) as tmp:
             write_imageset(tmp, images, res.labels, {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edc.data import load_prepared
+from edc.data import load_prepared, split_files
 from edc.errors import ArtifactError
 from edc.evaluate import StudentResult, summarize, train_student
 from edc.io import write_curves, write_json
@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     with stage_run("post_evaluate", {"seed": p.seed, "zeta": p.zeta, "evaluate": cfg.model_dump(),
                                      "relabel": {"batch_size": p.relabel.batch_size, "epochs": p.relabel.epochs}},
                    seed=p.seed) as run:
-        data = load_prepared(args.data)
+        data = load_prepared(args.data, p.workers)
         ds = load_condensed(args.shards, labels=cfg.labels)
         if (ds.facts.name, ds.facts.num_classes) != (data.facts.name, data.facts.num_classes):
             raise ArtifactError(f"{args.shards}/meta.json: made from {ds.facts.name} ({ds.facts.num_classes} classes), "
@@ -39,11 +39,10 @@ def main(argv=None) -> None:
             if have != want:
                 raise ArtifactError(f"{args.shards}: its stored plan has {key} {have}, but {args.params} asks for "
                                     f"relabel.{key}: {want}; rerun relabel (dvc repro) to plan for it")
-        test = data.normalized("test")
+        test = data.view("test")  # read batch by batch at each evaluation
         ckpt = Checkpointer(args.metrics, fingerprint("post_evaluate", {"seed": p.seed, "zeta": p.zeta,
                                                                         "evaluate": cfg.model_dump()},
-                                                      [args.shards, args.data + "/test_images.npy",
-                                                       args.data + "/test_labels.npy"]))
+                                                      [args.shards, *split_files(args.data, "test")]))
         state = ckpt.load() or {"done": {}, "current": None}
         if state["done"] or state["current"]:
             print(f"post_evaluate: resuming ({len(state['done'])} students/seeds finished; checkpoint in "

@@ -16,7 +16,7 @@ def main(argv=None) -> None:
     p = load_params(args.params)
     with stage_run("prepare", {"seed": p.seed, "dataset": p.dataset.model_dump()}, seed=p.seed) as run:
         with atomic_dir(args.out) as tmp:
-            facts = prepare(p.dataset, p.seed, tmp)
+            facts = prepare(p.dataset, p.seed, tmp, p.workers)
         run.json(facts.to_dict(), "facts.json")
         run.metrics({"train_images": sum(facts.counts["train"]), "test_images": sum(facts.counts["test"]),
                      "num_classes": facts.num_classes})

@@ -22,8 +22,8 @@ def main(argv=None) -> None:
     cfg = p.observers
     device = resolve_device(p.device)
     with stage_run("train_observers", {"seed": p.seed, "observers": cfg.model_dump()}, seed=p.seed) as run:
-        data = load_prepared(args.data)
-        train, test = data.normalized("train"), data.normalized("test")
+        data = load_prepared(args.data, p.workers)
+        train, test = data.view("train"), data.view("test")  # read batch by batch
         report, curves = {}, {}
         with atomic_dir(args.out) as tmp:
             for spec in cfg.models:

@@ -1,6 +1,10 @@
 """Datasets: source readers (registry), the prepared format, and batch augmentation."""
 
 from edc.data.prepared import (
+    Batches,
+    SplitView,
+    TensorSplit,
+    as_split,
     DatasetFacts,
     PreparedDataset,
     Split,
@@ -8,17 +12,26 @@ from edc.data.prepared import (
     normalize,
     pixel_bounds,
     read_facts,
+    split_files,
     to_uint8,
 )
 from edc.data.sources import Source, list_sources, read_source, register_source, stratified_split
 
-__all__ = ["DatasetFacts", "PreparedDataset", "Source", "Split", "list_sources", "load_prepared", "normalize",
-           "read_facts", "read_source", "register_source", "stratified_split", "prepare", "pixel_bounds", "to_uint8"]
+__all__ = ["Batches", "SplitView", "TensorSplit", "as_split", "DatasetFacts", "PreparedDataset", "Source", "Split", "list_sources", "load_prepared", "normalize",
+           "read_facts", "split_files", "read_source", "register_source", "stratified_split", "prepare", "pixel_bounds", "to_uint8"]
 
 
-def prepare(cfg, seed: int, out) -> DatasetFacts:
-    """Read the source ``cfg`` names, measure its facts and write the prepared format into ``out``."""
+def prepare(cfg, seed: int, out, workers: int = 0) -> DatasetFacts:
+    """Read the source ``cfg`` names, measure its facts and write the prepared format into ``out``
+    (``dataset.storage: files``: list an image folder's files instead of copying their pixels)."""
+    from pathlib import Path
+
     from edc.data.prepared import measure_facts, write_prepared
+
+    if cfg.storage == "files":
+        from edc.data.stream import prepare_files
+
+        return prepare_files(cfg, Path(out), workers)
 
     src = read_source(cfg, seed)
     facts = measure_facts(cfg.name, src.train, src.test, src.class_names)

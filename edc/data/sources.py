@@ -195,31 +195,51 @@ def read_cifar100(cfg, seed: int) -> Source:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
-def _folder_split(d: Path, classes: list[str], size: int | None, mode: str) -> Split:
+def load_image(path: Path, size: int | None, mode: str) -> np.ndarray:
+    """One image file as uint8 (C, H, W) in PIL ``mode`` ('L' or 'RGB').
+
+    With ``size``: a square image is resized to (size, size); any other is resized so that its
+    shorter side is ``size`` and then centre-cropped to a square (bicubic both ways)."""
     from PIL import Image, UnidentifiedImageError
 
-    from edc.runtime import progress
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            w, h = im.size
+            if size is not None and (w, h) != (size, size):
+                if w != h:
+                    scale = size / min(w, h)
+                    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+                    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+                    left, top = (nw - size) // 2, (nh - size) // 2
+                    im = im.crop((left, top, left + size, top + size))
+                else:
+                    im = im.resize((size, size), Image.Resampling.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
+    return np.ascontiguousarray(arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1))
 
+
+def folder_files(d: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
+    """The image files of a split folder ``d/<class>/*`` (classes in the given order, files sorted)
+    and their labels."""
     files = [(c, p) for c, name in enumerate(classes) if (d / name).is_dir()
              for p in sorted((d / name).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-    images, labels = [], []
-    for c, p in progress(files, desc=f"reading {d.name}/", unit="img"):
-        try:
-            with Image.open(p) as im:
-                im = im.convert(mode)
-                if size is not None and im.size != (size, size):
-                    im = im.resize((size, size), Image.Resampling.BICUBIC)
-                arr = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise DataError(f"{p}: corrupt or unreadable image ({exc})") from None
-        images.append(arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1))
-        labels.append(c)
-    if not images:
+    if not files:
         raise DataError(f"{d}: no images (expected {d}/<class>/*.png|jpg)")
+    return [p for _, p in files], np.asarray([c for c, _ in files], dtype=np.int64)
+
+
+def _folder_split(d: Path, classes: list[str], size: int | None, mode: str) -> Split:
+    from edc.runtime import progress
+
+    paths, labels = folder_files(d, classes)
+    images = [load_image(p, size, mode) for p in progress(paths, desc=f"reading {d.name}/", unit="img")]
     shapes = {a.shape for a in images}
     if len(shapes) > 1:
         raise DataError(f"{d}: images differ in size ({sorted(shapes)[:3]} ...); set dataset.image_size")
-    return Split(np.stack(images), np.asarray(labels, dtype=np.int64))
+    return Split(np.stack(images), labels)
 
 
 def _image_mode(d: Path, classes: list[str]) -> str:
@@ -238,8 +258,18 @@ def _image_mode(d: Path, classes: list[str]) -> str:
     return "L"
 
 
-@register_source("imagefolder")
-def read_imagefolder(cfg, seed: int) -> Source:
+@dataclass(frozen=True)
+class FolderLayout:
+    root: Path
+    train: Path
+    test: Path
+    classes: list[str]
+    mode: str  # PIL mode every image is converted to: 'L' or 'RGB'
+
+
+def imagefolder_layout(cfg) -> FolderLayout:
+    """Where an image folder's splits and classes are: root/train/<class>/ and root/val/<class>/
+    (or root/test/<class>/); classes are the train split's sub-folders, sorted."""
     root = _root(cfg)
     train_dir, test_dir = root / "train", root / "val"
     if not test_dir.is_dir() and (root / "test").is_dir():
@@ -252,9 +282,14 @@ def read_imagefolder(cfg, seed: int) -> Source:
     extra = sorted({p.name for p in test_dir.iterdir() if p.is_dir()} - set(classes))
     if extra:
         raise DataError(f"{test_dir}: class folder(s) {extra[:5]} do not exist in {train_dir}")
-    mode = _image_mode(train_dir, classes)
-    return Source(_folder_split(train_dir, classes, cfg.image_size, mode),
-                  _folder_split(test_dir, classes, cfg.image_size, mode), classes)
+    return FolderLayout(root, train_dir, test_dir, classes, _image_mode(train_dir, classes))
+
+
+@register_source("imagefolder")
+def read_imagefolder(cfg, seed: int) -> Source:
+    lay = imagefolder_layout(cfg)
+    return Source(_folder_split(lay.train, lay.classes, cfg.image_size, lay.mode),
+                  _folder_split(lay.test, lay.classes, cfg.image_size, lay.mode), lay.classes)
 
 
 # --- npz: x_train, y_train, x_test, y_test [, class_names] -----------------------------------------
