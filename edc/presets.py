@@ -176,6 +176,8 @@ def dataset_overrides(name: str, root: str) -> dict[str, Any]:
         "evaluate.labels": "soft", "evaluate.loss": "kl", "evaluate.schedule": "smoothing",
         "observers.augment.flip": True, "observers.augment.crop_padding": 4,
         "dataset.name": name if name.startswith("cifar") else "imagefolder", "dataset.root": root,
+        # ImageNet folders are decoded on the fly rather than copied into arrays (150 GB at 224 px)
+        "dataset.storage": "files" if name.startswith("imagenet") else "arrays",
     }
     if name.startswith("cifar"):
         obs = CIFAR_OBSERVERS

@@ -98,17 +98,20 @@ def make_cifar100(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def make_imagefolder(root: Path, classes=("cat", "dog", "emu"), n: int = 3, size: int = 12, mode: str = "RGB",
-                     seed: int = 0) -> Path:
+def make_imagefolder(root: Path, classes=("cat", "dog", "emu"), n: int = 3, size: int | tuple = 12,
+                     mode: str = "RGB", seed: int = 0, ext: str = ".png") -> Path:
+    """root/{train,val}/<class>/<i><ext> of random pixels; ``size`` (h, w) pairs cycle over the images."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
+    sizes = [(size, size)] if isinstance(size, int) else list(size)
     for split in ("train", "val"):
         for c in classes:
             (root / split / c).mkdir(parents=True)
             for i in range(n):
-                shape = (size, size, 3) if mode == "RGB" else (size, size)
-                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / split / c / f"{i}.png")
+                h, w = sizes[i % len(sizes)]
+                shape = (h, w, 3) if mode == "RGB" else (h, w)
+                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / split / c / f"{i}{ext}")
     return root
 
 

@@ -36,7 +36,8 @@ def test_paper_tables_values():
     assert (c100["synth.iterations"], c100["synth.batch_size"], c100["relabel.batch_size"]) == (2000, 100, 50)
     assert len(c10["observers.models"]) == 8 and c10["init.method"] == "real"
     assert (tiny["relabel.epochs"], tiny["relabel.batch_size"], tiny["dataset.image_size"]) == (300, 100, 64)
-    assert in1k["init.method"] == "rded" and in1k["synth.batch_size"] == 80
+    assert in1k["init.method"] == "rded" and in1k["synth.batch_size"] == 80 and in1k["dataset.storage"] == "files"
+    assert c10["dataset.storage"] == tiny["dataset.storage"] == "arrays"
     assert all(m["weights"] == "imagenet" for m in in1k["observers.models"])
     assert "efficientnet_b0" in in1k["synth.observers"] and "efficientnet_b0" not in in1k["relabel.teachers"]
     assert "alexnet" not in in1k["synth.observers"] and "alexnet" in in1k["relabel.teachers"]  # no BatchNorm

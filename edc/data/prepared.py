@@ -188,15 +188,29 @@ def normalize(images_u8: torch.Tensor, facts: DatasetFacts) -> torch.Tensor:
     return (images_u8.float() / 255.0 - mean) / std
 
 
+def pixel_sums(images_u8) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel sums of the pixels and of their squares of uint8 (N, C, H, W) images, as exact
+    integers (int64 holds them up to ~1e11 pixels per channel)."""
+    v = np.asarray(images_u8).transpose(1, 0, 2, 3).reshape(images_u8.shape[1], -1).astype(np.int64)
+    return v.sum(1), (v * v).sum(1)
+
+
+def channel_moments(s1: np.ndarray, s2: np.ndarray, count: int) -> tuple[list[float], list[float]]:
+    """Mean and std per channel of pixels scaled to [0, 1], from exact integer sums over ``count``
+    pixels per channel; a constant channel gets std 1."""
+    mean = s1.astype(np.float64) / (255.0 * count)
+    var = np.maximum(s2.astype(np.float64) / (255.0 ** 2 * count) - mean * mean, 0.0)
+    return [float(m) for m in mean], [float(np.sqrt(v)) or 1.0 for v in var]
+
+
 def measure_facts(name: str, train: Split, test: Split, class_names: list[str]) -> DatasetFacts:
     n, c, h, w = train.images.shape
     k = len(class_names)
-    # float64 per-channel moments over all train pixels, one channel at a time to bound memory.
-    mean, std = [], []
-    for ch in range(c):
-        x = train.images[:, ch].astype(np.float64) / 255.0
-        mean.append(float(x.mean()))
-        std.append(float(x.std()) or 1.0)
+    s1, s2 = np.zeros(c, np.int64), np.zeros(c, np.int64)
+    for i in range(0, n, 4096):  # bounded temporaries
+        a, b = pixel_sums(train.images[i:i + 4096])
+        s1, s2 = s1 + a, s2 + b
+    mean, std = channel_moments(s1, s2, n * h * w)
     counts = {s: np.bincount(sp.labels, minlength=k).tolist() for s, sp in (("train", train), ("test", test))}
     return DatasetFacts(name=name, channels=c, height=h, width=w, num_classes=k, class_names=list(class_names),
                         mean=mean, std=std, counts=counts)

@@ -216,6 +216,9 @@ def load_image(path: Path, size: int | None, mode: str) -> np.ndarray:
                 else:
                     im = im.resize((size, size), Image.Resampling.BICUBIC)
             arr = np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (did the image folder change after prepare listed it? rerun prepare: "
+                        f"dvc repro -f -s prepare)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: corrupt or unreadable image ({exc})") from None
     return np.ascontiguousarray(arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from edc.data.prepared import DatasetFacts
+from edc.data.prepared import DatasetFacts, channel_moments, pixel_sums
 from edc.errors import DataError
 from edc.io import write_json
 
@@ -81,8 +81,7 @@ def prepare_files(cfg, out: Path, workers: int = 0) -> DatasetFacts:
                          class_names=list(lay.classes), mean=[0.0] * channels, std=[1.0] * channels,
                          counts={}, format=FORMAT, storage="files", root=str(lay.root.resolve()))
     counts = {}
-    s1 = torch.zeros(channels, dtype=torch.int64)
-    s2 = torch.zeros(channels, dtype=torch.int64)
+    s1, s2 = np.zeros(channels, np.int64), np.zeros(channels, np.int64)
     for split, d in (("train", lay.train), ("test", lay.test)):
         files, labels = folder_files(d, lay.classes)
         c = np.bincount(labels, minlength=k)
@@ -94,16 +93,12 @@ def prepare_files(cfg, out: Path, workers: int = 0) -> DatasetFacts:
         batches = decoded_batches(files, None, facts, 256, workers)
         for images, _ in progress(batches, total=-(-len(files) // 256), desc=f"checking {d.name}/", unit="batch"):
             if split == "train":
-                v = images.transpose(0, 1).reshape(channels, -1).to(torch.int64)
-                s1 += v.sum(1)
-                s2 += (v * v).sum(1)
+                a, b = pixel_sums(images.numpy())
+                s1, s2 = s1 + a, s2 + b
         rel = [p.resolve().relative_to(lay.root.resolve()).as_posix() for p in files]
         (out / f"{split}_files.txt").write_text("".join(r + "\n" for r in rel), encoding="utf-8")
         np.save(out / f"{split}_labels.npy", labels, allow_pickle=False)
-    n = sum(counts["train"]) * size * size
-    mean = s1.double() / (255.0 * n)
-    var = s2.double() / (255.0 ** 2 * n) - mean.square()
-    std = [float(v) ** 0.5 or 1.0 for v in var.clamp_min(0)]
-    facts = DatasetFacts(**{**facts.to_dict(), "mean": mean.tolist(), "std": std, "counts": counts})
+    mean, std = channel_moments(s1, s2, sum(counts["train"]) * size * size)
+    facts = DatasetFacts(**{**facts.to_dict(), "mean": mean, "std": std, "counts": counts})
     write_json(out / "facts.json", facts.to_dict())
     return facts
