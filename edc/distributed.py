@@ -9,7 +9,15 @@ the merged result is the single-process result, bit for bit:
 - relabel: the epochs are dealt out; each epoch's plan is seeded by its index alone.
 
 Every rank writes its part next to the output; rank 0 waits for all (a gloo barrier), merges,
-writes the outputs and logs to MLflow. One process (no ``WORLD_SIZE``) is the ordinary case and
+writes the outputs and logs to MLflow.
+
+train_observers and post_evaluate train one model together with DistributedDataParallel: every rank
+draws the same batch (same order, same augmentation, the same stored soft labels) and takes its
+contiguous share of the rows (:meth:`World.part`); its loss is weighted by its share
+(:meth:`World.loss_weight`) so that DDP's gradient average is the gradient of the whole batch's
+mean loss. A model without BatchNorm therefore trains as in one process, up to float rounding;
+BatchNorm normalises each rank's share by its own statistics, as DDP always does (rank 0's running
+statistics are the ones kept). Rank 0 alone evaluates, writes the outputs and logs. One process (no ``WORLD_SIZE``) is the ordinary case and
 needs no process group.
 """
 
@@ -38,6 +46,41 @@ class World:
             import torch.distributed as dist
 
             dist.barrier()
+
+    def part(self, n: int) -> slice:
+        """This rank's contiguous share of a batch of ``n`` rows (shares differ by one at most). A
+        batch smaller than the number of ranks is not split: every rank computes all of it."""
+        if self.size == 1 or n < self.size:
+            return slice(0, n)
+        base, extra = divmod(n, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+    def loss_weight(self, part: slice, n: int) -> float:
+        """The factor on a rank's mean loss over ``part`` that makes DDP's average of the ranks'
+        gradients equal the gradient of the mean loss over all ``n`` rows."""
+        rows = part.stop - part.start
+        return 1.0 if self.size == 1 or rows == n else self.size * rows / n
+
+    def all_sum(self, *values: float) -> list[float]:
+        """Sums over the ranks (the values themselves in one process)."""
+        if self.size == 1:
+            return list(values)
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def wrap(self, model):
+        """``model`` in DistributedDataParallel when there are several ranks (gradients averaged on
+        backward); the model itself in one process."""
+        if self.size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
 
 
 def init() -> World:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from edc.distributed import World
 from edc.observers import accuracy, build
 from edc.runtime import autocast, place, progress, seed_everything
 from edc.schedules import lr_lambda
@@ -48,14 +49,19 @@ def student_loss(kind: str, out: torch.Tensor, target: torch.Tensor, hard: torch
 def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
                   seed: int, log: Callable[[dict], None] | None = None, resume: dict | None = None,
                   on_epoch: Callable[[Callable[[], dict]], None] | None = None, device: torch.device | None = None,
-                  bf16: bool = False) -> StudentResult:
-    """Train one student (``spec``: an ObserverSpec-like arch/kwargs) with the ``evaluate`` params.
+                  bf16: bool = False, world: World | None = None) -> StudentResult:
+    """Train one student (``spec``: an ObserverSpec-like arch/kwargs) with the ``evaluate`` params;
+    ``test``: (images, labels) tensors or a SplitView.
 
     ``on_epoch(snapshot)`` is called after every epoch; ``snapshot()`` returns the whole training
-    state, which ``resume=`` continues from exactly (same weights, same result)."""
+    state, which ``resume=`` continues from exactly (same weights, same result). Under torchrun
+    (``world``) the ranks share every planned batch through DistributedDataParallel (see
+    edc.distributed); rank 0 alone evaluates, and the other ranks return NaN accuracies."""
+    world = world or World()
     seed_everything(seed)
     device = device or torch.device("cpu")
     model = place(build(spec.arch, dict(spec.kwargs), ds.facts), device)
+    net = world.wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = ds.epochs * ds.batches_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, total, zeta, cfg.milestones, cfg.gamma))
@@ -81,26 +87,33 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
     for e in progress(range(first, ds.epochs), desc=f"{spec.name} seed {seed}", unit="epoch"):
         loss_sum, n = 0.0, 0
         for x, target, hard in ds.epoch(e):
-            x, target, hard = x.to(device), target.to(device), hard.to(device)
+            full = len(x)
+            part = world.part(full)
+            x, target, hard = x[part].to(device), target[part].to(device), hard[part].to(device)
             with autocast(device, bf16):
-                out = model(x)
+                out = net(x)
                 loss = student_loss(cfg.loss, out.float(), target, hard, cfg.temperature, soft)
+            weight = world.loss_weight(part, full)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if weight == 1.0 else loss * weight).backward()
             opt.step()
             sched.step()
             if ema is not None:
                 ema.update_parameters(model)
-            loss_sum += loss.item() * len(x)
-            n += len(x)
+            if world.main or len(x) < full:  # a batch computed whole on every rank is counted once
+                loss_sum += loss.item() * len(x)
+                n += len(x)
+        loss_sum, n = world.all_sum(loss_sum, n)
         row = {"epoch": e + 1, "train_loss": loss_sum / n}
-        if (e + 1) % cfg.eval_every == 0 or e + 1 == ds.epochs:
+        if world.main and ((e + 1) % cfg.eval_every == 0 or e + 1 == ds.epochs):
             row["test_acc"] = accuracy(evaluated(), test)
         curve.append(row)
         if log is not None:
             log(row)
         if on_epoch is not None:
             on_epoch(lambda e=e: snapshot(e + 1))
+    if not world.main:
+        return StudentResult(float("nan"), float("nan"), curve, time.perf_counter() - start)
     acc = accuracy(evaluated(), test)
     raw = accuracy(model, test) if ema is not None else acc
     return StudentResult(acc, raw, curve, time.perf_counter() - start)

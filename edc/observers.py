@@ -24,6 +24,7 @@ from torch import nn
 
 from edc.data import DatasetFacts, as_split
 from edc.data.augment import shift_flip
+from edc.distributed import World
 from edc.errors import ArtifactError
 from edc.io import read_json, save_safetensors, write_json
 from edc.models import create_model
@@ -72,13 +73,16 @@ def imagenet_observer(spec, facts: DatasetFacts, test, device: torch.device | No
 
 
 def train_observer(spec, cfg, facts: DatasetFacts, train, test, seed: int, device: torch.device | None = None,
-                   bf16: bool = False) -> TrainResult:
+                   bf16: bool = False, world: World | None = None) -> TrainResult:
     """Train one observer (``spec``: ObserverSpec) with ``cfg`` (ObserversParams) on ``train``:
     normalised (images, labels) tensors or a SplitView read batch by batch in each epoch's order.
-    The test split is used once, after the last epoch, to report accuracy."""
+    The test split is used once, after the last epoch, to report accuracy (by rank 0 alone under
+    torchrun, where the ranks share every batch through DistributedDataParallel: edc.distributed)."""
+    world = world or World()
     gen = seed_everything(derive_seed(seed, "observer", spec.name))
     device = device or torch.device("cpu")
     model = place(build(spec.arch, dict(spec.kwargs), facts), device)
+    net = world.wrap(model)
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
@@ -95,23 +99,29 @@ def train_observer(spec, cfg, facts: DatasetFacts, train, test, seed: int, devic
         bar = progress(train.batches(cfg.batch_size, order), total=steps_per_epoch,
                        desc=f"{spec.name} epoch {epoch + 1}/{cfg.epochs}", unit="batch")
         for xb, yb in bar:
-            xb = shift_flip(xb, cfg.augment.crop_padding, cfg.augment.flip, gen).to(device)
-            yb = yb.to(device)
+            xb = shift_flip(xb, cfg.augment.crop_padding, cfg.augment.flip, gen)  # the whole batch, every rank
+            full = len(yb)
+            part = world.part(full)
+            xb, yb = xb[part].to(device), yb[part].to(device)
             with autocast(device, bf16):
-                logits = model(xb)
+                logits = net(xb)
                 loss = F.cross_entropy(logits, yb)
+            weight = world.loss_weight(part, full)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if weight == 1.0 else loss * weight).backward()
             opt.step()
             sched.step()
-            loss_sum += float(loss.detach()) * len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
+            if world.main or len(yb) < full:  # a batch computed whole on every rank is counted once
+                loss_sum += float(loss.detach()) * len(yb)
+                correct += int((logits.argmax(1) == yb).sum())
+        loss_sum, correct = world.all_sum(loss_sum, correct)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / n, "train_acc": correct / n,
                "lr": opt.param_groups[0]["lr"]}
         history.append(row)
-        print(f"[{spec.name}] epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
-              f"train_acc {row['train_acc']:.4f}", flush=True)
-    test_acc = accuracy(model, test)
+        if world.main:
+            print(f"[{spec.name}] epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
+                  f"train_acc {row['train_acc']:.4f}", flush=True)
+    test_acc = accuracy(model, test) if world.main else float("nan")
     return TrainResult(model.eval(), test_acc, history, time.perf_counter() - start)
 
 

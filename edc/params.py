@@ -210,7 +210,8 @@ class Params(Section):
     workers: int = Field(default=4, ge=0, le=64, description="DataLoader processes decoding image files "
                                                             "(dataset.storage: files); speed only")
     launcher: str = Field(default="python", min_length=1,
-                          description="runs synthesize and relabel, e.g. 'torchrun --standalone --nproc_per_node 2'")
+                          description="runs the training and synthesis stages, e.g. "
+                                      "'torchrun --standalone --nproc_per_node 2'")
     dataset: DatasetParams
     observers: ObserversParams
     stats: StatsParams

@@ -1,7 +1,13 @@
-"""post_evaluate: train students from the condensed shards alone and report their test accuracy."""
+"""post_evaluate: train students from the condensed shards alone and report their test accuracy.
+
+Under ``torchrun --nproc_per_node N`` (params ``launcher``) the ranks train each student together
+with DistributedDataParallel, each on its share of every planned batch; rank 0 evaluates, writes the
+metrics and keeps the checkpoint, which every rank resumes from.
+"""
 
 from __future__ import annotations
 
+from edc import distributed
 from edc.data import load_prepared, split_files
 from edc.errors import ArtifactError
 from edc.evaluate import StudentResult, summarize, train_student
@@ -24,9 +30,10 @@ def main(argv=None) -> None:
     p = load_params(args.params)
     cfg = p.evaluate
     device = resolve_device(p.device)
+    world = distributed.init()
     with stage_run("post_evaluate", {"seed": p.seed, "zeta": p.zeta, "evaluate": cfg.model_dump(),
                                      "relabel": {"batch_size": p.relabel.batch_size, "epochs": p.relabel.epochs}},
-                   seed=p.seed) as run:
+                   seed=p.seed, enabled=world.main) as run:
         data = load_prepared(args.data, p.workers)
         ds = load_condensed(args.shards, labels=cfg.labels)
         if (ds.facts.name, ds.facts.num_classes) != (data.facts.name, data.facts.num_classes):
@@ -43,8 +50,13 @@ def main(argv=None) -> None:
         ckpt = Checkpointer(args.metrics, fingerprint("post_evaluate", {"seed": p.seed, "zeta": p.zeta,
                                                                         "evaluate": cfg.model_dump()},
                                                       [args.shards, *split_files(args.data, "test")]))
-        state = ckpt.load() or {"done": {}, "current": None}
-        if state["done"] or state["current"]:
+        # Rank 0 looks first (it discards a checkpoint of other inputs); then the others read the same one.
+        state = ckpt.load() if world.main else None
+        world.barrier()
+        if not world.main:
+            state = ckpt.load()
+        state = state or {"done": {}, "current": None}
+        if world.main and (state["done"] or state["current"]):
             print(f"post_evaluate: resuming ({len(state['done'])} students/seeds finished; checkpoint in "
                   f"{ckpt.dir})", flush=True)
         metrics, curves = {}, {}
@@ -57,7 +69,8 @@ def main(argv=None) -> None:
                     run.metrics({f"{name}.seed{s}.{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
                 def on_epoch(snapshot, key=key):
-                    ckpt.maybe_save(lambda: {"done": state["done"], "current": {"key": key, **snapshot()}})
+                    if world.main:
+                        ckpt.maybe_save(lambda: {"done": state["done"], "current": {"key": key, **snapshot()}})
 
                 if key in state["done"]:
                     res = StudentResult(**state["done"][key])
@@ -65,11 +78,14 @@ def main(argv=None) -> None:
                     current = state["current"] if (state["current"] or {}).get("key") == key else None
                     res = train_student(spec, cfg, p.zeta, ds, test,
                                         derive_seed(p.seed, "evaluate", spec.name, str(s)), log, current, on_epoch,
-                                        device, p.bf16)
+                                        device, p.bf16, world)
                     state["done"][key] = {"acc": res.acc, "raw_acc": res.raw_acc, "curve": res.curve,
                                           "seconds": res.seconds}
                     state["current"] = None
-                    ckpt.maybe_save(lambda: state)
+                    if world.main:
+                        ckpt.maybe_save(lambda: state)
+                if not world.main:
+                    continue
                 accs.append(res.acc)
                 raws.append(res.raw_acc)
                 curves[f"{spec.name}-seed{s}"] = res.curve
@@ -77,11 +93,15 @@ def main(argv=None) -> None:
                              f"{spec.name}.seed{s}.seconds": res.seconds})
                 print(f"[{spec.name}] seed {s}: test accuracy {100 * res.acc:.2f}% (raw weights "
                       f"{100 * res.raw_acc:.2f}%, {res.seconds:.0f} s)", flush=True)
+            if not world.main:
+                continue
             mean, std = summarize(accs)
             metrics[spec.name] = {"acc_mean": round(mean, 6), "acc_std": round(std, 6),
                                   "raw_acc_mean": round(summarize(raws)[0], 6),
                                   "seeds": {str(s): round(a, 6) for s, a in enumerate(accs)}}
             run.metrics({f"{spec.name}.acc_mean": mean, f"{spec.name}.acc_std": std})
+        if not world.main:
+            return
         write_curves(args.curves, curves, ["epoch", "train_loss", "test_acc"])
         write_json(args.metrics, metrics)
         ckpt.clear()

@@ -1,7 +1,15 @@
-"""train_observers: train every observer in params.observers.models on the prepared train split."""
+"""train_observers: train every observer in params.observers.models on the prepared train split.
+
+Under ``torchrun --nproc_per_node N`` (params ``launcher``) the ranks train each observer together
+with DistributedDataParallel, each on its share of every batch; rank 0 writes the observers.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
+from edc import distributed
 from edc.data import load_prepared
 from edc.io import atomic_dir, write_curves, write_json
 from edc.observers import imagenet_observer, save_observer, train_observer
@@ -21,17 +29,24 @@ def main(argv=None) -> None:
     p = load_params(args.params)
     cfg = p.observers
     device = resolve_device(p.device)
-    with stage_run("train_observers", {"seed": p.seed, "observers": cfg.model_dump()}, seed=p.seed) as run:
+    world = distributed.init()
+    with stage_run("train_observers", {"seed": p.seed, "observers": cfg.model_dump()}, seed=p.seed,
+                   enabled=world.main) as run:
         data = load_prepared(args.data, p.workers)
         train, test = data.view("train"), data.view("test")  # read batch by batch
         report, curves = {}, {}
-        with atomic_dir(args.out) as tmp:
+        # Only rank 0 publishes; the other ranks train alongside it and write nothing.
+        with (atomic_dir(args.out) if world.main else contextlib.nullcontext(None)) as tmp:
             for spec in cfg.models:
                 if spec.weights == "imagenet":
+                    if not world.main:
+                        continue  # nothing to train
                     res = imagenet_observer(spec, data.facts, test, device)
                 else:
-                    res = train_observer(spec, cfg, data.facts, train, test, p.seed, device, p.bf16)
-                save_observer(tmp, spec.name, res.model, {
+                    res = train_observer(spec, cfg, data.facts, train, test, p.seed, device, p.bf16, world)
+                if not world.main:
+                    continue
+                save_observer(Path(tmp), spec.name, res.model, {
                     "name": spec.name, "arch": spec.arch, "kwargs": dict(spec.kwargs),
                     "dataset": data.facts.to_dict(), "seed": p.seed,
                     "training": cfg.model_dump(exclude={"models"}) if spec.weights == "train" else "imagenet",
@@ -45,9 +60,10 @@ def main(argv=None) -> None:
                                  f"{spec.name}.train_acc": row["train_acc"]}, step=row["epoch"])
                 run.metrics({f"{spec.name}.test_acc": res.test_acc, f"{spec.name}.seconds": res.seconds})
                 print(f"[{spec.name}] test_acc {res.test_acc:.4f} ({res.seconds:.0f} s)", flush=True)
-        write_curves(args.plots, curves, ["epoch", "train_loss", "train_acc", "lr"])
-        write_json(args.report, report)
-        run.artifact(args.report)
+        if world.main:
+            write_curves(args.plots, curves, ["epoch", "train_loss", "train_acc", "lr"])
+            write_json(args.report, report)
+            run.artifact(args.report)
 
 
 if __name__ == "__main__":
