@@ -17,8 +17,9 @@ contiguous share of the rows (:meth:`World.part`); its loss is weighted by its s
 (:meth:`World.loss_weight`) so that DDP's gradient average is the gradient of the whole batch's
 mean loss. A model without BatchNorm therefore trains as in one process, up to float rounding;
 BatchNorm normalises each rank's share by its own statistics, as DDP always does (rank 0's running
-statistics are the ones kept). Rank 0 alone evaluates, writes the outputs and logs. One process (no ``WORLD_SIZE``) is the ordinary case and
-needs no process group.
+statistics are the ones kept). Rank 0 alone evaluates, writes the outputs and logs.
+
+One process (no ``WORLD_SIZE``) is the ordinary case and needs no process group.
 """
 
 from __future__ import annotations

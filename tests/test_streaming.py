@@ -15,9 +15,9 @@ from PIL import Image
 
 from edc.data import load_prepared, prepare
 from edc.errors import DataError, ParamsError
+from edc.io import md5_file
 from edc.params import DatasetParams, load_params
 from edc.stats import collect_bn_stats
-from edc.io import md5_file
 from tests.conftest import make_imagefolder, tiny_params, write_yaml
 from tests.test_pipeline import run_stages
 

@@ -2,12 +2,12 @@
 
 from edc.data.prepared import (
     Batches,
-    SplitView,
-    TensorSplit,
-    as_split,
     DatasetFacts,
     PreparedDataset,
     Split,
+    SplitView,
+    TensorSplit,
+    as_split,
     load_prepared,
     normalize,
     pixel_bounds,
@@ -17,8 +17,9 @@ from edc.data.prepared import (
 )
 from edc.data.sources import Source, list_sources, read_source, register_source, stratified_split
 
-__all__ = ["Batches", "SplitView", "TensorSplit", "as_split", "DatasetFacts", "PreparedDataset", "Source", "Split", "list_sources", "load_prepared", "normalize",
-           "read_facts", "split_files", "read_source", "register_source", "stratified_split", "prepare", "pixel_bounds", "to_uint8"]
+__all__ = ["Batches", "DatasetFacts", "PreparedDataset", "Source", "Split", "SplitView", "TensorSplit",
+           "as_split", "list_sources", "load_prepared", "normalize", "pixel_bounds", "prepare", "read_facts",
+           "read_source", "register_source", "split_files", "stratified_split", "to_uint8"]
 
 
 def prepare(cfg, seed: int, out, workers: int = 0) -> DatasetFacts:
