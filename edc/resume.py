@@ -105,6 +105,11 @@ class Checkpointer:
             os.fsync(f.fileno())
         os.replace(tmp, self.dir / STATE)
         self._last = time.monotonic()
+        self.mark()
+
+    def mark(self) -> None:
+        """Count one checkpoint (a stage that keeps its progress as files of its own calls this after
+        each); ``EDC_CRASH_AFTER_CHECKPOINTS=N`` SIGKILLs the process at the N-th (tests)."""
         self._saves += 1
         if self._crash_after is not None and self._saves >= self._crash_after:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -16,7 +16,7 @@ from edc.params import load_params
 from edc.relabel import augment, batches, make_plan, teacher_logits
 from edc.resume import Checkpointer, fingerprint
 from edc.runtime import derive_seed, place, progress, resolve_device
-from edc.shards import CondensedWriter
+from edc.shards import CondensedWriter, epoch_shard_name
 from edc.stage import parser, stage_main
 from edc.tracking import stage_run
 
@@ -47,8 +47,7 @@ def main(argv=None) -> None:
         ckpt = Checkpointer(args.out, fingerprint("relabel", {"seed": p.seed, "relabel": cfg.model_dump()},
                                                   [args.data + "/facts.json", args.images,
                                                    *(Path(args.observers) / f"{t}.safetensors" for t in cfg.teachers)]))
-        # The set is built in the checkpoint directory itself: each finished epoch's shard is kept
-        # there, and a rerun after an interruption starts at the first epoch without one.
+
         def epoch_logits(e: int):
             gen = torch.Generator().manual_seed(derive_seed(p.seed, "relabel", str(e)))
             plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, gen)
@@ -56,43 +55,37 @@ def main(argv=None) -> None:
             logits = teacher_logits(teachers, x, bf16=p.bf16)
             return plan, logits, int((logits.argmax(1) == labels[plan.order]).sum())
 
-        if world.size > 1:
-            # Epochs dealt out to the ranks (each plan is seeded by its epoch alone); rank 0 writes
-            # the images and meta.json and publishes the set once every rank is done.
-            if world.main:
-                ckpt.clear()
-                ckpt.prepare()
-            world.barrier()
-            writer = CondensedWriter(ckpt.dir, images_u8, labels, meta, write_images=world.main)
-            mine = {}
-            for e in progress(world.mine(range(cfg.epochs)), desc=f"relabel rank {world.rank}", unit="epoch"):
-                plan, logits, mine[e] = epoch_logits(e)
-                writer.write_epoch(e, plan, cfg.batch_size, logits, cfg.topk)
-            write_json(ckpt.dir / f".agree-rank{world.rank}.json", {str(e): a for e, a in mine.items()})
-            world.barrier()
-            if not world.main:
-                return
-            counts: dict[int, int] = {}
-            for r in range(world.size):
-                counts.update({int(e): a for e, a in read_json(ckpt.dir / f".agree-rank{r}.json").items()})
-            agree = [counts[e] for e in range(cfg.epochs)]
-            writer.meta["epoch_shards"] = []  # rank 0 listed its own; list all, in epoch order
-            for e in range(cfg.epochs):
-                writer.keep_epoch(e)
-        else:
-            state = ckpt.load() or {"agree": []}
-            agree = state["agree"]
-            if agree:
-                print(f"relabel: resuming after epoch {len(agree)}/{cfg.epochs} (checkpoint in {ckpt.dir})",
-                      flush=True)
-            writer = CondensedWriter(ckpt.prepare(), images_u8, labels, meta)
-            for e in range(len(agree)):
-                writer.keep_epoch(e)
-            for e in progress(range(len(agree), cfg.epochs), desc="relabel", unit="epoch"):
-                plan, logits, a = epoch_logits(e)
-                agree.append(a)
-                writer.write_epoch(e, plan, cfg.batch_size, logits, cfg.topk)
-                ckpt.maybe_save(lambda: {"agree": agree})
+        # The set is built in the checkpoint directory itself. Each finished epoch leaves its shard and
+        # a small file with its agreement count there, and a rerun after an interruption, with any
+        # number of ranks, computes only the epochs without both. Under torchrun the epochs left are
+        # dealt out to the ranks (each plan is seeded by its epoch alone); rank 0 writes the images
+        # and meta.json and publishes the set once every rank is done.
+        if world.main:
+            ckpt.prepare()  # keeps a checkpoint of these inputs, discards one of others
+        world.barrier()
+
+        def agree_file(e: int) -> Path:
+            return ckpt.dir / f".agree-{e:04d}.json"
+
+        done = {e for e in range(cfg.epochs) if agree_file(e).is_file() and (ckpt.dir / epoch_shard_name(e)).is_file()}
+        world.barrier()  # every rank has listed the finished epochs before any rank adds one
+        if done and world.main:
+            print(f"relabel: resuming with {len(done)}/{cfg.epochs} epochs done (checkpoint in {ckpt.dir})",
+                  flush=True)
+        writer = CondensedWriter(ckpt.dir, images_u8, labels, meta, write_images=world.main)
+        todo = world.mine([e for e in range(cfg.epochs) if e not in done])
+        for e in progress(todo, desc="relabel" if world.size == 1 else f"relabel rank {world.rank}", unit="epoch"):
+            plan, logits, a = epoch_logits(e)
+            writer.write_epoch(e, plan, cfg.batch_size, logits, cfg.topk)
+            write_json(agree_file(e), {"agree": a})
+            ckpt.mark()
+        world.barrier()
+        if not world.main:
+            return
+        agree = [read_json(agree_file(e))["agree"] for e in range(cfg.epochs)]
+        writer.meta["epoch_shards"] = []  # list every epoch, in epoch order, whoever wrote it
+        for e in range(cfg.epochs):
+            writer.keep_epoch(e)
         writer.close()
         keep = {*writer.meta["image_shards"], *writer.meta["epoch_shards"], "meta.json"}
         for f in ckpt.dir.iterdir():  # the checkpoint's own files, and a shard a kill left half-written

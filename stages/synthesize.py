@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import shutil
 from pathlib import Path
 
 import torch
@@ -75,42 +74,47 @@ def main(argv=None) -> None:
                          "total": row["total"]}, step=row["step"])
 
         seed_for = lambda b: derive_seed(p.seed, "synthesize", str(b))  # noqa: E731
+        ckpt = Checkpointer(args.out, fingerprint("synthesize", {"seed": p.seed, "alpha": p.alpha,
+                                                                 "synth": cfg.model_dump()},
+                                                  [args.init, args.stats, *(Path(args.observers) / f"{n}.safetensors"
+                                                                            for n in cfg.observers)]))
         if world.size > 1:
-            # Each rank synthesizes its share of the batches and leaves it in a parts directory;
-            # rank 0 merges them (a batch's result depends on its index only, not on the rank).
-            parts = Path(args.out).with_name(f".{Path(args.out).name}.parts")
+            # The batches are dealt out to the ranks; each finished batch is kept in the checkpoint
+            # directory, so a rerun after an interruption, with any number of ranks, runs only the
+            # batches without a file. Rank 0 merges them (a batch's result depends on its index only).
             if world.main:
-                shutil.rmtree(parts, ignore_errors=True)
-                parts.mkdir(parents=True)
+                ckpt.prepare()  # keeps a checkpoint of these inputs, discards one of others
             world.barrier()
-            mine = world.mine(range(len(batches)))
-            own_rows: list[dict] = []
-            result = synthesize(images, ydev, observers, cfg, p.alpha, pixel_bounds(facts), seed_for,
-                                own_rows.append, only=mine)
-            with atomic_file(parts / f"rank{world.rank}.pt", "wb") as f:
-                torch.save({"batches": {b: result[batches[b]].cpu() for b in mine}, "rows": own_rows}, f)
+
+            def part_file(b: int) -> Path:
+                return ckpt.dir / f"batch-{b:04d}.pt"
+
+            done = {b for b in range(len(batches)) if part_file(b).is_file()}
+            world.barrier()  # every rank has listed the finished batches before any rank adds one
+            if done and world.main:
+                print(f"synthesize: resuming with {len(done)}/{len(batches)} batches done (checkpoint in {ckpt.dir})",
+                      flush=True)
+            for b in world.mine([b for b in range(len(batches)) if b not in done]):
+                own_rows: list[dict] = []
+                result = synthesize(images, ydev, observers, cfg, p.alpha, pixel_bounds(facts), seed_for,
+                                    own_rows.append, only=[b])
+                with atomic_file(part_file(b), "wb") as f:
+                    torch.save({"images": result[batches[b]].cpu(), "rows": own_rows}, f)
+                ckpt.mark()
             world.barrier()
             if not world.main:
                 return
             before, plain_before = measure(images)
             result = images.clone()
             merged: list[dict] = []
-            for r in range(world.size):
-                part = torch.load(parts / f"rank{r}.pt", weights_only=True)
-                for b, x in part["batches"].items():
-                    result[batches[b]] = x.to(device)
+            for b in range(len(batches)):
+                part = torch.load(part_file(b), weights_only=True)
+                result[batches[b]] = part["images"].to(device)
                 merged += part["rows"]
             for row in sorted(merged, key=lambda r: r["step"]):
                 log(row)
-            shutil.rmtree(parts)
-            ckpt = None
         else:
             before, plain_before = measure(images)
-            ckpt = Checkpointer(args.out, fingerprint("synthesize", {"seed": p.seed, "alpha": p.alpha,
-                                                                     "synth": cfg.model_dump()},
-                                                      [args.init, args.stats,
-                                                       *(Path(args.observers) / f"{n}.safetensors"
-                                                         for n in cfg.observers)]))
             result = synthesize(images, ydev, observers, cfg, p.alpha, pixel_bounds(facts), seed_for, log, ckpt)
         out_u8 = to_uint8(result.cpu(), facts)
         # Measured on what is saved (the images rounded to pixels). "matching" is under the synthesis
@@ -133,8 +137,7 @@ def main(argv=None) -> None:
         with atomic_file(args.grid, "wb") as f:
             save_grid(f, out_u8, labels, facts.num_classes)
         write_json(args.report, report)
-        if ckpt is not None:
-            ckpt.clear()
+        ckpt.clear()
         for name, r in report.items():
             run.metrics({f"{key}.{name}": r[key] for key in ("matching_initial", "matching_final", "plain_initial",
                                                              "plain_final")})

@@ -37,13 +37,15 @@ def finished(tmp_path_factory) -> Path:
     return work
 
 
-def launch(work: Path, stage: str, nproc: int) -> None:
+def launch(work: Path, stage: str, nproc: int, **env) -> subprocess.CompletedProcess:
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     "--nproc_per_node", str(nproc)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([*launcher, str(ROOT / "stages" / f"{stage}.py"), "--params", "params.yaml", *ARGS[stage]],
-                       cwd=work, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
+                       cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
+                       timeout=600)
+    if not env:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
 
 
 def outputs(work: Path, stage: str) -> dict[str, str]:
@@ -51,18 +53,51 @@ def outputs(work: Path, stage: str) -> dict[str, str]:
     return {k: v for k, v in tree.items() if any(k.startswith(o) for o in OUTPUTS[stage])}
 
 
-@pytest.mark.parametrize("stage", ["synthesize", "relabel"])
-def test_two_ranks_write_what_one_process_writes(finished, tmp_path, stage):
+@pytest.fixture(scope="module")
+def one_process(finished, tmp_path_factory) -> dict[str, dict[str, str]]:
+    """synthesize's and relabel's outputs from one process."""
     results = {}
-    for nproc in (1, 2):
-        work = tmp_path / f"n{nproc}"
-        shutil.copytree(finished, work)
+    for stage in OUTPUTS:
+        work = tmp_path_factory.mktemp(f"one-{stage}")
+        shutil.copytree(finished, work, dirs_exist_ok=True)
         for o in OUTPUTS[stage]:
             (shutil.rmtree if (work / o).is_dir() else os.remove)(work / o)
-        launch(work, stage, nproc)
-        results[nproc] = outputs(work, stage)
-        assert not [x.name for x in (work / OUTPUTS[stage][0]).parent.iterdir() if x.name.startswith(".")]
-    assert results[1] == results[2] and len(results[1]) >= 4
+        launch(work, stage, 1)
+        results[stage] = outputs(work, stage)
+    return results
+
+
+def without_outputs(finished: Path, work: Path, stage: str) -> Path:
+    shutil.copytree(finished, work)
+    for o in OUTPUTS[stage]:
+        (shutil.rmtree if (work / o).is_dir() else os.remove)(work / o)
+    return work
+
+
+@pytest.mark.parametrize("stage", ["synthesize", "relabel"])
+def test_two_ranks_write_what_one_process_writes(finished, one_process, tmp_path, stage):
+    work = without_outputs(finished, tmp_path / "n2", stage)
+    launch(work, stage, 2)
+    assert outputs(work, stage) == one_process[stage] and len(one_process[stage]) >= 4
+    assert not [x.name for x in (work / OUTPUTS[stage][0]).parent.iterdir() if x.name.startswith(".")]
+
+
+@pytest.mark.parametrize("stage", ["synthesize", "relabel"])
+def test_killed_ranks_resume_with_any_number_of_ranks(finished, one_process, tmp_path, stage):
+    """Both ranks are SIGKILLed after their first finished batch (synthesize) or epoch (relabel); a
+    rerun with 2 ranks, or for relabel with 1 process, computes only the rest and writes the same bytes."""
+    for nproc_after in (2, 1) if stage == "relabel" else (2,):
+        work = without_outputs(finished, tmp_path / f"then{nproc_after}", stage)
+        r = launch(work, stage, 2, EDC_CRASH_AFTER_CHECKPOINTS="1")
+        assert r.returncode != 0
+        resume = work / OUTPUTS[stage][0]
+        resume = resume.with_name(f".{resume.name}.resume")
+        kept = [f.name for f in resume.iterdir() if f.name.startswith(("batch-", "epoch-"))]
+        assert kept and not (work / OUTPUTS[stage][0]).exists()
+        r = launch(work, stage, nproc_after)
+        assert f"{stage}: resuming with {len(kept)}/" in r.stdout, r.stdout
+        assert outputs(work, stage) == one_process[stage]
+        assert not resume.exists()
 
 
 def fresh_copy(finished: Path, work: Path, outputs: list[str], **params) -> Path:
