@@ -53,20 +53,49 @@ class Target:
         return cls(*(t.float().to(device) for t in (s.mean, s.var, s.class_mean, s.class_var)))
 
 
-class _SquareMean(torch.autograd.Function):
-    """(B, C, S) -> (B, C): mean of squares over S. Forward as a batched dot product (einsum), backward
-    as one elementwise product: measured 3x faster forward+backward than ``square().mean(2)`` and 8x
-    faster than the einsum's own backward (a batch of tiny matrix products)."""
+class _ShiftedMoments(torch.autograd.Function):
+    """(B, C, S) activations ``a`` and a shift ``s`` (C,) -> each image's channel means of (a - s) and
+    of (a - s)^2, both (B, C). The mean of squares is a batched dot product (einsum); the backward is
+    one fused pass, ``g_mean / S + (a - s) * 2 g_sq / S`` (autograd's own took four: the einsum's
+    backward alone was a batch of tiny matrix products, 8x slower)."""
 
     @staticmethod
-    def forward(ctx, flat: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(flat)
-        return torch.einsum("bcs,bcs->bc", flat, flat) / flat.shape[2]
+    def forward(ctx, flat: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = flat - shift[None, :, None]
+        ctx.save_for_backward(d)
+        n = d.shape[2]
+        return d.mean(2), torch.einsum("bcs,bcs->bc", d, d) / n
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (flat,) = ctx.saved_tensors
-        return flat * (grad * (2.0 / flat.shape[2]))[:, :, None]
+    def backward(ctx, g_mean: torch.Tensor, g_sq: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (d,) = ctx.saved_tensors
+        n = d.shape[2]
+        return torch.addcmul((g_mean / n)[:, :, None], d, (g_sq * (2.0 / n))[:, :, None]), None
+
+
+def image_moments(a: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and channel of ``a`` (B, C, ...): the mean of (a - s) and of (a - s)^2 over the
+    spatial positions, (B, C) each (``shift`` s (C,), zero when None; it never receives a gradient)."""
+    b, c = a.shape[:2]
+    s = a.new_zeros(c) if shift is None else shift.detach().to(a.dtype)
+    return _ShiftedMoments.apply(a.reshape(b, c, -1), s)
+
+
+def group_moments(img_mean: torch.Tensor, img_sq: torch.Tensor, onehot: torch.Tensor,
+                  shift: torch.Tensor | None) -> Target:
+    """Mean and population variance over (images, spatial), globally and per class, from each image's
+    shifted moments (:func:`image_moments`; equal spatial sizes): var = E[(a - s)^2] - (E[a] - s)^2."""
+    mean = img_mean.mean(0)
+    var = (img_sq.mean(0) - mean.square()).clamp_min(0)
+    present = onehot.sum(0)
+    counts = present.clamp_min(1.0)[:, None]  # (K, 1)
+    class_mean = onehot.T @ img_mean / counts
+    class_var = (onehot.T @ img_sq / counts - class_mean.square()).clamp_min(0)
+    if shift is not None:
+        s = shift.detach()
+        mean = mean + s
+        class_mean = class_mean + s[None, :] * (present > 0)[:, None]
+    return Target(mean, var, class_mean, class_var)
 
 
 def batch_moments(a: torch.Tensor, onehot: torch.Tensor, shift: torch.Tensor | None = None) -> Target:
@@ -76,22 +105,7 @@ def batch_moments(a: torch.Tensor, onehot: torch.Tensor, shift: torch.Tensor | N
     One pass over the activations: each image's channel means of (a - s) and (a - s)^2, then
     var = E[(a - s)^2] - (E[a] - s)^2 per group. ``shift`` (C,) should be close to the channel means
     (synthesis passes the target means) so that the subtraction does not cancel digits."""
-    b, c = a.shape[:2]
-    flat = a.reshape(b, c, -1)
-    if shift is not None:
-        flat = flat - shift.detach()[None, :, None]
-    img_mean = flat.mean(2)  # (B, C)
-    img_sq = _SquareMean.apply(flat)  # (B, C): E[(a - s)^2] per image
-    mean = img_mean.mean(0)
-    var = (img_sq.mean(0) - mean.square()).clamp_min(0)
-    counts = onehot.sum(0).clamp_min(1.0)[:, None]  # (K, 1)
-    class_mean = onehot.T @ img_mean / counts
-    class_var = (onehot.T @ img_sq / counts - class_mean.square()).clamp_min(0)
-    if shift is not None:
-        s = shift.detach()
-        mean = mean + s
-        class_mean = class_mean + s[None, :] * (onehot.sum(0) > 0)[:, None]
-    return Target(mean, var, class_mean, class_var)
+    return group_moments(*image_moments(a, shift), onehot, shift)
 
 
 def matching_loss(a: torch.Tensor, y: torch.Tensor, target: Target, alpha: float) -> torch.Tensor:
@@ -164,8 +178,35 @@ def apply_crop_flip(x: torch.Tensor, t: CropFlip) -> torch.Tensor:
 
 # --- the optimisation loop -------------------------------------------------------------------------
 
+class _BNWithMoments(torch.autograd.Function):
+    """An eval-mode BatchNorm, ``a * scale + offset`` per channel, that also returns each image's
+    shifted moments of its input ``a`` (as :func:`image_moments`). One Function for both, so that the
+    backward is a single gradient for ``a`` (the BatchNorm's and the moments' terms summed in two fused
+    passes) instead of BatchNorm's backward, the moments' backward and autograd's sum of the two."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, shift: torch.Tensor):
+        b, c = a.shape[:2]
+        flat = a.reshape(b, c, -1)
+        d = flat - shift[None, :, None]
+        n = d.shape[2]
+        per_channel = (1, c) + (1,) * (a.dim() - 2)
+        out = torch.addcmul(offset.view(per_channel), a, scale.view(per_channel))  # a new tensor, not a view
+        ctx.save_for_backward(d, scale)
+        return out, d.mean(2), torch.einsum("bcs,bcs->bc", d, d) / n
+
+    @staticmethod
+    def backward(ctx, g_out: torch.Tensor, g_mean: torch.Tensor, g_sq: torch.Tensor):
+        d, scale = ctx.saved_tensors
+        n = d.shape[2]
+        g = torch.addcmul((g_mean / n)[:, :, None], d, (g_sq * (2.0 / n))[:, :, None])
+        g.addcmul_(g_out.reshape(d.shape), scale[None, :, None])
+        return g.view(g_out.shape), None, None, None
+
+
 class Observer:
-    """An observer model with taps on its BatchNorm inputs and the matching targets for each."""
+    """An observer model whose matched BatchNorm layers also report their inputs' per-image moments
+    (shifted by the target means), and the matching targets for each."""
 
     def __init__(self, name: str, model: nn.Module, stats: dict[str, LayerStats]):
         self.name, self.model = name, model.eval()
@@ -177,29 +218,94 @@ class Observer:
             raise EdcError(f"observer {name}: statistics name layers it does not have ({missing[:3]})")
         dev = model_device(model)
         self.targets = [Target.from_stats(s, dev) for s in stats.values()]
-        self._inputs: list[torch.Tensor] | None = None
-        for layer in stats:
-            modules[layer].register_forward_pre_hook(self._tap)
+        self.fused = LayerTargets(self.targets)
+        self._moments: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        for layer, target in zip(stats, self.targets):
+            self._tap(modules[layer], target.mean)
 
-    def _tap(self, _module, inputs) -> None:
-        if self._inputs is not None:
-            self._inputs.append(inputs[0])
+    def _tap(self, bn: nn.Module, shift: torch.Tensor) -> None:
+        """While :meth:`forward` collects, ``bn`` runs as :class:`_BNWithMoments` (eval-mode BatchNorm
+        with its running statistics; the model is frozen)."""
+        plain = bn.forward
+        with torch.no_grad():
+            inv = (bn.running_var + bn.eps).rsqrt()
+            scale = inv * bn.weight if bn.weight is not None else inv
+            offset = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
+        consts = (scale.detach(), offset.detach(), shift.detach())
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits and the inputs of the matched BatchNorm layers, in the statistics' order."""
-        self._inputs = []
+        def forward(a: torch.Tensor) -> torch.Tensor:
+            if self._moments is None:
+                return plain(a)
+            out, m, q = _BNWithMoments.apply(a, *(t.to(a.dtype) for t in consts))
+            self._moments.append((m, q))
+            return out
+
+        bn.forward = forward
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Logits, and for each matched BatchNorm layer (in the statistics' order) its input's per-image
+        moments (:func:`image_moments` shifted by the layer's target means)."""
+        self._moments = []
         try:
             logits = self.model(x)
-            inputs = self._inputs
+            moments = self._moments
         finally:
-            self._inputs = None
-        if len(inputs) != len(self.targets):
-            raise EdcError(f"observer {self.name}: {len(inputs)} BatchNorm calls for {len(self.targets)} targets")
-        return logits, inputs
+            self._moments = None
+        if len(moments) != len(self.targets):
+            raise EdcError(f"observer {self.name}: {len(moments)} BatchNorm calls for {len(self.targets)} targets")
+        return logits, moments
 
-    def matching(self, inputs: list[torch.Tensor], y: torch.Tensor, alpha: float,
+    def batch_targets(self, moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor) -> list[Target]:
+        """The batch's own statistics per layer, from :meth:`forward`'s moments (Eq. 6 targets)."""
+        onehot = F.one_hot(y, self.targets[0].class_mean.shape[0]).to(moments[0][0].dtype)
+        return [group_moments(m, q, onehot, t.mean) for (m, q), t in zip(moments, self.targets)]
+
+    def matching(self, moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor, alpha: float,
                  targets: list[Target] | None = None) -> torch.Tensor:
-        return sum(matching_loss(a, y, t, alpha) for a, t in zip(inputs, targets or self.targets))
+        """The sum over layers of :func:`matching_loss`, computed for all layers at once, against the
+        observer's targets or ``targets``."""
+        return fused_matching(moments, y, self.fused, alpha, None if targets is None else LayerTargets(targets))
+
+
+class LayerTargets:
+    """Several layers' targets side by side: statistics concatenated over the channels, and a (sum C, L)
+    0/1 matrix that sums a concatenated vector back to one value per layer."""
+
+    def __init__(self, targets: list[Target]):
+        self.sizes = [len(t.mean) for t in targets]
+        self.mean = torch.cat([t.mean for t in targets])
+        self.var = torch.cat([t.var for t in targets])
+        self.class_mean = torch.cat([t.class_mean for t in targets], 1)
+        self.class_var = torch.cat([t.class_var for t in targets], 1)
+        layer_of = torch.repeat_interleave(torch.arange(len(targets)), torch.tensor(self.sizes))
+        self.segments = F.one_hot(layer_of, len(targets)).to(self.mean)
+
+    def norms(self, diff: torch.Tensor) -> torch.Tensor:
+        """(..., sum C) -> (..., L): each layer's L2 norm (gradient 0 at 0, as torch.linalg.vector_norm)."""
+        sq = diff.square() @ self.segments
+        pos = sq > 0
+        return torch.where(pos, sq, torch.ones_like(sq)).sqrt() * pos
+
+
+def fused_matching(moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor, shifts: LayerTargets,
+                   alpha: float, targets: LayerTargets | None = None) -> torch.Tensor:
+    """sum_l matching_loss(layer l's input, y, target l, alpha), from each layer's per-image moments
+    shifted by ``shifts.mean`` (:func:`image_moments`), against ``targets`` (default: ``shifts``).
+    The groups' moments, the differences and the norms are computed once for all the layers'
+    concatenated channels, not once per layer: on a CPU the per-layer version cost more in
+    per-operation overhead than in arithmetic."""
+    t = shifts if targets is None else targets
+    onehot = F.one_hot(y, t.class_mean.shape[0]).to(moments[0][0].dtype)
+    got = group_moments(torch.cat([m for m, _ in moments], 1), torch.cat([q for _, q in moments], 1), onehot,
+                        shifts.mean)
+    loss = moments[0][0].new_zeros(())
+    if alpha > 0:
+        loss = loss + alpha * (t.norms(got.mean - t.mean) + t.norms(got.var - t.var)).sum()
+    if alpha < 1:
+        p = onehot.mean(0)  # share of each class in the batch; 0 for absent classes
+        per_class = t.norms(got.class_mean - t.class_mean) + t.norms(got.class_var - t.class_var)  # (K, L)
+        loss = loss + (1 - alpha) * (p[:, None] * per_class).sum()
+    return loss
 
 
 def partition(labels: torch.Tensor, batch_size: int | None) -> list[torch.Tensor]:
@@ -231,8 +337,8 @@ def matching_report(images: torch.Tensor, labels: torch.Tensor, observers: list[
                 x = images[idx]
                 if aug is not None:
                     x = apply_crop_flip(x, sample_crop_flip(len(x), aug.scale_min, aug.flip, gen))
-                _, inputs = obs.forward(x)
-                total += float(obs.matching(inputs, labels[idx], alpha)) * len(idx)
+                _, moments = obs.forward(x)
+                total += float(obs.matching(moments, labels[idx], alpha)) * len(idx)
         out[obs.name] = total / len(labels) / (draws if aug is not None else 1)
     return out
 
@@ -281,7 +387,6 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Obser
             gen.set_state(state["gen"])
             it0 = state["it"]
         use_ema = fr.mode != "off" and fr.weight > 0
-        onehot = F.one_hot(y, observers[0].targets[0].class_mean.shape[0]).float()
 
         def snapshot(next_it: int, b=b, x=x, x_ema=x_ema, opt=opt, sched=sched, gen=gen) -> dict:
             return {"out": out, "batch": b, "it": next_it, "rows": history, "x": x.detach(), "x_ema": x_ema,
@@ -301,12 +406,12 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Obser
             if use_ema and fr.mode == "logits":
                 flat = flatness_kl(logits, logits_ema, fr.tau)
             elif use_ema and fr.mode == "stats":
-                ema_targets = [batch_moments(a, onehot) for a in inputs_ema]
-                flat = obs.matching(inputs, y, alpha, ema_targets)
+                flat = obs.matching(inputs, y, alpha, obs.batch_targets(inputs_ema, y))
             total = cfg.ce_weight * ce + cfg.r_bn * bn + fr.weight * flat
             if not torch.isfinite(total):
+                ce_, bn_, flat_ = (float(t.detach()) for t in (ce, bn, flat))
                 raise SynthesisError(f"synthesize: loss became {float(total.detach())} at batch {b}, iteration {it} "
-                                     f"(observer {obs.name}; ce {float(ce)}, bn {float(bn)}, flat {float(flat)}); "
+                                     f"(observer {obs.name}; ce {ce_}, bn {bn_}, flat {flat_}); "
                                      f"lower synth.lr or synth.r_bn")
             opt.zero_grad(set_to_none=True)
             total.backward()

@@ -10,6 +10,7 @@ from torch import nn
 from edc.params import parse_params
 from edc.stats import bn_layers, collect_bn_stats
 from edc.synth import (
+    LayerTargets,
     Observer,
     Target,
     apply_crop_flip,
@@ -29,8 +30,10 @@ K = 3
 
 def tiny_observer_model(seed=0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3, stride=2),
-                         nn.BatchNorm2d(5), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, K)).eval()
+    # in-place ReLU after a BatchNorm, as ResNet and MobileNet have: the taps must allow it
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                         nn.Conv2d(4, 5, 3, stride=2), nn.BatchNorm2d(5), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(5, K)).eval()
 
 
 def real_like(n=30, seed=0):
@@ -132,6 +135,41 @@ def test_matching_loss_is_zero_when_the_batch_is_the_data_the_targets_came_from(
     _, inputs = obs.forward(x)
     for alpha in (0.0, 0.5, 1.0):
         assert float(obs.matching(inputs, y, alpha)) < 1e-4
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_observer_taps_equal_batchnorm_and_the_per_layer_loss(alpha):
+    """The observer's fused BatchNorm-with-moments layers and its all-layers-at-once matching give
+    the plain model's logits, and the sum over layers of matching_loss on the BatchNorm inputs (the
+    formula checked by brute force above), value and gradient, in float64. The targets are moved
+    off the data so that no term is zero."""
+    x, y = real_like()
+    x = x.double()
+    plain = tiny_observer_model(1).double()
+    stats = collect_bn_stats(plain, x, y, K, batch_size=7)
+    for s in stats.values():
+        s.class_mean += 0.1 * torch.randn_like(s.class_mean)
+        s.var *= 1.5
+    obs = Observer("tiny", tiny_observer_model(1).double(), stats)
+    # float64 targets for a tight check (Observer keeps float32 ones; the shift may be anything)
+    obs.targets = [Target(*(v.double() for v in (t.mean, t.var, t.class_mean, t.class_var))) for t in obs.targets]
+    obs.fused = LayerTargets(obs.targets)
+    taps = []
+    for _, bn in bn_layers(plain):
+        bn.register_forward_pre_hook(lambda _m, inp: taps.append(inp[0]))
+    xa = x[:12].clone().requires_grad_(True)
+    xb = x[:12].clone().requires_grad_(True)
+    logits_ref = plain(xa)
+    ref = sum(matching_loss(a, y[:12], t, alpha) for a, t in zip(taps, obs.targets))
+    logits, moments = obs.forward(xb)
+    got = obs.matching(moments, y[:12], alpha)
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-10)
+    (g_ref,) = torch.autograd.grad(ref + logits_ref.square().sum(), xa)
+    (g_got,) = torch.autograd.grad(got + logits.square().sum(), xb)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-8, atol=1e-10)
+    # Outside Observer.forward the layers are the model's own BatchNorm again.
+    torch.testing.assert_close(obs.model(x[:5]), plain(x[:5]), rtol=0, atol=0)
 
 
 def test_ema_update():
