@@ -22,12 +22,38 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+def paired_times(fns: list[Callable[[], object]], repeats: int = 5, warmup: int = 1) -> list[float]:
+    """Median wall time of each of ``fns``, run interleaved (f0, f1, ..., f0, f1, ...) so that a noisy
+    machine slows them alike; element i > 0 is also returned as the median of the per-round ratios
+    to ``fns[0]`` via :func:`paired_ratios`."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    rounds = []
+    for _ in range(repeats):
+        times = []
+        for fn in fns:
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        rounds.append(times)
+    paired_times.last_rounds = rounds
+    return [statistics.median(r[i] for r in rounds) for i in range(len(fns))]
+
+
+def paired_ratios() -> list[float]:
+    """For the last :func:`paired_times` call: the median over rounds of time_i / time_0."""
+    rounds = paired_times.last_rounds
+    return [statistics.median(r[i] / r[0] for r in rounds) for i in range(len(rounds[0]))]
+
+
 def need(path: Path) -> Path:
     if not path.exists():
         raise SystemExit(f"{path} is missing: run `make repro` (or `dvc repro`) first")
     return path
 
 
-def row(name: str, seconds: float, base: float | None = None, note: str = "") -> str:
-    ratio = f"{seconds / base:6.2f}x" if base else "      "
+def row(name: str, seconds: float, base: float | None = None, note: str = "", ratio: float | None = None) -> str:
+    """One table line; the ratio is ``ratio`` when given (a paired median), else seconds / base."""
+    ratio = f"{ratio:6.2f}x" if ratio is not None else f"{seconds / base:6.2f}x" if base else "      "
     return f"  {name:<52} {seconds * 1000:10.1f} ms  {ratio}  {note}"

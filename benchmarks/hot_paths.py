@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, median_time, need, row  # noqa: E402
+from common import ROOT, median_time, need, paired_ratios, paired_times, row  # noqa: E402
 
 from edc.data import load_prepared, pixel_bounds  # noqa: E402
 from edc.evaluate import student_loss  # noqa: E402
@@ -56,27 +56,28 @@ def per_sample_reference(model, x, y, k):
 
 
 def stats_timings(model, x, y, k, batch_size, repeats, sub=400):
-    """(bare eval forward, collect_bn_stats, per-sample reference scaled from ``sub`` images)."""
+    """(bare eval forward, collect_bn_stats, per-sample reference scaled from ``sub`` images, and the
+    paired ratio of the first two)."""
 
     def bare():
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
                 model(x[i:i + batch_size])
 
-    t_bare = median_time(bare, repeats)
-    t_ours = median_time(lambda: collect_bn_stats(model, x, y, k, batch_size), repeats)
+    t_bare, t_ours = paired_times([bare, lambda: collect_bn_stats(model, x, y, k, batch_size)], repeats)
+    ratio = paired_ratios()[1]
     t_ref = median_time(lambda: per_sample_reference(model, x[:sub], y[:sub], k), max(1, repeats // 2))
-    return t_bare, t_ours, t_ref * len(x) / sub
+    return t_bare, t_ours, t_ref * len(x) / sub, ratio
 
 
 def bench_stats(p, data, repeats):
     print("collect_stats (one eval pass over the 4,000 train images, per observer)")
     x, y = data.normalized("train")
     for name in [m.name for m in p.observers.models]:
-        t_bare, t_ours, t_ref = stats_timings(load_observer(ROOT / "models/observers", name)[0], x, y,
-                                              data.facts.num_classes, p.stats.batch_size, repeats)
+        t_bare, t_ours, t_ref, ratio = stats_timings(load_observer(ROOT / "models/observers", name)[0], x, y,
+                                                     data.facts.num_classes, p.stats.batch_size, repeats)
         print(row(f"{name}: bare eval forward", t_bare))
-        print(row(f"{name}: collect_bn_stats", t_ours, t_bare, "target <= 1.2x"))
+        print(row(f"{name}: collect_bn_stats", t_ours, t_bare, "target <= 1.2x", ratio=ratio))
         print(row(f"{name}: per-sample loop reference (scaled)", t_ref, t_ours, "vs ours"))
 
 
@@ -96,14 +97,16 @@ def bench_synth(p, data, repeats, iters=10):
     for name in p.synth.observers:
         model, _ = load_observer(ROOT / "models/observers", name)
         obs = Observer(name, model, load_stats(ROOT / "stats" / f"{name}.safetensors")[0])
-        t_plain = median_time(lambda m=model: plain_steps(m, images, labels, iters), repeats) / iters
+        fns = [lambda m=model: plain_steps(m, images, labels, iters)]
         for mode in ("off", "logits"):
             cfg = p.synth.model_copy(update={"iterations": iters, "observers": [name],
                                              "flatness": p.synth.flatness.model_copy(update={"mode": mode})})
-            t = median_time(lambda cfg=cfg, o=obs: synthesize(images, labels, [o], cfg, p.alpha, pixel_bounds(facts),
-                                                              lambda b: 0), repeats) / iters
-            print(row(f"{name}: synthesis step, flatness {mode}", t, t_plain,
-                      "target <= 1.25x" if mode == "off" else "adds an EMA forward"))
+            fns.append(lambda cfg=cfg, o=obs: synthesize(images, labels, [o], cfg, p.alpha, pixel_bounds(facts),
+                                                         lambda b: 0))
+        t_plain, t_off, t_logits = (t / iters for t in paired_times(fns, repeats))
+        _, r_off, r_logits = paired_ratios()
+        print(row(f"{name}: synthesis step, flatness off", t_off, note="target <= 1.25x", ratio=r_off))
+        print(row(f"{name}: synthesis step, flatness logits", t_logits, note="adds an EMA forward", ratio=r_logits))
         print(row(f"{name}: plain forward+backward", t_plain))
 
 
@@ -172,9 +175,10 @@ def bench_eval(p, data, repeats):
             x = augment(ds.images[ids], torch.from_numpy(b["crops"]), None)
             step(x, teacher_logits(teachers, x), ds.hard[ids])
 
-    t_bare = median_time(bare, repeats)
+    t_bare, t_stored = paired_times([bare, stored], repeats)
     print(row("bare forward+backward (batches in memory)", t_bare))
-    print(row("stored soft labels (read shard, replay plan)", median_time(stored, repeats), t_bare, "target <= 1.15x"))
+    print(row("stored soft labels (read shard, replay plan)", t_stored, note="target <= 1.15x",
+              ratio=paired_ratios()[1]))
     print(row(f"teachers on the fly ({len(teachers)} teachers)", median_time(on_the_fly, repeats), t_bare))
 
 

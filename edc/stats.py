@@ -60,8 +60,8 @@ class LayerStats:
 class _Accumulator:
     """Per-class float64 sums of a layer's input, shifted by the first batch's channel means.
 
-    Each image's spatial sum and sum of squares are taken in float32 (one einsum, no square
-    temporary) on values shifted by ``shift``; the shift keeps the sums of squares free of
+    Each image's spatial sum and sum of squares are taken in float32 (a sum and a squared vector
+    norm, no square temporary) on values shifted by ``shift``; the shift keeps the sums of squares free of
     cancellation when a channel's mean is large against its spread. Moments are recovered in float64.
     """
 
@@ -69,18 +69,24 @@ class _Accumulator:
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
         self.count, self.s1, self.s2 = z(num_classes), z(num_classes, channels), z(num_classes, channels)
         self.shift: torch.Tensor | None = None
+        self._buf: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         b, c = x.shape[:2]
         flat = x.detach().float().reshape(b, c, -1)
         if self.shift is None:
             self.shift = flat.mean((0, 2))
-        d = flat - self.shift[None, :, None]
+        # The shifted copy goes into a buffer kept across batches: a fresh one per batch cost as much
+        # again in page faults as the arithmetic.
+        if self._buf is None or self._buf.shape != flat.shape or self._buf.device != flat.device:
+            self._buf = torch.empty_like(flat)
+        d = torch.sub(flat, self.shift[None, :, None], out=self._buf)
         n = flat.shape[2]
         self.count.index_add_(0, labels, torch.full((b,), float(n), dtype=torch.float64))
-        # (B, C) per-image sums come back to the CPU accumulators (no-ops on the CPU)
+        # (B, C) per-image sums come back to the CPU accumulators (no-ops on the CPU). The sum of
+        # squares is a squared vector norm: one read, and closer to float64 than a batched dot product.
         self.s1.index_add_(0, labels, d.sum(2).double().cpu())
-        self.s2.index_add_(0, labels, torch.einsum("bcn,bcn->bc", d, d).double().cpu())
+        self.s2.index_add_(0, labels, torch.linalg.vector_norm(d, dim=2).double().square().cpu())
 
     def result(self) -> LayerStats:
         if (self.count == 0).any():
