@@ -1,5 +1,7 @@
 # make repro: create/refresh .venv, then run the pipeline (dvc repro) on the default data.
 # make test:  create/refresh .venv, then run the test suite.
+# make bench: create/refresh .venv, dvc repro (a no-op when done), then the benchmarks that print the
+#             performance targets' ratios (docs/performance.md); benchmarks/stage_costs.py is separate (long).
 # The venv is rebuilt only when pyproject.toml changes (stamp file), so both targets are idempotent.
 
 PYTHON ?= python3
@@ -9,7 +11,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.edc-installed
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: repro test lint venv clean-venv
+.PHONY: repro test bench lint venv clean-venv
 
 venv: $(STAMP)
 
@@ -24,6 +26,13 @@ $(STAMP): pyproject.toml
 repro: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
 	@PATH="$(BIN):$$PATH" dvc metrics show
+
+bench: $(STAMP)
+	PATH="$(BIN):$$PATH" dvc repro
+	PATH="$(BIN):$$PATH" python benchmarks/hot_paths.py
+	PATH="$(BIN):$$PATH" python benchmarks/dvc_overhead.py
+	PATH="$(BIN):$$PATH" python benchmarks/budgets.py
+	PATH="$(BIN):$$PATH" python benchmarks/streaming.py
 
 test: $(STAMP)
 	PATH="$(BIN):$$PATH" python -m pytest $(PYTEST_ARGS)

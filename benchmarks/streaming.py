@@ -1,6 +1,6 @@
 """Image folders read on the fly (dataset.storage: files): throughput with DataLoader workers, and memory.
 
-    python benchmarks/streaming.py [--images 2000] [--size 128] [--repeats 3]
+    python benchmarks/streaming.py [--images 4000] [--size 128] [--repeats 3]
 
 Writes a scratch folder of random JPEGs (10 classes; train/ and val/), prepares it with both
 storages, then for each of: arrays (memory-mapped), files with 0 workers (decoding in the stage's
