@@ -89,8 +89,11 @@ def init() -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
+    import torch
     import torch.distributed as dist
 
+    if torch.cuda.is_available():  # one GPU per process on a multi-GPU machine ("cuda" = this one)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
     return World(dist.get_rank(), dist.get_world_size())
