@@ -63,6 +63,17 @@ class World:
         rows = part.stop - part.start
         return 1.0 if self.size == 1 or rows == n else self.size * rows / n
 
+    def backward(self, loss, part: slice, n: int) -> None:
+        """``loss.backward()`` for this rank's mean loss over ``part`` of a batch of ``n`` rows,
+        weighted by :meth:`loss_weight` (unweighted in one process: the same graph as ever)."""
+        weight = self.loss_weight(part, n)
+        (loss if weight == 1.0 else loss * weight).backward()
+
+    def counts(self, part: slice, n: int) -> bool:
+        """Whether this rank's rows of a batch enter the epoch's loss and accuracy sums (before
+        :meth:`all_sum`): its own share always; a batch every rank computed whole, on rank 0 only."""
+        return self.main or part.stop - part.start < n
+
     def all_sum(self, *values: float) -> list[float]:
         """Sums over the ranks (the values themselves in one process)."""
         if self.size == 1:

@@ -93,14 +93,13 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
             with autocast(device, bf16):
                 out = net(x)
                 loss = student_loss(cfg.loss, out.float(), target, hard, cfg.temperature, soft)
-            weight = world.loss_weight(part, full)
             opt.zero_grad(set_to_none=True)
-            (loss if weight == 1.0 else loss * weight).backward()
+            world.backward(loss, part, full)
             opt.step()
             sched.step()
             if ema is not None:
                 ema.update_parameters(model)
-            if world.main or len(x) < full:  # a batch computed whole on every rank is counted once
+            if world.counts(part, full):
                 loss_sum += loss.item() * len(x)
                 n += len(x)
         loss_sum, n = world.all_sum(loss_sum, n)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edc.data import as_split
 from edc.errors import DataError
 from edc.runtime import model_device, progress
 
@@ -45,16 +46,9 @@ def _per_class_sample(labels: torch.Tensor, k: int, n: int, gen: torch.Generator
     return torch.stack(rows)
 
 
-def _source(images, labels):
-    """(images, labels) tensors or a SplitView (``labels`` then its own)."""
-    from edc.data import as_split
-
-    return as_split((images, labels)) if isinstance(images, torch.Tensor) else images
-
-
 def real_init(images, labels: torch.Tensor | None, k: int, ipc: int, gen: torch.Generator) -> InitResult:
     """``ipc`` random real images per class (``images``: a tensor with ``labels``, or a SplitView)."""
-    src = _source(images, labels)
+    src = as_split(images, labels)
     y = src.labels
     idx = _per_class_sample(y, k, ipc, gen, "ipc").flatten()
     x = src.take(idx).clone()
@@ -86,7 +80,7 @@ def crop_scores(crops: torch.Tensor, labels: torch.Tensor, observers: list[nn.Mo
 def rded_init(images, labels: torch.Tensor | None, k: int, ipc: int, observers: list[nn.Module],
               candidates: int, crops: int, factor: int, gen: torch.Generator, batch_size: int = 500) -> InitResult:
     """RDED (module docstring); ``images``: a tensor with ``labels``, or a SplitView read in chunks."""
-    src_split = _source(images, labels)
+    src_split = as_split(images, labels)
     y = src_split.labels
     f2 = factor * factor
     if candidates < ipc * f2:

@@ -106,12 +106,11 @@ def train_observer(spec, cfg, facts: DatasetFacts, train, test, seed: int, devic
             with autocast(device, bf16):
                 logits = net(xb)
                 loss = F.cross_entropy(logits, yb)
-            weight = world.loss_weight(part, full)
             opt.zero_grad(set_to_none=True)
-            (loss if weight == 1.0 else loss * weight).backward()
+            world.backward(loss, part, full)
             opt.step()
             sched.step()
-            if world.main or len(yb) < full:  # a batch computed whole on every rank is counted once
+            if world.counts(part, full):
                 loss_sum += float(loss.detach()) * len(yb)
                 correct += int((logits.argmax(1) == yb).sum())
         loss_sum, correct = world.all_sum(loss_sum, correct)

@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +121,18 @@ class Checkpointer:
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def finished_units(ckpt: Checkpointer, world, units: range, is_done: Callable[[int], bool], what: str,
+                   stage: str) -> set[int]:
+    """The units (synthesis batches, relabel epochs) a killed run left finished in ``ckpt``'s
+    directory, the same set on every rank: rank 0 readies the directory (a checkpoint of other
+    inputs is discarded), every rank lists, and no rank goes on to add a unit before all have listed."""
+    if world.main:
+        ckpt.prepare()
+    world.barrier()
+    done = {u for u in units if is_done(u)}
+    world.barrier()
+    if done and world.main:
+        print(f"{stage}: resuming with {len(done)}/{len(units)} {what} done (checkpoint in {ckpt.dir})", flush=True)
+    return done

@@ -110,7 +110,7 @@ def collect_bn_stats(model: nn.Module, images, labels: torch.Tensor | None, num_
     batch (:class:`edc.data.SplitView`, ``labels`` None); returns {layer name: LayerStats} in model order."""
     from edc.data import as_split
 
-    source = as_split((images, labels) if labels is not None else images)
+    source = as_split(images, labels)
     layers = bn_layers(model)
     if not layers:
         raise ArtifactError(f"{desc}: the model has no BatchNorm layers, so it has no statistics to match")

@@ -61,16 +61,26 @@ class _ShiftedMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, flat: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = flat - shift[None, :, None]
+        d, mean, sq = _shifted_moments(flat, shift)
         ctx.save_for_backward(d)
-        n = d.shape[2]
-        return d.mean(2), torch.linalg.vector_norm(d, dim=2).square() / n
+        return mean, sq
 
     @staticmethod
     def backward(ctx, g_mean: torch.Tensor, g_sq: torch.Tensor) -> tuple[torch.Tensor, None]:
         (d,) = ctx.saved_tensors
-        n = d.shape[2]
-        return torch.addcmul((g_mean / n)[:, :, None], d, (g_sq * (2.0 / n))[:, :, None]), None
+        return _moments_grad(d, g_mean, g_sq), None
+
+
+def _shifted_moments(flat: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a - s, its per-image channel means, its per-image channel means of squares) for (B, C, S)."""
+    d = flat - shift[None, :, None]
+    return d, d.mean(2), torch.linalg.vector_norm(d, dim=2).square() / d.shape[2]
+
+
+def _moments_grad(d: torch.Tensor, g_mean: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
+    """The gradient reaching a = d + s through the means and mean squares of d: one fused pass."""
+    n = d.shape[2]
+    return torch.addcmul((g_mean / n)[:, :, None], d, (g_sq * (2.0 / n))[:, :, None])
 
 
 def image_moments(a: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,20 +119,9 @@ def batch_moments(a: torch.Tensor, onehot: torch.Tensor, shift: torch.Tensor | N
 
 
 def matching_loss(a: torch.Tensor, y: torch.Tensor, target: Target, alpha: float) -> torch.Tensor:
-    """Soft category-aware matching loss of one layer's input ``a`` against ``target`` (module doc)."""
-    k = target.class_mean.shape[0]
-    onehot = F.one_hot(y, k).to(a.dtype)
-    got = batch_moments(a, onehot, target.mean)
-    loss = a.new_zeros(())
-    if alpha > 0:
-        loss = loss + alpha * (torch.linalg.vector_norm(got.mean - target.mean)
-                               + torch.linalg.vector_norm(got.var - target.var))
-    if alpha < 1:
-        p = onehot.mean(0)  # share of each class in the batch; 0 for absent classes
-        per_class = (torch.linalg.vector_norm(got.class_mean - target.class_mean, dim=1)
-                     + torch.linalg.vector_norm(got.class_var - target.class_var, dim=1))
-        loss = loss + (1 - alpha) * (p * per_class).sum()
-    return loss
+    """Soft category-aware matching loss of one layer's input ``a`` against ``target`` (module doc):
+    :func:`fused_matching` for one layer."""
+    return fused_matching([image_moments(a, target.mean)], y, LayerTargets([target]), alpha)
 
 
 def flatness_kl(logits: torch.Tensor, logits_ema: torch.Tensor, tau: float) -> torch.Tensor:
@@ -187,19 +186,16 @@ class _BNWithMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, shift: torch.Tensor):
         b, c = a.shape[:2]
-        flat = a.reshape(b, c, -1)
-        d = flat - shift[None, :, None]
-        n = d.shape[2]
+        d, mean, sq = _shifted_moments(a.reshape(b, c, -1), shift)
         per_channel = (1, c) + (1,) * (a.dim() - 2)
         out = torch.addcmul(offset.view(per_channel), a, scale.view(per_channel))  # a new tensor, not a view
         ctx.save_for_backward(d, scale)
-        return out, d.mean(2), torch.linalg.vector_norm(d, dim=2).square() / n
+        return out, mean, sq
 
     @staticmethod
     def backward(ctx, g_out: torch.Tensor, g_mean: torch.Tensor, g_sq: torch.Tensor):
         d, scale = ctx.saved_tensors
-        n = d.shape[2]
-        g = torch.addcmul((g_mean / n)[:, :, None], d, (g_sq * (2.0 / n))[:, :, None])
+        g = _moments_grad(d, g_mean, g_sq)
         g.addcmul_(g_out.reshape(d.shape), scale[None, :, None])
         return g.view(g_out.shape), None, None, None
 

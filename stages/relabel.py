@@ -14,7 +14,7 @@ from edc.io import publish_dir, read_json, write_json
 from edc.observers import load_observer
 from edc.params import load_params
 from edc.relabel import augment, batches, make_plan, teacher_logits
-from edc.resume import Checkpointer, fingerprint
+from edc.resume import Checkpointer, fingerprint, finished_units
 from edc.runtime import derive_seed, place, progress, resolve_device
 from edc.shards import CondensedWriter, epoch_shard_name
 from edc.stage import parser, stage_main
@@ -60,18 +60,12 @@ def main(argv=None) -> None:
         # number of ranks, computes only the epochs without both. Under torchrun the epochs left are
         # dealt out to the ranks (each plan is seeded by its epoch alone); rank 0 writes the images
         # and meta.json and publishes the set once every rank is done.
-        if world.main:
-            ckpt.prepare()  # keeps a checkpoint of these inputs, discards one of others
-        world.barrier()
-
         def agree_file(e: int) -> Path:
             return ckpt.dir / f".agree-{e:04d}.json"
 
-        done = {e for e in range(cfg.epochs) if agree_file(e).is_file() and (ckpt.dir / epoch_shard_name(e)).is_file()}
-        world.barrier()  # every rank has listed the finished epochs before any rank adds one
-        if done and world.main:
-            print(f"relabel: resuming with {len(done)}/{cfg.epochs} epochs done (checkpoint in {ckpt.dir})",
-                  flush=True)
+        done = finished_units(ckpt, world, range(cfg.epochs),
+                              lambda e: agree_file(e).is_file() and (ckpt.dir / epoch_shard_name(e)).is_file(),
+                              "epochs", "relabel")
         writer = CondensedWriter(ckpt.dir, images_u8, labels, meta, write_images=world.main)
         todo = world.mine([e for e in range(cfg.epochs) if e not in done])
         for e in progress(todo, desc="relabel" if world.size == 1 else f"relabel rank {world.rank}", unit="epoch"):

@@ -14,7 +14,7 @@ from edc.imageset import read_imageset, save_grid, write_imageset
 from edc.io import atomic_dir, atomic_file, md5_file, write_json
 from edc.observers import load_observer
 from edc.params import load_params
-from edc.resume import Checkpointer, fingerprint
+from edc.resume import Checkpointer, fingerprint, finished_units
 from edc.runtime import derive_seed, place, resolve_device, seed_everything
 from edc.stage import parser, stage_main
 from edc.stats import load_stats
@@ -82,18 +82,11 @@ def main(argv=None) -> None:
             # The batches are dealt out to the ranks; each finished batch is kept in the checkpoint
             # directory, so a rerun after an interruption, with any number of ranks, runs only the
             # batches without a file. Rank 0 merges them (a batch's result depends on its index only).
-            if world.main:
-                ckpt.prepare()  # keeps a checkpoint of these inputs, discards one of others
-            world.barrier()
-
             def part_file(b: int) -> Path:
                 return ckpt.dir / f"batch-{b:04d}.pt"
 
-            done = {b for b in range(len(batches)) if part_file(b).is_file()}
-            world.barrier()  # every rank has listed the finished batches before any rank adds one
-            if done and world.main:
-                print(f"synthesize: resuming with {len(done)}/{len(batches)} batches done (checkpoint in {ckpt.dir})",
-                      flush=True)
+            done = finished_units(ckpt, world, range(len(batches)), lambda b: part_file(b).is_file(), "batches",
+                                  "synthesize")
             for b in world.mine([b for b in range(len(batches)) if b not in done]):
                 own_rows: list[dict] = []
                 result = synthesize(images, ydev, observers, cfg, p.alpha, pixel_bounds(facts), seed_for,

@@ -102,7 +102,7 @@ class PreparedDataset:
     def normalized(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole split as (normalised images, labels); for small data (tests, benchmarks)."""
         s = getattr(self, split)
-        return self.take(split, torch.arange(len(s))), torch.from_numpy(np.array(s.labels))
+        return self.take(split, torch.arange(len(s))), torch.tensor(s.labels)
 
 
 class SplitView:
@@ -111,7 +111,7 @@ class SplitView:
 
     def __init__(self, data: PreparedDataset, split: str):
         self.data, self.split = data, split
-        self.labels = torch.from_numpy(np.array(getattr(data, split).labels))
+        self.labels = torch.as_tensor(getattr(data, split).labels)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -141,11 +141,14 @@ class TensorSplit:
         return self.images[torch.as_tensor(index, dtype=torch.int64)]
 
 
-def as_split(source) -> SplitView | TensorSplit:
-    """A SplitView/TensorSplit as it is, or an (images, labels) tuple of tensors wrapped."""
-    if isinstance(source, tuple):
-        return TensorSplit(*source)
-    return source
+def as_split(images, labels: torch.Tensor | None = None) -> SplitView | TensorSplit:
+    """What training, statistics, initialisation and evaluation accept, as one interface: a
+    SplitView or TensorSplit as it is, an (images, labels) tuple of tensors, or the two tensors."""
+    if labels is not None:
+        return TensorSplit(images, labels)
+    if isinstance(images, tuple):
+        return TensorSplit(*images)
+    return images
 
 
 class Batches:
@@ -155,22 +158,19 @@ class Batches:
     def __init__(self, data: PreparedDataset, split: str, batch_size: int, order=None):
         self.data, self.split, self.batch_size = data, split, batch_size
         self.order = None if order is None else torch.as_tensor(order, dtype=torch.int64).flatten()
-        s: Split = getattr(data, split)
-        self.labels = torch.from_numpy(np.array(s.labels)) if self.order is None else \
-            torch.from_numpy(np.array(s.labels))[self.order]
+        labels = torch.as_tensor(getattr(data, split).labels)
+        self.labels = labels if self.order is None else labels[self.order]
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def num_batches(self) -> int:
-        return -(-len(self) // self.batch_size)
 
     def __iter__(self):
         s: Split = getattr(self.data, self.split)
         if s.files is not None:
             from edc.data.stream import decoded_batches
 
-            for u8, pos in decoded_batches(s.files, self.order, self.data.facts, self.batch_size,
+            f = self.data.facts
+            for u8, pos in decoded_batches(s.files, self.order, f.channels, f.height, self.batch_size,
                                            self.data.workers):
                 yield normalize(u8, self.data.facts), self.labels[pos]
             return

@@ -42,22 +42,17 @@ class ImageFiles(Dataset):
             return torch.zeros(self.channels, self.size, self.size, dtype=torch.uint8), i, str(exc)
 
 
-def decoded_batches(files: list[Path], order: torch.Tensor | None, facts: DatasetFacts, batch_size: int,
+def decoded_batches(files: list[Path], order: torch.Tensor | None, channels: int, size: int, batch_size: int,
                     workers: int):
-    """Yield (uint8 (B, C, H, W) images, positions in ``order``) in order, decoded by ``workers``
-    DataLoader processes (0 = in this process)."""
-    mode = "L" if facts.channels == 1 else "RGB"
-    ds = ImageFiles(files, order, facts.height, mode)
+    """Yield (uint8 (B, channels, size, size) images, positions in ``order``) in order, decoded by
+    ``workers`` DataLoader processes (0 = in this process)."""
+    ds = ImageFiles(files, order, size, "L" if channels == 1 else "RGB")
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        persistent_workers=False, prefetch_factor=2 if workers else None)
+                        prefetch_factor=2 if workers else None)
     for images, pos, errors in loader:
         bad = [e for e in errors if e]
         if bad:
             raise DataError(bad[0])
-        shape = tuple(images.shape[1:])
-        if shape != (facts.channels, facts.height, facts.width):
-            raise DataError(f"{files[0].parent.parent}: decoded images are {shape}, the prepared facts say "
-                            f"{(facts.channels, facts.height, facts.width)}; rerun prepare")
         yield images, pos
 
 
@@ -77,9 +72,6 @@ def prepare_files(cfg, out: Path, workers: int = 0) -> DatasetFacts:
     lay = imagefolder_layout(cfg)
     k, size = len(lay.classes), cfg.image_size
     channels = 1 if lay.mode == "L" else 3
-    facts = DatasetFacts(name=cfg.name, channels=channels, height=size, width=size, num_classes=k,
-                         class_names=list(lay.classes), mean=[0.0] * channels, std=[1.0] * channels,
-                         counts={}, format=FORMAT, storage="files", root=str(lay.root.resolve()))
     counts = {}
     s1, s2 = np.zeros(channels, np.int64), np.zeros(channels, np.int64)
     for split, d in (("train", lay.train), ("test", lay.test)):
@@ -90,7 +82,7 @@ def prepare_files(cfg, out: Path, workers: int = 0) -> DatasetFacts:
             raise DataError(f"{cfg.name}: class(es) {', '.join(map(repr, absent[:5]))} absent from the {split} "
                             f"split")
         counts[split] = c.tolist()
-        batches = decoded_batches(files, None, facts, 256, workers)
+        batches = decoded_batches(files, None, channels, size, 256, workers)
         for images, _ in progress(batches, total=-(-len(files) // 256), desc=f"checking {d.name}/", unit="batch"):
             if split == "train":
                 a, b = pixel_sums(images.numpy())
@@ -99,6 +91,8 @@ def prepare_files(cfg, out: Path, workers: int = 0) -> DatasetFacts:
         (out / f"{split}_files.txt").write_text("".join(r + "\n" for r in rel), encoding="utf-8")
         np.save(out / f"{split}_labels.npy", labels, allow_pickle=False)
     mean, std = channel_moments(s1, s2, sum(counts["train"]) * size * size)
-    facts = DatasetFacts(**{**facts.to_dict(), "mean": mean, "std": std, "counts": counts})
+    facts = DatasetFacts(name=cfg.name, channels=channels, height=size, width=size, num_classes=k,
+                         class_names=list(lay.classes), mean=mean, std=std, counts=counts, format=FORMAT,
+                         storage="files", root=str(lay.root.resolve()))
     write_json(out / "facts.json", facts.to_dict())
     return facts
