@@ -37,6 +37,8 @@ class DatasetParams(Section):
     root: Optional[str] = Field(default=None, validate_default=True,
                                 description="source location; required for all but mnist5k")
     test_size: int = Field(default=1000, ge=1, description="mnist5k: images held out, stratified by class")
+    val_size: int = Field(default=0, ge=0, description="train images held out as a validation split (stratified, "
+                                                       "seeded) for choosing recipes; 0 = none")
     image_size: Optional[int] = Field(default=None, ge=8, le=1024, description="imagefolder: resize side")
     storage: Literal["arrays", "files"] = Field(
         default="arrays", description="arrays: prepare copies the pixels into .npy arrays; files (imagefolder "
@@ -123,6 +125,9 @@ class ObserversParams(Section):
 
 class StatsParams(Section):
     batch_size: int = Field(default=500, ge=1, le=65_536)
+    augment: bool = Field(default=True, description="targets from views under synth.aug (the crops synthesis "
+                                                     "matches) instead of the un-augmented images")
+    draws: int = Field(default=2, ge=1, le=64, description="augment: views of each train image")
 
 
 class InitParams(Section):
@@ -155,6 +160,8 @@ class SynthParams(Section):
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     batch_size: int | Literal["all"] = Field(default="all", description="images per batch, or all")
     r_bn: float = Field(default=0.1, ge=0, description="weight of the statistics-matching loss")
+    layers: Literal["mean", "sum"] = Field(default="mean", description="matching combined over an observer's "
+                                                                        "BatchNorm layers: mean (paper Eq. 16) or sum")
     ce_weight: float = Field(default=1.0, ge=0, description="weight of the cross-entropy term")
     flatness: FlatnessParams = Field(default_factory=FlatnessParams)
     aug: CropAugParams = Field(default_factory=CropAugParams)
@@ -169,7 +176,9 @@ class SynthParams(Section):
 
 class RelabelParams(Section):
     teachers: list[str] = Field(min_length=1, description="observers whose mean logits become the soft labels")
-    epochs: int = Field(ge=1, le=100_000, description="post-evaluation epochs the plan covers")
+    epochs: int = Field(ge=1, le=100_000, description="post-evaluation epochs the plan covers (at least)")
+    min_steps: int = Field(default=0, ge=0, le=10_000_000,
+                           description="more epochs when needed for this many optimiser steps (planned_epochs)")
     batch_size: int = Field(ge=1, le=65_536, description="post-evaluation batch size")
     topk: int = Field(default=0, ge=0, description="store the k largest logits per image; 0 = all")
     cutmix: bool = False
@@ -189,6 +198,8 @@ class EvaluateParams(Section):
     gamma: float = Field(default=0.5, gt=0, le=1, description="multistep decay")
     ema: bool = Field(default=True, description="evaluate the EMA of the weights (EDC) instead of the raw model")
     ema_rate: float = Field(default=0.99, ge=0, lt=1)
+    ema_warmup: int = Field(default=10, ge=0, description="EMA decay after n updates: min(ema_rate, (1 + n) / "
+                                                          "(ema_warmup + n)); 0 = constant ema_rate")
     eval_every: int = Field(default=25, ge=1, description="epochs between test points on the curves")
 
     @field_validator("milestones")

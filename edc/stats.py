@@ -35,6 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from edc.data import as_split
+from edc.data.augment import apply_crop_flip, sample_crop_flip
 from edc.errors import ArtifactError
 from edc.io import read_safetensors_metadata, save_safetensors
 from edc.runtime import model_device, progress
@@ -105,11 +107,15 @@ class _Accumulator:
 
 @torch.no_grad()
 def collect_bn_stats(model: nn.Module, images, labels: torch.Tensor | None, num_classes: int,
-                     batch_size: int = 500, desc: str = "stats") -> dict[str, LayerStats]:
+                     batch_size: int = 500, desc: str = "stats", aug=None, draws: int = 1,
+                     seed: int = 0) -> dict[str, LayerStats]:
     """One eval-mode pass over (images, labels) tensors, or over ``images`` = a split read batch by
-    batch (:class:`edc.data.SplitView`, ``labels`` None); returns {layer name: LayerStats} in model order."""
-    from edc.data import as_split
+    batch (:class:`edc.data.SplitView`, ``labels`` None); returns {layer name: LayerStats} in model order.
 
+    With ``aug`` (a ``synth.aug`` section: ``scale_min``, ``flip``) every batch is seen ``draws`` times,
+    each time through a fresh draw of synthesis's random-resized-crop + flip
+    (:func:`edc.data.augment.sample_crop_flip`, from a generator seeded with ``seed``): the statistics
+    of the views synthesis shows the observers, so that real images are at the matching loss's minimum."""
     source = as_split(images, labels)
     layers = bn_layers(model)
     if not layers:
@@ -131,9 +137,14 @@ def collect_bn_stats(model: nn.Module, images, labels: torch.Tensor | None, num_
     model.eval()
     try:
         total = -(-len(source) // batch_size)
+        gen = torch.Generator().manual_seed(seed)
         for xb, yb in progress(source.batches(batch_size), total=total, desc=desc, unit="batch"):
             current["labels"] = yb
-            model(xb.to(dev))
+            if aug is None:
+                model(xb.to(dev))
+                continue
+            for _ in range(draws):
+                model(apply_crop_flip(xb, sample_crop_flip(len(xb), aug.scale_min, aug.flip, gen)).to(dev))
     finally:
         for h in handles:
             h.remove()

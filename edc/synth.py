@@ -21,7 +21,6 @@ the valid range after every step.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edc.data.augment import apply_crop_flip, sample_crop_flip
 from edc.errors import EdcError
 from edc.runtime import model_device, progress
 from edc.schedules import lr_lambda
@@ -41,7 +41,7 @@ class SynthesisError(EdcError):
 
 @dataclass(frozen=True)
 class Target:
-    """Statistics of one BatchNorm layer's input, float32: (C,), (C,), (K, C), (K, C)."""
+    """Statistics of one BatchNorm layer's input, in the observer's dtype: (C,), (C,), (K, C), (K, C)."""
 
     mean: torch.Tensor
     var: torch.Tensor
@@ -49,8 +49,9 @@ class Target:
     class_var: torch.Tensor
 
     @classmethod
-    def from_stats(cls, s: LayerStats, device: torch.device | None = None) -> Target:
-        return cls(*(t.float().to(device) for t in (s.mean, s.var, s.class_mean, s.class_var)))
+    def from_stats(cls, s: LayerStats, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+                   ) -> Target:
+        return cls(*(t.to(device, dtype) for t in (s.mean, s.var, s.class_mean, s.class_var)))
 
 
 class _ShiftedMoments(torch.autograd.Function):
@@ -138,43 +139,6 @@ def ema_update(x_ema: torch.Tensor, x: torch.Tensor, beta: float) -> None:
         x_ema.mul_(beta).add_(x.detach(), alpha=1 - beta)
 
 
-# --- augmentation: per-image random resized crop + flip, differentiable, one call for the batch ----
-
-@dataclass(frozen=True)
-class CropFlip:
-    scale_w: torch.Tensor  # (B,) crop width as a fraction of the image width
-    scale_h: torch.Tensor
-    center_x: torch.Tensor  # (B,) crop centre in [-1, 1] coordinates
-    center_y: torch.Tensor
-    flip: torch.Tensor  # (B,) bool
-
-
-def sample_crop_flip(b: int, scale_min: float, flip: bool, gen: torch.Generator,
-                     ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> CropFlip:
-    """RandomResizedCrop's distribution (area fraction in [scale_min, 1], log-uniform aspect ratio),
-    with sides clamped to the image instead of retried."""
-    area = scale_min + (1 - scale_min) * torch.rand(b, generator=gen)
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(b, generator=gen)
-    r = log_r.exp()
-    sw, sh = (area * r).sqrt().clamp(max=1.0), (area / r).sqrt().clamp(max=1.0)
-    cx = (torch.rand(b, generator=gen) * 2 - 1) * (1 - sw)
-    cy = (torch.rand(b, generator=gen) * 2 - 1) * (1 - sh)
-    fl = torch.rand(b, generator=gen) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
-    return CropFlip(sw, sh, cx, cy, fl)
-
-
-def apply_crop_flip(x: torch.Tensor, t: CropFlip) -> torch.Tensor:
-    """Crop each image's box and resize it back to the full size (bilinear), flipping where drawn."""
-    theta = torch.zeros(len(x), 2, 3, dtype=x.dtype)
-    theta[:, 0, 0] = torch.where(t.flip, -t.scale_w, t.scale_w)
-    theta[:, 0, 2] = t.center_x
-    theta[:, 1, 1] = t.scale_h
-    theta[:, 1, 2] = t.center_y
-    theta = theta.to(x.device)  # drawn on the CPU generator: the same draws on any device
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 # --- the optimisation loop -------------------------------------------------------------------------
 
 class _BNWithMoments(torch.autograd.Function):
@@ -204,8 +168,8 @@ class Observer:
     """An observer model whose matched BatchNorm layers also report their inputs' per-image moments
     (shifted by the target means), and the matching targets for each."""
 
-    def __init__(self, name: str, model: nn.Module, stats: dict[str, LayerStats]):
-        self.name, self.model = name, model.eval()
+    def __init__(self, name: str, model: nn.Module, stats: dict[str, LayerStats], layers: str = "sum"):
+        self.name, self.model, self.layers = name, model.eval(), layers
         for p in self.model.parameters():
             p.requires_grad_(False)
         modules = dict(bn_layers(model))
@@ -213,7 +177,8 @@ class Observer:
         if missing:
             raise EdcError(f"observer {name}: statistics name layers it does not have ({missing[:3]})")
         dev = model_device(model)
-        self.targets = [Target.from_stats(s, dev) for s in stats.values()]
+        dtype = next(model.parameters()).dtype  # float32, or float64 for exact checks
+        self.targets = [Target.from_stats(s, dev, dtype) for s in stats.values()]
         self.fused = LayerTargets(self.targets)
         self._moments: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         for layer, target in zip(stats, self.targets):
@@ -258,9 +223,10 @@ class Observer:
 
     def matching(self, moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor, alpha: float,
                  targets: list[Target] | None = None) -> torch.Tensor:
-        """The sum over layers of :func:`matching_loss`, computed for all layers at once, against the
-        observer's targets or ``targets``."""
-        return fused_matching(moments, y, self.fused, alpha, None if targets is None else LayerTargets(targets))
+        """The sum (or mean, ``layers``) over layers of :func:`matching_loss`, computed for all layers at
+        once, against the observer's targets or ``targets``."""
+        return fused_matching(moments, y, self.fused, alpha, None if targets is None else LayerTargets(targets),
+                              self.layers)
 
 
 class LayerTargets:
@@ -284,8 +250,9 @@ class LayerTargets:
 
 
 def fused_matching(moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor, shifts: LayerTargets,
-                   alpha: float, targets: LayerTargets | None = None) -> torch.Tensor:
-    """sum_l matching_loss(layer l's input, y, target l, alpha), from each layer's per-image moments
+                   alpha: float, targets: LayerTargets | None = None, layers: str = "sum") -> torch.Tensor:
+    """sum_l matching_loss(layer l's input, y, target l, alpha) (``layers="mean"``: divided by the number of
+    layers, the paper's Eq. 16), from each layer's per-image moments
     shifted by ``shifts.mean`` (:func:`image_moments`), against ``targets`` (default: ``shifts``).
     The groups' moments, the differences and the norms are computed once for all the layers'
     concatenated channels, not once per layer: on a CPU the per-layer version cost more in
@@ -301,7 +268,7 @@ def fused_matching(moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Te
         p = onehot.mean(0)  # share of each class in the batch; 0 for absent classes
         per_class = t.norms(got.class_mean - t.class_mean) + t.norms(got.class_var - t.class_var)  # (K, L)
         loss = loss + (1 - alpha) * (p[:, None] * per_class).sum()
-    return loss
+    return loss / len(moments) if layers == "mean" else loss
 
 
 def partition(labels: torch.Tensor, batch_size: int | None) -> list[torch.Tensor]:

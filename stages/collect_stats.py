@@ -8,7 +8,7 @@ from edc.data import load_prepared
 from edc.io import atomic_dir, md5_file, write_json
 from edc.observers import load_observer, observer_names
 from edc.params import load_params
-from edc.runtime import place, resolve_device
+from edc.runtime import derive_seed, place, resolve_device
 from edc.stage import parser, stage_main
 from edc.stats import bn_layers, collect_bn_stats, save_stats
 from edc.tracking import stage_run
@@ -23,7 +23,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     p = load_params(args.params)
     device = resolve_device(p.device)
-    with stage_run("collect_stats", {"stats": p.stats.model_dump()}, seed=p.seed) as run:
+    aug = p.synth.aug if p.stats.augment else None
+    targets = {"augment": p.stats.augment, "draws": p.stats.draws if aug else 1,
+               "aug": aug.model_dump() if aug else None}
+    with stage_run("collect_stats", {"stats": p.stats.model_dump(), "synth": {"aug": p.synth.aug.model_dump()}},
+                   seed=p.seed) as run:
         data = load_prepared(args.data, p.workers)
         train = data.view("train")  # read batch by batch (memory-mapped arrays or decoded files)
         report = {}
@@ -36,9 +40,10 @@ def main(argv=None) -> None:
                           "synth.observers)", flush=True)
                     report[name] = {"layers": 0, "channels": 0, "running_mean_gap": 0.0}
                     continue
-                stats = collect_bn_stats(model, train, None, data.facts.num_classes, p.stats.batch_size, desc=name)
+                stats = collect_bn_stats(model, train, None, data.facts.num_classes, p.stats.batch_size, desc=name,
+                                         aug=aug, draws=p.stats.draws, seed=derive_seed(p.seed, "collect_stats", name))
                 save_stats(Path(tmp) / f"{name}.safetensors", stats, {
-                    "observer": name, "arch": spec["arch"], "num_classes": data.facts.num_classes,
+                    "observer": name, "arch": spec["arch"], "num_classes": data.facts.num_classes, "targets": targets,
                     "images": len(train), "observer_md5": md5_file(Path(args.observers) / f"{name}.safetensors"),
                 })
                 # How far the observer's running BN estimates are from the exact statistics: a check

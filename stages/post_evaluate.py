@@ -13,6 +13,7 @@ from edc.errors import ArtifactError
 from edc.evaluate import StudentResult, summarize, train_student
 from edc.io import write_curves, write_json
 from edc.params import load_params
+from edc.relabel import planned_epochs
 from edc.resume import Checkpointer, fingerprint
 from edc.runtime import derive_seed, resolve_device
 from edc.shards import load_condensed
@@ -32,7 +33,8 @@ def main(argv=None) -> None:
     device = resolve_device(p.device)
     world = distributed.init()
     with stage_run("post_evaluate", {"seed": p.seed, "zeta": p.zeta, "evaluate": cfg.model_dump(),
-                                     "relabel": {"batch_size": p.relabel.batch_size, "epochs": p.relabel.epochs}},
+                                     "relabel": {"batch_size": p.relabel.batch_size, "epochs": p.relabel.epochs,
+                                                 "min_steps": p.relabel.min_steps}},
                    seed=p.seed, enabled=world.main) as run:
         data = load_prepared(args.data, p.workers)
         ds = load_condensed(args.shards, labels=cfg.labels)
@@ -41,15 +43,20 @@ def main(argv=None) -> None:
                                 f"but the test split is {data.facts.name} ({data.facts.num_classes} classes)")
         # The evaluation batch size and epoch count are the relabel plan's: a set planned otherwise
         # cannot serve them (the soft labels belong to those exact batches).
+        want_epochs = planned_epochs(p.relabel.epochs, p.relabel.min_steps, ds.meta["num_images"],
+                                     p.relabel.batch_size)
         for key, have, want in (("batch_size", ds.batch_size, p.relabel.batch_size),
-                                ("epochs", ds.epochs, p.relabel.epochs)):
+                                ("epochs", ds.epochs, want_epochs)):
             if have != want:
                 raise ArtifactError(f"{args.shards}: its stored plan has {key} {have}, but {args.params} asks for "
-                                    f"relabel.{key}: {want}; rerun relabel (dvc repro) to plan for it")
+                                    f"{want} (relabel.{key}{', relabel.min_steps' if key == 'epochs' else ''}); "
+                                    f"rerun relabel (dvc repro) to plan for it")
         test = data.view("test")  # read batch by batch at each evaluation
+        val = data.view("val") if data.has_val else None  # what recipes are chosen on (dataset.val_size)
         ckpt = Checkpointer(args.metrics, fingerprint("post_evaluate", {"seed": p.seed, "zeta": p.zeta,
                                                                         "evaluate": cfg.model_dump()},
-                                                      [args.shards, *split_files(args.data, "test")]))
+                                                      [args.shards, *split_files(args.data, "test"),
+                                                       *split_files(args.data, "val")]))
         # Rank 0 looks first (it discards a checkpoint of other inputs); then the others read the same one.
         state = ckpt.load() if world.main else None
         world.barrier()
@@ -61,7 +68,7 @@ def main(argv=None) -> None:
                   f"{ckpt.dir})", flush=True)
         metrics, curves = {}, {}
         for spec in cfg.students:
-            accs, raws = [], []
+            accs, raws, vals, raw_vals = [], [], [], []
             for s in range(cfg.seeds):
                 key = f"{spec.name}/{s}"
 
@@ -78,9 +85,10 @@ def main(argv=None) -> None:
                     current = state["current"] if (state["current"] or {}).get("key") == key else None
                     res = train_student(spec, cfg, p.zeta, ds, test,
                                         derive_seed(p.seed, "evaluate", spec.name, str(s)), log, current, on_epoch,
-                                        device, p.bf16, world)
+                                        device, p.bf16, world, val)
                     state["done"][key] = {"acc": res.acc, "raw_acc": res.raw_acc, "curve": res.curve,
-                                          "seconds": res.seconds}
+                                          "seconds": res.seconds, "val_acc": res.val_acc,
+                                          "raw_val_acc": res.raw_val_acc}
                     state["current"] = None
                     if world.main:
                         ckpt.maybe_save(lambda: state)
@@ -88,11 +96,16 @@ def main(argv=None) -> None:
                     continue
                 accs.append(res.acc)
                 raws.append(res.raw_acc)
+                if res.val_acc is not None:
+                    vals.append(res.val_acc)
+                    raw_vals.append(res.raw_val_acc)
                 curves[f"{spec.name}-seed{s}"] = res.curve
                 run.metrics({f"{spec.name}.seed{s}.final_acc": res.acc, f"{spec.name}.seed{s}.raw_acc": res.raw_acc,
-                             f"{spec.name}.seed{s}.seconds": res.seconds})
+                             f"{spec.name}.seed{s}.seconds": res.seconds,
+                             **({f"{spec.name}.seed{s}.val_acc": res.val_acc} if res.val_acc is not None else {})})
+                on_val = f", validation {100 * res.val_acc:.2f}%" if res.val_acc is not None else ""
                 print(f"[{spec.name}] seed {s}: test accuracy {100 * res.acc:.2f}% (raw weights "
-                      f"{100 * res.raw_acc:.2f}%, {res.seconds:.0f} s)", flush=True)
+                      f"{100 * res.raw_acc:.2f}%{on_val}, {res.seconds:.0f} s)", flush=True)
             if not world.main:
                 continue
             mean, std = summarize(accs)
@@ -100,9 +113,15 @@ def main(argv=None) -> None:
                                   "raw_acc_mean": round(summarize(raws)[0], 6),
                                   "seeds": {str(s): round(a, 6) for s, a in enumerate(accs)}}
             run.metrics({f"{spec.name}.acc_mean": mean, f"{spec.name}.acc_std": std})
+            if vals:
+                v_mean, v_std = summarize(vals)
+                metrics[spec.name].update({"val_acc_mean": round(v_mean, 6), "val_acc_std": round(v_std, 6),
+                                           "raw_val_acc_mean": round(summarize(raw_vals)[0], 6)})
+                run.metrics({f"{spec.name}.val_acc_mean": v_mean, f"{spec.name}.val_acc_std": v_std})
         if not world.main:
             return
-        write_curves(args.curves, curves, ["epoch", "train_loss", "test_acc"])
+        fields = ["epoch", "train_loss", "test_acc"] + (["val_acc"] if val is not None else [])
+        write_curves(args.curves, curves, fields)
         write_json(args.metrics, metrics)
         ckpt.clear()
         run.artifact(args.metrics)

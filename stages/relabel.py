@@ -13,7 +13,7 @@ from edc.imageset import read_imageset
 from edc.io import publish_dir, read_json, write_json
 from edc.observers import load_observer
 from edc.params import load_params
-from edc.relabel import augment, batches, make_plan, teacher_logits
+from edc.relabel import augment, batches, make_plan, planned_epochs, teacher_logits
 from edc.resume import Checkpointer, fingerprint, finished_units
 from edc.runtime import derive_seed, place, progress, resolve_device
 from edc.shards import CondensedWriter, epoch_shard_name
@@ -40,8 +40,9 @@ def main(argv=None) -> None:
         device = resolve_device(p.device)
         teachers = [place(load_observer(args.observers, name)[0], device) for name in cfg.teachers]
         n, _, h, w = images.shape
+        epochs = planned_epochs(cfg.epochs, cfg.min_steps, n, cfg.batch_size)
         meta = {"dataset": facts.to_dict(), "class_names": facts.class_names, "num_classes": facts.num_classes,
-                "ipc": img_meta["ipc"], "teachers": cfg.teachers, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                "ipc": img_meta["ipc"], "teachers": cfg.teachers, "epochs": epochs, "batch_size": cfg.batch_size,
                 "topk": cfg.topk, "cutmix": cfg.cutmix, "aug": cfg.aug.model_dump(),
                 "params": {"seed": p.seed, "relabel": cfg.model_dump(), "synthesis": img_meta}}
         ckpt = Checkpointer(args.out, fingerprint("relabel", {"seed": p.seed, "relabel": cfg.model_dump()},
@@ -63,11 +64,11 @@ def main(argv=None) -> None:
         def agree_file(e: int) -> Path:
             return ckpt.dir / f".agree-{e:04d}.json"
 
-        done = finished_units(ckpt, world, range(cfg.epochs),
+        done = finished_units(ckpt, world, range(epochs),
                               lambda e: agree_file(e).is_file() and (ckpt.dir / epoch_shard_name(e)).is_file(),
                               "epochs", "relabel")
         writer = CondensedWriter(ckpt.dir, images_u8, labels, meta, write_images=world.main)
-        todo = world.mine([e for e in range(cfg.epochs) if e not in done])
+        todo = world.mine([e for e in range(epochs) if e not in done])
         for e in progress(todo, desc="relabel" if world.size == 1 else f"relabel rank {world.rank}", unit="epoch"):
             plan, logits, a = epoch_logits(e)
             writer.write_epoch(e, plan, cfg.batch_size, logits, cfg.topk)
@@ -76,9 +77,9 @@ def main(argv=None) -> None:
         world.barrier()
         if not world.main:
             return
-        agree = [read_json(agree_file(e))["agree"] for e in range(cfg.epochs)]
+        agree = [read_json(agree_file(e))["agree"] for e in range(epochs)]
         writer.meta["epoch_shards"] = []  # list every epoch, in epoch order, whoever wrote it
-        for e in range(cfg.epochs):
+        for e in range(epochs):
             writer.keep_epoch(e)
         writer.close()
         keep = {*writer.meta["image_shards"], *writer.meta["epoch_shards"], "meta.json"}
@@ -88,9 +89,9 @@ def main(argv=None) -> None:
         publish_dir(ckpt.dir, args.out)
         agree = sum(agree)
         # How often the teachers' top class is the image's own class on the augmented views.
-        run.metrics({"teacher_agreement": agree / (n * cfg.epochs)})
-    print(f"relabel: {n} images x {cfg.epochs} epochs of soft labels from {', '.join(cfg.teachers)} -> {args.out} "
-          f"(teachers agree with the class on {100 * agree / (n * cfg.epochs):.1f}% of augmented views)")
+        run.metrics({"teacher_agreement": agree / (n * epochs)})
+    print(f"relabel: {n} images x {epochs} epochs of soft labels from {', '.join(cfg.teachers)} -> {args.out} "
+          f"(teachers agree with the class on {100 * agree / (n * epochs):.1f}% of augmented views)")
 
 
 if __name__ == "__main__":

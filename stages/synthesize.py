@@ -24,7 +24,10 @@ from edc.tracking import stage_run
 CURVE_FIELDS = ["step", "batch", "iteration", "observer", "ce", "bn", "flat", "total", "lr"]
 
 
-def load_matched_observer(observers_dir: str, stats_dir: str, name: str, device=None) -> Observer:
+def load_matched_observer(observers_dir: str, stats_dir: str, name: str, device=None, layers: str = "sum",
+                          aug=None) -> Observer:
+    """Observer ``name`` with its statistics; ``aug`` (the ``synth.aug`` section), when given, must be the
+    augmentation the statistics were collected under, if any (``stats.augment``)."""
     model, _ = load_observer(observers_dir, name)
     if device is not None:
         model = place(model, device)
@@ -33,7 +36,11 @@ def load_matched_observer(observers_dir: str, stats_dir: str, name: str, device=
     if meta.get("observer_md5") != md5_file(weights):
         raise ArtifactError(f"{stats_dir}/{name}.safetensors: statistics were collected from another checkpoint "
                             f"than {weights}; rerun collect_stats")
-    return Observer(name, model, stats)
+    made_with = (meta.get("targets") or {}).get("aug")
+    if aug is not None and made_with is not None and made_with != aug.model_dump():
+        raise ArtifactError(f"{stats_dir}/{name}.safetensors: targets collected under the augmentation {made_with}, "
+                            f"but synth.aug is {aug.model_dump()}; rerun collect_stats (dvc repro)")
+    return Observer(name, model, stats, layers)
 
 
 def main(argv=None) -> None:
@@ -57,7 +64,8 @@ def main(argv=None) -> None:
         device = resolve_device(p.device)
         images = normalize(init_u8, facts).to(device)  # synthesis stays fp32 on any device
         ydev = labels.to(device)
-        observers = [load_matched_observer(args.observers, args.stats, name, device) for name in cfg.observers]
+        observers = [load_matched_observer(args.observers, args.stats, name, device, cfg.layers, cfg.aug)
+                     for name in cfg.observers]
         seed_everything(derive_seed(p.seed, "synthesize"))
         batches = partition(labels, None if cfg.batch_size == "all" else cfg.batch_size)
         report_seed = derive_seed(p.seed, "synthesize", "report")

@@ -46,7 +46,8 @@ def tiny_params() -> dict:
     p["ipc"] = 2
     p["init"].update(method="rded", observers=["tiny"], candidates=8, crops=2, factor=2)
     p["synth"].update(observers=["tiny"], iterations=4)
-    p["relabel"].update(teachers=["tiny"], epochs=2, batch_size=8)
+    p["relabel"].update(teachers=["tiny"], epochs=2, batch_size=8, min_steps=0)
+    p["dataset"]["val_size"] = 0
     p["evaluate"].update(students=[{"name": "student", "arch": "convnet", "kwargs": {"width": 8, "depth": 2}}],
                          seeds=1, eval_every=1)
     return p

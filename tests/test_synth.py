@@ -196,7 +196,7 @@ def test_flatness_kl_formula_zero_at_equality_and_no_gradient_into_ema():
 def test_crop_flip_identity_and_flip():
     x = torch.randn(3, 2, 6, 6)
     ones, zeros = torch.ones(3), torch.zeros(3)
-    from edc.synth import CropFlip
+    from edc.data.augment import CropFlip
 
     torch.testing.assert_close(apply_crop_flip(x, CropFlip(ones, ones, zeros, zeros, zeros.bool())), x)
     torch.testing.assert_close(apply_crop_flip(x, CropFlip(ones, ones, zeros, zeros, ones.bool())), x.flip(-1))
@@ -298,3 +298,100 @@ def test_moments_gradient_matches_autograd_of_the_two_pass_formula():
     (got,) = torch.autograd.grad(one_pass(a), a)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
     assert torch.autograd.gradcheck(lambda x: one_pass(x), (a,))
+
+
+def reference_synthesis(start, labels, model, stats, cfg, alpha, seed):
+    """The synthesis objective and its optimiser written out from the paper and DESIGN.md, independently
+    of edc.synth's loop: Adam (betas 0.5, 0.9) by hand at lr * cosine, the loss
+    ``ce_weight * CE + r_bn * matching + w_fr * KL``, with matching the mean over layers (Eq. 16) of
+    matching_loss on a plain model's BatchNorm inputs, clipping to [-4, 4], then
+    x_ema <- beta * x_ema + (1 - beta) * x. Returns the images and the flatness value of every step."""
+    import math
+
+    fr = cfg.flatness
+    targets = [Target.from_stats(s, dtype=start.dtype) for s in stats.values()]
+    taps: list[torch.Tensor] = []
+    for _, bn in bn_layers(model):
+        bn.register_forward_pre_hook(lambda _m, inp: taps.append(inp[0]))
+    gen = torch.Generator().manual_seed(seed)
+    x, x_ema = start.clone(), start.clone()
+    m, v = torch.zeros_like(x), torch.zeros_like(x)
+    b1, b2, eps, flats = 0.5, 0.9, 1e-8, []
+    for t in range(cfg.iterations):
+        aug = sample_crop_flip(len(x), cfg.aug.scale_min, cfg.aug.flip, gen)
+        with torch.no_grad():
+            q = model(apply_crop_flip(x_ema, aug))
+        taps.clear()
+        xg = x.clone().requires_grad_(True)
+        logits = model(apply_crop_flip(xg, aug))
+        match = sum(matching_loss(a, labels, tg, alpha) for a, tg in zip(taps, targets)) / len(targets)
+        p_log, q_log = F.log_softmax(logits / fr.tau, 1), F.log_softmax(q / fr.tau, 1)
+        flat = (p_log.exp() * (p_log - q_log)).sum(1).mean()
+        loss = cfg.ce_weight * F.cross_entropy(logits, labels) + cfg.r_bn * match + fr.weight * flat
+        (g,) = torch.autograd.grad(loss, xg)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        lr = cfg.lr * 0.5 * (1 + math.cos(math.pi * t / cfg.iterations))
+        x = (x - lr * (m / (1 - b1 ** (t + 1))) / ((v / (1 - b2 ** (t + 1))).sqrt() + eps)).clamp(-4.0, 4.0)
+        x_ema = fr.beta * x_ema + (1 - fr.beta) * x
+        flats.append(float(flat.detach()))
+    return x, flats
+
+
+def test_synthesis_steps_equal_the_reference_loop():
+    """Pins, at their call sites, the image-EMA update (beta vs 1 - beta), Adam's betas and learning
+    rate, the weights of the three terms (the flatness weight included) and the layer mean."""
+    x, y = real_like()
+    stats = collect_bn_stats(tiny_observer_model(0), x, y, K, batch_size=7)
+    for s in stats.values():  # off the data, so that every term has a gradient
+        s.class_mean += 0.3
+    # float64: Adam's first steps are about lr * sign(gradient), so float32 rounding would flip the
+    # step of pixels whose gradient is near zero
+    start = torch.randn(6, 1, 9, 9, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    labels = torch.arange(K).repeat(2)  # already in partition's interleaved order: one batch, same rows
+    cfg = synth_cfg(iterations=6, lr=0.3, r_bn=0.7, ce_weight=0.6, layers="mean",
+                    flatness={"mode": "logits", "weight": 3.0, "beta": 0.6, "tau": 0.5},
+                    aug={"scale_min": 0.5, "flip": True})
+    rows = []
+    obs = Observer("tiny", tiny_observer_model(0).double(), stats, cfg.layers)
+    got = synthesize(start, labels, [obs], cfg, 0.4, (torch.tensor(-4.0), torch.tensor(4.0)), lambda b: 11,
+                     rows.append)
+    want, flats = reference_synthesis(start, labels, tiny_observer_model(0).double(), stats, cfg, 0.4, 11)
+    assert flats[0] == 0.0 and min(flats[1:]) > 1e-6  # the flatness term is live after the first step
+    torch.testing.assert_close([r["flat"] for r in rows], flats, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+
+
+def test_layer_mean_is_the_sum_over_the_number_of_layers():
+    x, y = real_like()
+    stats = collect_bn_stats(tiny_observer_model(0), x, y, K, batch_size=7)
+    for s in stats.values():
+        s.var *= 2
+    summed = Observer("tiny", tiny_observer_model(0), stats, "sum")
+    mean = Observer("tiny", tiny_observer_model(0), stats, "mean")
+    _, mom = summed.forward(x[:9])
+    total = summed.matching(mom, y[:9], 0.5)
+    assert float(total) > 0
+    torch.testing.assert_close(mean.matching(mom, y[:9], 0.5), total / 2)  # two BatchNorm layers
+
+
+def test_statistics_under_the_synthesis_augmentation_are_those_of_the_augmented_views():
+    """collect_bn_stats(aug=...) equals the plain statistics of the views it draws (same generator)."""
+    from types import SimpleNamespace
+
+    x, y = real_like(n=12)
+    aug = SimpleNamespace(scale_min=0.5, flip=True)
+    model = tiny_observer_model(0)
+    got = collect_bn_stats(model, x, y, K, batch_size=5, aug=aug, draws=2, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    views, vy = [], []
+    for i in range(0, 12, 5):
+        for _ in range(2):
+            views.append(apply_crop_flip(x[i:i + 5], sample_crop_flip(len(x[i:i + 5]), 0.5, True, gen)))
+            vy.append(y[i:i + 5])
+    want = collect_bn_stats(model, torch.cat(views), torch.cat(vy), K, batch_size=100)
+    plain = collect_bn_stats(model, x, y, K, batch_size=5)
+    for layer in want:
+        torch.testing.assert_close(got[layer].class_mean, want[layer].class_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[layer].var, want[layer].var, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got[layer].var, plain[layer].var)

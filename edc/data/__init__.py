@@ -1,5 +1,7 @@
 """Datasets: source readers (registry), the prepared format, and batch augmentation."""
 
+import numpy as np
+
 from edc.data.prepared import (
     Batches,
     DatasetFacts,
@@ -16,6 +18,7 @@ from edc.data.prepared import (
     to_uint8,
 )
 from edc.data.sources import Source, list_sources, read_source, register_source, stratified_split
+from edc.runtime import derive_seed
 
 __all__ = ["Batches", "DatasetFacts", "PreparedDataset", "Source", "Split", "SplitView", "TensorSplit",
            "as_split", "list_sources", "load_prepared", "normalize", "pixel_bounds", "prepare", "read_facts",
@@ -32,9 +35,22 @@ def prepare(cfg, seed: int, out, workers: int = 0) -> DatasetFacts:
     if cfg.storage == "files":
         from edc.data.stream import prepare_files
 
-        return prepare_files(cfg, Path(out), workers)
+        return prepare_files(cfg, Path(out), workers, seed)
 
     src = read_source(cfg, seed)
-    facts = measure_facts(cfg.name, src.train, src.test, src.class_names)
-    write_prepared(out, facts, src.train, src.test)
+    train, val = carve_val(src.train, cfg.val_size, len(src.class_names), seed)
+    facts = measure_facts(cfg.name, train, src.test, src.class_names, val)
+    write_prepared(out, facts, train, src.test, val)
     return facts
+
+
+def carve_val(train: Split, val_size: int, num_classes: int, seed: int) -> tuple[Split, Split | None]:
+    """(what remains of ``train``, the validation split): ``val_size`` images, stratified by class and
+    seeded (a seed of its own, so the test split does not move); (train, None) for 0."""
+    if val_size == 0:
+        return train, None
+    keep, val = stratified_split(train.labels, val_size, num_classes, derive_seed(seed, "val"), "dataset.val_size")
+    part = lambda idx: Split(np.ascontiguousarray(train.images[idx]) if train.images is not None else None,  # noqa: E731
+                             train.labels[idx].astype(np.int64),
+                             [train.files[i] for i in idx] if train.files is not None else None)
+    return part(keep), part(val)

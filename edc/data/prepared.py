@@ -9,6 +9,8 @@ A directory holding::
     train_labels.npy    int64, shape (N,), values in [0, num_classes)
     test_images.npy     uint8, shape (M, C, H, W)
     test_labels.npy     int64, shape (M,)
+    val_images.npy      only with ``dataset.val_size`` > 0: a stratified, seeded part of the source's
+    val_labels.npy      train split, held out of ``train`` (facts.counts has a "val" entry then)
 
 Plain ``.npy`` (no pickle): ``numpy.load(path)`` reads any of them. Images stay uint8 on disk and
 are normalised with the facts' mean/std when a stage loads them. Stages memory-map the image arrays
@@ -33,7 +35,7 @@ from edc.errors import DataError
 from edc.io import read_json, write_json
 
 FORMAT = "edc-prepared/1"
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # always present; "val" too when facts.counts lists it
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,11 @@ class PreparedDataset:
     train: Split
     test: Split
     workers: int = 0  # DataLoader processes decoding image files (storage files only)
+    val: Split | None = None  # dataset.val_size > 0: held out of train, for choosing recipes
+
+    @property
+    def has_val(self) -> bool:
+        return self.val is not None and len(self.val) > 0
 
     def view(self, split: str) -> SplitView:
         """``split`` as a :class:`SplitView`: labels in memory, images read batch by batch."""
@@ -203,7 +210,8 @@ def channel_moments(s1: np.ndarray, s2: np.ndarray, count: int) -> tuple[list[fl
     return [float(m) for m in mean], [float(np.sqrt(v)) or 1.0 for v in var]
 
 
-def measure_facts(name: str, train: Split, test: Split, class_names: list[str]) -> DatasetFacts:
+def measure_facts(name: str, train: Split, test: Split, class_names: list[str], val: Split | None = None
+                  ) -> DatasetFacts:
     n, c, h, w = train.images.shape
     k = len(class_names)
     s1, s2 = np.zeros(c, np.int64), np.zeros(c, np.int64)
@@ -211,13 +219,14 @@ def measure_facts(name: str, train: Split, test: Split, class_names: list[str]) 
         a, b = pixel_sums(train.images[i:i + 4096])
         s1, s2 = s1 + a, s2 + b
     mean, std = channel_moments(s1, s2, n * h * w)
-    counts = {s: np.bincount(sp.labels, minlength=k).tolist() for s, sp in (("train", train), ("test", test))}
+    splits = (("train", train), ("test", test)) + ((("val", val),) if val is not None else ())
+    counts = {s: np.bincount(sp.labels, minlength=k).tolist() for s, sp in splits}
     return DatasetFacts(name=name, channels=c, height=h, width=w, num_classes=k, class_names=list(class_names),
                         mean=mean, std=std, counts=counts)
 
 
-def write_prepared(out: Path, facts: DatasetFacts, train: Split, test: Split) -> None:
-    for split, s in (("train", train), ("test", test)):
+def write_prepared(out: Path, facts: DatasetFacts, train: Split, test: Split, val: Split | None = None) -> None:
+    for split, s in (("train", train), ("test", test)) + ((("val", val),) if val is not None else ()):
         np.save(out / f"{split}_images.npy", np.ascontiguousarray(s.images, dtype=np.uint8), allow_pickle=False)
         np.save(out / f"{split}_labels.npy", np.ascontiguousarray(s.labels, dtype=np.int64), allow_pickle=False)
     write_json(out / "facts.json", facts.to_dict())
@@ -241,7 +250,7 @@ def load_prepared(path: str | Path, workers: int = 0) -> PreparedDataset:
     path = Path(path)
     facts = read_facts(path)
     splits = {}
-    for split in SPLITS:
+    for split in SPLITS + (("val",) if "val" in facts.counts else ()):
         f = path / f"{split}_labels.npy"
         try:
             labels = np.load(f, allow_pickle=False)
@@ -269,7 +278,7 @@ def load_prepared(path: str | Path, workers: int = 0) -> PreparedDataset:
         if labels.shape != (len(images),):
             raise DataError(f"{path}/{split}_labels.npy: {labels.shape[0]} labels for {len(images)} images")
         splits[split] = Split(images, labels.astype(np.int64, copy=False))
-    return PreparedDataset(facts, splits["train"], splits["test"], workers)
+    return PreparedDataset(facts, splits["train"], splits["test"], workers, splits.get("val"))
 
 
 def split_files(path: str | Path, split: str) -> list[Path]:

@@ -71,12 +71,13 @@ def read_source(cfg, seed: int) -> Source:
     return src
 
 
-def stratified_split(labels: np.ndarray, test_size: int, num_classes: int, seed: int
+def stratified_split(labels: np.ndarray, test_size: int, num_classes: int, seed: int, key: str = "dataset.test_size"
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split keeping each class's share: largest-remainder allocation of ``test_size``."""
+    """Seeded split keeping each class's share: largest-remainder allocation of ``test_size``
+    (``key`` names the params key in the error for a size that does not fit)."""
     n = len(labels)
     if not 0 < test_size < n:
-        raise DataError(f"dataset.test_size must be between 1 and {n - 1} for {n} images, got {test_size}")
+        raise DataError(f"{key} must be between 1 and {n - 1} for {n} images, got {test_size}")
     counts = np.bincount(labels, minlength=num_classes)
     exact = counts * test_size / n
     take = np.floor(exact).astype(np.int64)

@@ -56,12 +56,12 @@ def decoded_batches(files: list[Path], order: torch.Tensor | None, channels: int
         yield images, pos
 
 
-def prepare_files(cfg, out: Path, workers: int = 0) -> DatasetFacts:
+def prepare_files(cfg, out: Path, workers: int = 0, seed: int = 0) -> DatasetFacts:
     """``storage: files``: list an image folder's files, check every image decodes, and measure the
     train split's per-channel mean and std exactly (integer pixel sums) in one streamed pass."""
     from edc.data.prepared import FORMAT
-    from edc.data.sources import folder_files, imagefolder_layout
-    from edc.runtime import progress
+    from edc.data.sources import folder_files, imagefolder_layout, stratified_split
+    from edc.runtime import derive_seed, progress
 
     if cfg.name != "imagefolder":
         raise DataError(f"dataset.storage: files reads image folders only (dataset.name: imagefolder), not "
@@ -74,8 +74,14 @@ def prepare_files(cfg, out: Path, workers: int = 0) -> DatasetFacts:
     channels = 1 if lay.mode == "L" else 3
     counts = {}
     s1, s2 = np.zeros(channels, np.int64), np.zeros(channels, np.int64)
-    for split, d in (("train", lay.train), ("test", lay.test)):
-        files, labels = folder_files(d, lay.classes)
+    listed = {split: folder_files(d, lay.classes) for split, d in (("train", lay.train), ("test", lay.test))}
+    if cfg.val_size:
+        files, labels = listed["train"]
+        keep, val = stratified_split(labels, cfg.val_size, k, derive_seed(seed, "val"), "dataset.val_size")
+        listed["train"] = [files[i] for i in keep], labels[keep]
+        listed["val"] = [files[i] for i in val], labels[val]
+    for split, (files, labels) in listed.items():
+        d = lay.train if split == "val" else getattr(lay, split)
         c = np.bincount(labels, minlength=k)
         absent = [lay.classes[i] for i in np.flatnonzero(c == 0)]
         if absent:
