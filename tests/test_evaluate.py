@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from edc.evaluate import student_loss, summarize, train_student
+from edc.evaluate import ema_decay, recompute_bn, student_loss, summarize, train_student
 from edc.params import parse_params
 from edc.schedules import cosine, lr_lambda, multistep, smoothing, ssrs
 from edc.shards import load_condensed
@@ -70,3 +71,72 @@ def test_student_trains_from_shards_alone_and_is_seeded(tmp_path):
     assert a.acc == b.acc and a.curve == b.curve
     assert [r["epoch"] for r in a.curve] == [1, 2, 3, 4] and [("test_acc" in r) for r in a.curve] == [0, 1, 0, 1]
     assert ds.facts == FACTS
+
+
+def test_ema_decay_warms_up_to_the_rate():
+    assert ema_decay(0.99, 10, 0) == pytest.approx(1 / 10)
+    assert ema_decay(0.99, 10, 5) == pytest.approx(6 / 15)
+    assert ema_decay(0.99, 10, 890) == pytest.approx(891 / 900)
+    assert ema_decay(0.99, 10, 891) == 0.99 and ema_decay(0.99, 10, 10_000) == 0.99
+    assert ema_decay(0.99, 0, 0) == 0.99  # no warm-up
+
+
+def bn_student_run(tmp_path, warmup, rate=0.9, epochs=6, eval_every=100):
+    """A BatchNorm student trained on a plan of one batch per epoch; the raw weights and the EMA state
+    after every epoch (= every optimiser step), from the resumable snapshots train_student hands out."""
+    write_set(tmp_path / "s", epochs=epochs, batch_size=16, images=toy_images(n=16))
+    ds = load_condensed(tmp_path / "s")
+    raw = tiny_params()
+    raw["evaluate"].update(ema_rate=rate, ema_warmup=warmup, eval_every=eval_every,
+                           students=[{"name": "bn", "arch": "convnet", "kwargs": {"width": 8, "depth": 2,
+                                                                                  "norm": "batch"}}])
+    cfg = parse_params(raw).evaluate
+    states = []
+    test = (torch.randn(8, 3, 10, 10), torch.arange(8) % 4)
+    res = train_student(cfg.students[0], cfg, 2.0, ds, test, seed=0,
+                        on_epoch=lambda snap: states.append(copy.deepcopy(snap())))
+    return ds, states, res
+
+
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_post_evaluation_ema_follows_the_rate_and_warm_up_and_does_not_average_buffers(tmp_path, warmup):
+    ds, states, _ = bn_student_run(tmp_path, warmup)
+    name = "features.0.weight"
+    raw = [s["model"][name] for s in states]
+    ema = raw[0].clone()  # AveragedModel copies the weights at its first update
+    for n, w in enumerate(raw[1:], start=1):
+        d = ema_decay(0.9, warmup, n)
+        ema = d * ema + (1 - d) * w
+        torch.testing.assert_close(states[n]["ema"][f"module.{name}"], ema, rtol=1e-5, atol=1e-7)
+    # BatchNorm buffers are not averaged (AveragedModel(use_buffers=False) keeps them equal to the raw
+    # model's) until an evaluation, here only after the last epoch, recomputes them
+    for key in [k for k in states[-2]["ema"] if k.endswith(("running_mean", "running_var"))]:
+        torch.testing.assert_close(states[-2]["ema"][key], states[-2]["model"][key[len("module."):]], rtol=0, atol=0)
+
+
+def test_ema_batchnorm_statistics_are_recomputed_from_the_planned_batches(tmp_path):
+    ds, states, res = bn_student_run(tmp_path / "a", warmup=10, eval_every=3)
+    # evaluated at epochs 3 and 6: the snapshot after epoch 6 holds the statistics the test used
+    ema_state = states[-1]["ema"]
+    first_bn = [k for k in ema_state if k.endswith("running_mean")][0]
+    from edc.observers import build
+
+    model = build("convnet", {"width": 8, "depth": 2, "norm": "batch"}, ds.facts)
+    model.load_state_dict({k[len("module."):]: v for k, v in ema_state.items() if k.startswith("module.")})
+    # brute force: the first BatchNorm's input on the batches of the last epochs (10 batches at most)
+    feats = []
+    model.eval()
+    first_conv = model.features[0]
+    for e in range(max(0, ds.epochs - 10), ds.epochs):
+        for x, _, _ in ds.epoch(e):
+            with torch.no_grad():
+                feats.append(first_conv(x))
+    a = torch.cat(feats)
+    torch.testing.assert_close(ema_state[first_bn], a.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert res.acc == res.acc  # a number, not NaN
+    # recompute_bn itself, on a fresh copy: the same statistics, whatever the buffers held before
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(7.0)
+    assert recompute_bn(model, ds, torch.device("cpu")) == ds.epochs  # one batch per epoch, all six epochs
+    torch.testing.assert_close(model.state_dict()[first_bn[len("module."):]], a.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)

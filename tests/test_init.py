@@ -89,3 +89,30 @@ def test_real_and_noise():
     res = noise_init((1, 8, 8), 2, 3, torch.Generator().manual_seed(0))
     assert res.images.shape == (6, 1, 8, 8) and res.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert abs(float(res.images.std()) - 1) < 0.2
+
+
+class Scaled(nn.Module):
+    def __init__(self, inner: nn.Module, scale: float, shift: float):
+        super().__init__()
+        self.inner, self.scale, self.shift = inner, scale, shift
+
+    def forward(self, x):
+        out = self.inner(x) * self.scale
+        return out + torch.tensor([self.shift, 0.0])
+
+
+def test_rded_scores_are_the_cross_entropy_of_the_observers_mean_logits():
+    """With two observers the score is CE(mean of their logits), not the mean of their CEs or of
+    their probabilities (computed here by hand on the crops resized to full size)."""
+    from edc.init import crop_scores
+
+    x, y = data()
+    crops = x[:, :, :4, :4]
+    obs = [Scaled(Brightness(), 1.0, 0.0), Scaled(Brightness(), -3.0, 2.0)]
+    got = crop_scores(crops, y, obs, (8, 8), batch_size=5)
+    up = F.interpolate(crops, size=(8, 8), mode="bilinear", align_corners=False)
+    mean_logits = (obs[0](up) + obs[1](up)) / 2
+    want = F.cross_entropy(mean_logits, y, reduction="none")
+    torch.testing.assert_close(got, want)
+    mean_of_ce = sum(F.cross_entropy(o(up), y, reduction="none") for o in obs) / 2
+    assert not torch.allclose(got, mean_of_ce)

@@ -152,3 +152,46 @@ def test_readme_example_reads_a_shard_with_plain_webdataset(tmp_path, monkeypatc
     assert scope["images"].shape == (10, 10, 10, 3) and scope["images"].dtype == np.uint8
     assert torch.allclose(scope["soft"].sum(1), torch.ones(len(scope["soft"])))
     assert len(scope["hard"]) == 10 and scope["soft"].shape[1] == 4
+
+
+def test_teacher_logits_are_the_mean_of_the_teachers_logits():
+    ts = teachers()
+    with torch.no_grad():
+        ts[1][-1].bias += 3.0  # the two teachers differ clearly
+    x = torch.randn(5, 3, 10, 10)
+    with torch.no_grad():
+        want = (ts[0](x) + ts[1](x)) / 2
+    torch.testing.assert_close(teacher_logits(ts, x, chunk=2), want)
+    torch.testing.assert_close(teacher_logits(ts[:1], x), ts[0](x).detach())
+
+
+def test_cutmix_box_is_torchvisions():
+    """lam ~ U(0, 1), a centre drawn uniformly, sides sqrt(1 - lam) of the image, clipped: the box
+    recomputed by hand from the same generator draws."""
+    import math
+
+    from edc.relabel import cutmix_box
+
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        lam = float(torch.rand((), generator=g))
+        cx, cy = int(torch.randint(32, (), generator=g)), int(torch.randint(24, (), generator=g))
+        half_w, half_h = int(0.5 * math.sqrt(1 - lam) * 32), int(0.5 * math.sqrt(1 - lam) * 24)
+        want = [max(cx - half_w, 0), max(cy - half_h, 0), min(cx + half_w, 32), min(cy + half_h, 24)]
+        assert cutmix_box(24, 32, torch.Generator().manual_seed(seed)).tolist() == want
+    # unclipped, the box covers 1 - lam of the image (up to the integer sides)
+    areas = []
+    for seed in range(400):
+        x1, y1, x2, y2 = cutmix_box(1000, 1000, torch.Generator().manual_seed(seed)).tolist()
+        areas.append((x2 - x1) * (y2 - y1) / 1e6)
+    assert 0.2 < sum(areas) / len(areas) < 0.45  # E[1 - lam] = 0.5 before clipping to the image
+
+
+def test_planned_epochs_follow_min_steps():
+    from edc.relabel import planned_epochs
+
+    assert planned_epochs(200, 1000, 10, 25) == 1000  # ipc 1, 10 classes: one step per epoch
+    assert planned_epochs(200, 1000, 100, 25) == 250  # ipc 10: four steps per epoch
+    assert planned_epochs(200, 1000, 500, 25) == 200  # ipc 50: epochs already give 4,000 steps
+    assert planned_epochs(200, 0, 10, 25) == 200
+    assert planned_epochs(3, 10, 7, 2) == 3 and planned_epochs(2, 10, 7, 2) == 3  # 4 steps per epoch
