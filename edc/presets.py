@@ -25,15 +25,18 @@ from edc.params import Params
 # The keys any preset sets; each preset gives all of them.
 METHOD_KEYS = (
     "init.method", "synth.iterations", "synth.observers", "alpha", "synth.flatness.mode", "synth.aug.scale_min",
-    "relabel.batch_size", "evaluate.labels", "evaluate.schedule", "zeta", "evaluate.ema",
+    "synth.layers", "synth.r_bn", "stats.augment", "relabel.batch_size", "evaluate.labels", "evaluate.schedule",
+    "zeta", "evaluate.ema",
 )
 
 PRESET_HELP = {
-    "edc": "EDC: real init, soft category-aware matching (alpha 0.5), all observers, flatness (Eq. 7), weak "
-           "augmentation, smoothing LR (zeta 2), EMA evaluation",
+    "edc": "EDC: rded init, soft category-aware matching (alpha 0.5) averaged over layers against statistics of "
+           "the synthesis crops, all observers, flatness (Eq. 7), weak augmentation, smoothing LR (zeta 2), EMA "
+           "evaluation",
     "rded": "RDED: rded init, no synthesis steps, soft labels",
-    "sre2l": "SRe2L: noise init, global matching only (alpha 1), one observer, no flatness, RRC scale 0.08, "
-             "cosine schedule (zeta 1), no EMA evaluation, large evaluation batch",
+    "sre2l": "SRe2L: noise init, global matching only (alpha 1) summed over layers against un-augmented "
+             "statistics, one observer, no flatness, RRC scale 0.08, cosine schedule (zeta 1), no EMA evaluation, "
+             "large evaluation batch",
     "gvbsm": "G-VBSM: as SRe2L but matching all observers and the default evaluation batch",
     "random-soft": "random real images (real init, no synthesis) with stored soft labels",
     "random-hard": "random real images (real init, no synthesis) with hard class labels",
@@ -42,8 +45,9 @@ PRESET_HELP = {
 
 def _edc(p: Params) -> dict[str, Any]:
     return {
-        "init.method": "real", "synth.iterations": 300, "synth.observers": [m.name for m in p.observers.models],
-        "alpha": 0.5, "synth.flatness.mode": "logits", "synth.aug.scale_min": 0.5, "relabel.batch_size": 25,
+        "init.method": "rded", "synth.iterations": 300, "synth.observers": [m.name for m in p.observers.models],
+        "alpha": 0.5, "synth.flatness.mode": "logits", "synth.aug.scale_min": 0.5, "synth.layers": "mean",
+        "synth.r_bn": 1.0, "stats.augment": True, "relabel.batch_size": 25,
         "evaluate.labels": "soft", "evaluate.schedule": "smoothing", "zeta": 2.0, "evaluate.ema": True,
     }
 
@@ -56,9 +60,11 @@ def preset_overrides(name: str, p: Params) -> dict[str, Any]:
     if name == "rded":
         v.update({"init.method": "rded", "synth.iterations": 0})
     elif name in ("random-soft", "random-hard"):
-        v.update({"synth.iterations": 0, "evaluate.labels": "soft" if name == "random-soft" else "hard"})
+        v.update({"init.method": "real", "synth.iterations": 0,
+                  "evaluate.labels": "soft" if name == "random-soft" else "hard"})
     elif name in ("sre2l", "gvbsm"):
         v.update({"init.method": "noise", "alpha": 1.0, "synth.flatness.mode": "off", "synth.aug.scale_min": 0.08,
+                  "synth.layers": "sum", "synth.r_bn": 0.1, "stats.augment": False,
                   "evaluate.schedule": "cosine", "zeta": 1.0, "evaluate.ema": False})
         if name == "sre2l":
             v.update({"synth.observers": [p.observers.models[0].name], "relabel.batch_size": 100})
@@ -82,6 +88,11 @@ SWEEPS = {
     "weak_aug": Sweep("synth.aug.scale_min", (0.5, 0.08), "synthesis RandomResizedCrop scale lower bound"),
     "eval_batch": Sweep("relabel.batch_size", (10, 25, 50), "post-evaluation batch size (fixed by the plan)"),
     "ipc": Sweep("ipc", (1, 10, 50), "images per class"),
+    "iterations": Sweep("synth.iterations", (75, 150, 300), "synthesis iterations per batch"),
+    "flat_weight": Sweep("synth.flatness.weight", (0.25, 1.0), "flatness weight (the paper's Table 4 best: 0.25)"),
+    "layers": Sweep("synth.layers", ("mean", "sum"), "matching over an observer's layers: mean (Eq. 16) or sum"),
+    "r_bn": Sweep("synth.r_bn", (0.1, 1.0, 3.0), "weight of the matching loss"),
+    "stats_aug": Sweep("stats.augment", (True, False), "targets from the synthesis crops or un-augmented images"),
 }
 
 

@@ -112,7 +112,23 @@ def _cell(e: Experiment | None, student: str) -> str:
     # of the initial weights.
     raw = f" (raw {100 * m['raw_acc_mean']:.2f})" if e.params.get("evaluate", {}).get("ema") and \
         "raw_acc_mean" in m else ""
-    return f"{100 * m['acc_mean']:.2f} ± {100 * m['acc_std']:.2f}{raw}{flag}"
+    val = f" [val {100 * m['val_acc_mean']:.2f}]" if "val_acc_mean" in m else ""
+    return f"{100 * m['acc_mean']:.2f} ± {100 * m['acc_std']:.2f}{raw}{val}{flag}"
+
+
+def best_on_validation(points: list[tuple[str, Experiment]]) -> tuple[str, float] | None:
+    """The point whose students' mean validation accuracy is highest (never the test split), with that
+    mean; None when a point has no validation accuracy (made with dataset.val_size 0)."""
+    scored = []
+    for value, e in points:
+        vals = [m["val_acc_mean"] for m in e.metrics.values() if "val_acc_mean" in m]
+        if not vals or len(vals) != len(e.metrics):
+            return None
+        scored.append((sum(vals) / len(vals), value))
+    if not scored:
+        return None
+    acc, value = max(scored)
+    return value, acc
 
 
 def _students(exps: list[Experiment]) -> list[str]:
@@ -181,7 +197,8 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
            "Test top-1 accuracy (%) of the students trained on each condensed set, mean ± std over seeds.",
            "Each row is a DVC experiment (`dvc exp show`); `(!)` marks a value MLflow disagrees with.",
            "With EMA evaluation (the edc preset) the evaluated model is the EMA of the weights; `(raw x)` is the "
-           "mean accuracy of the raw weights of the same runs.", ""]
+           "mean accuracy of the raw weights of the same runs. `[val x]` is the evaluated model's mean accuracy "
+           "on the validation split (dataset.val_size), the only number a sweep's choice looks at.", ""]
     ipcs = sorted({parse_name(e.name)[2] for e in ordered})
     for ipc in ipcs:
         rows = [(m, exps.get(f"{m}-ipc{ipc}")) for m in PRESET_HELP]
@@ -201,6 +218,10 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
             title = f"{s.key} sweep" + ("" if sweep == "ipc" else f" at ipc {ipc}")
             out += [f"## {title} ({s.help})", ""]
             out += _table(s.key, [(f"{s.key} = {v}", e) for v, e in points], students) + [""]
+            best = best_on_validation(points)
+            out += [f"Best on the validation split: **{s.key} = {best[0]}** (mean validation accuracy over the "
+                    f"students {100 * best[1]:.2f} %)." if best else
+                    "No validation accuracy in these experiments (dataset.val_size: 0): no value is chosen.", ""]
             if plots_dir is not None:
                 png = plots_dir / (f"{sweep}.png" if sweep == "ipc" else f"{sweep}-ipc{ipc}.png")
                 _plot(png, title, s.key, points, students)

@@ -35,8 +35,10 @@ def test_a_preset_goes_through_dvcs_own_override_parser_to_valid_params(tmp_path
         assert get(after, key) == value and type(get(after, key)) is type(value), key
     parse_params(after)  # every preset is a valid configuration
     before = read_yaml(ROOT / "params.yaml")
-    for section in ("dataset", "observers", "stats", "seed"):  # nothing outside the method keys moves
+    for section in ("dataset", "observers", "seed"):  # nothing outside the method keys moves
         assert after[section] == before[section]
+    assert {k: v for k, v in after["stats"].items() if k != "augment"} == \
+        {k: v for k, v in before["stats"].items() if k != "augment"}
     assert after["evaluate"]["students"] == before["evaluate"]["students"]
     assert after["relabel"]["epochs"] == before["relabel"]["epochs"]
 
@@ -52,6 +54,10 @@ def test_presets_say_what_the_issue_asks():
         ("noise", 1.0, observers[:1], "off", 1.0, "cosine", False)
     assert sre2l["relabel.batch_size"] > edc["relabel.batch_size"]
     assert gvbsm["synth.observers"] == observers and gvbsm["alpha"] == 1.0 and gvbsm["init.method"] == "noise"
+    # SRe2L and G-VBSM as published: the BatchNorm loss summed over layers against un-augmented statistics
+    assert (sre2l["synth.layers"], sre2l["stats.augment"]) == (gvbsm["synth.layers"], gvbsm["stats.augment"]) == \
+        ("sum", False)
+    assert (edc["synth.layers"], edc["stats.augment"], edc["init.method"]) == ("mean", True, "rded")
     soft, hard = preset_overrides("random-soft", p), preset_overrides("random-hard", p)
     assert soft["synth.iterations"] == hard["synth.iterations"] == 0
     assert {k for k in soft if soft[k] != hard[k]} == {"evaluate.labels"}
