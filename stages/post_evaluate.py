@@ -45,12 +45,13 @@ def main(argv=None) -> None:
         # cannot serve them (the soft labels belong to those exact batches).
         want_epochs = planned_epochs(p.relabel.epochs, p.relabel.min_steps, ds.meta["num_images"],
                                      p.relabel.batch_size)
-        for key, have, want in (("batch_size", ds.batch_size, p.relabel.batch_size),
-                                ("epochs", ds.epochs, want_epochs)):
+        for key, have, want, asked in (
+                ("batch_size", ds.batch_size, p.relabel.batch_size, f"relabel.batch_size: {p.relabel.batch_size}"),
+                ("epochs", ds.epochs, want_epochs, f"{want_epochs} epochs (relabel.epochs: {p.relabel.epochs}, "
+                                                   f"relabel.min_steps: {p.relabel.min_steps})")):
             if have != want:
                 raise ArtifactError(f"{args.shards}: its stored plan has {key} {have}, but {args.params} asks for "
-                                    f"{want} (relabel.{key}{', relabel.min_steps' if key == 'epochs' else ''}); "
-                                    f"rerun relabel (dvc repro) to plan for it")
+                                    f"{asked}; rerun relabel (dvc repro) to plan for it")
         test = data.view("test")  # read batch by batch at each evaluation
         val = data.view("val") if data.has_val else None  # what recipes are chosen on (dataset.val_size)
         ckpt = Checkpointer(args.metrics, fingerprint("post_evaluate", {"seed": p.seed, "zeta": p.zeta,

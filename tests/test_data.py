@@ -33,6 +33,21 @@ def test_mnist5k_default_is_a_stratified_4000_1000_split(tmp_path):
     assert sum(r.tobytes() in train_rows for r in ds.test.images) <= 2  # MNIST has a few exact duplicates
 
 
+def test_validation_split_is_carved_from_train_stratified_and_leaves_test_alone(tmp_path):
+    _, base = run_prepare(tmp_path)
+    facts, ds = run_prepare(tmp_path, val_size=500)
+    assert ds.has_val and not base.has_val and len(ds.val) == 500 and len(ds.train) == 3500
+    assert facts.counts["val"] == [50] * 10 and facts.counts["train"] == [350] * 10
+    assert np.array_equal(ds.test.images, base.test.images)  # the test split does not move
+    rows = lambda split: {r.tobytes() for r in split.images}  # noqa: E731
+    assert rows(ds.train) | rows(ds.val) == rows(base.train)
+    assert len(rows(ds.train) & rows(ds.val)) <= 2  # MNIST has a few exact duplicates
+    # the train mean/std are those of what remains of train
+    assert facts.mean == pytest.approx([ds.train.images.mean() / 255])
+    with pytest.raises(DataError, match="dataset.val_size must be between 1 and 3999"):
+        run_prepare(tmp_path, val_size=4000)
+
+
 def test_split_is_seeded(tmp_path):
     _, a = run_prepare(tmp_path, seed=0)
     _, b = run_prepare(tmp_path, seed=1)

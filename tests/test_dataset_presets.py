@@ -53,7 +53,7 @@ def test_cifar10_preset_runs_the_pipeline_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     edc_main(["exp", "dataset", "cifar10", "--root", str(root), "--apply", "-S", "ipc=1", "-S", "observers.epochs=1",
               "-S", "synth.iterations=2", "-S", "relabel.epochs=2", "-S", "evaluate.seeds=1",
-              "-S", "dataset.test_size=10"])
+              "-S", "dataset.test_size=10", "-S", "dataset.val_size=10", "-S", "relabel.min_steps=0"])
     run_stages(tmp_path, tmp_path / "params.yaml")
     assert sorted(read_json(tmp_path / "reports/observers.json")) == sorted(
         o["name"] for o in dataset_overrides("cifar10", "/r")["observers.models"])

@@ -51,7 +51,9 @@ def md5_tree(root: Path) -> dict[str, str]:
 
 
 def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
-    params = write_yaml(tmp_path / "params.yaml", tiny_params())
+    tiny = tiny_params()
+    tiny["dataset"]["val_size"] = 200
+    params = write_yaml(tmp_path / "params.yaml", tiny)
     run_stages(tmp_path / "a", params)
     run_stages(tmp_path / "b", params)
     a = tmp_path / "a"
@@ -62,7 +64,8 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
         "condensed/shards/epoch-0000.tar", "condensed/shards/epoch-0001.tar", "condensed/shards/images-000000.tar",
         "condensed/shards/meta.json",
         "data/prepared/facts.json", "data/prepared/test_images.npy", "data/prepared/test_labels.npy",
-        "data/prepared/train_images.npy", "data/prepared/train_labels.npy",
+        "data/prepared/train_images.npy", "data/prepared/train_labels.npy", "data/prepared/val_images.npy",
+        "data/prepared/val_labels.npy",
         "models/observers/tiny.json", "models/observers/tiny.safetensors",
         "reports/init_grid.png", "reports/metrics.json", "reports/observers.json",
         "reports/plots/evaluate/student-seed0.csv", "reports/plots/observers/tiny.csv",
@@ -75,7 +78,9 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
     stats, meta = load_stats(a / "stats/tiny.safetensors")
     assert len(stats) == 2 and meta["observer_md5"] == md5_file(a / "models/observers/tiny.safetensors")
     assert stats["features.1"].class_mean.shape == (10, 8)
-    assert float(stats["features.1"].class_count[0]) == 400 * 28 * 28
+    # 380 train images of class 0 once val took 20; statistics of 2 crops of each (stats.draws)
+    assert float(stats["features.1"].class_count[0]) == 380 * 2 * 28 * 28
+    assert meta["targets"] == {"augment": True, "draws": 2, "aug": {"scale_min": 0.5, "flip": False}}
     init_images, init_labels, init_meta = read_imageset(a / "condensed/init")
     assert init_images.shape == (20, 1, 28, 28) and init_labels.tolist() == sorted(list(range(10)) * 2)
     assert len(init_meta["index"]) == 20 and len(init_meta["index"][0]["sources"]) == 4  # factor 2: 2 x 2 tiles
@@ -84,7 +89,9 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
     assert not torch.equal(images, init_images) and meta["init"] == "rded"
     assert len((a / "reports/plots/synth_loss.csv").read_text().splitlines()) == 1 + 4
     metrics = read_json(a / "reports/metrics.json")["student"]
-    assert set(metrics) == {"acc_mean", "acc_std", "raw_acc_mean", "seeds"} and 0 <= metrics["acc_mean"] <= 1
+    assert set(metrics) == {"acc_mean", "acc_std", "raw_acc_mean", "seeds", "val_acc_mean", "val_acc_std",
+                            "raw_val_acc_mean"} and 0 <= metrics["acc_mean"] <= 1 and 0 <= metrics["val_acc_mean"] <= 1
+    assert "val_acc" in (a / "reports/plots/evaluate/student-seed0.csv").read_text().splitlines()[0]
 
 
 def test_post_evaluate_names_a_bad_shard(tmp_path):
