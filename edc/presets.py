@@ -30,7 +30,7 @@ METHOD_KEYS = (
 )
 
 PRESET_HELP = {
-    "edc": "EDC: rded init, soft category-aware matching (alpha 0.5) averaged over layers against statistics of "
+    "edc": "EDC: real init, soft category-aware matching (alpha 0.5) averaged over layers against statistics of "
            "the synthesis crops, all observers, flatness (Eq. 7), weak augmentation, smoothing LR (zeta 2), EMA "
            "evaluation",
     "rded": "RDED: rded init, no synthesis steps, soft labels",
@@ -45,7 +45,7 @@ PRESET_HELP = {
 
 def _edc(p: Params) -> dict[str, Any]:
     return {
-        "init.method": "rded", "synth.iterations": 300, "synth.observers": [m.name for m in p.observers.models],
+        "init.method": "real", "synth.iterations": 300, "synth.observers": [m.name for m in p.observers.models],
         "alpha": 0.5, "synth.flatness.mode": "logits", "synth.aug.scale_min": 0.5, "synth.layers": "mean",
         "synth.r_bn": 1.0, "stats.augment": True, "relabel.batch_size": 25,
         "evaluate.labels": "soft", "evaluate.schedule": "smoothing", "zeta": 2.0, "evaluate.ema": True,
@@ -60,7 +60,7 @@ def preset_overrides(name: str, p: Params) -> dict[str, Any]:
     if name == "rded":
         v.update({"init.method": "rded", "synth.iterations": 0})
     elif name in ("random-soft", "random-hard"):
-        v.update({"init.method": "real", "synth.iterations": 0,
+        v.update({"synth.iterations": 0,
                   "evaluate.labels": "soft" if name == "random-soft" else "hard"})
     elif name in ("sre2l", "gvbsm"):
         v.update({"init.method": "noise", "alpha": 1.0, "synth.flatness.mode": "off", "synth.aug.scale_min": 0.08,

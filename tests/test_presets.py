@@ -57,7 +57,7 @@ def test_presets_say_what_the_issue_asks():
     # SRe2L and G-VBSM as published: the BatchNorm loss summed over layers against un-augmented statistics
     assert (sre2l["synth.layers"], sre2l["stats.augment"]) == (gvbsm["synth.layers"], gvbsm["stats.augment"]) == \
         ("sum", False)
-    assert (edc["synth.layers"], edc["stats.augment"], edc["init.method"]) == ("mean", True, "rded")
+    assert (edc["synth.layers"], edc["stats.augment"], edc["init.method"]) == ("mean", True, "real")
     soft, hard = preset_overrides("random-soft", p), preset_overrides("random-hard", p)
     assert soft["synth.iterations"] == hard["synth.iterations"] == 0
     assert {k for k in soft if soft[k] != hard[k]} == {"evaluate.labels"}
@@ -155,3 +155,28 @@ def test_report_reads_finished_experiments_and_skips_queued_and_running(monkeypa
     exps = report.read_experiments(".")
     assert sorted(exps) == ["edc-ipc1", "edc-ipc10"]
     assert exps["edc-ipc10"].metrics["convnet"]["acc_mean"] == 0.9  # the newest of two with one name
+
+
+def test_a_sweep_names_its_best_value_on_the_validation_split_never_the_test_split(tmp_path):
+    base = read_yaml(ROOT / "params.yaml")
+
+    def with_val(e, vals):
+        for s, v in vals.items():
+            e.metrics[s]["val_acc_mean"] = v
+        return e
+
+    # alpha 0.0 has the best test accuracy, alpha 1.0 the best mean validation accuracy
+    exps = {e.name: e for e in [
+        with_val(exp("edc-ipc10", {"convnet": (0.96, 0.0), "resnet18": (0.95, 0.0)}, base),
+                 {"convnet": 0.90, "resnet18": 0.90}),
+        with_val(exp("alpha-0.0-ipc10", {"convnet": (0.99, 0.0), "resnet18": (0.99, 0.0)}),
+                 {"convnet": 0.80, "resnet18": 0.85}),
+        with_val(exp("alpha-1.0-ipc10", {"convnet": (0.90, 0.0), "resnet18": (0.90, 0.0)}),
+                 {"convnet": 0.95, "resnet18": 0.91}),
+    ]}
+    lines = build_report(exps, None, tmp_path).splitlines()
+    assert "Best on the validation split: **alpha = 1.0** (mean validation accuracy over the students 93.00 %)." \
+        in lines
+    assert "| alpha = 1.0 | 90.00 ± 0.00 [val 95.00] | 90.00 ± 0.00 [val 91.00] | alpha-1.0-ipc10 |" in lines
+    del exps["alpha-0.0-ipc10"].metrics["resnet18"]["val_acc_mean"]  # one point without validation: no choice
+    assert any(ln.startswith("No validation accuracy") for ln in build_report(exps, None, tmp_path).splitlines())
