@@ -146,6 +146,15 @@ def _table(header: str, rows: list[tuple[str, Experiment | None]], students: lis
     return lines
 
 
+def _dotted(params: dict[str, Any], key: str) -> Any:
+    """``params["synth"]["flatness"]["weight"]`` for ``synth.flatness.weight`` (None when absent)."""
+    for part in key.split("."):
+        if not isinstance(params, dict):
+            return None
+        params = params.get(part)
+    return params
+
+
 def _sweep_points(sweep: str, ipc: int, exps: dict[str, Experiment]) -> list[tuple[str, Experiment]]:
     """A sweep's points at ipc: its named experiments plus the edc preset at edc's own value."""
     s = SWEEPS[sweep]
@@ -156,7 +165,7 @@ def _sweep_points(sweep: str, ipc: int, exps: dict[str, Experiment]) -> list[tup
             points[value] = e
     base = exps.get(f"edc-ipc{ipc}")
     if base is not None and sweep != "ipc":
-        v = preset_overrides("edc", parse_params(base.params)).get(s.key, base.params.get(s.key))
+        v = preset_overrides("edc", parse_params(base.params)).get(s.key, _dotted(base.params, s.key))
         points.setdefault(label(v), base)
     order = {label(v): i for i, v in enumerate(s.values)}
     return sorted(points.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))

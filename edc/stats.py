@@ -22,7 +22,9 @@ path in the model, e.g. ``layers.0.0.bn1``), all float64:
 
 Metadata (one JSON object under the safetensors metadata key ``edc``, see :mod:`edc.io`):
 ``format`` = ``edc-stats/1``, ``observer``, ``arch``, ``layers`` (list, model order), ``num_classes``,
-``images``, ``observer_md5`` (md5 of the weights file the statistics came from).
+``images``, ``observer_md5`` (md5 of the weights file the statistics came from), ``targets``
+(``augment``, ``draws``, ``aug``: the synthesis augmentation the views were drawn with, or null for
+un-augmented images; synthesize refuses statistics drawn under another ``synth.aug``).
 """
 
 from __future__ import annotations

@@ -38,8 +38,11 @@ def load_matched_observer(observers_dir: str, stats_dir: str, name: str, device=
                             f"than {weights}; rerun collect_stats")
     made_with = (meta.get("targets") or {}).get("aug")
     if aug is not None and made_with is not None and made_with != aug.model_dump():
-        raise ArtifactError(f"{stats_dir}/{name}.safetensors: targets collected under the augmentation {made_with}, "
-                            f"but synth.aug is {aug.model_dump()}; rerun collect_stats (dvc repro)")
+        def fmt(d: dict) -> str:
+            return ", ".join(f"{k}: {d[k]}" for k in sorted(d))
+
+        raise ArtifactError(f"{stats_dir}/{name}.safetensors: targets collected under synth.aug {{{fmt(made_with)}}}, "
+                            f"but synth.aug is {{{fmt(aug.model_dump())}}}; rerun collect_stats (dvc repro)")
     return Observer(name, model, stats, layers)
 
 

@@ -172,6 +172,9 @@ CASES = [
      "evaluate.loss: mse_ce regresses all logits; it needs relabel.topk: 0"),
     ("eval-batch-not-in-plan", "post_evaluate", set_key("relabel.batch_size", 5),
      "condensed/shards: its stored plan has batch_size 8, but params.yaml asks for relabel.batch_size: 5"),
+    ("stats-of-other-crops", "synthesize", set_key("synth.aug.scale_min", 0.3),
+     "targets collected under synth.aug {flip: False, scale_min: 0.5}, but synth.aug is "
+     "{flip: False, scale_min: 0.3}; rerun collect_stats"),
     ("rded-too-few-candidates", "init", set_key("init.candidates", 3),
      "init.candidates: must be >= ipc * init.factor^2"),
     # data

@@ -180,3 +180,12 @@ def test_a_sweep_names_its_best_value_on_the_validation_split_never_the_test_spl
     assert "| alpha = 1.0 | 90.00 ± 0.00 [val 95.00] | 90.00 ± 0.00 [val 91.00] | alpha-1.0-ipc10 |" in lines
     del exps["alpha-0.0-ipc10"].metrics["resnet18"]["val_acc_mean"]  # one point without validation: no choice
     assert any(ln.startswith("No validation accuracy") for ln in build_report(exps, None, tmp_path).splitlines())
+
+
+def test_a_sweep_of_a_key_the_preset_does_not_set_takes_the_edc_points_value_from_its_params(tmp_path):
+    base = read_yaml(ROOT / "params.yaml")
+    exps = {e.name: e for e in [exp("edc-ipc1", {"convnet": (0.9, 0.0)}, base),
+                                exp("flat_weight-0.25-ipc1", {"convnet": (0.8, 0.0)})]}
+    rows = [ln for ln in build_report(exps, None, tmp_path).splitlines() if ln.startswith("| synth.flatness.weight = ")]
+    assert rows == ["| synth.flatness.weight = 0.25 | 80.00 ± 0.00 | flat_weight-0.25-ipc1 |",
+                    f"| synth.flatness.weight = {base['synth']['flatness']['weight']} | 90.00 ± 0.00 | edc-ipc1 |"]
