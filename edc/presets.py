@@ -93,6 +93,7 @@ SWEEPS = {
     "layers": Sweep("synth.layers", ("mean", "sum"), "matching over an observer's layers: mean (Eq. 16) or sum"),
     "r_bn": Sweep("synth.r_bn", (0.1, 1.0, 3.0), "weight of the matching loss"),
     "stats_aug": Sweep("stats.augment", (True, False), "targets from the synthesis crops or un-augmented images"),
+    "synth_lr": Sweep("synth.lr", (0.05, 0.1, 0.25), "Adam learning rate on the pixels during synthesis"),
 }
 
 
