@@ -6,8 +6,9 @@ synthesize, relabel and post_evaluate save their state next to their output, in 
 depends on (tensors, optimiser and scheduler states, random generator states, finished results),
 so a run that resumes writes the same bytes as one that was never interrupted.
 
-A checkpoint belongs to a *fingerprint*: the stage, its params and the md5 of every input file.
-A checkpoint made from other inputs is discarded, never used. The directory is removed when the
+A checkpoint belongs to a *fingerprint*: the stage, its params, the md5 of every input file and
+the bytes of the code that runs (the stage script and its import closure in ``edc``,
+:mod:`edc.codedeps`). A checkpoint made from other inputs or by other code is discarded, never used. The directory is removed when the
 stage's outputs are in place. DVC does not track it (it is not an output) and git ignores it.
 
 ``EDC_CRASH_AFTER_CHECKPOINTS=N`` kills the process with SIGKILL right after its N-th checkpoint:
@@ -28,15 +29,19 @@ from typing import Any
 
 import torch
 
+from edc.codedeps import code_digest
 from edc.io import md5_file
 
 STATE = "state.pt"
 FINGERPRINT = "fingerprint.json"
 
 
-def fingerprint(stage: str, params: Any, inputs: list[str | Path]) -> str:
-    """sha256 over the stage name, its params (canonical JSON) and the md5 of every input file."""
+def fingerprint(stage: str, params: Any, inputs: list[str | Path], code: str | Path | None = None) -> str:
+    """sha256 over the stage name, its params (canonical JSON), the md5 of every input file and, with
+    ``code`` (the stage script), the bytes of that script and of every ``edc`` module it imports."""
     h = hashlib.sha256(json.dumps({"stage": stage, "params": params}, sort_keys=True, default=str).encode())
+    if code is not None:
+        h.update(f"code:{code_digest(code)}\n".encode())
     for root in inputs:
         root = Path(root)
         files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]

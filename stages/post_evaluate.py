@@ -57,7 +57,7 @@ def main(argv=None) -> None:
         ckpt = Checkpointer(args.metrics, fingerprint("post_evaluate", {"seed": p.seed, "zeta": p.zeta,
                                                                         "evaluate": cfg.model_dump()},
                                                       [args.shards, *split_files(args.data, "test"),
-                                                       *split_files(args.data, "val")]))
+                                                       *split_files(args.data, "val")], code=__file__))
         # Rank 0 looks first (it discards a checkpoint of other inputs); then the others read the same one.
         state = ckpt.load() if world.main else None
         world.barrier()

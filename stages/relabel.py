@@ -47,7 +47,7 @@ def main(argv=None) -> None:
                 "params": {"seed": p.seed, "relabel": cfg.model_dump(), "synthesis": img_meta}}
         ckpt = Checkpointer(args.out, fingerprint("relabel", {"seed": p.seed, "relabel": cfg.model_dump()},
                                                   [args.data + "/facts.json", args.images,
-                                                   *(Path(args.observers) / f"{t}.safetensors" for t in cfg.teachers)]))
+                                                   *(Path(args.observers) / f"{t}.safetensors" for t in cfg.teachers)], code=__file__))
 
         def epoch_logits(e: int):
             gen = torch.Generator().manual_seed(derive_seed(p.seed, "relabel", str(e)))

@@ -88,7 +88,7 @@ def main(argv=None) -> None:
         ckpt = Checkpointer(args.out, fingerprint("synthesize", {"seed": p.seed, "alpha": p.alpha,
                                                                  "synth": cfg.model_dump()},
                                                   [args.init, args.stats, *(Path(args.observers) / f"{n}.safetensors"
-                                                                            for n in cfg.observers)]))
+                                                                            for n in cfg.observers)], code=__file__))
         if world.size > 1:
             # The batches are dealt out to the ranks; each finished batch is kept in the checkpoint
             # directory, so a rerun after an interruption, with any number of ranks, runs only the

@@ -1,0 +1,75 @@
+"""dvc.yaml's code dependencies cover every module a stage runs, so `dvc repro` reruns what changed."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from edc.codedeps import closure, code_digest, uncovered
+from edc.resume import fingerprint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stage_scripts() -> dict[str, tuple[str, list[str]]]:
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for name, st in stages.items():
+        scripts = re.findall(r"stages/\w+\.py", st["cmd"])
+        assert len(scripts) == 1, f"stage {name}: expected one stage script in its cmd, found {scripts}"
+        out[name] = (scripts[0], st["deps"])
+    return out
+
+
+@pytest.mark.parametrize("stage", sorted(stage_scripts()))
+def test_each_stage_lists_its_whole_import_closure(stage):
+    script, deps = stage_scripts()[stage]
+    missing = uncovered(script, deps)
+    assert not missing, f"dvc.yaml stage {stage} runs {missing} but does not list it under deps:"
+
+
+def test_the_closure_follows_every_kind_of_import(tmp_path):
+    """Absolute, `from pkg import module`, relative and function-level imports, with package inits;
+    nothing outside the package, and a cycle terminates."""
+    files = {
+        "edc/__init__.py": "",
+        "edc/a.py": "import os\nfrom edc import b\n",
+        "edc/b.py": "def f():\n    from .sub.c import g\n    return g\n",
+        "edc/sub/__init__.py": "",
+        "edc/sub/c.py": "import edc.d\nfrom ..a import x\ng = 1\n",
+        "edc/d.py": "import torch\n",
+        "edc/unused.py": "",
+        "stages/s.py": "from edc.a import thing\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(textwrap.dedent(text))
+    got = [p.as_posix() for p in closure("stages/s.py", tmp_path)]
+    assert got == ["edc/__init__.py", "edc/a.py", "edc/b.py", "edc/d.py", "edc/sub/__init__.py", "edc/sub/c.py"]
+    assert uncovered("stages/s.py", ["stages/s.py", "edc/__init__.py", "edc/a.py", "edc/sub"], tmp_path) == [
+        "edc/b.py", "edc/d.py"]
+    assert uncovered("stages/s.py", ["stages/s.py", "edc"], tmp_path) == []
+    assert uncovered("stages/s.py", ["edc/"], tmp_path) == ["stages/s.py"]
+
+
+def test_removing_a_dep_from_dvc_yaml_is_caught():
+    script, deps = stage_scripts()["synthesize"]
+    assert uncovered(script, [d for d in deps if d != "edc/synth.py"]) == ["edc/synth.py"]
+    assert "edc/data/prepared.py" in uncovered(script, [d for d in deps if d != "edc/data"])
+
+
+def test_a_resume_fingerprint_changes_with_the_code(tmp_path):
+    (tmp_path / "edc").mkdir()
+    (tmp_path / "edc/__init__.py").write_text("")
+    (tmp_path / "edc/m.py").write_text("X = 1\n")
+    (tmp_path / "stage.py").write_text("from edc.m import X\n")
+    before = code_digest("stage.py", tmp_path)
+    (tmp_path / "edc/m.py").write_text("X = 2\n")
+    assert code_digest("stage.py", tmp_path) != before
+    real = ROOT / "stages" / "synthesize.py"
+    assert fingerprint("s", {}, [], code=real) != fingerprint("s", {}, [])
+    assert fingerprint("s", {}, [], code=real) == fingerprint("s", {}, [], code=real)
