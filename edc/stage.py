@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from edc.errors import EdcError
@@ -15,15 +17,37 @@ def parser(stage: str, doc: str | None) -> argparse.ArgumentParser:
     return ap
 
 
+def restore_hint() -> str | None:
+    """Under DVC (which sets ``DVC_STAGE``), the line that says how to get back the outputs DVC deleted
+    before running the stage; None when the script runs alone (its outputs are then untouched)."""
+    stage = os.environ.get("DVC_STAGE")
+    if not stage:
+        return None
+    return (f"dvc deleted the outputs of stage {stage} before running it; `dvc checkout {stage}` puts back the "
+            f"version dvc.lock records (this script replaces its outputs only when it succeeds)")
+
+
 def stage_main(fn: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
-    """Run a stage's ``main``; a user error prints its lines to stderr and exits 2, no traceback."""
+    """Run a stage's ``main``; a user error prints its lines to stderr and exits 2, no traceback. Under
+    DVC, every failure ends with :func:`restore_hint`."""
+    hint = restore_hint()
     try:
         fn(argv)
     except EdcError as exc:
         for line in str(exc).splitlines():
             print(line, file=sys.stderr)
+        if hint:
+            print(hint, file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: no output of this stage was replaced; rerun `dvc repro` to finish (synthesize, relabel "
               "and post_evaluate resume from their last checkpoint)", file=sys.stderr)
+        if hint:
+            print(hint, file=sys.stderr)
         sys.exit(130)
+    except Exception:
+        if not hint:
+            raise
+        traceback.print_exc()
+        print(hint, file=sys.stderr)
+        sys.exit(1)

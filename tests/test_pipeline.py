@@ -227,3 +227,20 @@ def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
         assert (f"| zeta = {zeta} | {100 * m['acc_mean']:.2f} ± {100 * m['acc_std']:.2f} "
                 f"(raw {100 * m['raw_acc_mean']:.2f}) | {name} |") in report
         assert any(line.startswith(f"| {name} |") and run_id in line for line in report)
+
+    # A stage that fails under DVC: DVC deleted its output before running it (the script itself
+    # replaces outputs only on success); the stage's last line says how to get the output back.
+    import yaml
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["relabel"]["teachers"] = ["nope"]
+    write_yaml(repo / "params.yaml", params)
+    r = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode != 0
+    stage_lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip() and not ln.startswith("ERROR")]
+    assert "`dvc checkout relabel` puts back" in stage_lines[-1], r.stdout + r.stderr
+    assert not (repo / "condensed/shards").exists()
+    sh(["dvc", "checkout", "relabel"], repo, env)
+    from edc.shards import load_condensed
+
+    assert len(list(load_condensed(repo / "condensed/shards").epoch(0))) > 0
