@@ -155,6 +155,15 @@ def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
     # An observers param reruns train_observers and collect_stats, not prepare.
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "lock"], repo, env)
+    # A fresh clone shows the committed run's metrics and plots with DVC alone (they are in git).
+    clone = repo.parent / "clone"
+    sh(["git", "clone", "-q", str(repo), str(clone)], repo.parent, env)
+    shown = sh(["dvc", "metrics", "show", "--json"], clone, env)
+    assert "failed" not in shown.lower(), shown
+    assert json.loads(shown)[""]["data"]["reports/metrics.json"]["data"]["student"]["acc_mean"] == read_json(
+        repo / "reports/metrics.json")["student"]["acc_mean"]
+    plots = sh(["dvc", "plots", "show", "--json"], clone, env)
+    assert "errors" not in json.loads(plots) or not json.loads(plots)["errors"], plots
     out = sh(["dvc", "exp", "run", "-S", "observers.epochs=2", "-n", "two-epochs"], repo, env)
     assert ran(out) == set(STAGES) - {"prepare"}
     assert read_json(repo / "models/observers/tiny.json")["training"]["epochs"] == 2

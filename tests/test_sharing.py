@@ -59,6 +59,18 @@ def test_killed_repro_resumes_and_the_set_round_trips_through_a_remote(dvc_repo,
     assert len(ds.images) == 20 and ds.epochs == 2 and ds.facts.name == "mnist5k"
     assert sum(len(x) for x, _, _ in ds) == 2 * 20  # every stored epoch replays
 
+    # `dvc import` into another DVC repository: the set arrives with its source recorded, and
+    # `dvc update` would follow the producer's later versions.
+    consumer = tmp_path / "consumer"
+    consumer.mkdir()
+    sh(["git", "init", "-q", "-b", "main"], consumer, env)
+    sh(["dvc", "init", "-q"], consumer, env)
+    sh(["dvc", "import", str(repo), "condensed/shards", "-o", "edc-set"], consumer, env)
+    imported = load_condensed(consumer / "edc-set")
+    assert md5_file(consumer / "edc-set/meta.json") == md5_file(repo / "condensed/shards/meta.json")
+    assert sum(len(x) for x, _, _ in imported) == 2 * 20
+    assert "condensed/shards" in (consumer / "edc-set.dvc").read_text()
+
     # A corrupted object in the remote is caught on pull when the remote verifies hashes.
     victim = max((p for p in remote.rglob("*") if p.is_file() and not p.name.endswith(".dir")),
                  key=lambda p: p.stat().st_size)
