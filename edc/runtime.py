@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import sys
+import time
 
 import numpy as np
 import torch
@@ -23,11 +26,57 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+class LineProgress:
+    """Progress for logs (no terminal): one line on stderr at most every ``interval`` seconds
+    (``EDC_PROGRESS_SECONDS``, default 30) while the loop runs, e.g.
+    ``synthesize batch 1/1: 120/300 it, 41 s, ~62 s left``. Quiet for loops shorter than that."""
+
+    def __init__(self, iterable=None, total: int | None = None, desc: str = "", unit: str = "it",
+                 interval: float | None = None, file=None):
+        self.iterable = iterable
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.total, self.desc, self.unit = total, desc, unit
+        env = os.environ.get("EDC_PROGRESS_SECONDS")
+        self.interval = interval if interval is not None else float(env) if env else 30.0
+        self.file = file
+        self.n = 0
+        self.start = self.last = time.monotonic()
+
+    def _line(self, now: float) -> str:
+        done = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+        line = f"{self.desc}: {done} {self.unit}, {now - self.start:.0f} s"
+        if self.total and self.n:
+            line += f", ~{(now - self.start) / self.n * (self.total - self.n):.0f} s left"
+        return line
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.interval:
+            self.last = now
+            print(self._line(now), file=self.file or sys.stderr, flush=True)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def progress(iterable=None, **kwargs):
-    """A tqdm bar on a terminal (stderr); silent in logs, where stages print a line per epoch."""
+    """A tqdm bar on a terminal (stderr); in logs (queued experiments, CI, nohup) a
+    :class:`LineProgress` line at most every 30 s, so a long stage is never silent."""
+    if not sys.stderr.isatty():
+        return LineProgress(iterable, total=kwargs.get("total"), desc=kwargs.get("desc", ""),
+                            unit=kwargs.get("unit", "it"))
     from tqdm.auto import tqdm
 
-    kwargs.setdefault("disable", None)  # None: only when attached to a TTY
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, **kwargs)

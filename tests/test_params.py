@@ -24,6 +24,16 @@ def test_repository_params_are_valid():
     assert len({m.arch for m in p.observers.models}) >= 3, "default observers: at least three architectures"
 
 
+def test_smoke_settings_are_valid_params_and_tiny(default_params):
+    """`edc smoke` (make smoke) runs params.yaml shrunk: still valid, and small enough for a minute."""
+    from edc.smoke import smoke_params
+
+    p = parse_params(smoke_params(default_params))
+    assert p.ipc == 1 and p.evaluate.seeds == 1 and p.observers.epochs == 1 and p.synth.iterations <= 20
+    assert len(p.observers.models) == 1 and p.relabel.teachers == p.synth.observers == ["convnet"]
+    assert default_params["ipc"] == 10, "smoke_params must not change the dict it is given"
+
+
 def test_exponent_notation_is_a_float_as_dvc_reads_it(tmp_path):
     f = tmp_path / "params.yaml"
     f.write_text((ROOT / "params.yaml").read_text().replace("weight_decay: 5e-4", "weight_decay: 1e-3"))
