@@ -6,6 +6,7 @@
     edc exp preset NAME [--ipc N]      run one of the paper's methods as a DVC experiment
     edc exp sweep NAME [--ipc N]       run a design-space sweep around the edc preset (--queue to queue it)
     edc report                         tables and plots of the experiments into reports/
+    edc export SET OUT                 a condensed set as an image folder (+ soft labels, card)
     edc smoke [--keep DIR]             the whole pipeline on tiny settings in a scratch copy (~1 minute)
 """
 
@@ -167,6 +168,13 @@ def _report(args: argparse.Namespace) -> None:
     print(f"{out}: {len(exps)} experiments" + (f"; MLflow differs for {', '.join(differ)}" if differ else ""))
 
 
+def _export(args: argparse.Namespace) -> None:
+    from edc.export import export_imagefolder
+
+    out = export_imagefolder(args.set, args.out)
+    print(f"{out}: image folder (one subfolder per class), labels.csv, soft_logits.npy, meta.json")
+
+
 def _smoke(args: argparse.Namespace) -> None:
     from edc.smoke import run_smoke
 
@@ -228,6 +236,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--plots", default="reports/plots/sweeps")
     r.add_argument("--no-mlflow", action="store_true", help="do not cross-check the accuracies with MLflow")
     r.set_defaults(fn=_report)
+    ex = sub.add_parser("export", help="write a condensed set as an image folder with its soft labels and card")
+    ex.add_argument("set", help="the set: a directory of shards (condensed/shards), an http(s) URL or pipe:")
+    ex.add_argument("out", help="a new folder")
+    ex.add_argument("--format", choices=["imagefolder"], default="imagefolder")
+    ex.set_defaults(fn=_export)
     sm = sub.add_parser("smoke", help="run the whole pipeline on tiny settings in a scratch copy (~1 minute)")
     sm.add_argument("--project", default=".", help="the project to copy (default: the current directory)")
     sm.add_argument("--keep", help="run in this new directory and keep it (default: a temporary one, removed)")

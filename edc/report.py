@@ -80,11 +80,11 @@ def check_mlflow(exps: dict[str, Experiment]) -> None:
     """Attach each experiment's MLflow post_evaluate run and whether its accuracies match DVC's."""
     import mlflow
 
-    from edc.tracking import DEFAULT_EXPERIMENT, tracking_uri
+    from edc.tracking import experiment_name, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    exp = client.get_experiment_by_name(experiment_name())
     if exp is None:
         return
     for e in exps.values():

@@ -8,8 +8,9 @@ so a run that resumes writes the same bytes as one that was never interrupted.
 
 A checkpoint belongs to a *fingerprint*: the stage, its params, the md5 of every input file and
 the bytes of the code that runs (the stage script and its import closure in ``edc``,
-:mod:`edc.codedeps`). A checkpoint made from other inputs or by other code is discarded, never used. The directory is removed when the
-stage's outputs are in place. DVC does not track it (it is not an output) and git ignores it.
+:mod:`edc.codedeps`). A checkpoint made from other inputs or by other code is discarded, never
+used. The directory is removed when the stage's outputs are in place. DVC does not track it (it is
+not an output) and git ignores it.
 
 ``EDC_CRASH_AFTER_CHECKPOINTS=N`` kills the process with SIGKILL right after its N-th checkpoint:
 a fault-injection hook for the tests of this guarantee.

@@ -47,8 +47,9 @@ def smoke_params(p: dict[str, Any]) -> dict[str, Any]:
 def run_smoke(project: Path, keep: Path | None = None, out=None) -> dict[str, Any]:
     """Run the pipeline of ``project`` on :func:`smoke_params` in a scratch directory (``keep``, or
     a temporary one that is removed afterwards); return the post-evaluation metrics."""
-    from edc.params import read_yaml
     from ruamel.yaml import YAML
+
+    from edc.params import read_yaml
 
     out = out or sys.stdout
     dvc = shutil.which("dvc", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")

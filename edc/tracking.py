@@ -1,4 +1,4 @@
-"""MLflow glue: one run per stage execution.
+"""MLflow glue: one parent run per pipeline run, one nested run per stage execution.
 
 Store: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///$DVC_ROOT/mlflow.db``. DVC sets ``DVC_ROOT``
 for every stage, also in queued and temp experiments that run in a copy under ``.dvc/tmp/exps/``,
@@ -9,6 +9,13 @@ Each run is named after the stage and tagged with ``edc.stage``, ``dvc.exp_name`
 when DVC runs an experiment), ``git.commit`` and ``edc.seed``. Params are logged flat
 (``observers.epochs``); per-epoch metrics with ``step=``. A stage that raises leaves its run FAILED
 (KILLED on Ctrl-C).
+
+Stage runs of one ``dvc repro`` or one ``dvc exp run`` (queued ones included) are nested under one
+parent run, named after the experiment (or ``dvc repro``) and tagged ``edc.invocation`` with the
+identity of the DVC process that runs the stages (its pid and start time, read from ``/proc``); the
+parent ends FINISHED after the last stage, FAILED if one fails. A stage run outside DVC has no
+parent. Post-evaluation nests one run per student and seed under its stage run (:meth:`Run.child`).
+The experiment is ``edc``, or the one ``EDC_MLFLOW_EXPERIMENT`` names (also for ``edc report``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,43 @@ T = TypeVar("T")
 
 EXPERIMENT_ENV = "EDC_MLFLOW_EXPERIMENT"
 DEFAULT_EXPERIMENT = "edc"
+
+
+def experiment_name() -> str:
+    """The MLflow experiment the stages log to and ``edc report`` reads."""
+    return os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
+
+
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time in clock ticks) of ``pid`` from /proc, or None off Linux."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+    return int(fields[1]), fields[19]
+
+
+def dvc_invocation(pid: int | None = None) -> str | None:
+    """``<pid>-<start time>`` of the nearest ancestor process that is DVC (``dvc repro``, ``dvc exp
+    run`` or a queue's ``dvc exp exec-run``): the same for every stage that one DVC command runs.
+    None when no DVC process runs this one, or without /proc."""
+    if not os.environ.get("DVC_ROOT") and not os.environ.get("DVC_STAGE"):
+        return None
+    pid = os.getppid() if pid is None else pid
+    for _ in range(16):
+        st = _proc_stat(pid)
+        if st is None or pid <= 1:
+            return None
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        names = [Path(a.decode(errors="replace")).name for a in argv[:3]]
+        if "dvc" in names:
+            return f"{pid}-{st[1]}"
+        pid = st[0]
+    return None
 
 
 def project_root(start: str | Path | None = None) -> Path:
@@ -120,6 +164,26 @@ class Run:
     def json(self, obj: Any, name: str) -> None:
         retry_locked(self._mlflow.log_dict, obj, name)
 
+    def dataset(self, path: str | Path, name: str, digest: str, context: str) -> None:
+        """``mlflow.log_input``: the run used (or made) the dataset at ``path``, identified by ``digest``."""
+        from mlflow.data.http_dataset_source import HTTPDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+
+        source = HTTPDatasetSource(url=Path(path).resolve().as_uri())
+        retry_locked(self._mlflow.log_input, MetaDataset(source, name=name, digest=digest[:36]), context=context)
+
+    @contextlib.contextmanager
+    def child(self, name: str, tags: Mapping[str, str] | None = None) -> Iterator[Run]:
+        """A run nested under this one (one student and seed of post-evaluation); FINISHED at the end
+        of the block, FAILED if it raises."""
+        active = retry_locked(self._mlflow.start_run, run_name=name, nested=True, tags=dict(tags or {}))
+        status = "FAILED"
+        try:
+            yield Run(self._mlflow, active)
+            status = "FINISHED"
+        finally:
+            retry_locked(self._mlflow.end_run, status=status)
+
 
 class NullRun:
     """What the ranks other than 0 of a torchrun job log through: nothing."""
@@ -134,6 +198,28 @@ class NullRun:
 
     def json(self, obj: Any, name: str) -> None:
         pass
+
+    def dataset(self, path: str | Path, name: str, digest: str, context: str) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def child(self, name: str, tags: Mapping[str, str] | None = None) -> Iterator[NullRun]:
+        yield self
+
+
+def _parent_run(client, experiment_id: str, invocation: str, uri: str, tags: dict[str, str]) -> str:
+    """The id of the pipeline run of ``invocation``, created (RUNNING) by the first stage that asks."""
+    with _creation_lock(uri):
+        found = retry_locked(client.search_runs, [experiment_id],
+                             filter_string=f"tags.`edc.invocation` = '{invocation}'", max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            retry_locked(client.update_run, run_id, status="RUNNING")
+            return run_id
+        name = tags.get("dvc.exp_name") or "dvc repro"
+        run = retry_locked(client.create_run, experiment_id, run_name=name,
+                           tags={**tags, "edc.invocation": invocation, "edc.pipeline": "true"})
+        return run.info.run_id
 
 
 @contextlib.contextmanager
@@ -150,15 +236,19 @@ def stage_run(stage: str, params: Mapping[str, Any], seed: int | None = None,
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     with _creation_lock(uri):  # the first process to touch a new store creates its tables; others wait
-        retry_locked(mlflow.set_experiment, os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT))
+        experiment = retry_locked(mlflow.set_experiment, experiment_name())
     exp_name = os.environ.get("DVC_EXP_NAME", "")
-    tags = {"edc.stage": stage, "git.commit": _git_commit(project_root())}
+    common = {"git.commit": _git_commit(project_root())}
     if exp_name:
-        tags["dvc.exp_name"] = exp_name
+        common["dvc.exp_name"] = exp_name
+    tags = {"edc.stage": stage, **common}
     if seed is not None:
         tags["edc.seed"] = str(seed)
     run_name = f"{stage}:{exp_name}" if exp_name else stage
-    active = retry_locked(mlflow.start_run, run_name=run_name, tags=tags)
+    invocation = dvc_invocation()
+    client = mlflow.MlflowClient()
+    parent = _parent_run(client, experiment.experiment_id, invocation, uri, common) if invocation else None
+    active = retry_locked(mlflow.start_run, run_name=run_name, tags=tags, parent_run_id=parent)
     status = "FAILED"
     try:
         flat = flatten(params)
@@ -170,3 +260,5 @@ def stage_run(stage: str, params: Mapping[str, Any], seed: int | None = None,
         raise
     finally:
         retry_locked(mlflow.end_run, status=status)
+        if parent is not None:  # the last stage leaves the pipeline run FINISHED; a failed one, FAILED
+            retry_locked(client.set_terminated, parent, status=status)

@@ -38,6 +38,7 @@ def main(argv=None) -> None:
                    seed=p.seed, enabled=world.main) as run:
         data = load_prepared(args.data, p.workers)
         ds = load_condensed(args.shards, labels=cfg.labels)
+        run.dataset(args.shards, f"condensed-ipc{ds.meta.get('ipc')}", ds.meta["set_id"], context="training")
         if (ds.facts.name, ds.facts.num_classes) != (data.facts.name, data.facts.num_classes):
             raise ArtifactError(f"{args.shards}/meta.json: made from {ds.facts.name} ({ds.facts.num_classes} classes), "
                                 f"but the test split is {data.facts.name} ({data.facts.num_classes} classes)")
@@ -73,26 +74,29 @@ def main(argv=None) -> None:
             for s in range(cfg.seeds):
                 key = f"{spec.name}/{s}"
 
-                def log(row, name=spec.name, s=s):
-                    run.metrics({f"{name}.seed{s}.{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
-
                 def on_epoch(snapshot, key=key):
                     if world.main:
                         ckpt.maybe_save(lambda: {"done": state["done"], "current": {"key": key, **snapshot()}})
 
-                if key in state["done"]:
-                    res = StudentResult(**state["done"][key])
-                else:
-                    current = state["current"] if (state["current"] or {}).get("key") == key else None
-                    res = train_student(spec, cfg, p.zeta, ds, test,
-                                        derive_seed(p.seed, "evaluate", spec.name, str(s)), log, current, on_epoch,
-                                        device, p.bf16, world, val)
-                    state["done"][key] = {"acc": res.acc, "raw_acc": res.raw_acc, "curve": res.curve,
-                                          "seconds": res.seconds, "val_acc": res.val_acc,
-                                          "raw_val_acc": res.raw_val_acc}
-                    state["current"] = None
-                    if world.main:
-                        ckpt.maybe_save(lambda: state)
+                # One nested MLflow run per student and seed: its curves and final accuracies.
+                with run.child(f"{spec.name} seed {s}", {"edc.student": spec.name, "edc.seed": str(s)}) as seed_run:
+                    if key in state["done"]:
+                        res = StudentResult(**state["done"][key])
+                    else:
+                        current = state["current"] if (state["current"] or {}).get("key") == key else None
+                        res = train_student(spec, cfg, p.zeta, ds, test,
+                                            derive_seed(p.seed, "evaluate", spec.name, str(s)),
+                                            lambda row, r=seed_run: r.metrics(
+                                                {k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
+                                            current, on_epoch, device, p.bf16, world, val)
+                        state["done"][key] = {"acc": res.acc, "raw_acc": res.raw_acc, "curve": res.curve,
+                                              "seconds": res.seconds, "val_acc": res.val_acc,
+                                              "raw_val_acc": res.raw_val_acc}
+                        state["current"] = None
+                        if world.main:
+                            ckpt.maybe_save(lambda: state)
+                    seed_run.metrics({"final_acc": res.acc, "raw_acc": res.raw_acc, "seconds": res.seconds,
+                                      **({"val_acc": res.val_acc} if res.val_acc is not None else {})})
                 if not world.main:
                     continue
                 accs.append(res.acc)
@@ -101,9 +105,6 @@ def main(argv=None) -> None:
                     vals.append(res.val_acc)
                     raw_vals.append(res.raw_val_acc)
                 curves[f"{spec.name}-seed{s}"] = res.curve
-                run.metrics({f"{spec.name}.seed{s}.final_acc": res.acc, f"{spec.name}.seed{s}.raw_acc": res.raw_acc,
-                             f"{spec.name}.seed{s}.seconds": res.seconds,
-                             **({f"{spec.name}.seed{s}.val_acc": res.val_acc} if res.val_acc is not None else {})})
                 on_val = f", validation {100 * res.val_acc:.2f}%" if res.val_acc is not None else ""
                 print(f"[{spec.name}] seed {s}: test accuracy {100 * res.acc:.2f}% (raw weights "
                       f"{100 * res.raw_acc:.2f}%{on_val}, {res.seconds:.0f} s)", flush=True)

@@ -27,6 +27,7 @@ def main(argv=None) -> None:
     ap.add_argument("--images", required=True, help="synthesized image set (condensed/images)")
     ap.add_argument("--observers", required=True, help="observers directory")
     ap.add_argument("--out", required=True, help="condensed set: shards + meta.json (condensed/shards)")
+    ap.add_argument("--report", help="metrics JSON: the set's storage in bytes and the teachers' agreement")
     args = ap.parse_args(argv)
     p = load_params(args.params)
     cfg = p.relabel
@@ -47,7 +48,8 @@ def main(argv=None) -> None:
                 "params": {"seed": p.seed, "relabel": cfg.model_dump(), "synthesis": img_meta}}
         ckpt = Checkpointer(args.out, fingerprint("relabel", {"seed": p.seed, "relabel": cfg.model_dump()},
                                                   [args.data + "/facts.json", args.images,
-                                                   *(Path(args.observers) / f"{t}.safetensors" for t in cfg.teachers)], code=__file__))
+                                                   *(Path(args.observers) / f"{t}.safetensors" for t in cfg.teachers)],
+                                                  code=__file__))
 
         def epoch_logits(e: int):
             gen = torch.Generator().manual_seed(derive_seed(p.seed, "relabel", str(e)))
@@ -89,9 +91,17 @@ def main(argv=None) -> None:
         publish_dir(ckpt.dir, args.out)
         agree = sum(agree)
         # How often the teachers' top class is the image's own class on the augmented views.
-        run.metrics({"teacher_agreement": agree / (n * epochs)})
+        storage = writer.meta["bytes"]
+        run.metrics({"teacher_agreement": agree / (n * epochs), **{f"bytes.{k}": v for k, v in storage.items()}})
+        if args.report:
+            write_json(args.report, {"bytes": storage, "teacher_agreement": round(agree / (n * epochs), 6),
+                                     "images": n, "epochs": epochs})
+        run.artifact(Path(args.out) / "meta.json", "condensed_set")  # the set's card
+        run.dataset(args.out, f"condensed-ipc{p.ipc}", writer.meta["set_id"], context="output")
     print(f"relabel: {n} images x {epochs} epochs of soft labels from {', '.join(cfg.teachers)} -> {args.out} "
-          f"(teachers agree with the class on {100 * agree / (n * epochs):.1f}% of augmented views)")
+          f"(teachers agree with the class on {100 * agree / (n * epochs):.1f}% of augmented views; "
+          f"{storage['images'] / 1e6:.2f} MB of images + {storage['soft_labels'] / 1e6:.2f} MB of soft labels, "
+          f"{storage['soft_labels_per_image_epoch']:.0f} bytes per image per epoch)")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,7 @@ def main(argv=None) -> None:
                   f"(un-augmented {r['plain_initial']:.4f} -> {r['plain_final']:.4f})")
         run.artifact(args.grid)
         run.artifact(args.report)
+        run.artifact(Path(args.out) / "meta.json", "condensed_images")
 
 
 if __name__ == "__main__":

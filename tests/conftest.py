@@ -135,7 +135,9 @@ def dvc_repo(tmp_path) -> tuple[Path, dict]:
     write_yaml(repo / "params.yaml", tiny_params())
     (repo / ".gitignore").write_text((ROOT / ".gitignore").read_text())
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME")}
+    # PYTHONPATH: the stages import the copy's edc (the one dvc.yaml hashes), not the editable install's.
     env.update(HOME=str(tmp_path), PATH=f"{Path(sys.executable).parent}:{env['PATH']}", DVC_NO_ANALYTICS="1",
+               PYTHONPATH=str(repo),
                GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com", GIT_COMMITTER_NAME="t",
                GIT_COMMITTER_EMAIL="t@example.com")
     sh(["git", "init", "-q", "-b", "main"], repo, env)

@@ -193,8 +193,41 @@ def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
                                                                           "post_evaluate"]
     assert sorted(stages) == sorted(expected)
     assert {status for _, status, _ in runs} == {"FINISHED"}
-    exp_tags = sorted(v for (v,) in db.execute("select value from tags where key = 'dvc.exp_name'").fetchall())
+    exp_tags = sorted(v for (v,) in db.execute(
+        "select t.value from tags t join tags s on s.run_uuid = t.run_uuid and s.key = 'edc.stage' "
+        "where t.key = 'dvc.exp_name'").fetchall())
     assert exp_tags == ["alpha-quarter"] * 3 + ["two-epochs"] * 6 + ["zeta-one-half"]
+    # One parent run per pipeline run (three `dvc repro`, three `dvc exp run`), FINISHED, holding its
+    # stage runs; post-evaluation's student/seed runs nested under the stage run.
+    parent_of = dict(db.execute("select run_uuid, value from tags where key = 'mlflow.parentRunId'").fetchall())
+    pipelines = dict(db.execute("select r.run_uuid, r.status from runs r join tags t on t.run_uuid = r.run_uuid "
+                                "and t.key = 'edc.pipeline'").fetchall())
+    assert len(pipelines) == 6 and set(pipelines.values()) == {"FINISHED"}
+    assert {parent_of.get(run_id) in pipelines for run_id, _, _ in runs} == {True}
+    for name, n_stages in (("alpha-quarter", 3), ("two-epochs", 6), ("zeta-one-half", 1)):
+        (parent,) = [r for (r,) in db.execute(
+            "select t.run_uuid from tags t join tags p on p.run_uuid = t.run_uuid and p.key = 'edc.pipeline' "
+            "where t.key = 'dvc.exp_name' and t.value = ?", (name,))]
+        assert list(parent_of.values()).count(parent) == n_stages
+    (post,) = [r for (r,) in db.execute(
+        "select t.run_uuid from tags t join tags s on s.run_uuid = t.run_uuid and s.key = 'edc.stage' "
+        "and s.value = 'post_evaluate' where t.key = 'dvc.exp_name' and t.value = 'zeta-one-half'")]
+    seed_runs = [r for r, parent in parent_of.items() if parent == post]
+    assert len(seed_runs) == 1
+    assert db.execute("select name from runs where run_uuid = ?", seed_runs).fetchone()[0] == "student seed 0"
+    assert db.execute("select count(*) from metrics where run_uuid = ? and key = 'train_loss'",
+                      seed_runs).fetchone()[0] == 2
+    # The set's card is an artifact of the relabel run, and the set an input of post_evaluate.
+    (relabel,) = [r for (r,) in db.execute(
+        "select t.run_uuid from tags t join tags s on s.run_uuid = t.run_uuid and s.key = 'edc.stage' "
+        "and s.value = 'relabel' where t.key = 'dvc.exp_name' and t.value = 'alpha-quarter'")]
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    assert "condensed_set/meta.json" in [a.path for a in client.list_artifacts(relabel, "condensed_set")]
+    inputs = client.get_run(post).inputs.dataset_inputs
+    assert [i.dataset.digest for i in inputs] == [read_json(repo / "condensed/shards/meta.json")["set_id"][:36]]
     epochs = db.execute("select value from params where key = 'observers.epochs'").fetchall()
     assert sorted(json.loads(v) for (v,) in epochs) == [1, 1, 2]
 
@@ -229,7 +262,8 @@ def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
             "s.value = 'post_evaluate' and r.status = 'FINISHED'", (name,))]
         logged = dict(db.execute("select key, value from latest_metrics where run_uuid = ?", (run_id,)).fetchall())
         assert abs(logged["student.acc_mean"] - shown[name]["acc_mean"]) < 1e-6
-        steps = db.execute("select count(*) from metrics where run_uuid = ? and key = 'student.seed0.train_loss'",
+        steps = db.execute("select count(*) from metrics m join tags t on t.run_uuid = m.run_uuid and "
+                           "t.key = 'mlflow.parentRunId' where t.value = ? and m.key = 'train_loss'",
                            (run_id,)).fetchone()[0]
         assert steps == 2  # one point per epoch, none lost
         m = shown[name]

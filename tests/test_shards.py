@@ -102,12 +102,14 @@ def test_bad_shards_are_named(tmp_path):
     write_set(tmp_path / "s")
     write_set(tmp_path / "other", seed=1, images=toy_images(seed=5))
     s = tmp_path / "s"
-    # truncated epoch shard
+    # truncated epoch shards: inside a sample, after a whole sample, in the tar's end padding
     data = (s / "epoch-0001.tar").read_bytes()
-    (s / "epoch-0001.tar").write_bytes(data[: len(data) // 2])
-    truncated = r"epoch-0001.tar: (truncated or corrupt shard|no header sample \(truncated|.*batches, its header)"
-    with pytest.raises(ArtifactError, match=truncated):
-        list(load_condensed(s).epoch(1))
+    for cut, said in ((700, r"truncated or corrupt shard"),
+                      (2048, r"1 batches, meta.json says 3 per epoch \(truncated"),
+                      (len(data) - 512, r"altered or truncated")):
+        (s / "epoch-0001.tar").write_bytes(data[:cut])
+        with pytest.raises(ArtifactError, match=r"epoch-0001.tar: .*" + said):
+            list(load_condensed(s).epoch(1))
     # an epoch shard from another condensed set
     shutil.copy(tmp_path / "other" / "epoch-0002.tar", s / "epoch-0002.tar")
     with pytest.raises(ArtifactError, match=r"epoch-0002.tar: belongs to another condensed set"):
@@ -118,7 +120,7 @@ def test_bad_shards_are_named(tmp_path):
         list(load_condensed(s).epoch(0))
     # image shard from another set
     shutil.copy(tmp_path / "other" / "images-000000.tar", s / "images-000000.tar")
-    with pytest.raises(ArtifactError, match="do not match meta.json"):
+    with pytest.raises(ArtifactError, match="images-000000.tar: belongs to another condensed set"):
         load_condensed(s)
     with pytest.raises(ArtifactError, match="meta.json: missing"):
         read_meta(tmp_path)
@@ -195,3 +197,141 @@ def test_planned_epochs_follow_min_steps():
     assert planned_epochs(200, 1000, 500, 25) == 200  # ipc 50: epochs already give 4,000 steps
     assert planned_epochs(200, 0, 10, 25) == 200
     assert planned_epochs(3, 10, 7, 2) == 3 and planned_epochs(2, 10, 7, 2) == 3  # 4 steps per epoch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_dataloader_yields_every_planned_batch_once_in_order(tmp_path, workers):
+    write_set(tmp_path / "s", epochs=3, batch_size=4)  # 10 images: 3 batches per epoch
+    ds = load_condensed(tmp_path / "s")
+    assert len(ds) == 9
+    want = [(x, t, y) for e in range(3) for x, t, y in ds.epoch(e)]
+    got = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
+    assert len(got) == len(want) == 9
+    for (x, t, y), (wx, wt, wy) in zip(got, want):
+        assert torch.equal(x, wx) and torch.equal(t, wt) and torch.equal(y, wy)
+
+
+def test_a_plain_webdataset_pipeline_sees_batches_only(tmp_path):
+    import webdataset as wds
+
+    write_set(tmp_path / "s", epochs=3)
+    url = str(tmp_path / "s" / "epoch-{0000..0002}.tar")
+    keys = [b["__key__"] for b in wds.WebDataset(url, shardshuffle=False).decode()]
+    assert keys == ["b00000", "b00001", "b00002"] * 3
+    meta = read_meta(tmp_path / "s")
+    assert meta["batches_per_epoch"] == 3 and set(meta["shards"]) == {
+        "images-000000.tar", "epoch-0000.tar", "epoch-0001.tar", "epoch-0002.tar"}
+    sizes = {n: (tmp_path / "s" / n).stat().st_size for n in meta["shards"]}
+    assert meta["bytes"]["images"] == sizes["images-000000.tar"]
+    assert meta["bytes"]["soft_labels"] == sum(v for n, v in sizes.items() if n.startswith("epoch"))
+    assert meta["bytes"]["soft_labels_per_image_epoch"] == round(meta["bytes"]["soft_labels"] / 3 / 10, 2)
+
+
+def test_a_set_is_read_and_trained_from_over_http_and_pipe(tmp_path):
+    """A set served by a local HTTP server (started here) and read through a pipe: command gives the
+    same batches as the directory; one epoch trains a model from the served set."""
+    import functools
+    import http.server
+    import threading
+
+    write_set(tmp_path / "s", epochs=2)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/s"
+        local = list(load_condensed(tmp_path / "s"))
+        for remote in (load_condensed(url), load_condensed(f"pipe:cat {tmp_path / 's'}/{{}}")):
+            got = list(remote)
+            assert len(got) == len(local) == 6
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, local))
+        served = load_condensed(url)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(300, 4))
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for x, t, _ in served.epoch(0):
+            loss = nn.functional.kl_div(net(x).log_softmax(1), t.softmax(1), reduction="batchmean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert torch.isfinite(loss)
+        with pytest.raises(ArtifactError, match=r"/nope/meta.json: missing or unreadable"):
+            load_condensed(url.replace("/s", "/nope"))
+    finally:
+        server.shutdown()
+
+
+def test_map_style_images_with_torchvision_transforms(tmp_path):
+    from torchvision.transforms import v2
+
+    from edc.shards import CondensedImages, mean_soft_logits, read_epoch
+
+    write_set(tmp_path / "s", epochs=2, cutmix=False)
+    tf = v2.Compose([v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True)])
+    hard = CondensedImages(tmp_path / "s", transform=tf)
+    assert len(hard) == 10 and hard.classes == list("abcd")
+    x, y = hard[3]
+    assert x.shape == (3, 10, 10) and x.dtype == torch.float32 and y == 3
+    soft = CondensedImages(tmp_path / "s", target="soft")
+    ds = load_condensed(tmp_path / "s")
+    # brute force: every stored view's logits, averaged per image
+    views = {i: [] for i in range(10)}
+    for e in range(2):
+        for b in read_epoch(ds.path, ds.meta, e):
+            for i, lg in zip(b["ids"], b["logits"]):
+                views[int(i)].append(torch.from_numpy(lg))
+    for i in range(10):
+        torch.testing.assert_close(soft[i][1], torch.stack(views[i]).mean(0))
+    torch.testing.assert_close(mean_soft_logits(ds), torch.stack([soft[i][1] for i in range(10)]))
+    loader = torch.utils.data.DataLoader(hard, batch_size=4, shuffle=True, num_workers=0)
+    xb, yb = next(iter(loader))
+    assert xb.shape == (4, 3, 10, 10) and yb.shape == (4,)
+
+
+def test_export_imagefolder_and_the_readme_training_loop(tmp_path, monkeypatch):
+    """`edc export` writes a folder torchvision's ImageFolder reads in class order, with the soft
+    labels and the card; the README's loop trains on it as written."""
+    import csv
+    import json
+
+    from PIL import Image
+
+    from edc.cli import main as cli
+    from edc.shards import mean_soft_logits
+
+    u8 = torch.randint(0, 256, (8, 1, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    y = torch.arange(8) % 4
+    facts = DatasetFacts(name="grey", channels=1, height=28, width=28, num_classes=4,
+                         class_names=["zero", "one/1", "two", "three"], mean=[0.5], std=[0.25],
+                         counts={"train": [2] * 4, "test": [1] * 4})
+    out = tmp_path / "set"
+    out.mkdir()
+    meta = {"dataset": facts.to_dict(), "class_names": facts.class_names, "num_classes": 4, "ipc": 2,
+            "teachers": ["t"], "epochs": 2, "batch_size": 4, "topk": 0, "cutmix": False,
+            "aug": {"scale_min": 0.5, "flip": False}, "params": {}}
+    w = CondensedWriter(out, u8, y, meta)
+    for e in range(2):
+        plan = make_plan(8, 28, 28, 4, 0.5, False, False, torch.Generator().manual_seed(e))
+        w.write_epoch(e, plan, 4, torch.randn(8, 4, generator=torch.Generator().manual_seed(e)), 0)
+    w.close()
+    cli(["export", str(out), str(tmp_path / "edc-set")])
+    folder = tmp_path / "edc-set"
+    assert sorted(p.name for p in folder.iterdir()) == ["000_zero", "001_one_1", "002_two", "003_three",
+                                                         "labels.csv", "meta.json", "soft_logits.npy"]
+    rows = list(csv.DictReader(open(folder / "labels.csv")))
+    assert [int(r["class_index"]) for r in rows] == y.tolist()
+    for r in rows:
+        img = np.asarray(Image.open(folder / r["file"]))
+        assert np.array_equal(img, u8[int(r["id"]), 0].numpy())
+    np.testing.assert_array_equal(np.load(folder / "soft_logits.npy"), mean_soft_logits(load_condensed(out)).numpy())
+    assert json.loads((folder / "meta.json").read_text())["set_id"] == read_meta(out)["set_id"]
+    with pytest.raises(SystemExit):  # a non-empty target is refused (one line, exit 2)
+        cli(["export", str(out), str(folder)])
+
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"<!-- imagefolder-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["data"].classes == ["000_zero", "001_one_1", "002_two", "003_three"]
+    assert torch.isfinite(scope["loss"])
