@@ -10,6 +10,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def machine_line() -> str:
+    """Where a benchmark ran: CPU model, usable cores, torch version and threads (print it first, so
+    that a figure is never read without the machine it came from)."""
+    import os
+    import platform
+
+    import torch
+
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"machine: {model}; {cores} usable cores; torch {torch.__version__} with {torch.get_num_threads()} "
+            f"threads; python {platform.python_version()}")
+
+
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
