@@ -7,6 +7,7 @@
     edc exp sweep NAME [--ipc N]       run a design-space sweep around the edc preset (--queue to queue it)
     edc report                         tables and plots of the experiments into reports/
     edc export SET OUT                 a condensed set as an image folder (+ soft labels, card)
+    edc evaluate SET... --archs A...   students of any architecture on any sets, soft and hard labels
     edc smoke [--keep DIR]             the whole pipeline on tiny settings in a scratch copy (~1 minute)
 """
 
@@ -175,6 +176,37 @@ def _export(args: argparse.Namespace) -> None:
     print(f"{out}: image folder (one subfolder per class), labels.csv, soft_logits.npy, meta.json")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from edc.crosseval import cross_evaluate, results_json, table
+    from edc.data import load_prepared
+    from edc.observers import load_observer
+    from edc.params import load_params
+    from edc.runtime import place, resolve_device
+    from edc.tracking import stage_run
+
+    p = load_params(args.params)
+    if args.seeds is not None:
+        p = p.model_copy(update={"evaluate": p.evaluate.model_copy(update={"seeds": args.seeds})})
+    device = resolve_device(p.device)
+    data = load_prepared(args.data, p.workers)
+    teachers = [place(load_observer(args.observers, t)[0], device) for t in args.teachers] if args.teachers else None
+    params = {"sets": args.sets, "archs": args.archs, "labels": args.labels, "teachers": args.teachers or [],
+              "seed": p.seed, "zeta": p.zeta, "evaluate": p.evaluate.model_dump(), "relabel": p.relabel.model_dump()}
+    with stage_run("evaluate", params, seed=p.seed) as run:
+        res = cross_evaluate(args.sets, args.archs, args.labels, p, data, teachers, device, run)
+        text = table(res, args.archs, args.labels)
+        for src, row in results_json(res).items():
+            for arch, kinds in row.items():
+                run.metrics({f"{Path(src).name}.{arch}.{k}.acc_mean": v["acc_mean"] for k, v in kinds.items()})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    Path(args.out).with_suffix(".json").write_text(json.dumps(results_json(res), indent=1) + "\n")
+    print(text, end="")
+    print(f"-> {args.out} and {Path(args.out).with_suffix('.json')}")
+
+
 def _smoke(args: argparse.Namespace) -> None:
     from edc.smoke import run_smoke
 
@@ -241,6 +273,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     ex.add_argument("out", help="a new folder")
     ex.add_argument("--format", choices=["imagefolder"], default="imagefolder")
     ex.set_defaults(fn=_export)
+    ev = sub.add_parser("evaluate", help="train students of any architecture on any condensed sets or image "
+                                         "folders, soft and hard labels, and print the cross-architecture table")
+    ev.add_argument("sets", nargs="+", help="condensed sets (directory, URL, pipe:) or image folders <class>/<img>")
+    ev.add_argument("--archs", nargs="+", required=True,
+                    help="evaluate.students names, registry architectures (edc list) or torchvision:NAME")
+    ev.add_argument("--labels", nargs="+", choices=["soft", "hard"], default=["soft", "hard"])
+    ev.add_argument("--teachers", nargs="+", help="observers that label an image folder's views (soft labels)")
+    ev.add_argument("--seeds", type=int, help="seeds per cell (default: evaluate.seeds)")
+    ev.add_argument("--data", default="data/prepared", help="the prepared dataset whose test split is used")
+    ev.add_argument("--observers", default="models/observers")
+    ev.add_argument("--params", default="params.yaml")
+    ev.add_argument("--out", default="reports/evaluate.md", help="markdown table (and .json beside it)")
+    ev.set_defaults(fn=_evaluate)
     sm = sub.add_parser("smoke", help="run the whole pipeline on tiny settings in a scratch copy (~1 minute)")
     sm.add_argument("--project", default=".", help="the project to copy (default: the current directory)")
     sm.add_argument("--keep", help="run in this new directory and keep it (default: a temporary one, removed)")

@@ -128,3 +128,23 @@ def teacher_logits(teachers: list[nn.Module], x: torch.Tensor, chunk: int = 512,
             logits = [t.eval()(xb).float() for t in teachers]
         out.append(torch.stack(logits).mean(0).cpu())
     return torch.cat(out)
+
+
+def epoch_plan_logits(images: torch.Tensor, labels: torch.Tensor, teachers: list[nn.Module] | None, cfg, seed: int,
+                      epoch: int, bf16: bool = False) -> tuple[EpochPlan, torch.Tensor | None, int]:
+    """Epoch ``epoch`` of a relabel plan for normalised ``images``: the plan (seeded by ``seed`` and
+    the epoch alone, so any process can make any epoch), the teachers' mean logits on its augmented
+    views in plan order, and how many views the
+    teachers put in the image's own class. Without teachers the logits are None (a plan for hard
+    labels). ``cfg``: the ``relabel`` params section."""
+    from edc.runtime import derive_seed
+
+    n, _, h, w = images.shape
+    gen = torch.Generator().manual_seed(derive_seed(seed, "relabel", str(epoch)))
+    plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, gen)
+    if not teachers:
+        return plan, None, 0
+    x = torch.cat([augment(images[ids], crops, mix) for ids, crops, mix in batches(plan, cfg.batch_size)])
+    logits = teacher_logits(teachers, x, bf16=bf16)
+    return plan, logits, int((logits.argmax(1) == labels[plan.order]).sum())
+

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from edc import distributed
 from edc.data import normalize, read_facts
 from edc.errors import EdcError
@@ -13,9 +11,9 @@ from edc.imageset import read_imageset
 from edc.io import publish_dir, read_json, write_json
 from edc.observers import load_observer
 from edc.params import load_params
-from edc.relabel import augment, batches, make_plan, planned_epochs, teacher_logits
+from edc.relabel import epoch_plan_logits, planned_epochs
 from edc.resume import Checkpointer, fingerprint, finished_units
-from edc.runtime import derive_seed, place, progress, resolve_device
+from edc.runtime import place, progress, resolve_device
 from edc.shards import CondensedWriter, epoch_shard_name
 from edc.stage import parser, stage_main
 from edc.tracking import stage_run
@@ -52,11 +50,7 @@ def main(argv=None) -> None:
                                                   code=__file__))
 
         def epoch_logits(e: int):
-            gen = torch.Generator().manual_seed(derive_seed(p.seed, "relabel", str(e)))
-            plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, gen)
-            x = torch.cat([augment(images[ids], crops, mix) for ids, crops, mix in batches(plan, cfg.batch_size)])
-            logits = teacher_logits(teachers, x, bf16=p.bf16)
-            return plan, logits, int((logits.argmax(1) == labels[plan.order]).sum())
+            return epoch_plan_logits(images, labels, teachers, cfg, p.seed, e, p.bf16)
 
         # The set is built in the checkpoint directory itself. Each finished epoch leaves its shard and
         # a small file with its agreement count there, and a rerun after an interruption, with any

@@ -36,6 +36,29 @@ for _name in TORCHVISION:
     _register(_name)
 
 
+class _RepeatChannels(nn.Module):
+    """Grey images for a 3-channel network: the one channel repeated."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+@register_model("torchvision")
+def torchvision_model(in_channels: int, num_classes: int, image_size: int, name: str = "resnet18") -> nn.Module:
+    """Any torchvision classification model by name (``torchvision.models.list_models``), untrained,
+    with ``num_classes`` outputs; grey images are repeated to 3 channels. For evaluating a condensed
+    set on architectures outside this registry (``edc evaluate --archs torchvision:resnet50``)."""
+    import torchvision.models as tvm
+
+    known = tvm.list_models(module=tvm)
+    if name not in known:
+        raise ValueError(f"torchvision has no classification model {name!r} (e.g. {', '.join(known[:6])}, ...)")
+    if in_channels not in (1, 3):
+        raise ValueError(f"torchvision:{name} takes 1- or 3-channel images, the dataset has {in_channels}")
+    net = tvm.get_model(name, weights=None, num_classes=num_classes)
+    return nn.Sequential(_RepeatChannels(), net) if in_channels == 1 else net
+
+
 def checkpoint_url(arch: str) -> str:
     """The URL torchvision downloads ``arch``'s default ImageNet weights from."""
     import torchvision.models as tvm
