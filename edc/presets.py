@@ -94,6 +94,8 @@ SWEEPS = {
     "r_bn": Sweep("synth.r_bn", (0.1, 1.0, 3.0), "weight of the matching loss"),
     "stats_aug": Sweep("stats.augment", (True, False), "targets from the synthesis crops or un-augmented images"),
     "synth_lr": Sweep("synth.lr", (0.05, 0.1, 0.25), "Adam learning rate on the pixels during synthesis"),
+    "topk": Sweep("relabel.topk", (0, 5, 3, 1), "soft labels stored: all logits (0) or the k largest"),
+    "labels": Sweep("evaluate.labels", ("soft", "hard"), "the students' targets: stored soft labels or classes"),
 }
 
 

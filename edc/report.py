@@ -22,6 +22,7 @@ from edc.params import parse_params
 from edc.presets import PRESET_HELP, SWEEPS, label, parse_name, preset_overrides
 
 METRICS_FILE = "reports/metrics.json"
+STORAGE_FILE = "reports/relabel.json"
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Experiment:
     mlflow_run: str | None = None
     mlflow_ok: bool | None = None  # None: no MLflow run (e.g. restored from DVC's run-cache)
     notes: list[str] = field(default_factory=list)
+    storage: dict[str, Any] | None = None  # reports/relabel.json's bytes (images, soft_labels, total, ...)
 
     @property
     def seeds(self) -> int:
@@ -70,7 +72,8 @@ def read_experiments(repo: str | Path = ".") -> dict[str, Experiment]:
             params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
             if not metrics or not params:
                 continue  # queued, running or failed
-            e = Experiment(rev["name"], rev["rev"], data.get("timestamp") or "", params, metrics)
+            storage = (((data.get("metrics") or {}).get(STORAGE_FILE) or {}).get("data") or {}).get("bytes")
+            e = Experiment(rev["name"], rev["rev"], data.get("timestamp") or "", params, metrics, storage=storage)
             if e.name not in found or e.timestamp > found[e.name].timestamp:
                 found[e.name] = e
     return found
@@ -195,6 +198,62 @@ def _plot(path: Path, title: str, xlabel: str, points: list[tuple[str, Experimen
     plt.close(fig)
 
 
+def storage_points(ipc: int, exps: dict[str, Experiment]) -> list[tuple[str, Experiment, int]]:
+    """(setting, experiment, bytes a user must store) for the topk sweep at ipc, the edc preset (all
+    logits) and the hard-label point (images only), sorted by bytes."""
+    points = []
+    for value, e in _sweep_points("topk", ipc, exps):
+        if e.storage:
+            points.append(("all logits" if value == "0" else f"top-{value}", e, int(e.storage["total"])))
+    hard = exps.get(f"labels-hard-ipc{ipc}")
+    if hard is not None and hard.storage:
+        points.append(("hard labels", hard, int(hard.storage["images"])))
+    return sorted(points, key=lambda t: t[2])
+
+
+def _storage_section(ipc: int, exps: dict[str, Experiment], students: list[str], plots_dir: Path | None,
+                     md_dir: Path) -> list[str]:
+    points = storage_points(ipc, exps)
+    if len(points) < 2:
+        return []
+    out = [f"## Accuracy against storage at ipc {ipc} (soft labels: all logits, top-k, none)", "",
+           "Bytes as stored (PNG images in tar shards, float16 logits or top-k values and int32 indices per "
+           "planned view, tar headers included), from each run's `reports/relabel.json`.", "",
+           "| labels | stored MB | soft-label bytes per image per epoch | " + " | ".join(students) + " | experiment |",
+           "| --- | --- | --- | " + " | ".join("---" for _ in students) + " | --- |"]
+    for title, e, total in points:
+        per = "0" if title == "hard labels" else f"{e.storage['soft_labels_per_image_epoch']:.0f}"
+        out.append(f"| {title} | {total / 1e6:.3f} | {per} | " + " | ".join(_cell(e, s) for s in students)
+                   + f" | {e.name} |")
+    out.append("")
+    if plots_dir is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+        for s in students:
+            xs = [t / 1e6 for _, e, t in points if s in e.metrics]
+            ys = [100 * e.metrics[s]["acc_mean"] for _, e, _ in points if s in e.metrics]
+            ax.plot(xs, ys, marker="o", label=s)
+        for title, e, total in points:
+            ax.annotate(title, (total / 1e6, 100 * next(iter(e.metrics.values()))["acc_mean"]), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("stored MB (log)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"accuracy against storage, ipc {ipc}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        png = plots_dir / f"storage-ipc{ipc}.png"
+        png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png)
+        plt.close(fig)
+        out += [f"![accuracy against storage at ipc {ipc}]({Path(os.path.relpath(png, md_dir)).as_posix()})", ""]
+    return out
+
+
 def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Path = Path(".")) -> str:
     """The markdown report (to be saved in ``md_dir``); writes one plot per sweep into ``plots_dir``."""
     if not exps:
@@ -235,6 +294,8 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
                 png = plots_dir / (f"{sweep}.png" if sweep == "ipc" else f"{sweep}-ipc{ipc}.png")
                 _plot(png, title, s.key, points, students)
                 out += [f"![{title}]({Path(os.path.relpath(png, md_dir)).as_posix()})", ""]
+    for ipc in ipcs:
+        out += _storage_section(ipc, exps, students, plots_dir, md_dir)
     out += ["## Experiments", "", "| experiment | DVC rev | created | MLflow post_evaluate run |",
             "| --- | --- | --- | --- |"]
     for e in ordered:
