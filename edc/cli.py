@@ -97,7 +97,8 @@ def _launch(commands: list[tuple[str, list[str]]], args: argparse.Namespace) -> 
         if r.returncode != 0:
             raise EdcError(f"experiment {name} failed (exit status {r.returncode}); see the output above")
     if args.queue and not args.dry_run:
-        print("queued; run them with `dvc queue start -j 2` and follow with `dvc queue status`")
+        print("queued; run them with `dvc queue start` (one at a time: two torch jobs on the same cores slow each "
+              "other several-fold; -j N where each job has its own cores) and follow with `dvc queue status`")
 
 
 def _preset(args: argparse.Namespace) -> None:
@@ -215,7 +216,7 @@ def _smoke(args: argparse.Namespace) -> None:
 
 def _exp_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--ipc", type=int, help="images per class (default: params.yaml's ipc)")
-    sp.add_argument("--queue", action="store_true", help="queue instead of running (then `dvc queue start -j 2`)")
+    sp.add_argument("--queue", action="store_true", help="queue instead of running (then `dvc queue start`)")
     sp.add_argument("--replace", action="store_true", help="rerun experiments whose name exists already")
     sp.add_argument("--dry-run", action="store_true", help="print the dvc commands only")
     sp.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="further params, as for dvc exp run")

@@ -44,7 +44,7 @@ import torch
 from edc.data.prepared import DatasetFacts, normalize
 from edc.errors import ArtifactError
 from edc.io import write_json
-from edc.relabel import EpochPlan, augment, batches
+from edc.plan import EpochPlan, augment, batches
 
 FORMAT = "edc-condensed/2"
 IMAGES_PER_SHARD = 10_000

@@ -13,7 +13,7 @@ from edc.errors import ArtifactError
 from edc.evaluate import StudentResult, summarize, train_student
 from edc.io import write_curves, write_json
 from edc.params import load_params
-from edc.relabel import planned_epochs
+from edc.plan import planned_epochs
 from edc.resume import Checkpointer, fingerprint
 from edc.runtime import derive_seed, resolve_device
 from edc.shards import load_condensed

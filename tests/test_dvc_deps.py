@@ -73,3 +73,13 @@ def test_a_resume_fingerprint_changes_with_the_code(tmp_path):
     real = ROOT / "stages" / "synthesize.py"
     assert fingerprint("s", {}, [], code=real) != fingerprint("s", {}, [])
     assert fingerprint("s", {}, [], code=real) == fingerprint("s", {}, [], code=real)
+
+
+def test_the_format_imports_nothing_of_the_method():
+    """Reading a condensed set (edc.shards, its plan replay in edc.plan) needs no method module."""
+    method = {"edc/relabel.py", "edc/synth.py", "edc/stats.py", "edc/init.py", "edc/evaluate.py",
+              "edc/observers.py", "edc/crosseval.py"}
+    for module in ("edc/shards.py", "edc/plan.py"):
+        got = {p.as_posix() for p in closure(module)}
+        assert not got & method, f"{module} imports {sorted(got & method)}"
+        assert not any(p.startswith("edc/models") for p in got), module

@@ -1,0 +1,111 @@
+"""The augmentation plan of a condensed set: part of the format (``edc.shards`` replays it).
+
+For every post-evaluation epoch a plan fixes the order of the images, their batches, each image's
+RandomResizedCrop box and flip, and (with CutMix) each batch's box and each image's partner.
+``augment`` is the one function that turns images and a plan into the augmented batch; the relabel
+stage (which stores the teachers' logits on it) and every reader of a set (which replays it) both
+call it, which is what makes the stored labels belong to what the student sees. This module
+imports nothing of the method: reading a set needs only it and :mod:`edc.shards`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torchvision.ops import roi_align
+
+CROP_FIELDS = ("top", "left", "height", "width", "flip")
+MIX_FIELDS = ("partner", "x1", "y1", "x2", "y2")
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    order: torch.Tensor  # (N,) int64: image ids in visiting order; batches are consecutive slices
+    crops: torch.Tensor  # (N, 5) int64, aligned with order: top, left, height, width, flip
+    mix: torch.Tensor | None  # (N, 5) int64: partner position within the batch, CutMix box x1, y1, x2, y2
+
+
+def planned_epochs(epochs: int, min_steps: int, num_images: int, batch_size: int) -> int:
+    """The epochs a plan covers: ``epochs``, or more when that many epochs would give fewer than
+    ``min_steps`` optimiser steps (``ceil(num_images / batch_size)`` per epoch). With the defaults
+    (200 epochs, 1,000 steps, batch 25) ipc 1 on 10 classes gets 1,000 epochs (the paper's), ipc 10
+    gets 250 and ipc 50 keeps 200."""
+    per_epoch = -(-num_images // batch_size)
+    return max(epochs, -(-min_steps // per_epoch))
+
+
+def sample_boxes(n: int, h: int, w: int, scale: tuple[float, float], gen: torch.Generator,
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
+    """RandomResizedCrop's boxes for n images, vectorised: up to ``attempts`` draws of area fraction
+    in ``scale`` and log-uniform aspect ratio, the first that fits; else the whole image (as
+    torchvision's fallback does for ratios inside ``ratio``). Returns (n, 4) top, left, height, width."""
+    area = (scale[0] + (scale[1] - scale[0]) * torch.rand(n, attempts, generator=gen)) * (h * w)
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(n, attempts, generator=gen)
+    r = log_r.exp()
+    bw = (area * r).sqrt().round().long()
+    bh = (area / r).sqrt().round().long()
+    ok = (bw > 0) & (bw <= w) & (bh > 0) & (bh <= h)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    rows = torch.arange(n)
+    pick = first.clamp_min(0)
+    bw = torch.where(first >= 0, bw[rows, pick], torch.full((n,), w))
+    bh = torch.where(first >= 0, bh[rows, pick], torch.full((n,), h))
+    top = (torch.rand(n, generator=gen) * (h - bh + 1)).floor().long()
+    left = (torch.rand(n, generator=gen) * (w - bw + 1)).floor().long()
+    return torch.stack([top, left, bh, bw], 1)
+
+
+def cutmix_box(h: int, w: int, gen: torch.Generator, beta: float = 1.0) -> torch.Tensor:
+    """torchvision's CutMix box: lam ~ Beta(beta, beta), a centre drawn uniformly, sides sqrt(1 - lam)
+    of the image, clipped to it. Returns x1, y1, x2, y2."""
+    lam = torch.distributions.Beta(beta, beta).sample() if beta != 1.0 else torch.rand((), generator=gen)
+    cx, cy = int(torch.randint(w, (), generator=gen)), int(torch.randint(h, (), generator=gen))
+    r = 0.5 * math.sqrt(1.0 - float(lam))
+    hw, hh = int(r * w), int(r * h)
+    return torch.tensor([max(cx - hw, 0), max(cy - hh, 0), min(cx + hw, w), min(cy + hh, h)])
+
+
+def make_plan(n: int, h: int, w: int, batch_size: int, scale_min: float, flip: bool, cutmix: bool,
+              gen: torch.Generator) -> EpochPlan:
+    """One epoch's plan for n images of size (h, w)."""
+    order = torch.randperm(n, generator=gen)
+    boxes = sample_boxes(n, h, w, (scale_min, 1.0), gen)
+    flips = (torch.rand(n, generator=gen) < 0.5).long() if flip else torch.zeros(n, dtype=torch.long)
+    mix = None
+    if cutmix:
+        mix = torch.empty(n, 5, dtype=torch.long)
+        for start in range(0, n, batch_size):  # one box per batch, partner = the batch rolled by one
+            b = min(batch_size, n - start)
+            mix[start:start + b, 0] = (torch.arange(b) - 1) % b
+            mix[start:start + b, 1:] = cutmix_box(h, w, gen)
+    return EpochPlan(order, torch.cat([boxes, flips[:, None]], 1), mix)
+
+
+def augment(images: torch.Tensor, crops: torch.Tensor, mix: torch.Tensor | None) -> torch.Tensor:
+    """Apply planned crops (resized back to full size, bilinear), flips and CutMix to a batch.
+
+    ``images`` (B, C, H, W) are the batch's images in plan order; ``crops`` (B, 5) and ``mix`` (B, 5)
+    the plan's rows for them."""
+    b, _, h, w = images.shape
+    top, left, bh, bw, fl = crops.T.to(images.dtype)
+    rois = torch.stack([torch.arange(b, dtype=images.dtype), left, top, left + bw, top + bh], 1)
+    # One bilinear sample per output pixel at its centre: the box resized like resize(align_corners=False).
+    x = roi_align(images, rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    x = torch.where(fl.bool()[:, None, None, None], x.flip(-1), x)
+    if mix is not None:
+        partner, x1, y1, x2, y2 = mix.T
+        ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
+        inside = (ys >= y1[:, None, None]) & (ys < y2[:, None, None]) & (xs >= x1[:, None, None]) & \
+            (xs < x2[:, None, None])
+        x = torch.where(inside[:, None], x[partner], x)
+    return x
+
+
+def batches(plan: EpochPlan, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(image ids, crops, mix) for each batch of an epoch plan."""
+    for start in range(0, len(plan.order), batch_size):
+        sl = slice(start, start + batch_size)
+        yield plan.order[sl], plan.crops[sl], None if plan.mix is None else plan.mix[sl]
