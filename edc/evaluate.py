@@ -175,6 +175,8 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
         row = {"epoch": e + 1, "train_loss": loss_sum / n}
         if world.main and ((e + 1) % cfg.eval_every == 0 or e + 1 == ds.epochs):
             row["test_acc"] = accuracy(evaluated(e + 1), test)
+            if ema is not None:  # the raw weights beside the EMA: how much the average adds, epoch by epoch
+                row["raw_test_acc"] = accuracy(model, test)
             if val is not None:
                 row["val_acc"] = accuracy(evaluated(e + 1), val)
         curve.append(row)

@@ -27,6 +27,7 @@ def main(argv=None) -> None:
     ap.add_argument("--shards", required=True, help="condensed set (condensed/shards)")
     ap.add_argument("--metrics", required=True, help="accuracies, JSON (reports/metrics.json)")
     ap.add_argument("--curves", required=True, help="directory for per-student training curves (CSV)")
+    ap.add_argument("--accuracy", help="directory of test-accuracy curves (EMA and raw weights) for DVC plots")
     args = ap.parse_args(argv)
     p = load_params(args.params)
     cfg = p.evaluate
@@ -122,8 +123,18 @@ def main(argv=None) -> None:
                 run.metrics({f"{spec.name}.val_acc_mean": v_mean, f"{spec.name}.val_acc_std": v_std})
         if not world.main:
             return
-        fields = ["epoch", "train_loss", "test_acc"] + (["val_acc"] if val is not None else [])
+        fields = ["epoch", "train_loss", "test_acc"] + (["raw_test_acc"] if cfg.ema else []) + \
+            (["val_acc"] if val is not None else [])
         write_curves(args.curves, curves, fields)
+        if args.accuracy:  # one file per line of the DVC plot: student, seed, EMA or raw weights
+            acc = {}
+            for name, rows in curves.items():
+                tested = [r for r in rows if "test_acc" in r]
+                acc[f"{name}-{'ema' if cfg.ema else 'model'}"] = [
+                    {"epoch": r["epoch"], "test_acc": r["test_acc"]} for r in tested]
+                if cfg.ema:
+                    acc[f"{name}-raw"] = [{"epoch": r["epoch"], "test_acc": r["raw_test_acc"]} for r in tested]
+            write_curves(args.accuracy, acc, ["epoch", "test_acc"])
         write_json(args.metrics, metrics)
         ckpt.clear()
         run.artifact(args.metrics)

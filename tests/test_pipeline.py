@@ -40,10 +40,12 @@ def run_stages(work: Path, params: Path) -> None:
                          "--curves", str(work / "reports/plots/synth_loss.csv"),
                          "--grid", str(work / "reports/synth_grid.png")])
     stage("relabel")([*p, "--data", str(work / "data/prepared"), "--images", str(work / "condensed/images"),
-                      "--observers", str(work / "models/observers"), "--out", str(work / "condensed/shards")])
+                      "--observers", str(work / "models/observers"), "--out", str(work / "condensed/shards"),
+                      "--report", str(work / "reports/relabel.json")])
     stage("post_evaluate")([*p, "--data", str(work / "data/prepared"), "--shards", str(work / "condensed/shards"),
                             "--metrics", str(work / "reports/metrics.json"),
-                            "--curves", str(work / "reports/plots/evaluate")])
+                            "--curves", str(work / "reports/plots/evaluate"),
+                            "--accuracy", str(work / "reports/plots/accuracy")])
 
 
 def md5_tree(root: Path) -> dict[str, str]:
@@ -68,9 +70,10 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
         "data/prepared/val_labels.npy",
         "models/observers/tiny.json", "models/observers/tiny.safetensors",
         "reports/init_grid.png", "reports/metrics.json", "reports/observers.json",
+        "reports/plots/accuracy/student-seed0-ema.csv", "reports/plots/accuracy/student-seed0-raw.csv",
         "reports/plots/evaluate/student-seed0.csv", "reports/plots/observers/tiny.csv",
-        "reports/plots/synth_loss.csv", "reports/stats.json", "reports/synth.json", "reports/synth_grid.png",
-        "stats/tiny.safetensors",
+        "reports/plots/synth_loss.csv", "reports/relabel.json", "reports/stats.json", "reports/synth.json",
+        "reports/synth_grid.png", "stats/tiny.safetensors",
     ]
     spec = read_json(a / "models/observers/tiny.json")
     assert spec["arch"] == "convnet" and spec["dataset"]["name"] == "mnist5k" and spec["training"]["epochs"] == 1
@@ -92,6 +95,13 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
     assert set(metrics) == {"acc_mean", "acc_std", "raw_acc_mean", "seeds", "val_acc_mean", "val_acc_std",
                             "raw_val_acc_mean"} and 0 <= metrics["acc_mean"] <= 1 and 0 <= metrics["val_acc_mean"] <= 1
     assert "val_acc" in (a / "reports/plots/evaluate/student-seed0.csv").read_text().splitlines()[0]
+    ema = (a / "reports/plots/accuracy/student-seed0-ema.csv").read_text().splitlines()
+    raw = (a / "reports/plots/accuracy/student-seed0-raw.csv").read_text().splitlines()
+    assert ema[0] == raw[0] == "epoch,test_acc" and len(ema) == len(raw) == 1 + 2  # eval_every 1, 2 epochs
+    assert float(raw[-1].split(",")[1]) == metrics["raw_acc_mean"]
+    stored = read_json(a / "reports/relabel.json")["bytes"]
+    shards = a / "condensed/shards"
+    assert stored["total"] == sum(f.stat().st_size for f in shards.glob("*.tar"))
 
 
 def test_post_evaluate_names_a_bad_shard(tmp_path):
