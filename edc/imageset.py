@@ -52,3 +52,37 @@ def save_grid(path: str | Path, images_u8: torch.Tensor, labels: torch.Tensor, n
             y0, x0 = pad + k * (h + pad), pad + j * (w + pad)
             canvas[y0:y0 + h, x0:x0 + w] = images_u8[i].permute(1, 2, 0).numpy()
     Image.fromarray(canvas[..., 0] if c == 1 else canvas).save(path, format="PNG")
+
+
+def save_comparison(path, init_u8: torch.Tensor, out_u8: torch.Tensor, labels: torch.Tensor,
+                    class_names: list[str], per_class: int = 8, scale: int = 2, pad: int = 2) -> None:
+    """A PNG with one row per class: its name, then up to ``per_class`` initial images, a gap, and the
+    same images after synthesis (each ``scale`` times enlarged): what synthesis changed, at a glance."""
+    from PIL import Image, ImageDraw
+
+    n, c, h, w = out_u8.shape
+    k = len(class_names)
+    cols = min(per_class, max(int((labels == j).sum()) for j in range(k)))
+    hs, ws = h * scale, w * scale
+    label_w, gap = 8 + 7 * min(max(len(str(name)) for name in class_names), 14), 3 * pad + 6
+    width = label_w + 2 * cols * (ws + pad) + gap
+    height = 16 + k * (hs + pad) + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((label_w, 2), "initial", fill="black")
+    draw.text((label_w + cols * (ws + pad) + gap, 2), "synthesized", fill="black")
+
+    def tile(img: torch.Tensor) -> Image.Image:
+        arr = img.permute(1, 2, 0).numpy()
+        im = Image.fromarray(arr[..., 0] if c == 1 else arr).convert("RGB")
+        return im.resize((ws, hs), Image.Resampling.NEAREST)
+
+    for j in range(k):
+        y0 = 16 + j * (hs + pad)
+        draw.text((4, y0 + hs // 2 - 5), str(class_names[j])[:14], fill="black")
+        for col, i in enumerate(torch.nonzero(labels == j).flatten()[:cols].tolist()):
+            x0 = label_w + col * (ws + pad)
+            canvas.paste(tile(init_u8[i]), (x0, y0))
+            canvas.paste(tile(out_u8[i]), (x0 + cols * (ws + pad) + gap, y0))
+    canvas.save(path, format="PNG")
+

@@ -10,7 +10,7 @@ import torch
 from edc import distributed
 from edc.data import normalize, pixel_bounds, read_facts, to_uint8
 from edc.errors import ArtifactError
-from edc.imageset import read_imageset, save_grid, write_imageset
+from edc.imageset import read_imageset, save_comparison, write_imageset
 from edc.io import atomic_dir, atomic_file, md5_file, write_json
 from edc.observers import load_observer
 from edc.params import load_params
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="synthesized image set (condensed/images)")
     ap.add_argument("--report", required=True, help="matching losses before/after, JSON")
     ap.add_argument("--curves", required=True, help="per-iteration losses, CSV")
-    ap.add_argument("--grid", required=True, help="PNG of the synthesized images, one row per class")
+    ap.add_argument("--grid", required=True, help="PNG: per class (named), the initial and the synthesized images")
     args = ap.parse_args(argv)
     p = load_params(args.params)
     cfg = p.synth
@@ -139,7 +139,7 @@ def main(argv=None) -> None:
             w.writeheader()
             w.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
         with atomic_file(args.grid, "wb") as f:
-            save_grid(f, out_u8, labels, facts.num_classes)
+            save_comparison(f, init_u8, out_u8, labels, facts.class_names)
         write_json(args.report, report)
         ckpt.clear()
         for name, r in report.items():
