@@ -45,8 +45,12 @@ bench: $(STAMP)
 	PATH="$(BIN):$$PATH" python benchmarks/budgets.py
 	PATH="$(BIN):$$PATH" python benchmarks/streaming.py
 
+# The suite runs in TEST_WORKERS pytest-xdist processes (default: one per core, at most 4), each with
+# one torch thread: two processes with two threads each on two cores slow each other several-fold.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: $(STAMP)
-	PATH="$(BIN):$$PATH" python -m pytest $(PYTEST_ARGS)
+	PATH="$(BIN):$$PATH" OMP_NUM_THREADS=1 python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check edc stages tests benchmarks

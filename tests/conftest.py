@@ -145,3 +145,13 @@ def dvc_repo(tmp_path) -> tuple[Path, dict]:
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "init"], repo, env)
     return repo, env
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow end-to-end tests first, each in its own xdist group: under `make test` (pytest-xdist,
+    --dist loadgroup) they start at once on different workers and the quick tests fill in around
+    them, instead of two long tests ending up one after the other at the end."""
+    slow = [i for i in items if i.get_closest_marker("slow")]
+    for n, item in enumerate(slow):
+        item.add_marker(pytest.mark.xdist_group(f"slow-{n}"))
+    items[:] = slow + [i for i in items if not i.get_closest_marker("slow")]
