@@ -10,6 +10,37 @@ from collections.abc import Callable, Sequence
 
 from edc.errors import EdcError
 
+# The params each stage reads, declared once: dvc.yaml's `params:` must list exactly these
+# (tests/test_dvc_deps.py), and each stage logs them to MLflow and fingerprints its resume
+# checkpoints with them through :func:`stage_params`.
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "prepare": ("seed", "dataset"),
+    "train_observers": ("device", "bf16", "seed", "observers"),
+    "collect_stats": ("device", "seed", "stats", "synth.aug"),
+    "init": ("device", "seed", "ipc", "init"),
+    "synthesize": ("device", "seed", "alpha", "synth"),
+    "relabel": ("device", "bf16", "seed", "relabel"),
+    "post_evaluate": ("device", "bf16", "seed", "zeta", "evaluate", "relabel.batch_size", "relabel.epochs",
+                      "relabel.min_steps"),
+}
+
+
+def stage_params(p, stage: str) -> dict:
+    """The values of :data:`STAGE_PARAMS` ``[stage]`` in params ``p``, nested as in params.yaml
+    (``relabel.epochs`` -> ``{"relabel": {"epochs": ...}}``)."""
+    full = p.model_dump()
+    out: dict = {}
+    for key in STAGE_PARAMS[stage]:
+        parts = key.split(".")
+        value = full
+        for part in parts:
+            value = value[part]
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
 
 def parser(stage: str, doc: str | None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"stages/{stage}.py", description=(doc or "").strip().splitlines()[0])

@@ -9,7 +9,7 @@ from edc.io import atomic_dir, md5_file, write_json
 from edc.observers import load_observer, observer_names
 from edc.params import load_params
 from edc.runtime import derive_seed, place, resolve_device
-from edc.stage import parser, stage_main
+from edc.stage import parser, stage_main, stage_params
 from edc.stats import bn_layers, collect_bn_stats, save_stats
 from edc.tracking import stage_run
 
@@ -26,8 +26,7 @@ def main(argv=None) -> None:
     aug = p.synth.aug if p.stats.augment else None
     targets = {"augment": p.stats.augment, "draws": p.stats.draws if aug else 1,
                "aug": aug.model_dump() if aug else None}
-    with stage_run("collect_stats", {"stats": p.stats.model_dump(), "synth": {"aug": p.synth.aug.model_dump()}},
-                   seed=p.seed) as run:
+    with stage_run("collect_stats", stage_params(p, "collect_stats"), seed=p.seed) as run:
         data = load_prepared(args.data, p.workers)
         train = data.view("train")  # read batch by batch (memory-mapped arrays or decoded files)
         report = {}

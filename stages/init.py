@@ -11,7 +11,7 @@ from edc.io import atomic_dir, atomic_file
 from edc.observers import load_observer
 from edc.params import load_params
 from edc.runtime import derive_seed, place, resolve_device, seed_everything
-from edc.stage import parser, stage_main
+from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
 
 
@@ -24,7 +24,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     p = load_params(args.params)
     cfg = p.init
-    with stage_run("init", {"seed": p.seed, "ipc": p.ipc, "init": cfg.model_dump()}, seed=p.seed) as run:
+    with stage_run("init", stage_params(p, "init"), seed=p.seed) as run:
         data = load_prepared(args.data, p.workers)
         k = data.facts.num_classes
         gen = seed_everything(derive_seed(p.seed, "init"))

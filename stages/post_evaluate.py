@@ -17,7 +17,7 @@ from edc.plan import planned_epochs
 from edc.resume import Checkpointer, fingerprint
 from edc.runtime import derive_seed, resolve_device
 from edc.shards import load_condensed
-from edc.stage import parser, stage_main
+from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
 
 
@@ -33,10 +33,7 @@ def main(argv=None) -> None:
     cfg = p.evaluate
     device = resolve_device(p.device)
     world = distributed.init()
-    with stage_run("post_evaluate", {"seed": p.seed, "zeta": p.zeta, "evaluate": cfg.model_dump(),
-                                     "relabel": {"batch_size": p.relabel.batch_size, "epochs": p.relabel.epochs,
-                                                 "min_steps": p.relabel.min_steps}},
-                   seed=p.seed, enabled=world.main) as run:
+    with stage_run("post_evaluate", stage_params(p, "post_evaluate"), seed=p.seed, enabled=world.main) as run:
         data = load_prepared(args.data, p.workers)
         ds = load_condensed(args.shards, labels=cfg.labels)
         run.dataset(args.shards, f"condensed-ipc{ds.meta.get('ipc')}", ds.meta["set_id"], context="training")
@@ -56,8 +53,7 @@ def main(argv=None) -> None:
                                     f"{asked}; rerun relabel (dvc repro) to plan for it")
         test = data.view("test")  # read batch by batch at each evaluation
         val = data.view("val") if data.has_val else None  # what recipes are chosen on (dataset.val_size)
-        ckpt = Checkpointer(args.metrics, fingerprint("post_evaluate", {"seed": p.seed, "zeta": p.zeta,
-                                                                        "evaluate": cfg.model_dump()},
+        ckpt = Checkpointer(args.metrics, fingerprint("post_evaluate", stage_params(p, "post_evaluate"),
                                                       [args.shards, *split_files(args.data, "test"),
                                                        *split_files(args.data, "val")], code=__file__))
         # Rank 0 looks first (it discards a checkpoint of other inputs); then the others read the same one.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from edc.data import prepare
 from edc.io import atomic_dir
 from edc.params import load_params
-from edc.stage import parser, stage_main
+from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
 
 
@@ -14,7 +14,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, help="prepared dataset directory (data/prepared)")
     args = ap.parse_args(argv)
     p = load_params(args.params)
-    with stage_run("prepare", {"seed": p.seed, "dataset": p.dataset.model_dump()}, seed=p.seed) as run:
+    with stage_run("prepare", stage_params(p, "prepare"), seed=p.seed) as run:
         with atomic_dir(args.out) as tmp:
             facts = prepare(p.dataset, p.seed, tmp, p.workers)
         run.json(facts.to_dict(), "facts.json")

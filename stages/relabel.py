@@ -15,7 +15,7 @@ from edc.relabel import epoch_plan_logits, planned_epochs
 from edc.resume import Checkpointer, fingerprint, finished_units
 from edc.runtime import place, progress, resolve_device
 from edc.shards import CondensedWriter, epoch_shard_name
-from edc.stage import parser, stage_main
+from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
 
 
@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     p = load_params(args.params)
     cfg = p.relabel
     world = distributed.init()
-    with stage_run("relabel", {"seed": p.seed, "relabel": cfg.model_dump()}, seed=p.seed, enabled=world.main) as run:
+    with stage_run("relabel", stage_params(p, "relabel"), seed=p.seed, enabled=world.main) as run:
         facts = read_facts(args.data)
         if cfg.topk >= facts.num_classes:
             raise EdcError(f"{args.params}: relabel.topk: must be < the {facts.num_classes} classes (0 = all)")
@@ -44,7 +44,7 @@ def main(argv=None) -> None:
                 "ipc": img_meta["ipc"], "teachers": cfg.teachers, "epochs": epochs, "batch_size": cfg.batch_size,
                 "topk": cfg.topk, "cutmix": cfg.cutmix, "aug": cfg.aug.model_dump(),
                 "params": {"seed": p.seed, "relabel": cfg.model_dump(), "synthesis": img_meta}}
-        ckpt = Checkpointer(args.out, fingerprint("relabel", {"seed": p.seed, "relabel": cfg.model_dump()},
+        ckpt = Checkpointer(args.out, fingerprint("relabel", stage_params(p, "relabel"),
                                                   [args.data + "/facts.json", args.images,
                                                    *(Path(args.observers) / f"{t}.safetensors" for t in cfg.teachers)],
                                                   code=__file__))

@@ -16,7 +16,7 @@ from edc.observers import load_observer
 from edc.params import load_params
 from edc.resume import Checkpointer, fingerprint, finished_units
 from edc.runtime import derive_seed, place, resolve_device, seed_everything
-from edc.stage import parser, stage_main
+from edc.stage import parser, stage_main, stage_params
 from edc.stats import load_stats
 from edc.synth import Observer, matching_report, partition, synthesize
 from edc.tracking import stage_run
@@ -60,8 +60,7 @@ def main(argv=None) -> None:
     p = load_params(args.params)
     cfg = p.synth
     world = distributed.init()
-    with stage_run("synthesize", {"seed": p.seed, "alpha": p.alpha, "synth": cfg.model_dump()}, seed=p.seed,
-                   enabled=world.main) as run:
+    with stage_run("synthesize", stage_params(p, "synthesize"), seed=p.seed, enabled=world.main) as run:
         facts = read_facts(args.data)
         init_u8, labels, init_meta = read_imageset(args.init)
         device = resolve_device(p.device)
@@ -85,8 +84,7 @@ def main(argv=None) -> None:
                          "total": row["total"]}, step=row["step"])
 
         seed_for = lambda b: derive_seed(p.seed, "synthesize", str(b))  # noqa: E731
-        ckpt = Checkpointer(args.out, fingerprint("synthesize", {"seed": p.seed, "alpha": p.alpha,
-                                                                 "synth": cfg.model_dump()},
+        ckpt = Checkpointer(args.out, fingerprint("synthesize", stage_params(p, "synthesize"),
                                                   [args.init, args.stats, *(Path(args.observers) / f"{n}.safetensors"
                                                                             for n in cfg.observers)], code=__file__))
         if world.size > 1:

@@ -15,7 +15,7 @@ from edc.io import atomic_dir, write_curves, write_json
 from edc.observers import imagenet_observer, save_observer, train_observer
 from edc.params import load_params
 from edc.runtime import resolve_device
-from edc.stage import parser, stage_main
+from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
 
 
@@ -30,8 +30,7 @@ def main(argv=None) -> None:
     cfg = p.observers
     device = resolve_device(p.device)
     world = distributed.init()
-    with stage_run("train_observers", {"seed": p.seed, "observers": cfg.model_dump()}, seed=p.seed,
-                   enabled=world.main) as run:
+    with stage_run("train_observers", stage_params(p, "train_observers"), seed=p.seed, enabled=world.main) as run:
         data = load_prepared(args.data, p.workers)
         train, test = data.view("train"), data.view("test")  # read batch by batch
         report, curves = {}, {}

@@ -83,3 +83,24 @@ def test_the_format_imports_nothing_of_the_method():
         got = {p.as_posix() for p in closure(module)}
         assert not got & method, f"{module} imports {sorted(got & method)}"
         assert not any(p.startswith("edc/models") for p in got), module
+
+
+def test_each_stage_declares_its_params_once():
+    """dvc.yaml's `params:` of every stage is edc.stage.STAGE_PARAMS, which the stage logs to MLflow
+    and fingerprints its checkpoints with: the three cannot disagree."""
+    from edc.params import load_params
+    from edc.stage import STAGE_PARAMS, stage_params
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGE_PARAMS)
+    for name, st in stages.items():
+        assert tuple(st["params"]) == STAGE_PARAMS[name], name
+    p = load_params(ROOT / "params.yaml")
+    got = stage_params(p, "post_evaluate")
+    assert got["relabel"] == {"batch_size": p.relabel.batch_size, "epochs": p.relabel.epochs,
+                              "min_steps": p.relabel.min_steps}
+    assert got["evaluate"] == p.evaluate.model_dump() and got["zeta"] == p.zeta
+    assert stage_params(p, "collect_stats")["synth"] == {"aug": p.synth.aug.model_dump()}
+    for script in ROOT.glob("stages/*.py"):  # every stage logs and fingerprints through it
+        text = script.read_text()
+        assert f'stage_params(p, "{script.stem}")' in text, script.name
