@@ -104,3 +104,27 @@ def test_each_stage_declares_its_params_once():
     for script in ROOT.glob("stages/*.py"):  # every stage logs and fingerprints through it
         text = script.read_text()
         assert f'stage_params(p, "{script.stem}")' in text, script.name
+
+
+def test_the_data_package_imports_run_one_way():
+    """edc/data: prepared.py (the format) imports nothing else of the package, and the package's
+    imports (function-level ones included) have no cycle."""
+    from edc.codedeps import imported_modules
+
+    files = sorted((ROOT / "edc" / "data").glob("*.py"))
+    graph = {f"edc.data.{f.stem}": {m for m in imported_modules(f) if m.startswith("edc.data.")} for f in files
+             if f.stem != "__init__"}
+    assert graph["edc.data.prepared"] == set()
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        assert state.get(m) != 1, f"import cycle: {' -> '.join(path + [m])}"
+        if state.get(m) == 2:
+            return
+        state[m] = 1
+        for n in graph.get(m, ()):
+            visit(n, path + [m])
+        state[m] = 2
+
+    for m in graph:
+        visit(m, [])

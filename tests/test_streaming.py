@@ -54,13 +54,13 @@ def test_files_storage_reads_the_pixels_arrays_storage_stores(tmp_path, workers)
 
 
 def test_files_storage_decodes_one_batch_at_a_time(tmp_path, monkeypatch):
-    import edc.data.sources as sources
+    import edc.data.stream as stream
 
     root = make_imagefolder(tmp_path / "jpegs", n=10, size=12, ext=".jpg")
     _, files = both(tmp_path, root, image_size=12)
     calls = []
-    real = sources.load_image
-    monkeypatch.setattr(sources, "load_image", lambda *a: calls.append(a[0]) or real(*a))
+    real = stream.load_image
+    monkeypatch.setattr(stream, "load_image", lambda *a: calls.append(a[0]) or real(*a))
     batches = iter(files.batches("train", 4))
     x, y = next(batches)
     assert x.shape == (4, 3, 12, 12) and len(calls) == 4  # the 26 other images are not read yet

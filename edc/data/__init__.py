@@ -1,23 +1,23 @@
 """Datasets: source readers (registry), the prepared format, and batch augmentation."""
 
+from pathlib import Path
+
 import numpy as np
 
 from edc.data.prepared import (
-    Batches,
     DatasetFacts,
-    PreparedDataset,
     Split,
-    SplitView,
-    TensorSplit,
-    as_split,
-    load_prepared,
+    measure_facts,
     normalize,
     pixel_bounds,
     read_facts,
     split_files,
     to_uint8,
+    write_prepared,
 )
+from edc.data.reading import Batches, PreparedDataset, SplitView, TensorSplit, as_split, load_prepared
 from edc.data.sources import Source, list_sources, read_source, register_source, stratified_split
+from edc.data.stream import prepare_files
 from edc.runtime import derive_seed
 
 __all__ = ["Batches", "DatasetFacts", "PreparedDataset", "Source", "Split", "SplitView", "TensorSplit",
@@ -28,13 +28,7 @@ __all__ = ["Batches", "DatasetFacts", "PreparedDataset", "Source", "Split", "Spl
 def prepare(cfg, seed: int, out, workers: int = 0) -> DatasetFacts:
     """Read the source ``cfg`` names, measure its facts and write the prepared format into ``out``
     (``dataset.storage: files``: list an image folder's files instead of copying their pixels)."""
-    from pathlib import Path
-
-    from edc.data.prepared import measure_facts, write_prepared
-
     if cfg.storage == "files":
-        from edc.data.stream import prepare_files
-
         return prepare_files(cfg, Path(out), workers, seed)
 
     src = read_source(cfg, seed)

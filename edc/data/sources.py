@@ -18,6 +18,7 @@ import numpy as np
 
 from edc.data.prepared import Split
 from edc.errors import DataError
+from edc.runtime import progress
 
 Reader = Callable[..., "Source"]
 _SOURCES: dict[str, Reader] = {}
@@ -236,7 +237,6 @@ def folder_files(d: Path, classes: list[str]) -> tuple[list[Path], np.ndarray]:
 
 
 def _folder_split(d: Path, classes: list[str], size: int | None, mode: str) -> Split:
-    from edc.runtime import progress
 
     paths, labels = folder_files(d, classes)
     images = [load_image(p, size, mode) for p in progress(paths, desc=f"reading {d.name}/", unit="img")]

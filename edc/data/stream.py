@@ -13,9 +13,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from edc.data.prepared import DatasetFacts, channel_moments, pixel_sums
+from edc.data.prepared import FORMAT, DatasetFacts, channel_moments, pixel_sums
+from edc.data.sources import folder_files, imagefolder_layout, load_image, stratified_split
 from edc.errors import DataError
 from edc.io import write_json
+from edc.runtime import derive_seed, progress
 
 
 class ImageFiles(Dataset):
@@ -33,8 +35,6 @@ class ImageFiles(Dataset):
         return len(self.files) if self.order is None else len(self.order)
 
     def __getitem__(self, i: int):
-        from edc.data.sources import load_image
-
         j = i if self.order is None else int(self.order[i])
         try:
             return torch.from_numpy(load_image(self.files[j], self.size, self.mode)), i, ""
@@ -59,10 +59,6 @@ def decoded_batches(files: list[Path], order: torch.Tensor | None, channels: int
 def prepare_files(cfg, out: Path, workers: int = 0, seed: int = 0) -> DatasetFacts:
     """``storage: files``: list an image folder's files, check every image decodes, and measure the
     train split's per-channel mean and std exactly (integer pixel sums) in one streamed pass."""
-    from edc.data.prepared import FORMAT
-    from edc.data.sources import folder_files, imagefolder_layout, stratified_split
-    from edc.runtime import derive_seed, progress
-
     if cfg.name != "imagefolder":
         raise DataError(f"dataset.storage: files reads image folders only (dataset.name: imagefolder), not "
                         f"{cfg.name!r}; use storage: arrays")
