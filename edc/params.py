@@ -210,6 +210,29 @@ class EvaluateParams(Section):
         return v
 
 
+class ContinualParams(Section):
+    enabled: bool = Field(default=False, description="run the continual stage (it writes an empty report when off)")
+    steps: int = Field(default=5, ge=1, le=1000, description="class groups arriving one after the other")
+    labels: list[Literal["soft", "hard"]] = Field(default_factory=lambda: ["soft", "hard"], min_length=1)
+    seeds: int = Field(default=2, ge=1, le=100, description="students per step and label kind")
+
+
+class SlimmingParams(Section):
+    enabled: bool = Field(default=False, description="run the slimming stage (it writes an empty report when off)")
+    model: str | None = Field(default=None, description="observer to prune (default: the first observer)")
+    ratios: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7], min_length=1)
+    criteria: list[Literal["bn", "magnitude"]] = Field(default_factory=lambda: ["bn", "magnitude"], min_length=1)
+    epochs: int = Field(default=50, ge=1, description="planned epochs of the set used for recovery (at most all)")
+    lr: float = Field(default=1e-3, gt=0, le=10)
+
+    @field_validator("ratios")
+    @classmethod
+    def _shares(cls, v: list[float]) -> list[float]:
+        if any(not 0 < r < 1 for r in v):
+            raise ValueError(f"must be shares of the channels or weights in (0, 1) (got {v})")
+        return v
+
+
 class Params(Section):
     seed: int = Field(ge=0, le=2**32 - 1)
     ipc: int = Field(ge=1, description="images per class of the condensed set")
@@ -230,6 +253,8 @@ class Params(Section):
     synth: SynthParams
     relabel: RelabelParams
     evaluate: EvaluateParams
+    continual: ContinualParams = Field(default_factory=ContinualParams)
+    slimming: SlimmingParams = Field(default_factory=SlimmingParams)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Params:
@@ -257,6 +282,9 @@ class Params(Section):
         students = [s.name for s in self.evaluate.students]
         if len(set(students)) != len(students):
             problems.append("evaluate.students: names must be unique")
+        if self.slimming.model is not None and self.slimming.model not in names:
+            problems.append(f"slimming.model: {self.slimming.model!r} is not among observers.models "
+                            f"({', '.join(names)})")
         if problems:
             raise ValueError("\n".join(problems))
         return self

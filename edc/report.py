@@ -36,6 +36,8 @@ class Experiment:
     mlflow_ok: bool | None = None  # None: no MLflow run (e.g. restored from DVC's run-cache)
     notes: list[str] = field(default_factory=list)
     storage: dict[str, Any] | None = None  # reports/relabel.json's bytes (images, soft_labels, total, ...)
+    continual: dict[str, Any] | None = None  # reports/continual.json when the stage ran enabled
+    slimming: dict[str, Any] | None = None  # reports/slimming.json when the stage ran enabled
 
     @property
     def seeds(self) -> int:
@@ -72,8 +74,16 @@ def read_experiments(repo: str | Path = ".") -> dict[str, Experiment]:
             params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
             if not metrics or not params:
                 continue  # queued, running or failed
-            storage = (((data.get("metrics") or {}).get(STORAGE_FILE) or {}).get("data") or {}).get("bytes")
-            e = Experiment(rev["name"], rev["rev"], data.get("timestamp") or "", params, metrics, storage=storage)
+            files = data.get("metrics") or {}
+
+            def read(path: str, files=files) -> dict[str, Any]:
+                return (files.get(path) or {}).get("data") or {}
+
+            storage = read(STORAGE_FILE).get("bytes")
+            cont, slim = read("reports/continual.json"), read("reports/slimming.json")
+            e = Experiment(rev["name"], rev["rev"], data.get("timestamp") or "", params, metrics, storage=storage,
+                           continual=cont if cont.get("enabled") else None,
+                           slimming=slim if slim.get("enabled") else None)
             if e.name not in found or e.timestamp > found[e.name].timestamp:
                 found[e.name] = e
     return found
@@ -254,6 +264,71 @@ def _storage_section(ipc: int, exps: dict[str, Experiment], students: list[str],
     return out
 
 
+def _applications(exps: list[Experiment], plots_dir: Path | None, md_dir: Path) -> list[str]:
+    """One table and one plot per application, over the experiments that ran it enabled."""
+    out: list[str] = []
+    cont = [e for e in exps if e.continual]
+    if cont:
+        first = cont[0].continual["steps"]
+        heads = [f"{s['classes_seen']} classes" for s in first if s["labels"] == first[0]["labels"]]
+        out += ["## Continual learning (class-incremental; accuracy on the classes seen so far)", "",
+                "| experiment | labels | " + " | ".join(heads) + " |", "| --- | --- |" + " --- |" * len(heads)]
+        series = []
+        for e in cont:
+            for kind in dict.fromkeys(s["labels"] for s in e.continual["steps"]):
+                steps = [s for s in e.continual["steps"] if s["labels"] == kind]
+                out.append(f"| {e.name} | {kind} | " + " | ".join(
+                    f"{100 * s['acc_mean']:.2f} ± {100 * s['acc_std']:.2f}" for s in steps) + " |")
+                series.append((f"{e.name} ({kind})", [s["classes_seen"] for s in steps],
+                               [100 * s["acc_mean"] for s in steps]))
+        out.append("")
+        if plots_dir is not None:
+            out += _line_plot(plots_dir / "continual.png", md_dir, "continual learning", "classes seen", series)
+    slim = [e for e in exps if e.slimming]
+    if slim:
+        out += ["## Slimming (test accuracy before -> after recovery on the condensed set alone)", "",
+                "| experiment | model (unpruned) | pruned | network slimming (BN scale) | weight magnitude |",
+                "| --- | --- | --- | --- | --- |"]
+        series = []
+        for e in slim:
+            s = e.slimming
+            for r in s["results"]:
+                cells = [f"{100 * r[f'{k}_before']:.2f} -> {100 * r[f'{k}_after']:.2f}" if f"{k}_after" in r else "-"
+                         for k in ("bn", "magnitude")]
+                out.append(f"| {e.name} | {s['model']} ({100 * s['unpruned_acc']:.2f}) | {100 * r['ratio']:.0f}% | "
+                           + " | ".join(cells) + " |")
+            for k in ("bn", "magnitude"):
+                pts = [(r["ratio"], 100 * r[f"{k}_after"]) for r in s["results"] if f"{k}_after" in r]
+                if pts:
+                    series.append((f"{e.name} {k}", [x for x, _ in pts], [y for _, y in pts]))
+        out.append("")
+        if plots_dir is not None:
+            out += _line_plot(plots_dir / "slimming.png", md_dir, "slimming, after recovery", "share pruned", series)
+    return out
+
+
+def _line_plot(png: Path, md_dir: Path, title: str, xlabel: str,
+               series: list[tuple[str, list[float], list[float]]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    for name, xs, ys in series:
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+    return [f"![{title}]({Path(os.path.relpath(png, md_dir)).as_posix()})", ""]
+
+
 def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Path = Path(".")) -> str:
     """The markdown report (to be saved in ``md_dir``); writes one plot per sweep into ``plots_dir``."""
     if not exps:
@@ -296,6 +371,7 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
                 out += [f"![{title}]({Path(os.path.relpath(png, md_dir)).as_posix()})", ""]
     for ipc in ipcs:
         out += _storage_section(ipc, exps, students, plots_dir, md_dir)
+    out += _applications(ordered, plots_dir, md_dir)
     out += ["## Experiments", "", "| experiment | DVC rev | created | MLflow post_evaluate run |",
             "| --- | --- | --- | --- |"]
     for e in ordered:

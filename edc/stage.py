@@ -22,6 +22,8 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "relabel": ("device", "bf16", "seed", "relabel"),
     "post_evaluate": ("device", "bf16", "seed", "zeta", "evaluate", "relabel.batch_size", "relabel.epochs",
                       "relabel.min_steps"),
+    "continual": ("device", "bf16", "seed", "zeta", "evaluate", "continual"),
+    "slimming": ("device", "seed", "evaluate.temperature", "slimming"),
 }
 
 

@@ -132,10 +132,11 @@ def test_a_failing_stage_keeps_the_earlier_output(tmp_path, default_params):
 # --- through DVC ---------------------------------------------------------------------------------
 
 STAGES = ("prepare", "train_observers", "collect_stats", "init", "synthesize", "relabel", "post_evaluate")
+APPS = ("continual", "slimming")  # off by default: they run, write "enabled: false", and log nothing
 
 
 def ran(output: str) -> set[str]:
-    return {s for s in STAGES if f"Running stage '{s}'" in output}
+    return {s for s in STAGES + APPS if f"Running stage '{s}'" in output}
 
 
 def lock_outs(repo: Path) -> dict[str, str]:
@@ -149,7 +150,7 @@ def lock_outs(repo: Path) -> dict[str, str]:
 def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
     repo, env = dvc_repo
     out = sh(["dvc", "repro"], repo, env)
-    assert ran(out) == set(STAGES)
+    assert ran(out) == set(STAGES + APPS)
     first = lock_outs(repo)
     assert {k for k in first if not k.split(":")[1].startswith("reports")} == {
         "prepare:data/prepared", "train_observers:models/observers", "collect_stats:stats", "init:condensed/init",
@@ -175,17 +176,17 @@ def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
     plots = sh(["dvc", "plots", "show", "--json"], clone, env)
     assert "errors" not in json.loads(plots) or not json.loads(plots)["errors"], plots
     out = sh(["dvc", "exp", "run", "-S", "observers.epochs=2", "-n", "two-epochs"], repo, env)
-    assert ran(out) == set(STAGES) - {"prepare"}
+    assert ran(out) == set(STAGES + APPS) - {"prepare"}
     assert read_json(repo / "models/observers/tiny.json")["training"]["epochs"] == 2
 
     # alpha reruns synthesize and what follows it, nothing upstream.
     out = sh(["dvc", "exp", "run", "-S", "alpha=0.25", "-n", "alpha-quarter"], repo, env)
-    assert ran(out) == {"synthesize", "relabel", "post_evaluate"}
+    assert ran(out) == {"synthesize", "relabel", "post_evaluate", *APPS}
     assert read_json(repo / "condensed/images/meta.json")["alpha"] == 0.25
 
-    # zeta reruns post_evaluate alone.
+    # zeta reruns post_evaluate (and continual, which trains students with the same recipe).
     out = sh(["dvc", "exp", "run", "-S", "zeta=1.5", "-n", "zeta-one-half"], repo, env)
-    assert ran(out) == {"post_evaluate"}
+    assert ran(out) == {"post_evaluate", "continual"}
     # dvc exp show lists alpha, zeta and the accuracy of every experiment side by side.
     rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(sh(["dvc", "exp", "show", "--no-pager", "--csv"],
                                                                          repo, env)))}
@@ -280,6 +281,24 @@ def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
         assert (f"| zeta = {zeta} | {100 * m['acc_mean']:.2f} ± {100 * m['acc_std']:.2f} "
                 f"(raw {100 * m['raw_acc_mean']:.2f}) | {name} |") in report
         assert any(line.startswith(f"| {name} |") and run_id in line for line in report)
+
+    # The applications, enabled as a user would: only their stages run, and dvc plots draws accuracy
+    # against classes seen and against sparsity. A param of one reruns that one alone.
+    out = sh(["dvc", "exp", "run", "-S", "continual.enabled=true", "-S", "continual.seeds=1", "-S",
+              "slimming.enabled=true", "-S", "slimming.epochs=1", "-n", "apps"], repo, env)
+    assert ran(out) == set(APPS)
+    cont = read_json(repo / "reports/continual.json")
+    assert [s["classes_seen"] for s in cont["steps"]] == [2, 4, 6, 8, 10] * 2
+    assert sorted(cont["class_order"]) == list(range(10))
+    slim = read_json(repo / "reports/slimming.json")
+    assert [r["ratio"] for r in slim["results"]] == [0.3, 0.5, 0.7] and "bn_after" in slim["results"][0]
+    plots = json.loads(sh(["dvc", "plots", "show", "--json"], repo, env))
+    assert not plots.get("errors"), plots.get("errors")
+    shown_plots = " ".join(plots["data"])
+    assert "reports/plots/continual.csv" in shown_plots and "reports/plots/slimming.csv" in shown_plots
+    assert ran(sh(["dvc", "exp", "run", "-S", "continual.steps=2", "-n", "apps-two-steps"], repo, env)) == {
+        "continual"}
+    assert ran(sh(["dvc", "exp", "run", "-S", "slimming.ratios=[0.5]"], repo, env)) == {"slimming"}
 
     # A stage that fails under DVC: DVC deleted its output before running it (the script itself
     # replaces outputs only on success); the stage's last line says how to get the output back.

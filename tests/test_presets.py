@@ -210,3 +210,20 @@ def test_report_puts_accuracy_against_the_bytes_each_set_stores(tmp_path):
                     "| top-3 | 0.620 | 16 | 88.00 ± 1.00 | topk-3-ipc1 |",
                     "| all logits | 2.020 | 52 | 90.00 ± 1.00 | edc-ipc1 |"]
     assert (tmp_path / "plots/storage-ipc1.png").stat().st_size > 1000
+
+
+def test_report_has_a_table_and_a_plot_per_application(tmp_path):
+    e = exp("edc-ipc1", {"convnet": (0.9, 0.01)})
+    e.continual = {"enabled": True, "steps": [
+        {"labels": "soft", "classes_seen": 2, "acc_mean": 0.99, "acc_std": 0.0},
+        {"labels": "soft", "classes_seen": 4, "acc_mean": 0.95, "acc_std": 0.01},
+        {"labels": "hard", "classes_seen": 2, "acc_mean": 0.9, "acc_std": 0.02},
+        {"labels": "hard", "classes_seen": 4, "acc_mean": 0.8, "acc_std": 0.03}]}
+    e.slimming = {"enabled": True, "model": "convnet", "unpruned_acc": 0.98, "results": [
+        {"ratio": 0.5, "bn_before": 0.3, "bn_after": 0.9, "magnitude_before": 0.7, "magnitude_after": 0.95}]}
+    lines = build_report({e.name: e}, tmp_path / "plots", tmp_path).splitlines()
+    assert "| experiment | labels | 2 classes | 4 classes |" in lines
+    assert "| edc-ipc1 | soft | 99.00 ± 0.00 | 95.00 ± 1.00 |" in lines
+    assert "| edc-ipc1 | hard | 90.00 ± 2.00 | 80.00 ± 3.00 |" in lines
+    assert "| edc-ipc1 | convnet (98.00) | 50% | 30.00 -> 90.00 | 70.00 -> 95.00 |" in lines
+    assert (tmp_path / "plots/continual.png").exists() and (tmp_path / "plots/slimming.png").exists()

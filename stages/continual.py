@@ -1,0 +1,86 @@
+"""continual: class-incremental learning from the condensed set (the paper's Fig. 4, DM's protocol).
+
+Classes arrive in ``continual.steps`` groups in a seeded order; at each step a student is trained
+from the condensed images of the classes seen so far (soft labels restricted to them, and hard
+labels) with the post-evaluation recipe, and tested on the test images of those classes. Off by
+default (``continual.enabled``): then it writes a report saying so, without loading torch's models.
+"""
+
+from __future__ import annotations
+
+from edc.io import write_json
+from edc.params import load_params
+from edc.stage import parser, stage_main, stage_params
+
+
+def main(argv=None) -> None:
+    ap = parser("continual", __doc__)
+    ap.add_argument("--data", required=True, help="prepared dataset directory (its test split)")
+    ap.add_argument("--shards", required=True, help="condensed set (condensed/shards)")
+    ap.add_argument("--metrics", required=True, help="accuracy per step, JSON (reports/continual.json)")
+    ap.add_argument("--plot", required=True, help="CSV: accuracy against classes seen (reports/plots/continual.csv)")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    cfg = p.continual
+    if not cfg.enabled:
+        write_json(args.metrics, {"enabled": False})
+        write_curves_file(args.plot, [])
+        print("continual: off (continual.enabled: false); set it to true and dvc repro to run it")
+        return
+    from edc.applications import SeenClasses, class_groups, class_order, seen_test
+    from edc.data import load_prepared
+    from edc.evaluate import summarize, train_student
+    from edc.runtime import derive_seed, resolve_device
+    from edc.shards import load_condensed
+    from edc.tracking import stage_run
+
+    device = resolve_device(p.device)
+    with stage_run("continual", stage_params(p, "continual"), seed=p.seed) as run:
+        data = load_prepared(args.data, p.workers)
+        k = data.facts.num_classes
+        order = class_order(k, derive_seed(p.seed, "continual"))
+        groups = class_groups(order, cfg.steps)
+        test = data.normalized("test")
+        spec = p.evaluate.students[0]
+        steps, rows = [], []
+        for kind in cfg.labels:
+            ds = load_condensed(args.shards, labels=kind)
+            for t in range(cfg.steps):
+                seen = [c for g in groups[:t + 1] for c in g]
+                accs = []
+                for s in range(cfg.seeds):
+                    res = train_student(spec, p.evaluate, p.zeta, SeenClasses(ds, seen), seen_test(test, seen),
+                                        derive_seed(p.seed, "continual", kind, str(t), str(s)), device=device,
+                                        bf16=p.bf16)
+                    accs.append(res.acc)
+                mean, std = summarize(accs)
+                steps.append({"labels": kind, "step": t + 1, "classes_seen": len(seen), "classes": seen,
+                              "acc_mean": round(mean, 6), "acc_std": round(std, 6)})
+                rows.append({"classes_seen": len(seen), f"{kind}_acc": round(mean, 6)})
+                run.metrics({f"{kind}.acc_mean": mean, f"{kind}.acc_std": std}, step=len(seen))
+                print(f"continual [{kind} labels] step {t + 1}/{cfg.steps}: {len(seen)} classes seen, test accuracy "
+                      f"{100 * mean:.2f} +- {100 * std:.2f}% ({spec.name}, {cfg.seeds} seeds)", flush=True)
+        merged: dict[int, dict] = {}
+        for r in rows:
+            merged.setdefault(r["classes_seen"], {"classes_seen": r["classes_seen"]}).update(r)
+        write_json(args.metrics, {"enabled": True, "student": spec.name, "class_order": order, "steps": steps,
+                                  **{f"{kind}_final_acc": next(s["acc_mean"] for s in reversed(steps)
+                                                               if s["labels"] == kind) for kind in cfg.labels}})
+        write_curves_file(args.plot, list(merged.values()), [f"{k}_acc" for k in cfg.labels])
+        run.artifact(args.metrics)
+
+
+def write_curves_file(path: str, rows: list[dict], fields: list[str] | None = None) -> None:
+    """One CSV (classes_seen, <labels>_acc ...) for `dvc plots`; a header only when the stage is off."""
+    import csv
+
+    from edc.io import atomic_file
+
+    with atomic_file(path, "w") as f:
+        w = csv.DictWriter(f, fieldnames=["classes_seen", *(fields or ["soft_acc", "hard_acc"])])
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    stage_main(main)

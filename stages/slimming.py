@@ -1,0 +1,80 @@
+"""slimming: data-free network slimming with the condensed set (the paper's Fig. 4).
+
+A trained observer (``slimming.model``, default the first) is pruned to each of ``slimming.ratios``
+by the network-slimming criterion (BatchNorm scale magnitude, whole channels) and by weight
+magnitude, then recovered by distillation from the unpruned network on the condensed set alone
+(its stored plan), and tested before and after. Off by default (``slimming.enabled``).
+"""
+
+from __future__ import annotations
+
+import csv
+
+from edc.io import atomic_file, write_json
+from edc.params import load_params
+from edc.stage import parser, stage_main, stage_params
+
+FIELDS = ["sparsity", "bn_before", "bn_after", "magnitude_before", "magnitude_after"]
+
+
+def write_plot(path: str, rows: list[dict]) -> None:
+    with atomic_file(path, "w") as f:
+        w = csv.DictWriter(f, fieldnames=["ratio", *FIELDS], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def main(argv=None) -> None:
+    ap = parser("slimming", __doc__)
+    ap.add_argument("--data", required=True, help="prepared dataset directory (its test split)")
+    ap.add_argument("--shards", required=True, help="condensed set (condensed/shards)")
+    ap.add_argument("--observers", required=True, help="observers directory")
+    ap.add_argument("--metrics", required=True, help="accuracy against sparsity, JSON (reports/slimming.json)")
+    ap.add_argument("--plot", required=True, help="CSV for dvc plots (reports/plots/slimming.csv)")
+    args = ap.parse_args(argv)
+    p = load_params(args.params)
+    cfg = p.slimming
+    if not cfg.enabled:
+        write_json(args.metrics, {"enabled": False})
+        write_plot(args.plot, [])
+        print("slimming: off (slimming.enabled: false); set it to true and dvc repro to run it")
+        return
+    from edc.applications import prune, recover, sparsity
+    from edc.data import load_prepared
+    from edc.observers import accuracy, load_observer
+    from edc.runtime import derive_seed, place, resolve_device
+    from edc.shards import load_condensed
+    from edc.tracking import stage_run
+
+    device = resolve_device(p.device)
+    name = cfg.model or p.observers.models[0].name
+    with stage_run("slimming", stage_params(p, "slimming"), seed=p.seed) as run:
+        data = load_prepared(args.data, p.workers)
+        test = data.view("test")
+        teacher = place(load_observer(args.observers, name)[0], device).eval()
+        full = accuracy(teacher, test)
+        ds = load_condensed(args.shards)
+        rows = {}
+        for kind in cfg.criteria:
+            for ratio in cfg.ratios:
+                pruned, masks = prune(teacher, kind, ratio)
+                before = accuracy(pruned, test)
+                recover(pruned, teacher, masks, kind, ds, cfg.epochs, cfg.lr, p.evaluate.temperature,
+                        derive_seed(p.seed, "slimming", kind, str(ratio)))
+                after = accuracy(pruned, test)
+                row = rows.setdefault(ratio, {"ratio": ratio})
+                row.update({f"{kind}_before": round(before, 6), f"{kind}_after": round(after, 6),
+                            f"{kind}_sparsity": round(sparsity(masks), 6), "sparsity": ratio})
+                run.metrics({f"{kind}.before": before, f"{kind}.after": after}, step=round(100 * ratio))
+                print(f"slimming {name} [{kind}] {100 * ratio:.0f}% pruned: test accuracy {100 * before:.2f}% -> "
+                      f"{100 * after:.2f}% after recovery on the condensed set (unpruned {100 * full:.2f}%)",
+                      flush=True)
+        write_json(args.metrics, {"enabled": True, "model": name, "unpruned_acc": round(full, 6),
+                                  "recovery_epochs": min(cfg.epochs, ds.epochs),
+                                  "results": [rows[r] for r in sorted(rows)]})
+        write_plot(args.plot, [rows[r] for r in sorted(rows)])
+        run.artifact(args.metrics)
+
+
+if __name__ == "__main__":
+    stage_main(main)
