@@ -113,7 +113,7 @@ def write_curves(directory: str | Path, curves: dict[str, list[dict[str, Any]]],
     with atomic_dir(directory) as tmp:
         for name, rows in curves.items():
             with open(tmp / f"{name}.csv", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=fields)
+                w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")  # fields choose the columns
                 w.writeheader()
                 w.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
 

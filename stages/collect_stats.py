@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+# Import the edc package next to this script (the one dvc.yaml hashes), also where DVC runs an
+# experiment in a copy of the workspace (dvc exp run --queue / --temp) and an editable install
+# would otherwise hand it the live workspace's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edc.data import load_prepared
 from edc.io import atomic_dir, md5_file, write_json

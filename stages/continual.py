@@ -8,6 +8,14 @@ default (``continual.enabled``): then it writes a report saying so, without load
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Import the edc package next to this script (the one dvc.yaml hashes), also where DVC runs an
+# experiment in a copy of the workspace (dvc exp run --queue / --temp) and an editable install
+# would otherwise hand it the live workspace's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from edc.io import write_json
 from edc.params import load_params
 from edc.stage import parser, stage_main, stage_params

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import csv
+import sys
 from pathlib import Path
+
+# Import the edc package next to this script (the one dvc.yaml hashes), also where DVC runs an
+# experiment in a copy of the workspace (dvc exp run --queue / --temp) and an editable install
+# would otherwise hand it the live workspace's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import csv
 
 import torch
 

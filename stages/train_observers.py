@@ -6,8 +6,15 @@ with DistributedDataParallel, each on its share of every batch; rank 0 writes th
 
 from __future__ import annotations
 
-import contextlib
+import sys
 from pathlib import Path
+
+# Import the edc package next to this script (the one dvc.yaml hashes), also where DVC runs an
+# experiment in a copy of the workspace (dvc exp run --queue / --temp) and an editable install
+# would otherwise hand it the live workspace's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import contextlib
 
 from edc import distributed
 from edc.data import load_prepared

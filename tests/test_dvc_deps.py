@@ -128,3 +128,20 @@ def test_the_data_package_imports_run_one_way():
 
     for m in graph:
         visit(m, [])
+
+
+def test_a_stage_script_runs_the_edc_next_to_it(tmp_path):
+    """A DVC experiment runs in a copy of the workspace; its stages must run the copy's edc (the one
+    dvc.yaml hashed), not whatever an editable install points at."""
+    import shutil
+    import subprocess
+    import sys
+
+    for item in ("edc", "stages"):
+        shutil.copytree(ROOT / item, tmp_path / item, ignore=shutil.ignore_patterns("__pycache__"))
+    stage = tmp_path / "edc" / "stage.py"
+    stage.write_text(stage.read_text().replace('description=(doc or "").strip().splitlines()[0])',
+                                               'description="the copy\'s edc")'))
+    r = subprocess.run([sys.executable, str(tmp_path / "stages" / "prepare.py"), "--help"], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and "the copy's edc" in r.stdout, r.stdout + r.stderr
