@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT  # noqa: E402
+from common import ROOT, machine_line  # noqa: E402
 
 from edc.models import create_model  # noqa: E402
 from edc.stats import bn_layers  # noqa: E402
@@ -94,6 +94,7 @@ def synthesis_peak(arch: str, chunk: int, size: int) -> dict:
 
 
 def main() -> None:
+    print(machine_line(), flush=True)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chunk", type=int, default=10, help="images per class chunk (ipc 10)")
     ap.add_argument("--size", type=int, default=224)

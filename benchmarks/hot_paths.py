@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, median_time, need, paired_ratios, paired_times, row  # noqa: E402
+from common import ROOT, machine_line, median_time, need, paired_ratios, paired_times, row  # noqa: E402
 
 from edc.data import load_prepared, pixel_bounds  # noqa: E402
 from edc.evaluate import student_loss  # noqa: E402
@@ -193,6 +193,7 @@ def bench_bytes(p):
 
 
 def main() -> None:
+    print(machine_line(), flush=True)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", choices=["stats", "moments", "synth", "eval", "bytes"], help="run one group")

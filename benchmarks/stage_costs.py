@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT  # noqa: E402
+from common import ROOT, machine_line  # noqa: E402
 
 from edc.params import read_yaml  # noqa: E402
 
@@ -90,6 +90,7 @@ def five_class_npz(path: Path) -> Path:
 
 
 def main() -> None:
+    print(machine_line(), flush=True)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", help="run these params as they are (default: params.yaml, reduced)")
     ap.add_argument("--ipcs", type=int, nargs="+", default=[1, 10, 20])

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT  # noqa: E402
+from common import ROOT, machine_line  # noqa: E402
 
 CHILD = r"""
 import json, sys, time, torch
@@ -74,6 +74,7 @@ def run(path: Path, workers: int, mode: str, repeats: int) -> dict:
 
 
 def main() -> None:
+    print(machine_line(), flush=True)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=4000, help="train images (10 classes)")
     ap.add_argument("--size", type=int, default=128, help="image side in pixels")

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT  # noqa: E402
+from common import ROOT, machine_line  # noqa: E402
 
 from edc.data import load_prepared  # noqa: E402
 from edc.data.augment import apply_crop_flip, sample_crop_flip  # noqa: E402
@@ -50,6 +50,7 @@ def loss(obs: Observer, x: torch.Tensor, y: torch.Tensor, aug, draws: int) -> fl
 
 
 def main() -> None:
+    print(machine_line(), flush=True)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--per-class", type=int, default=20)
     ap.add_argument("--draws", type=int, default=4, help="crop draws per image, for the crop targets and the loss")
