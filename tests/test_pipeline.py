@@ -283,6 +283,15 @@ def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
                 f"(raw {100 * m['raw_acc_mean']:.2f}) | {name} |") in report
         assert any(line.startswith(f"| {name} |") and run_id in line for line in report)
 
+
+@pytest.mark.slow
+def test_applications_and_a_failing_stage_under_dvc(dvc_repo):
+    """Its own repository, so that pytest-xdist runs it beside the test above."""
+    repo, env = dvc_repo
+    assert ran(sh(["dvc", "repro"], repo, env)) == set(STAGES + APPS)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "lock"], repo, env)
+
     # The applications, enabled as a user would: only their stages run, and dvc plots draws accuracy
     # against classes seen and against sparsity. A param of one reruns that one alone.
     out = sh(["dvc", "exp", "run", "-S", "continual.enabled=true", "-S", "continual.seeds=1", "-S",
