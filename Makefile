@@ -1,5 +1,5 @@
 # make repro: create/refresh .venv, then run the pipeline (dvc repro) on the default data.
-# make smoke: create/refresh .venv, then the whole pipeline on tiny settings in a scratch copy (~1 minute).
+# make smoke: create/refresh .venv, then the whole pipeline on tiny settings in a scratch copy (1-2 minutes).
 # make test:  create/refresh .venv, then run the test suite.
 # make bench: create/refresh .venv, dvc repro (a no-op when done), then the benchmarks that print the
 #             performance targets' ratios (docs/performance.md); benchmarks/stage_costs.py is separate (long).

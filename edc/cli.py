@@ -8,7 +8,7 @@
     edc report                         tables and plots of the experiments into reports/
     edc export SET OUT                 a condensed set as an image folder (+ soft labels, card)
     edc evaluate SET... --archs A...   students of any architecture on any sets, soft and hard labels
-    edc smoke [--keep DIR]             the whole pipeline on tiny settings in a scratch copy (~1 minute)
+    edc smoke [--keep DIR]             the whole pipeline on tiny settings in a scratch copy (1-2 minutes)
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ev.add_argument("--params", default="params.yaml")
     ev.add_argument("--out", default="reports/evaluate.md", help="markdown table (and .json beside it)")
     ev.set_defaults(fn=_evaluate)
-    sm = sub.add_parser("smoke", help="run the whole pipeline on tiny settings in a scratch copy (~1 minute)")
+    sm = sub.add_parser("smoke", help="run the whole pipeline on tiny settings in a scratch copy (1-2 minutes)")
     sm.add_argument("--project", default=".", help="the project to copy (default: the current directory)")
     sm.add_argument("--keep", help="run in this new directory and keep it (default: a temporary one, removed)")
     sm.set_defaults(fn=_smoke)

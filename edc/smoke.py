@@ -1,4 +1,4 @@
-"""``edc smoke``: the whole pipeline on tiny settings, in a scratch copy, in about a minute.
+"""``edc smoke``: the whole pipeline on tiny settings, in a scratch copy, in one to two minutes.
 
 It copies the pipeline (``edc/``, ``stages/``, ``dvc.yaml``) and a shrunken ``params.yaml`` into a
 temporary directory, runs ``dvc repro`` there (``dvc init --no-scm``: no git needed, and nothing
@@ -72,7 +72,7 @@ def run_smoke(project: Path, keep: Path | None = None, out=None) -> dict[str, An
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         env.pop("DVC_ROOT", None)
         subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=work, env=env, check=True)
-        print(f"edc smoke: the whole pipeline on tiny settings in {work} (about a minute)", file=out, flush=True)
+        print(f"edc smoke: the whole pipeline on tiny settings in {work} (one to two minutes)", file=out, flush=True)
         t0 = time.monotonic()
         r = subprocess.run([dvc, "repro"], cwd=work, env=env, stdout=out if out is not sys.stdout else None,
                            stderr=subprocess.STDOUT if out is not sys.stdout else None)
