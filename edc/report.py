@@ -144,6 +144,25 @@ def best_on_validation(points: list[tuple[str, Experiment]]) -> tuple[str, float
     return value, acc
 
 
+def _against_default(points: list[tuple[str, Experiment]], best: tuple[str, float], base: Experiment | None) -> str:
+    """When the best point is not the edc preset's and leads it by less than the preset's seed spread
+    on validation (the mean over students of the validation std), say so: such a lead is noise."""
+    if base is None:
+        return ""
+    default = next((v for v, e in points if e is base), None)
+    if default is None or default == best[0]:
+        return ""
+    vals = [m["val_acc_mean"] for m in base.metrics.values() if "val_acc_mean" in m]
+    stds = [m["val_acc_std"] for m in base.metrics.values() if "val_acc_std" in m]
+    if not vals or not stds:
+        return ""
+    lead, spread = best[1] - sum(vals) / len(vals), sum(stds) / len(stds)
+    if lead >= spread:
+        return f" It leads the edc preset's {default} by {100 * lead:.2f} points, more than its seed spread."
+    return (f" Its lead over the edc preset's {default} ({100 * lead:.2f} points) is less than the preset's "
+            f"seed spread on validation ({100 * spread:.2f}): noise, not a reason to change the default.")
+
+
 def _students(exps: list[Experiment]) -> list[str]:
     out: list[str] = []
     for e in exps:
@@ -362,9 +381,12 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
             out += [f"## {title} ({s.help})", ""]
             out += _table(s.key, [(f"{s.key} = {v}", e) for v, e in points], students) + [""]
             best = best_on_validation(points)
-            out += [f"Best on the validation split: **{s.key} = {best[0]}** (mean validation accuracy over the "
+            line = (f"Best on the validation split: **{s.key} = {best[0]}** (mean validation accuracy over the "
                     f"students {100 * best[1]:.2f} %)." if best else
-                    "No validation accuracy in these experiments (dataset.val_size: 0): no value is chosen.", ""]
+                    "No validation accuracy in these experiments (dataset.val_size: 0): no value is chosen.")
+            if best and sweep != "ipc":
+                line += _against_default(points, best, exps.get(f"edc-ipc{ipc}"))
+            out += [line, ""]
             if plots_dir is not None:
                 png = plots_dir / (f"{sweep}.png" if sweep == "ipc" else f"{sweep}-ipc{ipc}.png")
                 _plot(png, title, s.key, points, students)

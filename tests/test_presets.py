@@ -227,3 +227,21 @@ def test_report_has_a_table_and_a_plot_per_application(tmp_path):
     assert "| edc-ipc1 | hard | 90.00 ± 2.00 | 80.00 ± 3.00 |" in lines
     assert "| edc-ipc1 | convnet (98.00) | 50% | 30.00 -> 90.00 | 70.00 -> 95.00 |" in lines
     assert (tmp_path / "plots/continual.png").exists() and (tmp_path / "plots/slimming.png").exists()
+
+
+def test_a_sweep_winner_inside_the_seed_spread_is_called_noise(tmp_path):
+    base = read_yaml(ROOT / "params.yaml")
+
+    def with_val(e, val, std):
+        for m in e.metrics.values():
+            m.update(val_acc_mean=val, val_acc_std=std)
+        return e
+
+    edc = with_val(exp("edc-ipc1", {"convnet": (0.90, 0.01)}, base), 0.897, 0.006)
+    near = with_val(exp("zeta-3.0-ipc1", {"convnet": (0.90, 0.01)}), 0.901, 0.002)
+    far = with_val(exp("alpha-1.0-ipc1", {"convnet": (0.95, 0.01)}), 0.93, 0.002)
+    text = build_report({e.name: e for e in (edc, near, far)}, None)
+    zeta = next(ln for ln in text.splitlines() if ln.startswith("Best on the validation split: **zeta"))
+    assert "(0.40 points) is less than the preset's seed spread on validation (0.60): noise" in zeta
+    alpha = next(ln for ln in text.splitlines() if ln.startswith("Best on the validation split: **alpha"))
+    assert "leads the edc preset's 0.5 by 3.30 points, more than its seed spread" in alpha
