@@ -101,38 +101,33 @@ def seen_test(test: tuple[torch.Tensor, torch.Tensor], seen: list[int]) -> tuple
 
 # --- slimming -------------------------------------------------------------------------------------
 
-def bn_masks(model: nn.Module, ratio: float) -> dict[str, torch.Tensor]:
-    """Network slimming: {BatchNorm name: bool mask of kept channels}, pruning the ``ratio`` share of
-    all BatchNorm channels with the smallest |scale| (one global threshold; ties pruned in order)."""
-    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    scales = torch.cat([m.weight.detach().abs().flatten() for _, m in bns])
-    k = int(round(ratio * len(scales)))
-    prune = torch.zeros(len(scales), dtype=torch.bool)
-    if k > 0:
-        prune[torch.argsort(scales, stable=True)[:k]] = True
-    out, start = {}, 0
-    for n, m in bns:
-        c = m.weight.numel()
-        out[n] = ~prune[start:start + c]
-        start += c
-    return out
-
-
-def magnitude_masks(model: nn.Module, ratio: float) -> dict[str, torch.Tensor]:
-    """{layer name: bool mask of kept weights} pruning the ``ratio`` share of all convolution and
-    linear weights with the smallest |w| (one global threshold)."""
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    flat = torch.cat([m.weight.detach().abs().flatten() for _, m in layers])
+def _global_masks(tensors: list[tuple[str, torch.Tensor]], ratio: float) -> dict[str, torch.Tensor]:
+    """{name: bool mask of kept entries}: the ``ratio`` share of all entries with the smallest
+    magnitude, under one threshold across every tensor, pruned (ties in order)."""
+    flat = torch.cat([t.detach().abs().flatten() for _, t in tensors])
     k = int(round(ratio * len(flat)))
     prune = torch.zeros(len(flat), dtype=torch.bool)
     if k > 0:
         prune[torch.argsort(flat, stable=True)[:k]] = True
     out, start = {}, 0
-    for n, m in layers:
-        c = m.weight.numel()
-        out[n] = ~prune[start:start + c].view_as(m.weight)
-        start += c
+    for name, t in tensors:
+        out[name] = ~prune[start:start + t.numel()].view_as(t)
+        start += t.numel()
     return out
+
+
+def bn_masks(model: nn.Module, ratio: float) -> dict[str, torch.Tensor]:
+    """Network slimming: {BatchNorm name: bool mask of kept channels}, pruning the ``ratio`` share of
+    all BatchNorm channels with the smallest |scale| (one global threshold; ties pruned in order)."""
+    return _global_masks([(n, m.weight) for n, m in model.named_modules()
+                          if isinstance(m, nn.modules.batchnorm._BatchNorm)], ratio)
+
+
+def magnitude_masks(model: nn.Module, ratio: float) -> dict[str, torch.Tensor]:
+    """{layer name: bool mask of kept weights} pruning the ``ratio`` share of all convolution and
+    linear weights with the smallest |w| (one global threshold)."""
+    return _global_masks([(n, m.weight) for n, m in model.named_modules()
+                          if isinstance(m, (nn.Conv2d, nn.Linear))], ratio)
 
 
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], kind: str) -> None:

@@ -9,6 +9,7 @@ occurs more than once, the newest wins. Accuracies are read from each experiment
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -203,28 +204,37 @@ def _sweep_points(sweep: str, ipc: int, exps: dict[str, Experiment]) -> list[tup
     return sorted(points.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
 
 
-def _plot(path: Path, title: str, xlabel: str, points: list[tuple[str, Experiment]], students: list[str]) -> None:
+@contextlib.contextmanager
+def _figure(path: Path, title: str, xlabel: str, legend_size: int = 8):
+    """An accuracy figure of the report: yields the axes, then labels, saves ``path`` and closes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
-    xs = list(range(len(points)))
-    for s in students:
-        ys = [100 * e.metrics[s]["acc_mean"] if s in e.metrics else math.nan for _, e in points]
-        err = [100 * e.metrics[s]["acc_std"] if s in e.metrics else 0 for _, e in points]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=s)
-    ax.set_xticks(xs, [v for v, _ in points])
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_size)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+
+
+def _plot(path: Path, title: str, xlabel: str, points: list[tuple[str, Experiment]], students: list[str]) -> None:
+    with _figure(path, title, xlabel) as ax:
+        xs = list(range(len(points)))
+        for s in students:
+            ys = [100 * e.metrics[s]["acc_mean"] if s in e.metrics else math.nan for _, e in points]
+            err = [100 * e.metrics[s]["acc_std"] if s in e.metrics else 0 for _, e in points]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=s)
+        ax.set_xticks(xs, [v for v, _ in points])
 
 
 def storage_points(ipc: int, exps: dict[str, Experiment]) -> list[tuple[str, Experiment, int]]:
@@ -256,29 +266,15 @@ def _storage_section(ipc: int, exps: dict[str, Experiment], students: list[str],
                    + f" | {e.name} |")
     out.append("")
     if plots_dir is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
-        for s in students:
-            xs = [t / 1e6 for _, e, t in points if s in e.metrics]
-            ys = [100 * e.metrics[s]["acc_mean"] for _, e, _ in points if s in e.metrics]
-            ax.plot(xs, ys, marker="o", label=s)
-        for title, e, total in points:
-            ax.annotate(title, (total / 1e6, 100 * next(iter(e.metrics.values()))["acc_mean"]), fontsize=7)
-        ax.set_xscale("log")
-        ax.set_xlabel("stored MB (log)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"accuracy against storage, ipc {ipc}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
         png = plots_dir / f"storage-ipc{ipc}.png"
-        png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(png)
-        plt.close(fig)
+        with _figure(png, f"accuracy against storage, ipc {ipc}", "stored MB (log)") as ax:
+            for s in students:
+                xs = [t / 1e6 for _, e, t in points if s in e.metrics]
+                ys = [100 * e.metrics[s]["acc_mean"] for _, e, _ in points if s in e.metrics]
+                ax.plot(xs, ys, marker="o", label=s)
+            for title, e, total in points:
+                ax.annotate(title, (total / 1e6, 100 * next(iter(e.metrics.values()))["acc_mean"]), fontsize=7)
+            ax.set_xscale("log")
         out += [f"![accuracy against storage at ipc {ipc}]({Path(os.path.relpath(png, md_dir)).as_posix()})", ""]
     return out
 
@@ -328,23 +324,9 @@ def _applications(exps: list[Experiment], plots_dir: Path | None, md_dir: Path) 
 
 def _line_plot(png: Path, md_dir: Path, title: str, xlabel: str,
                series: list[tuple[str, list[float], list[float]]]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
-    for name, xs, ys in series:
-        ax.plot(xs, ys, marker="o", label=name)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png)
-    plt.close(fig)
+    with _figure(png, title, xlabel, legend_size=7) as ax:
+        for name, xs, ys in series:
+            ax.plot(xs, ys, marker="o", label=name)
     return [f"![{title}]({Path(os.path.relpath(png, md_dir)).as_posix()})", ""]
 
 
