@@ -62,10 +62,14 @@ def paired_times(fns: list[Callable[[], object]], repeats: int = 5, warmup: int 
     return [statistics.median(r[i] for r in rounds) for i in range(len(fns))]
 
 
-def paired_ratios() -> list[float]:
-    """For the last :func:`paired_times` call: the median over rounds of time_i / time_0."""
+def paired_ratios() -> list[tuple[float, float, float]]:
+    """For the last :func:`paired_times` call: (min, median, max) over rounds of time_i / time_0."""
     rounds = paired_times.last_rounds
-    return [statistics.median(r[i] / r[0] for r in rounds) for i in range(len(rounds[0]))]
+    out = []
+    for i in range(len(rounds[0])):
+        r = [t[i] / t[0] for t in rounds]
+        out.append((min(r), statistics.median(r), max(r)))
+    return out
 
 
 def need(path: Path) -> Path:
@@ -74,7 +78,13 @@ def need(path: Path) -> Path:
     return path
 
 
-def row(name: str, seconds: float, base: float | None = None, note: str = "", ratio: float | None = None) -> str:
-    """One table line; the ratio is ``ratio`` when given (a paired median), else seconds / base."""
-    ratio = f"{ratio:6.2f}x" if ratio is not None else f"{seconds / base:6.2f}x" if base else "      "
-    return f"  {name:<52} {seconds * 1000:10.1f} ms  {ratio}  {note}"
+def row(name: str, seconds: float, base: float | None = None, note: str = "",
+        ratio: tuple[float, float, float] | None = None) -> str:
+    """One table line. ``ratio`` (a paired (min, median, max), :func:`paired_ratios`) prints as
+    ``median x (min-max)``; without it the ratio is seconds / base."""
+    if ratio is not None:
+        lo, med, hi = ratio
+        shown = f"{med:6.2f}x ({lo:.2f}-{hi:.2f})"
+    else:
+        shown = f"{seconds / base:6.2f}x" + " " * 12 if base else " " * 19
+    return f"  {name:<58} {seconds * 1000:10.1f} ms  {shown}  {note}"

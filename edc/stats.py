@@ -62,48 +62,59 @@ class LayerStats:
 
 
 class _Accumulator:
-    """Per-class float64 sums of a layer's input, shifted by the first batch's channel means.
+    """Per-class float64 sums of a layer's input: its values, and its squares, per channel.
 
     Each image's spatial sum and sum of squares are taken in float32 (a sum and a squared vector
-    norm, no square temporary) on values shifted by ``shift``; the shift keeps the sums of squares free of
-    cancellation when a channel's mean is large against its spread. Moments are recovered in float64.
+    norm: two reads, no temporary) and accumulated in float64; the result shifts them to the first
+    batch's channel means s, sum (a - s)^2 = sum a^2 - 2 s sum a + n s^2. That loses digits in
+    proportion to mean^2 / variance, so the channels where it exceeds ``ILL_CONDITIONED`` in the first
+    batch (a mean over 3 times its spread) are summed from a shifted copy instead: exact also when a
+    channel's mean is 1,000 times its spread. Moments are recovered in float64.
     """
+
+    ILL_CONDITIONED = 10.0
 
     def __init__(self, num_classes: int, channels: int):
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
         self.count, self.s1, self.s2 = z(num_classes), z(num_classes, channels), z(num_classes, channels)
         self.shift: torch.Tensor | None = None
-        self._buf: torch.Tensor | None = None
+        self.ill: torch.Tensor | None = None  # channels summed shifted
 
     def add(self, x: torch.Tensor, labels: torch.Tensor) -> None:
         b, c = x.shape[:2]
         flat = x.detach().float().reshape(b, c, -1)
-        if self.shift is None:
-            self.shift = flat.mean((0, 2))
-        # The shifted copy goes into a buffer kept across batches: a fresh one per batch cost as much
-        # again in page faults as the arithmetic.
-        if self._buf is None or self._buf.shape != flat.shape or self._buf.device != flat.device:
-            self._buf = torch.empty_like(flat)
-        d = torch.sub(flat, self.shift[None, :, None], out=self._buf)
         n = flat.shape[2]
+        s1, norms = flat.sum(2), torch.linalg.vector_norm(flat, dim=2)  # (B, C) each
+        if self.shift is None:
+            mean = s1.double().sum(0) / (b * n)
+            var = norms.double().square().sum(0) / (b * n) - mean.square()  # cancels where ill-conditioned
+            self.shift = mean.to(flat.dtype)
+            self.ill = torch.nonzero(mean.square() > self.ILL_CONDITIONED * var).flatten()
+        if len(self.ill):
+            d = flat[:, self.ill] - self.shift[self.ill][:, None]
+            s1[:, self.ill], norms[:, self.ill] = d.sum(2), torch.linalg.vector_norm(d, dim=2)
+        # (B, C) per-image sums come back to the CPU accumulators (no-ops on the CPU).
         self.count.index_add_(0, labels, torch.full((b,), float(n), dtype=torch.float64))
-        # (B, C) per-image sums come back to the CPU accumulators (no-ops on the CPU). The sum of
-        # squares is a squared vector norm: one read, and closer to float64 than a batched dot product.
-        self.s1.index_add_(0, labels, d.sum(2).double().cpu())
-        self.s2.index_add_(0, labels, torch.linalg.vector_norm(d, dim=2).double().square().cpu())
+        self.s1.index_add_(0, labels, s1.double().cpu())
+        self.s2.index_add_(0, labels, norms.double().cpu().square())
 
     def result(self) -> LayerStats:
         if (self.count == 0).any():
             missing = torch.nonzero(self.count == 0).flatten().tolist()
             raise ValueError(f"no images of class(es) {missing[:5]} were seen")
         shift = self.shift.double().cpu()
+        s_plain = shift.clone()  # the shift still to apply: none on the channels summed shifted
+        s_plain[self.ill.cpu()] = 0.0
+        n = self.count[:, None]
+        s1 = self.s1 - n * s_plain
+        s2 = self.s2 - 2 * s_plain * self.s1 + n * s_plain.square()
 
         def moments(count, s1, s2):
             m = s1 / count[..., None]  # mean of the shifted values
             return m + shift, (s2 / count[..., None] - m.square()).clamp_min(0.0)
 
-        class_mean, class_var = moments(self.count, self.s1, self.s2)
-        mean, var = moments(self.count.sum(0), self.s1.sum(0), self.s2.sum(0))
+        class_mean, class_var = moments(self.count, s1, s2)
+        mean, var = moments(self.count.sum(0), s1.sum(0), s2.sum(0))
         return LayerStats(mean, var, class_mean, class_var, self.count.clone())
 
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.optimization import fuse
+from torch.fx.proxy import TraceError
 
 from edc.data.augment import apply_crop_flip, sample_crop_flip
 from edc.errors import EdcError
@@ -79,9 +81,23 @@ def _shifted_moments(flat: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Ten
 
 
 def _moments_grad(d: torch.Tensor, g_mean: torch.Tensor, g_sq: torch.Tensor) -> torch.Tensor:
-    """The gradient reaching a = d + s through the means and mean squares of d: one fused pass."""
-    n = d.shape[2]
-    return torch.addcmul((g_mean / n)[:, :, None], d, (g_sq * (2.0 / n))[:, :, None])
+    """The gradient reaching a = d + s through the means and mean squares of d: one fused pass,
+    ``d * 2 g_sq / S + g_mean / S`` with one coefficient pair per (image, channel) row."""
+    b, c, n = d.shape
+    rows = d.reshape(1, b * c, n)
+    return channel_affine(rows, (g_sq * (2.0 / n)).reshape(-1), (g_mean / n).reshape(-1)).view(d.shape)
+
+
+def channel_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x * weight[c] + bias[c]`` along dim 1 of ``x`` (N, C, ...), as a new tensor.
+
+    It runs as an eval-mode ``batch_norm`` with mean 0, variance 1 and eps 0, whose kernel computes
+    exactly this; on the CPU it took half the time of ``torch.addcmul`` with broadcast (C,) operands
+    (whose per-element loop is not vectorised; 0.21 against 0.42 ms on a (100, 16, 784) input).
+    With (1, B*C, S) rows it scales each image's channel by its own pair, as the moments' backward needs."""
+    c = x.shape[1]
+    unit = x.new_ones(c)
+    return F.batch_norm(x, x.new_zeros(c), unit, weight, bias, False, 0.0, 0.0)
 
 
 def image_moments(a: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,18 +165,15 @@ class _BNWithMoments(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, shift: torch.Tensor):
-        b, c = a.shape[:2]
+        b, c = a.shape[0], a.shape[1]
         d, mean, sq = _shifted_moments(a.reshape(b, c, -1), shift)
-        per_channel = (1, c) + (1,) * (a.dim() - 2)
-        out = torch.addcmul(offset.view(per_channel), a, scale.view(per_channel))  # a new tensor, not a view
         ctx.save_for_backward(d, scale)
-        return out, mean, sq
+        return channel_affine(a, scale, offset), mean, sq
 
     @staticmethod
     def backward(ctx, g_out: torch.Tensor, g_mean: torch.Tensor, g_sq: torch.Tensor):
         d, scale = ctx.saved_tensors
-        g = _moments_grad(d, g_mean, g_sq)
-        g.addcmul_(g_out.reshape(d.shape), scale[None, :, None])
+        g = _moments_grad(d, g_mean, g_sq).addcmul_(g_out.reshape(d.shape), scale[:, None])
         return g.view(g_out.shape), None, None, None
 
 
@@ -181,6 +194,7 @@ class Observer:
         self.targets = [Target.from_stats(s, dev, dtype) for s in stats.values()]
         self.fused = LayerTargets(self.targets)
         self._moments: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._folded = fold_batchnorm(self.model)  # before the taps: the copy has the plain layers
         for layer, target in zip(stats, self.targets):
             self._tap(modules[layer], target.mean)
 
@@ -192,12 +206,13 @@ class Observer:
             inv = (bn.running_var + bn.eps).rsqrt()
             scale = inv * bn.weight if bn.weight is not None else inv
             offset = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
-        consts = (scale.detach(), offset.detach(), shift.detach())
+        consts = (scale.detach(), offset.detach(), shift.detach().to(scale.dtype))
 
         def forward(a: torch.Tensor) -> torch.Tensor:
             if self._moments is None:
                 return plain(a)
-            out, m, q = _BNWithMoments.apply(a, *(t.to(a.dtype) for t in consts))
+            out, m, q = _BNWithMoments.apply(a, *(consts if a.dtype == scale.dtype else
+                                                  (t.to(a.dtype) for t in consts)))
             self._moments.append((m, q))
             return out
 
@@ -216,6 +231,14 @@ class Observer:
             raise EdcError(f"observer {self.name}: {len(moments)} BatchNorm calls for {len(self.targets)} targets")
         return logits, moments
 
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits alone, without gradient or moments (the flatness term's EMA images): the model
+        with each BatchNorm folded into the convolution before it, in channels-last memory format
+        (:func:`fold_batchnorm`; on the CPU that format took 0.13-0.30 of a forward+backward against
+        0.23-0.38 for the default one)."""
+        return self._folded(x.contiguous(memory_format=torch.channels_last))
+
     def batch_targets(self, moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor) -> list[Target]:
         """The batch's own statistics per layer, from :meth:`forward`'s moments (Eq. 6 targets)."""
         onehot = F.one_hot(y, self.targets[0].class_mean.shape[0]).to(moments[0][0].dtype)
@@ -227,6 +250,20 @@ class Observer:
         once, against the observer's targets or ``targets``."""
         return fused_matching(moments, y, self.fused, alpha, None if targets is None else LayerTargets(targets),
                               self.layers)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A frozen eval-mode copy of ``model`` whose BatchNorm layers that directly follow a convolution
+    are folded into its weights (``torch.fx.experimental.optimization.fuse``), its 4-d weights in
+    channels-last memory format: the same function up to rounding, one pass less per layer. A model
+    torch.fx cannot trace is returned as it is."""
+    try:
+        folded = fuse(model.eval()).to(memory_format=torch.channels_last)
+    except TraceError:
+        return model
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    return folded
 
 
 class LayerTargets:
@@ -359,9 +396,11 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Obser
         for it in bar:
             obs = observers[it % len(observers)]
             aug = sample_crop_flip(len(x), cfg.aug.scale_min, cfg.aug.flip, gen)
-            if use_ema:
+            if use_ema and fr.mode == "logits":
+                logits_ema = obs.logits(apply_crop_flip(x_ema, aug))
+            elif use_ema:
                 with torch.no_grad():
-                    logits_ema, inputs_ema = obs.forward(apply_crop_flip(x_ema, aug))
+                    _, inputs_ema = obs.forward(apply_crop_flip(x_ema, aug))
             logits, inputs = obs.forward(apply_crop_flip(x, aug))
             ce = F.cross_entropy(logits, y)
             bn = obs.matching(inputs, y, alpha)

@@ -61,6 +61,22 @@ def test_statistics_equal_brute_force_per_class_moments(offset):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{layer}.{key}")
 
 
+def test_a_channel_whose_mean_is_1000_times_its_spread_keeps_its_variance():
+    """Sums of squares taken without a shift would lose the variance to cancellation here (float32
+    carries 7 digits, mean^2 / variance is 10^6); the accumulator shifts such channels."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(12, 2, 4, 4, generator=g, dtype=torch.float64)
+    x[:, 0] += 1000.0  # channel 0: mean 1000, spread 1; channel 1: well conditioned
+    y = torch.arange(12) % 3
+    model = nn.Sequential(nn.BatchNorm2d(2)).eval()
+    stats = collect_bn_stats(model, x.float(), y, num_classes=3, batch_size=5)["0"]
+    xf = x.float().double()  # the values the float32 pass sees
+    torch.testing.assert_close(stats.var, xf.transpose(0, 1).reshape(2, -1).var(1, unbiased=False), rtol=1e-5, atol=0)
+    for c in range(3):
+        want = xf[y == c].transpose(0, 1).reshape(2, -1).var(1, unbiased=False)
+        torch.testing.assert_close(stats.class_var[c], want, rtol=1e-5, atol=0)
+
+
 def test_batch_size_does_not_change_the_statistics():
     model, g = tiny_model(), torch.Generator().manual_seed(2)
     x, y = torch.randn(20, 2, 5, 5, generator=g), torch.arange(20) % 3
