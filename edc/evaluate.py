@@ -187,11 +187,16 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
     if not world.main:
         return StudentResult(float("nan"), float("nan"), curve, time.perf_counter() - start)
     final = evaluated(ds.epochs)
-    acc = accuracy(final, test)
-    raw = accuracy(model, test) if ema is not None else acc
+    last = curve[-1] if curve and curve[-1]["epoch"] == ds.epochs else {}
+
+    def measured(key: str, net: nn.Module, split) -> float:  # the last epoch's evaluation, when it was made
+        return last[key] if key in last else accuracy(net, split)
+
+    acc = measured("test_acc", final, test)
+    raw = measured("raw_test_acc", model, test) if ema is not None else acc
     val_acc = raw_val = None
     if val is not None:
-        val_acc = accuracy(final, val)
+        val_acc = measured("val_acc", final, val)
         raw_val = accuracy(model, val) if ema is not None else val_acc
     return StudentResult(acc, raw, curve, time.perf_counter() - start, val_acc, raw_val)
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torchvision.ops import roi_align
+import torch.nn.functional as F
 
 CROP_FIELDS = ("top", "left", "height", "width", "flip")
 MIX_FIELDS = ("partner", "x1", "y1", "x2", "y2")
@@ -84,17 +84,32 @@ def make_plan(n: int, h: int, w: int, batch_size: int, scale_min: float, flip: b
     return EpochPlan(order, torch.cat([boxes, flips[:, None]], 1), mix)
 
 
+def crop_resize(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: torch.Tensor,
+                width: torch.Tensor) -> torch.Tensor:
+    """Each image's box (pixel rows ``top`` to ``top + height``, columns likewise) resized back to the
+    full (H, W), bilinear, one sample per output pixel at its centre (as ``resize`` with
+    ``align_corners=False``): output column j samples x = left + (j + 0.5) * width / W - 0.5,
+    clamped to the image's edge pixels."""
+    b, _, h, w = images.shape
+    dt = images.dtype
+
+    def coords(start, size, n):  # (B, n) sample positions, in grid_sample's [-1, 1] (align_corners=False)
+        pos = start.to(dt)[:, None] + (torch.arange(n, dtype=dt) + 0.5)[None] * (size.to(dt)[:, None] / n) - 0.5
+        return (2 * pos + 1) / n - 1
+
+    xs, ys = coords(left, width, w), coords(top, height, h)
+    grid = torch.stack([xs[:, None, :].expand(b, h, w), ys[:, :, None].expand(b, h, w)], -1)
+    return F.grid_sample(images, grid.to(images.device), mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def augment(images: torch.Tensor, crops: torch.Tensor, mix: torch.Tensor | None) -> torch.Tensor:
     """Apply planned crops (resized back to full size, bilinear), flips and CutMix to a batch.
 
     ``images`` (B, C, H, W) are the batch's images in plan order; ``crops`` (B, 5) and ``mix`` (B, 5)
     the plan's rows for them."""
     b, _, h, w = images.shape
-    top, left, bh, bw, fl = crops.T.to(images.dtype)
-    rois = torch.stack([torch.arange(b, dtype=images.dtype), left, top, left + bw, top + bh], 1)
-    # One bilinear sample per output pixel at its centre: the box resized like resize(align_corners=False).
-    x = roi_align(images, rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
-    x = torch.where(fl.bool()[:, None, None, None], x.flip(-1), x)
+    x = crop_resize(images, *crops[:, :4].T)
+    x = torch.where(crops[:, 4].bool()[:, None, None, None], x.flip(-1), x)
     if mix is not None:
         partner, x1, y1, x2, y2 = mix.T
         ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]

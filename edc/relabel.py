@@ -37,6 +37,7 @@ def teacher_logits(teachers: list[nn.Module], x: torch.Tensor, chunk: int = 512,
     out = []
     for i in range(0, len(x), chunk):
         xb = x[i:i + chunk].to(dev)
+        xb = xb.contiguous(memory_format=torch.channels_last) if xb.dim() == 4 else xb
         with autocast(dev, bf16):
             logits = [t.eval()(xb).float() for t in teachers]
         out.append(torch.stack(logits).mean(0).cpu())

@@ -24,16 +24,25 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edc.errors import EdcError
+
 T = TypeVar("T")
 
 EXPERIMENT_ENV = "EDC_MLFLOW_EXPERIMENT"
 DEFAULT_EXPERIMENT = "edc"
+
+
+class TrackingError(EdcError):
+    """Logging the stage to MLflow failed."""
 
 
 def experiment_name() -> str:
@@ -144,45 +153,132 @@ def _git_commit(root: Path) -> str:
         return "unknown"
 
 
-class Run:
-    """The handle a stage logs through; thin over the active MLflow run."""
+class _Worker:
+    """One thread that makes all of a stage's MLflow calls, in the order the stage asked for them.
 
-    def __init__(self, mlflow_module, run):
-        self._mlflow = mlflow_module
-        self.run = run
+    Importing MLflow and opening its store took 2-4 s, and a metric write to SQLite about 10 ms: on
+    this thread they overlap the stage's own work instead of delaying its first batch. An error is
+    kept (and the calls after it skipped) until :meth:`close` hands it back."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="edc-mlflow", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, done = item
+            if self.error is None:
+                try:
+                    fn()
+                except BaseException as exc:  # handed back by close()
+                    self.error = exc
+            if done is not None:
+                done.set()
+
+    def submit(self, fn: Callable[[], object]) -> None:
+        self._queue.put((fn, None))
+
+    def wait(self) -> None:
+        """Until every call submitted so far has been made."""
+        done = threading.Event()
+        self._queue.put((lambda: None, done))
+        done.wait()
+
+    def close(self) -> BaseException | None:
+        self._queue.put(None)
+        self._thread.join()
+        return self.error
+
+
+class Run:
+    """The handle a stage logs through: each call is queued for the stage's MLflow thread
+    (:class:`_Worker`). Metrics are sent in batches, at the latest ``FLUSH_SECONDS`` after they were
+    logged, and when the run ends."""
+
+    FLUSH_SECONDS = 5.0
+
+    def __init__(self, worker: _Worker, state: dict[str, Any]):
+        self._worker, self._state = worker, state  # state: "mlflow" and "run", filled by the worker
+        self._pending: list[tuple[str, float, int, int]] = []
+        self._since = 0.0
 
     @property
     def run_id(self) -> str:
-        return self.run.info.run_id
+        self._worker.wait()
+        return self._state["run"].info.run_id
 
     def metrics(self, values: Mapping[str, float], step: int | None = None) -> None:
-        retry_locked(self._mlflow.log_metrics, {k: float(v) for k, v in values.items()}, step=step)
+        now = time.time()
+        if not self._pending:
+            self._since = now
+        self._pending += [(k, float(v), int(now * 1000), step or 0) for k, v in values.items()]
+        if now - self._since >= self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the metrics logged so far (one ``log_batch`` per 1,000 values, MLflow's limit)."""
+        rows, self._pending = self._pending, []
+        if not rows:
+            return
+
+        def send() -> None:
+            from mlflow.entities import Metric
+
+            client, run_id = self._state["mlflow"].MlflowClient(), self._state["run"].info.run_id
+            for i in range(0, len(rows), 1000):
+                retry_locked(client.log_batch, run_id, metrics=[Metric(*r) for r in rows[i:i + 1000]])
+
+        self._worker.submit(send)
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> None:
+        self.flush()
+        self._worker.submit(lambda: retry_locked(getattr(self._state["mlflow"], name), *args, **kwargs))
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        retry_locked(self._mlflow.log_artifact, str(path), artifact_path=artifact_path)
+        self._call("log_artifact", str(path), artifact_path=artifact_path)
 
     def json(self, obj: Any, name: str) -> None:
-        retry_locked(self._mlflow.log_dict, obj, name)
+        self._call("log_dict", json.loads(json.dumps(obj)), name)  # a copy: the stage may change obj
 
     def dataset(self, path: str | Path, name: str, digest: str, context: str) -> None:
         """``mlflow.log_input``: the run used (or made) the dataset at ``path``, identified by ``digest``."""
-        from mlflow.data.http_dataset_source import HTTPDatasetSource
-        from mlflow.data.meta_dataset import MetaDataset
+        url = Path(path).resolve().as_uri()
 
-        source = HTTPDatasetSource(url=Path(path).resolve().as_uri())
-        retry_locked(self._mlflow.log_input, MetaDataset(source, name=name, digest=digest[:36]), context=context)
+        def send() -> None:
+            from mlflow.data.http_dataset_source import HTTPDatasetSource
+            from mlflow.data.meta_dataset import MetaDataset
+
+            dataset = MetaDataset(HTTPDatasetSource(url=url), name=name, digest=digest[:36])
+            retry_locked(self._state["mlflow"].log_input, dataset, context=context)
+
+        self.flush()
+        self._worker.submit(send)
 
     @contextlib.contextmanager
     def child(self, name: str, tags: Mapping[str, str] | None = None) -> Iterator[Run]:
         """A run nested under this one (one student and seed of post-evaluation); FINISHED at the end
         of the block, FAILED if it raises."""
-        active = retry_locked(self._mlflow.start_run, run_name=name, nested=True, tags=dict(tags or {}))
+        self.flush()
+        state: dict[str, Any] = {}
+
+        def start() -> None:
+            state["mlflow"] = self._state["mlflow"]
+            state["run"] = retry_locked(state["mlflow"].start_run, run_name=name, nested=True, tags=dict(tags or {}))
+
+        self._worker.submit(start)
+        child = Run(self._worker, state)
         status = "FAILED"
         try:
-            yield Run(self._mlflow, active)
+            yield child
             status = "FINISHED"
         finally:
-            retry_locked(self._mlflow.end_run, status=status)
+            child.flush()
+            self._worker.submit(lambda: retry_locked(state["mlflow"].end_run, status=status))
 
 
 class NullRun:
@@ -226,39 +322,62 @@ def _parent_run(client, experiment_id: str, invocation: str, uri: str, tags: dic
 def stage_run(stage: str, params: Mapping[str, Any], seed: int | None = None,
               enabled: bool = True) -> Iterator[Run | NullRun]:
     """Start an MLflow run for ``stage``, log ``params`` flat and the tags; end it FINISHED, or FAILED
-    if the block raises. ``enabled=False`` (ranks > 0 under torchrun) logs nothing."""
+    if the block raises. ``enabled=False`` (ranks > 0 under torchrun) logs nothing.
+
+    MLflow is imported, and every call made, on a thread of its own (:class:`_Worker`): the stage
+    starts its work at once, and waits for the last writes when it ends. A tracking error fails the
+    stage then (:class:`TrackingError`), unless the stage itself failed first."""
     if not enabled:
         yield NullRun()
         return
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    import mlflow
-
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    with _creation_lock(uri):  # the first process to touch a new store creates its tables; others wait
-        experiment = retry_locked(mlflow.set_experiment, experiment_name())
+    flat = flatten(params)
     exp_name = os.environ.get("DVC_EXP_NAME", "")
-    common = {"git.commit": _git_commit(project_root())}
-    if exp_name:
-        common["dvc.exp_name"] = exp_name
-    tags = {"edc.stage": stage, **common}
-    if seed is not None:
-        tags["edc.seed"] = str(seed)
-    run_name = f"{stage}:{exp_name}" if exp_name else stage
     invocation = dvc_invocation()
-    client = mlflow.MlflowClient()
-    parent = _parent_run(client, experiment.experiment_id, invocation, uri, common) if invocation else None
-    active = retry_locked(mlflow.start_run, run_name=run_name, tags=tags, parent_run_id=parent)
-    status = "FAILED"
-    try:
-        flat = flatten(params)
+    uri = tracking_uri()
+    state: dict[str, Any] = {}
+
+    def start() -> None:
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        import mlflow
+
+        state["mlflow"] = mlflow
+        mlflow.set_tracking_uri(uri)
+        with _creation_lock(uri):  # the first process to touch a new store creates its tables; others wait
+            experiment = retry_locked(mlflow.set_experiment, experiment_name())
+        common = {"git.commit": _git_commit(project_root())}
+        if exp_name:
+            common["dvc.exp_name"] = exp_name
+        tags = {"edc.stage": stage, **common}
+        if seed is not None:
+            tags["edc.seed"] = str(seed)
+        client = mlflow.MlflowClient()
+        state["parent"] = (_parent_run(client, experiment.experiment_id, invocation, uri, common)
+                           if invocation else None)
+        state["run"] = retry_locked(mlflow.start_run, run_name=f"{stage}:{exp_name}" if exp_name else stage,
+                                    tags=tags, parent_run_id=state["parent"])
         retry_locked(mlflow.log_params, {k: v[:6000] for k, v in flat.items()})
-        yield Run(mlflow, active)
-        status = "FINISHED"
+
+    def end(status: str) -> None:
+        mlflow = state["mlflow"]
+        retry_locked(mlflow.end_run, status=status)
+        if state["parent"] is not None:  # the last stage leaves the pipeline run FINISHED; a failed one, FAILED
+            retry_locked(mlflow.MlflowClient().set_terminated, state["parent"], status=status)
+
+    worker = _Worker()
+    worker.submit(start)
+    run = Run(worker, state)
+    status, failed = "FAILED", True
+    try:
+        yield run
+        status, failed = "FINISHED", False
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        retry_locked(mlflow.end_run, status=status)
-        if parent is not None:  # the last stage leaves the pipeline run FINISHED; a failed one, FAILED
-            retry_locked(client.set_terminated, parent, status=status)
+        run.flush()
+        worker.submit(lambda: end(status))
+        error = worker.close()
+        if error is not None and not failed:
+            raise TrackingError(f"MLflow tracking to {uri} failed: {type(error).__name__}: {error}") from error
+        if error is not None:
+            print(f"{stage}: MLflow tracking to {uri} also failed: {type(error).__name__}: {error}", file=sys.stderr)

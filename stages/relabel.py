@@ -19,7 +19,7 @@ from edc.observers import load_observer
 from edc.params import load_params
 from edc.relabel import epoch_plan_logits, planned_epochs
 from edc.resume import Checkpointer, fingerprint, finished_units
-from edc.runtime import place, progress, resolve_device
+from edc.runtime import inference_copy, place, progress, resolve_device
 from edc.shards import CondensedWriter, epoch_shard_name
 from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
@@ -43,7 +43,8 @@ def main(argv=None) -> None:
         images_u8, labels, img_meta = read_imageset(args.images)
         images = normalize(images_u8, facts)
         device = resolve_device(p.device)
-        teachers = [place(load_observer(args.observers, name)[0], device) for name in cfg.teachers]
+        # BatchNorm folded, channels-last: the teachers only run forward (edc.runtime.inference_copy)
+        teachers = [inference_copy(place(load_observer(args.observers, name)[0], device)) for name in cfg.teachers]
         n, _, h, w = images.shape
         epochs = planned_epochs(cfg.epochs, cfg.min_steps, n, cfg.batch_size)
         meta = {"dataset": facts.to_dict(), "class_names": facts.class_names, "num_classes": facts.num_classes,

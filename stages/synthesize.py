@@ -123,8 +123,8 @@ def main(argv=None) -> None:
             for row in sorted(merged, key=lambda r: r["step"]):
                 log(row)
         else:
-            before, plain_before = measure(images)
             result = synthesize(images, ydev, observers, cfg, p.alpha, pixel_bounds(facts), seed_for, log, ckpt)
+            before, plain_before = measure(images)  # after, so that the first iteration is not kept waiting
         out_u8 = to_uint8(result.cpu(), facts)
         # Measured on what is saved (the images rounded to pixels). "matching" is under the synthesis
         # augmentation, what the objective minimises; "plain" is on the un-augmented images, which the

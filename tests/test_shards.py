@@ -15,6 +15,7 @@ from torch import nn
 from edc.data import DatasetFacts, normalize
 from edc.errors import ArtifactError
 from edc.io import md5_file
+from edc.plan import crop_resize
 from edc.relabel import augment, batches, make_plan, sample_boxes, teacher_logits
 from edc.shards import CondensedWriter, load_condensed, read_meta
 from tests.conftest import ROOT
@@ -141,6 +142,35 @@ def test_boxes_follow_random_resized_crop():
     out = augment(x, whole[:1].repeat(2, 1), mix)
     torch.testing.assert_close(out[0, :, :, :4], x[1, :, :, :4])
     torch.testing.assert_close(out[0, :, :, 4:], x[0, :, :, 4:])
+
+
+def test_planned_crops_are_bilinear_samples_at_the_output_pixel_centres():
+    """crop_resize against a brute-force bilinear sampler (x = left + (j + 0.5) * width / W - 0.5, edge
+    pixels repeated), and against torchvision's roi_align, which it replaced in the format."""
+    from torchvision.ops import roi_align
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 2, 9, 7, generator=g, dtype=torch.float64)
+    boxes = torch.tensor([[0, 0, 9, 7], [2, 1, 4, 3], [0, 3, 9, 4], [5, 0, 4, 7], [1, 1, 1, 1], [3, 2, 6, 5]])
+    got = crop_resize(x, *boxes.T)
+
+    def sample(img, yy, xx):
+        yy, xx = min(max(yy, 0.0), 8.0), min(max(xx, 0.0), 6.0)
+        y0, x0 = int(yy), int(xx)
+        y1, x1 = min(y0 + 1, 8), min(x0 + 1, 6)
+        fy, fx = yy - y0, xx - x0
+        return ((1 - fy) * (1 - fx) * img[:, y0, x0] + (1 - fy) * fx * img[:, y0, x1]
+                + fy * (1 - fx) * img[:, y1, x0] + fy * fx * img[:, y1, x1])
+
+    for b, (top, left, bh, bw) in enumerate(boxes.tolist()):
+        for i in range(9):
+            for j in range(7):
+                want = sample(x[b], top + (i + 0.5) * bh / 9 - 0.5, left + (j + 0.5) * bw / 7 - 0.5)
+                torch.testing.assert_close(got[b, :, i, j], want, rtol=1e-12, atol=1e-12)
+    top, left, bh, bw = boxes.T.double()
+    rois = torch.stack([torch.arange(6, dtype=torch.float64), left, top, left + bw, top + bh], 1)
+    ref = roi_align(x, rois, output_size=(9, 7), spatial_scale=1.0, sampling_ratio=1, aligned=True)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_readme_example_reads_a_shard_with_plain_webdataset(tmp_path, monkeypatch):

@@ -198,7 +198,7 @@ def test_observer_logits_fold_batchnorm_and_equal_the_model():
             bn.bias.copy_(torch.randn(bn.num_features, generator=g, dtype=torch.float64))
     x, y = real_like()
     obs = Observer("tiny", model, collect_bn_stats(model, x.double(), y, K, batch_size=7))
-    assert not bn_layers(obs._folded)
+    assert not bn_layers(obs._folded)  # edc.runtime.inference_copy
     xr = x[:6].double().requires_grad_(True)
     got = obs.logits(xr)
     assert not got.requires_grad

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
-from edc.tracking import flatten, stage_run, tracking_uri
+from edc.tracking import Run, TrackingError, flatten, stage_run, tracking_uri
 
 
 def runs_named(name):
@@ -33,6 +33,45 @@ def test_a_stage_that_raises_leaves_its_run_failed():
             raise RuntimeError("boom")
     (r,) = runs_named("demo_fail")
     assert r.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("flush_seconds", [0.0, 3600.0])
+def test_nested_runs_get_their_own_metrics_in_order(monkeypatch, flush_seconds):
+    """Metrics go out in batches (every FLUSH_SECONDS, and when a run ends): each run gets its own
+    values at their steps whichever way they were batched."""
+    monkeypatch.setattr(Run, "FLUSH_SECONDS", flush_seconds)
+    name = f"demo_nested_{int(flush_seconds)}"
+    with stage_run(name, {"x": 1}) as run:
+        for step in range(1, 31):
+            run.metrics({"loss": 1.0 / step}, step=step)
+        with run.child(f"{name} child", {"edc.seed": "0"}) as child:
+            for step in range(1, 4):
+                child.metrics({"acc": step / 10, "loss": 9.0}, step=step)
+        run.metrics({"final": 0.5})
+    (parent,) = runs_named(name)
+    (kid,) = runs_named(f"{name} child")
+    client = mlflow.MlflowClient()
+    assert kid.data.tags["mlflow.parentRunId"] == parent.info.run_id and kid.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(parent.info.run_id, "loss")] == \
+        [(s, 1.0 / s) for s in range(1, 31)]
+    acc = client.get_metric_history(kid.info.run_id, "acc")
+    assert [(m.step, m.value) for m in acc] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert parent.data.metrics["final"] == 0.5 and "acc" not in parent.data.metrics
+
+
+def test_a_tracking_failure_fails_the_stage_after_its_work_but_never_hides_the_stage_error(monkeypatch, tmp_path):
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the store's folder should be")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{blocked}/mlflow.db")
+    done = []
+    with pytest.raises(TrackingError, match="not-a-dir"):
+        with stage_run("demo_store_broken", {"x": 1}) as run:
+            run.metrics({"loss": 1.0}, step=1)
+            done.append(True)
+    assert done == [True]  # the stage's work ran before the store was found broken
+    with pytest.raises(RuntimeError, match="boom"):
+        with stage_run("demo_store_broken", {"x": 1}):
+            raise RuntimeError("boom")
 
 
 def test_default_store_is_under_dvc_root(monkeypatch, tmp_path):

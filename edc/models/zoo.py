@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models import MobileNetV2, ShuffleNetV2
 
 from edc.models.registry import register_model
 
@@ -153,6 +152,8 @@ def _restem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
 @register_model("mobilenet_v2")
 def mobilenet_v2(in_channels: int, num_classes: int, image_size: int, width_mult: float = 1.0) -> nn.Module:
     """torchvision's MobileNet-V2 with a stride-1 stem (total stride 16 instead of 32)."""
+    from torchvision.models import MobileNetV2  # here: importing torchvision takes 1.4 s (torch._dynamo)
+
     m = MobileNetV2(num_classes=num_classes, width_mult=width_mult)
     m.features[0][0] = _restem(m.features[0][0], in_channels)
     return m
@@ -167,6 +168,8 @@ def shufflenet_v2(in_channels: int, num_classes: int, image_size: int, width_mul
     """torchvision's ShuffleNet-V2 (x0.5/1.0/1.5/2.0) with a stride-1 stem and no max-pool."""
     if width_mult not in _SHUFFLE_CHANNELS:
         raise ValueError(f"shufflenet_v2 width_mult must be one of {sorted(_SHUFFLE_CHANNELS)}, got {width_mult}")
+    from torchvision.models import ShuffleNetV2  # here: importing torchvision takes 1.4 s (torch._dynamo)
+
     m = ShuffleNetV2([4, 8, 4], _SHUFFLE_CHANNELS[width_mult], num_classes=num_classes)
     m.conv1[0] = _restem(m.conv1[0], in_channels)
     m.maxpool = nn.Identity()
