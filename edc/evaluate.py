@@ -29,7 +29,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from edc.distributed import World
 from edc.observers import accuracy, build
-from edc.runtime import autocast, place, progress, seed_everything
+from edc.runtime import autocast, fused, place, progress, seed_everything
 from edc.schedules import lr_lambda
 from edc.shards import CondensedDataset
 
@@ -122,7 +122,7 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
     device = device or torch.device("cpu")
     model = place(build(spec.arch, dict(spec.kwargs), ds.facts), device)
     net = world.wrap(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused(model.parameters()))
     total = ds.epochs * ds.batches_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, total, zeta, cfg.milestones, cfg.gamma))
     ema = AveragedModel(model, multi_avg_fn=warmup_ema(cfg.ema_rate, cfg.ema_warmup),
