@@ -13,6 +13,8 @@ import torch
 from torch.fx.experimental.optimization import fuse
 from torch.fx.proxy import TraceError
 
+from edc import tracking
+
 
 def derive_seed(seed: int, *names: str) -> int:
     """A seed for one named piece of work (an observer, a class), independent of list order."""
@@ -90,13 +92,23 @@ def progress(iterable=None, **kwargs):
     if os.environ.get(STARTUP_PROBE_ENV):
         return _startup_probe(iterable)
     if not sys.stderr.isatty():
-        return LineProgress(iterable, total=kwargs.get("total"), desc=kwargs.get("desc", ""),
-                            unit=kwargs.get("unit", "it"))
-    from tqdm.auto import tqdm
+        bar = LineProgress(iterable, total=kwargs.get("total"), desc=kwargs.get("desc", ""),
+                           unit=kwargs.get("unit", "it"))
+    else:
+        from tqdm.auto import tqdm
 
-    kwargs.setdefault("leave", False)
-    kwargs.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, **kwargs)
+        kwargs.setdefault("leave", False)
+        kwargs.setdefault("dynamic_ncols", True)
+        bar = tqdm(iterable, **kwargs)
+    return _announcing(bar) if not tracking.work_started.is_set() else bar
+
+
+def _announcing(iterable):
+    """``iterable``, telling the stage's MLflow thread at the first item that the work has begun
+    (:data:`edc.tracking.work_started`): it then imports MLflow while the batches compute."""
+    for item in iterable:
+        tracking.work_started.set()
+        yield item
 
 
 def resolve_device(name: str) -> torch.device:

@@ -41,6 +41,12 @@ EXPERIMENT_ENV = "EDC_MLFLOW_EXPERIMENT"
 DEFAULT_EXPERIMENT = "edc"
 
 
+# Set by the first item of a stage's first progress loop (edc.runtime.progress): the stage's MLflow
+# thread imports MLflow and opens the store from then on, while the work computes, rather than while
+# the stage is still importing and reading its inputs.
+work_started = threading.Event()
+
+
 class TrackingError(EdcError):
     """Logging the stage to MLflow failed."""
 
@@ -209,6 +215,7 @@ class Run:
 
     @property
     def run_id(self) -> str:
+        work_started.set()
         self._worker.wait()
         return self._state["run"].info.run_id
 
@@ -324,8 +331,9 @@ def stage_run(stage: str, params: Mapping[str, Any], seed: int | None = None,
     """Start an MLflow run for ``stage``, log ``params`` flat and the tags; end it FINISHED, or FAILED
     if the block raises. ``enabled=False`` (ranks > 0 under torchrun) logs nothing.
 
-    MLflow is imported, and every call made, on a thread of its own (:class:`_Worker`): the stage
-    starts its work at once, and waits for the last writes when it ends. A tracking error fails the
+    MLflow is imported, and every call made, on a thread of its own (:class:`_Worker`), from the
+    stage's first progress item on (:data:`work_started`): the stage starts its work at once, and
+    waits for the last writes when it ends. A tracking error fails the
     stage then (:class:`TrackingError`), unless the stage itself failed first."""
     if not enabled:
         yield NullRun()
@@ -337,6 +345,7 @@ def stage_run(stage: str, params: Mapping[str, Any], seed: int | None = None,
     state: dict[str, Any] = {}
 
     def start() -> None:
+        work_started.wait()
         logging.getLogger("alembic").setLevel(logging.WARNING)
         import mlflow
 
@@ -374,6 +383,7 @@ def stage_run(stage: str, params: Mapping[str, Any], seed: int | None = None,
         status = "KILLED"
         raise
     finally:
+        work_started.set()  # a stage without a progress loop, or one that failed before it: log now
         run.flush()
         worker.submit(lambda: end(status))
         error = worker.close()
