@@ -29,9 +29,10 @@ from torch.optim.swa_utils import AveragedModel
 
 from edc.distributed import World
 from edc.observers import accuracy, build
-from edc.runtime import autocast, fused, place, progress, seed_everything
+from edc.runtime import fused, place, progress, seed_everything
 from edc.schedules import lr_lambda
 from edc.shards import CondensedDataset
+from edc.training import TrainingState, train_step
 
 
 @dataclass
@@ -106,6 +107,31 @@ def recompute_bn(model: nn.Module, ds: CondensedDataset, device: torch.device, u
     return used
 
 
+class _Evaluated:
+    """The model a student is tested as: the EMA of its weights (BatchNorm statistics recomputed from
+    the planned batches once per epoch asked for, :func:`recompute_bn`), or the model itself."""
+
+    def __init__(self, model: nn.Module, ema: AveragedModel | None, ds: CondensedDataset, device: torch.device):
+        self.model, self.ema, self.ds, self.device, self.ready = model, ema, ds, device, None
+
+    def at(self, epoch: int) -> nn.Module:
+        if self.ema is None:
+            return self.model
+        if self.ready != epoch and has_running_stats(self.ema.module):
+            recompute_bn(self.ema.module, self.ds, self.device, epoch)
+            self.ready = epoch
+        return self.ema.module
+
+    def row(self, epoch: int, test, val) -> dict:
+        """Test (and validation) accuracy of the evaluated model, and of the raw weights beside an EMA."""
+        row = {"test_acc": accuracy(self.at(epoch), test)}
+        if self.ema is not None:  # the raw weights beside the EMA: how much the average adds, epoch by epoch
+            row["raw_test_acc"] = accuracy(self.model, test)
+        if val is not None:
+            row["val_acc"] = accuracy(self.at(epoch), val)
+        return row
+
+
 def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
                   seed: int, log: Callable[[dict], None] | None = None, resume: dict | None = None,
                   on_epoch: Callable[[Callable[[], dict]], None] | None = None, device: torch.device | None = None,
@@ -127,69 +153,47 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, total, zeta, cfg.milestones, cfg.gamma))
     ema = AveragedModel(model, multi_avg_fn=warmup_ema(cfg.ema_rate, cfg.ema_warmup),
                         use_buffers=False) if cfg.ema else None
-    bn_ready = {"epoch": None}
-
-    def evaluated(epoch: int) -> nn.Module:
-        if ema is None:
-            return model
-        if bn_ready["epoch"] != epoch and has_running_stats(ema.module):
-            recompute_bn(ema.module, ds, device, epoch)
-            bn_ready["epoch"] = epoch
-        return ema.module
+    state = TrainingState(model=model, opt=opt, sched=sched, ema=ema)
+    evaluated = _Evaluated(model, ema, ds, device)
     soft = ds.labels == "soft"
     curve, start, first = [], time.perf_counter(), 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["opt"])
-        sched.load_state_dict(resume["sched"])
-        if ema is not None:
-            ema.load_state_dict(resume["ema"])
-        torch.set_rng_state(resume["rng"])
-        curve, first = list(resume["curve"]), resume["epoch"]
+        extra = state.load_state_dict(resume)
+        curve, first = list(extra["curve"]), extra["epoch"]
 
-    def snapshot(epoch: int) -> dict:
-        return {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None, "rng": torch.get_rng_state(),
-                "curve": curve, "epoch": epoch}
+    def loss_of(out: torch.Tensor, target: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+        return student_loss(cfg.loss, out.float(), target, hard, cfg.temperature, soft)
 
     model.train()
     for e in progress(range(first, ds.epochs), desc=f"{spec.name} seed {seed}", unit="epoch"):
         loss_sum, n = 0.0, 0
         for x, target, hard in ds.epoch(e):
-            full = len(x)
-            part = world.part(full)
-            x, target, hard = x[part].to(device), target[part].to(device), hard[part].to(device)
-            with autocast(device, bf16):
-                out = net(x)
-                loss = student_loss(cfg.loss, out.float(), target, hard, cfg.temperature, soft)
-            opt.zero_grad(set_to_none=True)
-            world.backward(loss, part, full)
-            opt.step()
-            sched.step()
+            step = train_step(net, opt, sched, world, device, bf16, x, (target, hard), loss_of)
             if ema is not None:
                 ema.update_parameters(model)
-            if world.counts(part, full):
-                loss_sum += loss.item() * len(x)
-                n += len(x)
+            if step.counts:
+                loss_sum += step.loss.item() * len(step.out)
+                n += len(step.out)
         loss_sum, n = world.all_sum(loss_sum, n)
         row = {"epoch": e + 1, "train_loss": loss_sum / n}
         if world.main and ((e + 1) % cfg.eval_every == 0 or e + 1 == ds.epochs):
-            row["test_acc"] = accuracy(evaluated(e + 1), test)
-            if ema is not None:  # the raw weights beside the EMA: how much the average adds, epoch by epoch
-                row["raw_test_acc"] = accuracy(model, test)
-            if val is not None:
-                row["val_acc"] = accuracy(evaluated(e + 1), val)
+            row.update(evaluated.row(e + 1, test, val))
         curve.append(row)
         if log is not None:
             log(row)
         if on_epoch is not None:
-            on_epoch(lambda e=e: snapshot(e + 1))
+            on_epoch(lambda e=e: state.state_dict(curve=curve, epoch=e + 1))
     if not world.main:
         return StudentResult(float("nan"), float("nan"), curve, time.perf_counter() - start)
-    final = evaluated(ds.epochs)
-    last = curve[-1] if curve and curve[-1]["epoch"] == ds.epochs else {}
+    return _final(model, ema, evaluated.at(ds.epochs), curve, ds.epochs, test, val, time.perf_counter() - start)
 
-    def measured(key: str, net: nn.Module, split) -> float:  # the last epoch's evaluation, when it was made
+
+def _final(model: nn.Module, ema, final: nn.Module, curve: list[dict], epochs: int, test, val,
+           seconds: float) -> StudentResult:
+    """The result after the last epoch, reusing that epoch's evaluation where the loop made it."""
+    last = curve[-1] if curve and curve[-1]["epoch"] == epochs else {}
+
+    def measured(key: str, net: nn.Module, split) -> float:
         return last[key] if key in last else accuracy(net, split)
 
     acc = measured("test_acc", final, test)
@@ -198,10 +202,85 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
     if val is not None:
         val_acc = measured("val_acc", final, val)
         raw_val = accuracy(model, val) if ema is not None else val_acc
-    return StudentResult(acc, raw, curve, time.perf_counter() - start, val_acc, raw_val)
+    return StudentResult(acc, raw, curve, seconds, val_acc, raw_val)
 
 
 def summarize(accs: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single seed)."""
     t = torch.tensor(accs, dtype=torch.float64)
     return float(t.mean()), float(t.std()) if len(accs) > 1 else 0.0
+
+
+def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_for: Callable[..., int], ckpt, run,
+                      device: torch.device, bf16: bool, world: World) -> tuple[dict, dict[str, list[dict]]]:
+    """Train and test every student of ``cfg`` (the ``evaluate`` params) with each of its seeds
+    (``seed_for(student name, seed index)``), one nested MLflow run each under ``run``. ``ckpt`` keeps
+    the finished ones and the current one's state, so an interrupted stage resumes exactly (rank 0
+    looks first and discards a checkpoint of other inputs; the other ranks then read the same).
+    Returns (metrics per student, curves per "student-seed<i>"); on ranks other than 0, empty."""
+    state = ckpt.load() if world.main else None
+    world.barrier()
+    if not world.main:
+        state = ckpt.load()
+    state = state or {"done": {}, "current": None}
+    if world.main and (state["done"] or state["current"]):
+        print(f"post_evaluate: resuming ({len(state['done'])} students/seeds finished; checkpoint in {ckpt.dir})",
+              flush=True)
+    metrics, curves = {}, {}
+    for spec in cfg.students:
+        results = []
+        for s in range(cfg.seeds):
+            key = f"{spec.name}/{s}"
+            with run.child(f"{spec.name} seed {s}", {"edc.student": spec.name, "edc.seed": str(s)}) as seed_run:
+                if key in state["done"]:
+                    res = StudentResult(**state["done"][key])
+                else:
+                    res = _train_seed(spec, cfg, zeta, ds, test, val, seed_for(spec.name, str(s)), key, state, ckpt,
+                                      seed_run, device, bf16, world)
+                seed_run.metrics({"final_acc": res.acc, "raw_acc": res.raw_acc, "seconds": res.seconds,
+                                  **({"val_acc": res.val_acc} if res.val_acc is not None else {})})
+            if world.main:
+                results.append(res)
+                curves[f"{spec.name}-seed{s}"] = res.curve
+                on_val = f", validation {100 * res.val_acc:.2f}%" if res.val_acc is not None else ""
+                print(f"[{spec.name}] seed {s}: test accuracy {100 * res.acc:.2f}% (raw weights "
+                      f"{100 * res.raw_acc:.2f}%{on_val}, {res.seconds:.0f} s)", flush=True)
+        if world.main:
+            metrics[spec.name] = _student_metrics(results, spec.name, run)
+    return metrics, curves
+
+
+def _train_seed(spec, cfg, zeta, ds, test, val, seed: int, key: str, state: dict, ckpt, seed_run, device, bf16,
+                world) -> StudentResult:
+    """One student and seed, resumed from ``state["current"]`` when it is this one; recorded in
+    ``state["done"]`` and checkpointed."""
+    def on_epoch(snapshot):
+        if world.main:
+            ckpt.maybe_save(lambda: {"done": state["done"], "current": {"key": key, **snapshot()}})
+
+    current = state["current"] if (state["current"] or {}).get("key") == key else None
+    res = train_student(spec, cfg, zeta, ds, test, seed,
+                        lambda row: seed_run.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
+                        current, on_epoch, device, bf16, world, val)
+    state["done"][key] = {"acc": res.acc, "raw_acc": res.raw_acc, "curve": res.curve, "seconds": res.seconds,
+                          "val_acc": res.val_acc, "raw_val_acc": res.raw_val_acc}
+    state["current"] = None
+    if world.main:
+        ckpt.maybe_save(lambda: state)
+    return res
+
+
+def _student_metrics(results: list[StudentResult], name: str, run) -> dict:
+    """metrics.json's entry for one student over its seeds (and the same means to MLflow)."""
+    mean, std = summarize([r.acc for r in results])
+    out = {"acc_mean": round(mean, 6), "acc_std": round(std, 6),
+           "raw_acc_mean": round(summarize([r.raw_acc for r in results])[0], 6),
+           "seeds": {str(s): round(r.acc, 6) for s, r in enumerate(results)}}
+    run.metrics({f"{name}.acc_mean": mean, f"{name}.acc_std": std})
+    vals = [r for r in results if r.val_acc is not None]
+    if vals:
+        v_mean, v_std = summarize([r.val_acc for r in vals])
+        out.update({"val_acc_mean": round(v_mean, 6), "val_acc_std": round(v_std, 6),
+                    "raw_val_acc_mean": round(summarize([r.raw_val_acc for r in vals])[0], 6)})
+        run.metrics({f"{name}.val_acc_mean": v_mean, f"{name}.val_acc_std": v_std})
+    return out

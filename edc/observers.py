@@ -28,8 +28,9 @@ from edc.distributed import World
 from edc.errors import ArtifactError
 from edc.io import read_json, save_safetensors, write_json
 from edc.models import create_model
-from edc.runtime import autocast, derive_seed, fused, model_device, place, progress, seed_everything
+from edc.runtime import derive_seed, fused, model_device, place, progress, seed_everything
 from edc.schedules import lr_lambda
+from edc.training import train_step
 
 
 @dataclass
@@ -102,19 +103,11 @@ def train_observer(spec, cfg, facts: DatasetFacts, train, test, seed: int, devic
                        desc=f"{spec.name} epoch {epoch + 1}/{cfg.epochs}", unit="batch")
         for xb, yb in bar:
             xb = shift_flip(xb, cfg.augment.crop_padding, cfg.augment.flip, gen)  # the whole batch, every rank
-            full = len(yb)
-            part = world.part(full)
-            xb, yb = xb[part].to(device), yb[part].to(device)
-            with autocast(device, bf16):
-                logits = net(xb)
-                loss = F.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            world.backward(loss, part, full)
-            opt.step()
-            sched.step()
-            if world.counts(part, full):
-                loss_sum += float(loss.detach()) * len(yb)
-                correct += int((logits.argmax(1) == yb).sum())
+            step = train_step(net, opt, sched, world, device, bf16, xb, (yb,), F.cross_entropy)
+            if step.counts:
+                (y,) = step.targets
+                loss_sum += float(step.loss) * len(y)
+                correct += int((step.out.argmax(1) == y).sum())
         loss_sum, correct = world.all_sum(loss_sum, correct)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / n, "train_acc": correct / n,
                "lr": opt.param_groups[0]["lr"]}

@@ -32,6 +32,7 @@ import torch
 
 from edc.codedeps import code_digest
 from edc.io import md5_file
+from edc.runtime import progress
 
 STATE = "state.pt"
 FINGERPRINT = "fingerprint.json"
@@ -142,3 +143,21 @@ def finished_units(ckpt: Checkpointer, world, units: range, is_done: Callable[[i
     if done and world.main:
         print(f"{stage}: resuming with {len(done)}/{len(units)} {what} done (checkpoint in {ckpt.dir})", flush=True)
     return done
+
+
+def run_units(ckpt: Checkpointer, world, units: range, is_done: Callable[[int], bool], work: Callable[[int], None],
+              what: str, stage: str, start: Callable[[], None] | None = None) -> bool:
+    """Run the ``units`` (synthesis batches, relabel epochs) that ``is_done`` does not find finished in
+    ``ckpt``'s directory (:func:`finished_units`), dealt out to the ranks round-robin; ``work(u)``
+    leaves unit u's files there, and the checkpoint is marked after each. ``start()`` runs once the
+    directory is ready (a checkpoint of other inputs discarded), before any unit. Every rank waits for
+    all; returns whether this rank is rank 0, the one that goes on to merge the units."""
+    done = finished_units(ckpt, world, units, is_done, what, stage)
+    if start is not None:
+        start()
+    todo = world.mine([u for u in units if u not in done])
+    for u in progress(todo, desc=stage if world.size == 1 else f"{stage} rank {world.rank}", unit=what.rstrip("s")):
+        work(u)
+        ckpt.mark()
+    world.barrier()
+    return world.main

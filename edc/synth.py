@@ -326,6 +326,68 @@ def matching_report(images: torch.Tensor, labels: torch.Tensor, observers: list[
     return out
 
 
+class _BatchOptimisation:
+    """One synthesis batch's optimisation state: its pixels X, their EMA, Adam (betas 0.5, 0.9) with its
+    LR schedule, and the batch's augmentation generator; saved and restored in one place."""
+
+    def __init__(self, images: torch.Tensor, cfg, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.x = images.clone().requires_grad_(True)
+        self.x_ema = self.x.detach().clone()
+        self.opt = torch.optim.Adam([self.x], lr=cfg.lr, betas=(0.5, 0.9))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg.lr_schedule, cfg.iterations))
+
+    def state_dict(self) -> dict:
+        return {"x": self.x.detach(), "x_ema": self.x_ema, "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "gen": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.x.copy_(state["x"])
+            self.x_ema.copy_(state["x_ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.gen.set_state(state["gen"])
+
+
+def synthesis_step(b: _BatchOptimisation, y: torch.Tensor, obs: Observer, cfg, alpha: float,
+                   bounds: tuple[torch.Tensor, torch.Tensor], at: str = "") -> dict[str, float]:
+    """One iteration on a batch (module doc): a crop/flip draw shared by X and its EMA, the loss, Adam,
+    the schedule, clipping to ``bounds``, the EMA update. Returns the losses and the step's LR;
+    :class:`SynthesisError` (naming ``at``) when the loss is not finite."""
+    fr = cfg.flatness
+    use_ema = fr.mode != "off" and fr.weight > 0
+    aug = sample_crop_flip(len(b.x), cfg.aug.scale_min, cfg.aug.flip, b.gen)
+    if use_ema and fr.mode == "logits":
+        logits_ema = obs.logits(apply_crop_flip(b.x_ema, aug))
+    elif use_ema:
+        with torch.no_grad():
+            _, inputs_ema = obs.forward(apply_crop_flip(b.x_ema, aug))
+    logits, inputs = obs.forward(apply_crop_flip(b.x, aug))
+    ce = F.cross_entropy(logits, y)
+    bn = obs.matching(inputs, y, alpha)
+    flat = b.x.new_zeros(())
+    if use_ema and fr.mode == "logits":
+        flat = flatness_kl(logits, logits_ema, fr.tau)
+    elif use_ema and fr.mode == "stats":
+        flat = obs.matching(inputs, y, alpha, obs.batch_targets(inputs_ema, y))
+    total = cfg.ce_weight * ce + cfg.r_bn * bn + fr.weight * flat
+    losses = {k: v.detach() for k, v in (("ce", ce), ("bn", bn), ("flat", flat), ("total", total))}
+    if not torch.isfinite(total):
+        raise SynthesisError(f"synthesize: loss became {float(losses['total'])} at {at} (observer {obs.name}; "
+                             + ", ".join(f"{k} {float(v)}" for k, v in losses.items() if k != "total")
+                             + "); lower synth.lr or synth.r_bn")
+    b.opt.zero_grad(set_to_none=True)
+    total.backward()
+    b.opt.step()
+    lr = b.opt.param_groups[0]["lr"]
+    b.sched.step()
+    with torch.no_grad():
+        b.x.clamp_(*bounds)
+    ema_update(b.x_ema, b.x, fr.beta)
+    return {"lr": lr, **{k: v.item() for k, v in losses.items()}}
+
+
 def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Observer], cfg, alpha: float,
                bounds: tuple[torch.Tensor, torch.Tensor], seed_for: Callable[[int], int],
                log: Callable[[dict], None] | None = None, ckpt=None, only: list[int] | None = None) -> torch.Tensor:
@@ -337,10 +399,9 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Obser
     whole optimisation state now and then and resumes from it: the result is the same bytes.
     ``only`` lists the batch indices to run (the others keep their initial images): how several
     processes share the work."""
-    lo, hi = (t.to(images.device) for t in bounds)
+    bounds = tuple(t.to(images.device) for t in bounds)
     batches = partition(labels.cpu(), None if cfg.batch_size == "all" else cfg.batch_size)
     out = images.clone()
-    fr = cfg.flatness
     history: list[dict] = []
     state = ckpt.load() if ckpt is not None else None
     start_b = 0
@@ -351,67 +412,23 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Obser
         for row in history:
             if log is not None:
                 log(row)
-    for b, idx in enumerate(batches):
-        if b < start_b or (only is not None and b not in only):
+    for bi, idx in enumerate(batches):
+        if bi < start_b or (only is not None and bi not in only):
             continue
-        gen = torch.Generator().manual_seed(seed_for(b))
-        x = images[idx].clone().requires_grad_(True)
-        y = labels[idx]
-        x_ema = x.detach().clone()
-        opt = torch.optim.Adam([x], lr=cfg.lr, betas=(0.5, 0.9))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.lr_schedule, cfg.iterations))
+        b = _BatchOptimisation(images[idx], cfg, seed_for(bi))
         it0 = 0
-        if state is not None and b == start_b and state["it"] > 0:
-            with torch.no_grad():
-                x.copy_(state["x"])
-                x_ema.copy_(state["x_ema"])
-            opt.load_state_dict(state["opt"])
-            sched.load_state_dict(state["sched"])
-            gen.set_state(state["gen"])
+        if state is not None and bi == start_b and state["it"] > 0:
+            b.load_state_dict(state)
             it0 = state["it"]
-        use_ema = fr.mode != "off" and fr.weight > 0
-
-        def snapshot(next_it: int, b=b, x=x, x_ema=x_ema, opt=opt, sched=sched, gen=gen) -> dict:
-            return {"out": out, "batch": b, "it": next_it, "rows": history, "x": x.detach(), "x_ema": x_ema,
-                    "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state()}
-
-        bar = progress(range(it0, cfg.iterations), desc=f"synthesize batch {b + 1}/{len(batches)}", unit="it")
-        for it in bar:
+        for it in progress(range(it0, cfg.iterations), desc=f"synthesize batch {bi + 1}/{len(batches)}", unit="it"):
             obs = observers[it % len(observers)]
-            aug = sample_crop_flip(len(x), cfg.aug.scale_min, cfg.aug.flip, gen)
-            if use_ema and fr.mode == "logits":
-                logits_ema = obs.logits(apply_crop_flip(x_ema, aug))
-            elif use_ema:
-                with torch.no_grad():
-                    _, inputs_ema = obs.forward(apply_crop_flip(x_ema, aug))
-            logits, inputs = obs.forward(apply_crop_flip(x, aug))
-            ce = F.cross_entropy(logits, y)
-            bn = obs.matching(inputs, y, alpha)
-            flat = x.new_zeros(())
-            if use_ema and fr.mode == "logits":
-                flat = flatness_kl(logits, logits_ema, fr.tau)
-            elif use_ema and fr.mode == "stats":
-                flat = obs.matching(inputs, y, alpha, obs.batch_targets(inputs_ema, y))
-            total = cfg.ce_weight * ce + cfg.r_bn * bn + fr.weight * flat
-            if not torch.isfinite(total):
-                ce_, bn_, flat_ = (float(t.detach()) for t in (ce, bn, flat))
-                raise SynthesisError(f"synthesize: loss became {float(total.detach())} at batch {b}, iteration {it} "
-                                     f"(observer {obs.name}; ce {ce_}, bn {bn_}, flat {flat_}); "
-                                     f"lower synth.lr or synth.r_bn")
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            lr = opt.param_groups[0]["lr"]
-            sched.step()
-            with torch.no_grad():
-                x.clamp_(lo, hi)
-            ema_update(x_ema, x, fr.beta)
-            row = {"step": b * cfg.iterations + it, "batch": b, "iteration": it, "observer": obs.name, "lr": lr,
-                   **{k: v.item() for k, v in (("ce", ce), ("bn", bn), ("flat", flat), ("total", total))}}
+            losses = synthesis_step(b, labels[idx], obs, cfg, alpha, bounds, f"batch {bi}, iteration {it}")
+            row = {"step": bi * cfg.iterations + it, "batch": bi, "iteration": it, "observer": obs.name, **losses}
             history.append(row)
             if log is not None:
                 log(row)
             if ckpt is not None:
-                ckpt.maybe_save(lambda it=it: snapshot(it + 1))
-        out[idx] = x.detach()
+                ckpt.maybe_save(lambda bi=bi, it=it, b=b: {"out": out, "batch": bi, "it": it + 1, "rows": history,
+                                                           **b.state_dict()})
+        out[idx] = b.x.detach()
     return out

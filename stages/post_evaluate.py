@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edc import distributed
 from edc.data import load_prepared, split_files
 from edc.errors import ArtifactError
-from edc.evaluate import StudentResult, summarize, train_student
+from edc.evaluate import evaluate_students
 from edc.io import write_curves, write_json
 from edc.params import load_params
 from edc.plan import planned_epochs
@@ -64,67 +64,8 @@ def main(argv=None) -> None:
         ckpt = Checkpointer(args.metrics, fingerprint("post_evaluate", stage_params(p, "post_evaluate"),
                                                       [args.shards, *split_files(args.data, "test"),
                                                        *split_files(args.data, "val")], code=__file__))
-        # Rank 0 looks first (it discards a checkpoint of other inputs); then the others read the same one.
-        state = ckpt.load() if world.main else None
-        world.barrier()
-        if not world.main:
-            state = ckpt.load()
-        state = state or {"done": {}, "current": None}
-        if world.main and (state["done"] or state["current"]):
-            print(f"post_evaluate: resuming ({len(state['done'])} students/seeds finished; checkpoint in "
-                  f"{ckpt.dir})", flush=True)
-        metrics, curves = {}, {}
-        for spec in cfg.students:
-            accs, raws, vals, raw_vals = [], [], [], []
-            for s in range(cfg.seeds):
-                key = f"{spec.name}/{s}"
-
-                def on_epoch(snapshot, key=key):
-                    if world.main:
-                        ckpt.maybe_save(lambda: {"done": state["done"], "current": {"key": key, **snapshot()}})
-
-                # One nested MLflow run per student and seed: its curves and final accuracies.
-                with run.child(f"{spec.name} seed {s}", {"edc.student": spec.name, "edc.seed": str(s)}) as seed_run:
-                    if key in state["done"]:
-                        res = StudentResult(**state["done"][key])
-                    else:
-                        current = state["current"] if (state["current"] or {}).get("key") == key else None
-                        res = train_student(spec, cfg, p.zeta, ds, test,
-                                            derive_seed(p.seed, "evaluate", spec.name, str(s)),
-                                            lambda row, r=seed_run: r.metrics(
-                                                {k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
-                                            current, on_epoch, device, p.bf16, world, val)
-                        state["done"][key] = {"acc": res.acc, "raw_acc": res.raw_acc, "curve": res.curve,
-                                              "seconds": res.seconds, "val_acc": res.val_acc,
-                                              "raw_val_acc": res.raw_val_acc}
-                        state["current"] = None
-                        if world.main:
-                            ckpt.maybe_save(lambda: state)
-                    seed_run.metrics({"final_acc": res.acc, "raw_acc": res.raw_acc, "seconds": res.seconds,
-                                      **({"val_acc": res.val_acc} if res.val_acc is not None else {})})
-                if not world.main:
-                    continue
-                accs.append(res.acc)
-                raws.append(res.raw_acc)
-                if res.val_acc is not None:
-                    vals.append(res.val_acc)
-                    raw_vals.append(res.raw_val_acc)
-                curves[f"{spec.name}-seed{s}"] = res.curve
-                on_val = f", validation {100 * res.val_acc:.2f}%" if res.val_acc is not None else ""
-                print(f"[{spec.name}] seed {s}: test accuracy {100 * res.acc:.2f}% (raw weights "
-                      f"{100 * res.raw_acc:.2f}%{on_val}, {res.seconds:.0f} s)", flush=True)
-            if not world.main:
-                continue
-            mean, std = summarize(accs)
-            metrics[spec.name] = {"acc_mean": round(mean, 6), "acc_std": round(std, 6),
-                                  "raw_acc_mean": round(summarize(raws)[0], 6),
-                                  "seeds": {str(s): round(a, 6) for s, a in enumerate(accs)}}
-            run.metrics({f"{spec.name}.acc_mean": mean, f"{spec.name}.acc_std": std})
-            if vals:
-                v_mean, v_std = summarize(vals)
-                metrics[spec.name].update({"val_acc_mean": round(v_mean, 6), "val_acc_std": round(v_std, 6),
-                                           "raw_val_acc_mean": round(summarize(raw_vals)[0], 6)})
-                run.metrics({f"{spec.name}.val_acc_mean": v_mean, f"{spec.name}.val_acc_std": v_std})
+        metrics, curves = evaluate_students(cfg, p.zeta, ds, test, val, lambda *k: derive_seed(p.seed, "evaluate", *k),
+                                            ckpt, run, device, p.bf16, world)
         if not world.main:
             return
         fields = ["epoch", "train_loss", "test_acc"] + (["raw_test_acc"] if cfg.ema else []) + \

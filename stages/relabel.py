@@ -18,8 +18,8 @@ from edc.io import publish_dir, read_json, write_json
 from edc.observers import load_observer
 from edc.params import load_params
 from edc.relabel import epoch_plan_logits, planned_epochs
-from edc.resume import Checkpointer, fingerprint, finished_units
-from edc.runtime import inference_copy, place, progress, resolve_device
+from edc.resume import Checkpointer, fingerprint, run_units
+from edc.runtime import inference_copy, place, resolve_device
 from edc.shards import CondensedWriter, epoch_shard_name
 from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
@@ -67,19 +67,22 @@ def main(argv=None) -> None:
         def agree_file(e: int) -> Path:
             return ckpt.dir / f".agree-{e:04d}.json"
 
-        done = finished_units(ckpt, world, range(epochs),
-                              lambda e: agree_file(e).is_file() and (ckpt.dir / epoch_shard_name(e)).is_file(),
-                              "epochs", "relabel")
-        writer = CondensedWriter(ckpt.dir, images_u8, labels, meta, write_images=world.main)
-        todo = world.mine([e for e in range(epochs) if e not in done])
-        for e in progress(todo, desc="relabel" if world.size == 1 else f"relabel rank {world.rank}", unit="epoch"):
+        made: list[CondensedWriter] = []  # the writer, made by start() once the directory is ready
+
+        def work(e: int) -> None:
             plan, logits, a = epoch_logits(e)
-            writer.write_epoch(e, plan, cfg.batch_size, logits, cfg.topk)
+            made[0].write_epoch(e, plan, cfg.batch_size, logits, cfg.topk)
             write_json(agree_file(e), {"agree": a})
-            ckpt.mark()
-        world.barrier()
-        if not world.main:
+
+        def is_done(e: int) -> bool:
+            return agree_file(e).is_file() and (ckpt.dir / epoch_shard_name(e)).is_file()
+
+        def start() -> None:
+            made.append(CondensedWriter(ckpt.dir, images_u8, labels, meta, write_images=world.main))
+
+        if not run_units(ckpt, world, range(epochs), is_done, work, "epochs", "relabel", start):
             return
+        writer = made[0]
         agree = [read_json(agree_file(e))["agree"] for e in range(epochs)]
         writer.meta["epoch_shards"] = []  # list every epoch, in epoch order, whoever wrote it
         for e in range(epochs):

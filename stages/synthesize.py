@@ -21,7 +21,7 @@ from edc.imageset import read_imageset, save_comparison, write_imageset
 from edc.io import atomic_dir, atomic_file, md5_file, write_json
 from edc.observers import load_observer
 from edc.params import load_params
-from edc.resume import Checkpointer, fingerprint, finished_units
+from edc.resume import Checkpointer, fingerprint, run_units
 from edc.runtime import derive_seed, place, resolve_device, seed_everything
 from edc.stage import parser, stage_main, stage_params
 from edc.stats import load_stats
@@ -101,17 +101,15 @@ def main(argv=None) -> None:
             def part_file(b: int) -> Path:
                 return ckpt.dir / f"batch-{b:04d}.pt"
 
-            done = finished_units(ckpt, world, range(len(batches)), lambda b: part_file(b).is_file(), "batches",
-                                  "synthesize")
-            for b in world.mine([b for b in range(len(batches)) if b not in done]):
+            def work(b: int) -> None:
                 own_rows: list[dict] = []
                 result = synthesize(images, ydev, observers, cfg, p.alpha, pixel_bounds(facts), seed_for,
                                     own_rows.append, only=[b])
                 with atomic_file(part_file(b), "wb") as f:
                     torch.save({"images": result[batches[b]].cpu(), "rows": own_rows}, f)
-                ckpt.mark()
-            world.barrier()
-            if not world.main:
+
+            if not run_units(ckpt, world, range(len(batches)), lambda b: part_file(b).is_file(), work, "batches",
+                             "synthesize"):
                 return
             before, plain_before = measure(images)
             result = images.clone()
