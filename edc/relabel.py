@@ -11,9 +11,12 @@ the format and lives in :mod:`edc.plan`; it is re-exported here for the method's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from edc.io import publish_dir, read_json, write_json
 from edc.plan import (  # noqa: F401  (re-exported: the method's callers use them from here)
     CROP_FIELDS,
     MIX_FIELDS,
@@ -25,6 +28,8 @@ from edc.plan import (  # noqa: F401  (re-exported: the method's callers use the
     planned_epochs,
     sample_boxes,
 )
+from edc.resume import run_units
+from edc.shards import CondensedWriter, epoch_shard_name
 
 
 @torch.no_grad()
@@ -62,3 +67,48 @@ def epoch_plan_logits(images: torch.Tensor, labels: torch.Tensor, teachers: list
     logits = teacher_logits(teachers, x, bf16=bf16)
     return plan, logits, int((logits.argmax(1) == labels[plan.order]).sum())
 
+
+
+def relabel_set(images_u8: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, teachers: list[nn.Module], cfg,
+                seed: int, bf16: bool, meta: dict, world, ckpt, out: str | Path) -> tuple[dict, int] | None:
+    """Write the condensed set to ``out``: the images, and for every planned epoch its shard of
+    stored soft labels (:func:`epoch_plan_logits`, ``meta["epochs"]`` epochs).
+
+    The set is built in ``ckpt``'s directory itself. Each finished epoch leaves its shard and a small
+    file with its agreement count there, and a rerun after an interruption, with any number of ranks,
+    computes only the epochs without both. Under torchrun the epochs left are dealt out to the ranks
+    (each plan is seeded by its epoch alone; :func:`edc.resume.run_units`); rank 0 writes the images
+    and meta.json and publishes the set once every rank is done. Returns (the set's meta, how many
+    augmented views the teachers put in the image's own class) on rank 0, None on the others."""
+    epochs = meta["epochs"]
+
+    def agree_file(e: int) -> Path:
+        return ckpt.dir / f".agree-{e:04d}.json"
+
+    made: list[CondensedWriter] = []  # the writer, made by start() once the directory is ready
+
+    def start() -> None:
+        made.append(CondensedWriter(ckpt.dir, images_u8, labels, meta, write_images=world.main))
+
+    def work(e: int) -> None:
+        plan, logits, agree = epoch_plan_logits(images, labels, teachers, cfg, seed, e, bf16)
+        made[0].write_epoch(e, plan, cfg.batch_size, logits, cfg.topk)
+        write_json(agree_file(e), {"agree": agree})
+
+    def is_done(e: int) -> bool:
+        return agree_file(e).is_file() and (ckpt.dir / epoch_shard_name(e)).is_file()
+
+    if not run_units(ckpt, world, range(epochs), is_done, work, "epochs", "relabel", start):
+        return None
+    writer = made[0]
+    agree = sum(read_json(agree_file(e))["agree"] for e in range(epochs))
+    writer.meta["epoch_shards"] = []  # list every epoch, in epoch order, whoever wrote it
+    for e in range(epochs):
+        writer.keep_epoch(e)
+    writer.close()
+    keep = {*writer.meta["image_shards"], *writer.meta["epoch_shards"], "meta.json"}
+    for f in ckpt.dir.iterdir():  # the checkpoint's own files, and a shard a kill left half-written
+        if f.name not in keep:
+            f.unlink()
+    publish_dir(ckpt.dir, out)
+    return writer.meta, agree

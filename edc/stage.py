@@ -44,9 +44,16 @@ def stage_params(p, stage: str) -> dict:
     return out
 
 
-def parser(stage: str, doc: str | None) -> argparse.ArgumentParser:
+def parser(stage: str, doc: str | None, paths: dict[str, str] | None = None,
+           optional: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """The stage's command line: ``--params``, one required ``--NAME`` per entry of ``paths`` (name:
+    help) and an optional one per entry of ``optional``."""
     ap = argparse.ArgumentParser(prog=f"stages/{stage}.py", description=(doc or "").strip().splitlines()[0])
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    for name, text in (paths or {}).items():
+        ap.add_argument(f"--{name}", required=True, help=text)
+    for name, text in (optional or {}).items():
+        ap.add_argument(f"--{name}", help=text)
     return ap
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,8 @@ from torch import nn
 
 from edc.data.augment import apply_crop_flip, sample_crop_flip
 from edc.errors import EdcError
+from edc.io import atomic_file
+from edc.resume import run_units
 from edc.runtime import inference_copy, model_device, progress
 from edc.schedules import lr_lambda
 from edc.stats import LayerStats, bn_layers
@@ -432,3 +435,56 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Obser
                                                            **b.state_dict()})
         out[idx] = b.x.detach()
     return out
+
+
+def synthesize_set(images: torch.Tensor, labels: torch.Tensor, observers: list[Observer], cfg, alpha: float,
+                   bounds: tuple[torch.Tensor, torch.Tensor], seed_for: Callable[[int], int], world, ckpt,
+                   log: Callable[[dict], None]) -> torch.Tensor | None:
+    """Every synthesis batch of ``images``. In one process: :func:`synthesize`, resumable within a
+    batch. Under torchrun: the batches dealt out to the ranks (:func:`edc.resume.run_units`), each
+    finished one kept as a file in ``ckpt``'s directory, so that a rerun after an interruption, with
+    any number of ranks, runs only the batches without a file; rank 0 merges them (a batch's result
+    depends on its index only). ``log`` gets every iteration's row, in step order. Returns the images
+    on rank 0, None on the others."""
+    if world.size == 1:
+        return synthesize(images, labels, observers, cfg, alpha, bounds, seed_for, log, ckpt)
+    batches = partition(labels.cpu(), None if cfg.batch_size == "all" else cfg.batch_size)
+
+    def part_file(b: int) -> Path:
+        return ckpt.dir / f"batch-{b:04d}.pt"
+
+    def work(b: int) -> None:
+        rows: list[dict] = []
+        result = synthesize(images, labels, observers, cfg, alpha, bounds, seed_for, rows.append, only=[b])
+        with atomic_file(part_file(b), "wb") as f:
+            torch.save({"images": result[batches[b]].cpu(), "rows": rows}, f)
+
+    if not run_units(ckpt, world, range(len(batches)), lambda b: part_file(b).is_file(), work, "batches",
+                     "synthesize"):
+        return None
+    result, merged = images.clone(), []
+    for b in range(len(batches)):
+        part = torch.load(part_file(b), weights_only=True)
+        result[batches[b]] = part["images"].to(images.device)
+        merged += part["rows"]
+    for row in sorted(merged, key=lambda r: r["step"]):
+        log(row)
+    return result
+
+
+def before_after(initial: torch.Tensor, final: torch.Tensor, labels: torch.Tensor, observers: list[Observer],
+                 alpha: float, cfg, seed: int) -> dict[str, dict]:
+    """The stage's report, per observer: the matching loss of the initial and of the final images under
+    the synthesis augmentation (``matching_*``: seeded draws, what the objective minimises) and
+    un-augmented (``plain_*``: views the crops never show the observers, so it need not fall)."""
+    batches = partition(labels.cpu(), None if cfg.batch_size == "all" else cfg.batch_size)
+
+    def measure(imgs):
+        return (matching_report(imgs, labels, observers, alpha, batches, cfg.aug, seed=seed),
+                matching_report(imgs, labels, observers, alpha, batches))
+
+    (before, plain_before), (after, plain_after) = measure(initial), measure(final)
+    return {name: {"matching_initial": round(before[name], 6), "matching_final": round(after[name], 6),
+                   "ratio": round(after[name] / before[name], 6) if before[name] else None,
+                   "plain_initial": round(plain_before[name], 6), "plain_final": round(plain_after[name], 6)}
+            for name in before}

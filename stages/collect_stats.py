@@ -19,14 +19,16 @@ from edc.stage import parser, stage_main, stage_params
 from edc.stats import bn_layers, collect_bn_stats, save_stats
 from edc.tracking import stage_run
 
+PATHS = {  # --NAME: help (all required)
+    "data": "prepared dataset directory",
+    "observers": "observers directory",
+    "out": "statistics directory (stats/), one .safetensors per observer",
+    "report": "summary JSON (reports/stats.json)",
+}
+
 
 def main(argv=None) -> None:
-    ap = parser("collect_stats", __doc__)
-    ap.add_argument("--data", required=True, help="prepared dataset directory")
-    ap.add_argument("--observers", required=True, help="observers directory")
-    ap.add_argument("--out", required=True, help="statistics directory (stats/), one .safetensors per observer")
-    ap.add_argument("--report", required=True, help="summary JSON (reports/stats.json)")
-    args = ap.parse_args(argv)
+    args = parser("collect_stats", __doc__, PATHS).parse_args(argv)
     p = load_params(args.params)
     device = resolve_device(p.device)
     aug = p.synth.aug if p.stats.augment else None

@@ -20,14 +20,46 @@ from edc.io import write_json
 from edc.params import load_params
 from edc.stage import parser, stage_main, stage_params
 
+PATHS = {  # --NAME: help (all required)
+    "data": "prepared dataset directory (its test split)",
+    "shards": "condensed set (condensed/shards)",
+    "metrics": "accuracy per step, JSON (reports/continual.json)",
+    "plot": "CSV: accuracy against classes seen (reports/plots/continual.csv)",
+}
+
+
+def run_steps(args, p, groups: list[list[int]], test, spec, device, run) -> tuple[list[dict], list[dict]]:
+    """For each label kind and step: ``continual.seeds`` students trained on the classes seen so far,
+    tested on their test images. Returns (one entry per kind and step, plot rows)."""
+    from edc.applications import SeenClasses, seen_test
+    from edc.evaluate import summarize, train_student
+    from edc.runtime import derive_seed
+    from edc.shards import load_condensed
+
+    cfg = p.continual
+    steps, rows = [], []
+    for kind in cfg.labels:
+        ds = load_condensed(args.shards, labels=kind)
+        for t in range(cfg.steps):
+            seen = [c for g in groups[:t + 1] for c in g]
+            accs = []
+            for s in range(cfg.seeds):
+                res = train_student(spec, p.evaluate, p.zeta, SeenClasses(ds, seen), seen_test(test, seen),
+                                    derive_seed(p.seed, "continual", kind, str(t), str(s)), device=device,
+                                    bf16=p.bf16)
+                accs.append(res.acc)
+            mean, std = summarize(accs)
+            steps.append({"labels": kind, "step": t + 1, "classes_seen": len(seen), "classes": seen,
+                          "acc_mean": round(mean, 6), "acc_std": round(std, 6)})
+            rows.append({"classes_seen": len(seen), f"{kind}_acc": round(mean, 6)})
+            run.metrics({f"{kind}.acc_mean": mean, f"{kind}.acc_std": std}, step=len(seen))
+            print(f"continual [{kind} labels] step {t + 1}/{cfg.steps}: {len(seen)} classes seen, test accuracy "
+                  f"{100 * mean:.2f} +- {100 * std:.2f}% ({spec.name}, {cfg.seeds} seeds)", flush=True)
+    return steps, rows
+
 
 def main(argv=None) -> None:
-    ap = parser("continual", __doc__)
-    ap.add_argument("--data", required=True, help="prepared dataset directory (its test split)")
-    ap.add_argument("--shards", required=True, help="condensed set (condensed/shards)")
-    ap.add_argument("--metrics", required=True, help="accuracy per step, JSON (reports/continual.json)")
-    ap.add_argument("--plot", required=True, help="CSV: accuracy against classes seen (reports/plots/continual.csv)")
-    args = ap.parse_args(argv)
+    args = parser("continual", __doc__, PATHS).parse_args(argv)
     p = load_params(args.params)
     cfg = p.continual
     if not cfg.enabled:
@@ -35,11 +67,9 @@ def main(argv=None) -> None:
         write_curves_file(args.plot, [])
         print("continual: off (continual.enabled: false); set it to true and dvc repro to run it")
         return
-    from edc.applications import SeenClasses, class_groups, class_order, seen_test
+    from edc.applications import class_groups, class_order
     from edc.data import load_prepared
-    from edc.evaluate import summarize, train_student
     from edc.runtime import derive_seed, resolve_device
-    from edc.shards import load_condensed
     from edc.tracking import stage_run
 
     device = resolve_device(p.device)
@@ -50,24 +80,7 @@ def main(argv=None) -> None:
         groups = class_groups(order, cfg.steps)
         test = data.normalized("test")
         spec = p.evaluate.students[0]
-        steps, rows = [], []
-        for kind in cfg.labels:
-            ds = load_condensed(args.shards, labels=kind)
-            for t in range(cfg.steps):
-                seen = [c for g in groups[:t + 1] for c in g]
-                accs = []
-                for s in range(cfg.seeds):
-                    res = train_student(spec, p.evaluate, p.zeta, SeenClasses(ds, seen), seen_test(test, seen),
-                                        derive_seed(p.seed, "continual", kind, str(t), str(s)), device=device,
-                                        bf16=p.bf16)
-                    accs.append(res.acc)
-                mean, std = summarize(accs)
-                steps.append({"labels": kind, "step": t + 1, "classes_seen": len(seen), "classes": seen,
-                              "acc_mean": round(mean, 6), "acc_std": round(std, 6)})
-                rows.append({"classes_seen": len(seen), f"{kind}_acc": round(mean, 6)})
-                run.metrics({f"{kind}.acc_mean": mean, f"{kind}.acc_std": std}, step=len(seen))
-                print(f"continual [{kind} labels] step {t + 1}/{cfg.steps}: {len(seen)} classes seen, test accuracy "
-                      f"{100 * mean:.2f} +- {100 * std:.2f}% ({spec.name}, {cfg.seeds} seeds)", flush=True)
+        steps, rows = run_steps(args, p, groups, test, spec, device, run)
         merged: dict[int, dict] = {}
         for r in rows:
             merged.setdefault(r["classes_seen"], {"classes_seen": r["classes_seen"]}).update(r)

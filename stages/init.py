@@ -22,14 +22,16 @@ from edc.runtime import derive_seed, place, resolve_device, seed_everything
 from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
 
+PATHS = {  # --NAME: help (all required)
+    "data": "prepared dataset directory",
+    "observers": "observers directory",
+    "out": "initial image set directory (condensed/init)",
+    "grid": "PNG of the initial images, one row per class",
+}
+
 
 def main(argv=None) -> None:
-    ap = parser("init", __doc__)
-    ap.add_argument("--data", required=True, help="prepared dataset directory")
-    ap.add_argument("--observers", required=True, help="observers directory")
-    ap.add_argument("--out", required=True, help="initial image set directory (condensed/init)")
-    ap.add_argument("--grid", required=True, help="PNG of the initial images, one row per class")
-    args = ap.parse_args(argv)
+    args = parser("init", __doc__, PATHS).parse_args(argv)
     p = load_params(args.params)
     cfg = p.init
     with stage_run("init", stage_params(p, "init"), seed=p.seed) as run:

@@ -28,15 +28,56 @@ from edc.shards import load_condensed
 from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
 
+PATHS = {  # --NAME: help (all required)
+    "data": "prepared dataset directory (its test split)",
+    "shards": "condensed set (condensed/shards)",
+    "metrics": "accuracies, JSON (reports/metrics.json)",
+    "curves": "directory for per-student training curves (CSV)",
+}
+OPTIONAL = {
+    "accuracy": "directory of test-accuracy curves (EMA and raw weights) for DVC plots",
+}
+
+
+def check_plan(args, p, ds, data) -> None:
+    """The set must come from this dataset, and its stored plan must be the one params.yaml asks for:
+    the evaluation batch size and epoch count are the relabel plan's (the soft labels belong to those
+    exact batches)."""
+    if (ds.facts.name, ds.facts.num_classes) != (data.facts.name, data.facts.num_classes):
+        raise ArtifactError(f"{args.shards}/meta.json: made from {ds.facts.name} ({ds.facts.num_classes} classes), "
+                            f"but the test split is {data.facts.name} ({data.facts.num_classes} classes)")
+    # The evaluation batch size and epoch count are the relabel plan's: a set planned otherwise
+    # cannot serve them (the soft labels belong to those exact batches).
+    want_epochs = planned_epochs(p.relabel.epochs, p.relabel.min_steps, ds.meta["num_images"],
+                                 p.relabel.batch_size)
+    for key, have, want, asked in (
+            ("batch_size", ds.batch_size, p.relabel.batch_size, f"relabel.batch_size: {p.relabel.batch_size}"),
+            ("epochs", ds.epochs, want_epochs, f"{want_epochs} epochs (relabel.epochs: {p.relabel.epochs}, "
+                                               f"relabel.min_steps: {p.relabel.min_steps})")):
+        if have != want:
+            raise ArtifactError(f"{args.shards}: its stored plan has {key} {have}, but {args.params} asks for "
+                                f"{asked}; rerun relabel (dvc repro) to plan for it")
+
+
+def write_plots(args, cfg, curves: dict[str, list[dict]], has_val: bool) -> None:
+    """Training curves per student and seed; the test-accuracy curves (EMA and raw weights), one file
+    per line of the DVC plot."""
+    fields = ["epoch", "train_loss", "test_acc"] + (["raw_test_acc"] if cfg.ema else []) + \
+        (["val_acc"] if has_val else [])
+    write_curves(args.curves, curves, fields)
+    if args.accuracy:  # one file per line of the DVC plot: student, seed, EMA or raw weights
+        acc = {}
+        for name, rows in curves.items():
+            tested = [r for r in rows if "test_acc" in r]
+            acc[f"{name}-{'ema' if cfg.ema else 'model'}"] = [
+                {"epoch": r["epoch"], "test_acc": r["test_acc"]} for r in tested]
+            if cfg.ema:
+                acc[f"{name}-raw"] = [{"epoch": r["epoch"], "test_acc": r["raw_test_acc"]} for r in tested]
+        write_curves(args.accuracy, acc, ["epoch", "test_acc"])
+
 
 def main(argv=None) -> None:
-    ap = parser("post_evaluate", __doc__)
-    ap.add_argument("--data", required=True, help="prepared dataset directory (its test split)")
-    ap.add_argument("--shards", required=True, help="condensed set (condensed/shards)")
-    ap.add_argument("--metrics", required=True, help="accuracies, JSON (reports/metrics.json)")
-    ap.add_argument("--curves", required=True, help="directory for per-student training curves (CSV)")
-    ap.add_argument("--accuracy", help="directory of test-accuracy curves (EMA and raw weights) for DVC plots")
-    args = ap.parse_args(argv)
+    args = parser("post_evaluate", __doc__, PATHS, OPTIONAL).parse_args(argv)
     p = load_params(args.params)
     cfg = p.evaluate
     device = resolve_device(p.device)
@@ -45,20 +86,7 @@ def main(argv=None) -> None:
         data = load_prepared(args.data, p.workers)
         ds = load_condensed(args.shards, labels=cfg.labels)
         run.dataset(args.shards, f"condensed-ipc{ds.meta.get('ipc')}", ds.meta["set_id"], context="training")
-        if (ds.facts.name, ds.facts.num_classes) != (data.facts.name, data.facts.num_classes):
-            raise ArtifactError(f"{args.shards}/meta.json: made from {ds.facts.name} ({ds.facts.num_classes} classes), "
-                                f"but the test split is {data.facts.name} ({data.facts.num_classes} classes)")
-        # The evaluation batch size and epoch count are the relabel plan's: a set planned otherwise
-        # cannot serve them (the soft labels belong to those exact batches).
-        want_epochs = planned_epochs(p.relabel.epochs, p.relabel.min_steps, ds.meta["num_images"],
-                                     p.relabel.batch_size)
-        for key, have, want, asked in (
-                ("batch_size", ds.batch_size, p.relabel.batch_size, f"relabel.batch_size: {p.relabel.batch_size}"),
-                ("epochs", ds.epochs, want_epochs, f"{want_epochs} epochs (relabel.epochs: {p.relabel.epochs}, "
-                                                   f"relabel.min_steps: {p.relabel.min_steps})")):
-            if have != want:
-                raise ArtifactError(f"{args.shards}: its stored plan has {key} {have}, but {args.params} asks for "
-                                    f"{asked}; rerun relabel (dvc repro) to plan for it")
+        check_plan(args, p, ds, data)
         test = data.view("test")  # read batch by batch at each evaluation
         val = data.view("val") if data.has_val else None  # what recipes are chosen on (dataset.val_size)
         ckpt = Checkpointer(args.metrics, fingerprint("post_evaluate", stage_params(p, "post_evaluate"),
@@ -68,18 +96,7 @@ def main(argv=None) -> None:
                                             ckpt, run, device, p.bf16, world)
         if not world.main:
             return
-        fields = ["epoch", "train_loss", "test_acc"] + (["raw_test_acc"] if cfg.ema else []) + \
-            (["val_acc"] if val is not None else [])
-        write_curves(args.curves, curves, fields)
-        if args.accuracy:  # one file per line of the DVC plot: student, seed, EMA or raw weights
-            acc = {}
-            for name, rows in curves.items():
-                tested = [r for r in rows if "test_acc" in r]
-                acc[f"{name}-{'ema' if cfg.ema else 'model'}"] = [
-                    {"epoch": r["epoch"], "test_acc": r["test_acc"]} for r in tested]
-                if cfg.ema:
-                    acc[f"{name}-raw"] = [{"epoch": r["epoch"], "test_acc": r["raw_test_acc"]} for r in tested]
-            write_curves(args.accuracy, acc, ["epoch", "test_acc"])
+        write_plots(args, cfg, curves, val is not None)
         write_json(args.metrics, metrics)
         ckpt.clear()
         run.artifact(args.metrics)

@@ -16,11 +16,13 @@ from edc.params import load_params
 from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
 
+PATHS = {  # --NAME: help (all required)
+    "out": "prepared dataset directory (data/prepared)",
+}
+
 
 def main(argv=None) -> None:
-    ap = parser("prepare", __doc__)
-    ap.add_argument("--out", required=True, help="prepared dataset directory (data/prepared)")
-    args = ap.parse_args(argv)
+    args = parser("prepare", __doc__, PATHS).parse_args(argv)
     p = load_params(args.params)
     with stage_run("prepare", stage_params(p, "prepare"), seed=p.seed) as run:
         with atomic_dir(args.out) as tmp:

@@ -14,25 +14,28 @@ from edc import distributed
 from edc.data import normalize, read_facts
 from edc.errors import EdcError
 from edc.imageset import read_imageset
-from edc.io import publish_dir, read_json, write_json
+from edc.io import write_json
 from edc.observers import load_observer
 from edc.params import load_params
-from edc.relabel import epoch_plan_logits, planned_epochs
-from edc.resume import Checkpointer, fingerprint, run_units
+from edc.relabel import planned_epochs, relabel_set
+from edc.resume import Checkpointer, fingerprint
 from edc.runtime import inference_copy, place, resolve_device
-from edc.shards import CondensedWriter, epoch_shard_name
 from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
 
+PATHS = {  # --NAME: help (all required)
+    "data": "prepared dataset directory (for its facts)",
+    "images": "synthesized image set (condensed/images)",
+    "observers": "observers directory",
+    "out": "condensed set: shards + meta.json (condensed/shards)",
+}
+OPTIONAL = {
+    "report": "metrics JSON: the set's storage in bytes and the teachers' agreement",
+}
+
 
 def main(argv=None) -> None:
-    ap = parser("relabel", __doc__)
-    ap.add_argument("--data", required=True, help="prepared dataset directory (for its facts)")
-    ap.add_argument("--images", required=True, help="synthesized image set (condensed/images)")
-    ap.add_argument("--observers", required=True, help="observers directory")
-    ap.add_argument("--out", required=True, help="condensed set: shards + meta.json (condensed/shards)")
-    ap.add_argument("--report", help="metrics JSON: the set's storage in bytes and the teachers' agreement")
-    args = ap.parse_args(argv)
+    args = parser("relabel", __doc__, PATHS, OPTIONAL).parse_args(argv)
     p = load_params(args.params)
     cfg = p.relabel
     world = distributed.init()
@@ -56,52 +59,18 @@ def main(argv=None) -> None:
                                                    *(Path(args.observers) / f"{t}.safetensors" for t in cfg.teachers)],
                                                   code=__file__))
 
-        def epoch_logits(e: int):
-            return epoch_plan_logits(images, labels, teachers, cfg, p.seed, e, p.bf16)
-
-        # The set is built in the checkpoint directory itself. Each finished epoch leaves its shard and
-        # a small file with its agreement count there, and a rerun after an interruption, with any
-        # number of ranks, computes only the epochs without both. Under torchrun the epochs left are
-        # dealt out to the ranks (each plan is seeded by its epoch alone); rank 0 writes the images
-        # and meta.json and publishes the set once every rank is done.
-        def agree_file(e: int) -> Path:
-            return ckpt.dir / f".agree-{e:04d}.json"
-
-        made: list[CondensedWriter] = []  # the writer, made by start() once the directory is ready
-
-        def work(e: int) -> None:
-            plan, logits, a = epoch_logits(e)
-            made[0].write_epoch(e, plan, cfg.batch_size, logits, cfg.topk)
-            write_json(agree_file(e), {"agree": a})
-
-        def is_done(e: int) -> bool:
-            return agree_file(e).is_file() and (ckpt.dir / epoch_shard_name(e)).is_file()
-
-        def start() -> None:
-            made.append(CondensedWriter(ckpt.dir, images_u8, labels, meta, write_images=world.main))
-
-        if not run_units(ckpt, world, range(epochs), is_done, work, "epochs", "relabel", start):
+        published = relabel_set(images_u8, images, labels, teachers, cfg, p.seed, p.bf16, meta, world, ckpt, args.out)
+        if published is None:  # ranks other than 0 under torchrun
             return
-        writer = made[0]
-        agree = [read_json(agree_file(e))["agree"] for e in range(epochs)]
-        writer.meta["epoch_shards"] = []  # list every epoch, in epoch order, whoever wrote it
-        for e in range(epochs):
-            writer.keep_epoch(e)
-        writer.close()
-        keep = {*writer.meta["image_shards"], *writer.meta["epoch_shards"], "meta.json"}
-        for f in ckpt.dir.iterdir():  # the checkpoint's own files, and a shard a kill left half-written
-            if f.name not in keep:
-                f.unlink()
-        publish_dir(ckpt.dir, args.out)
-        agree = sum(agree)
+        set_meta, agree = published
         # How often the teachers' top class is the image's own class on the augmented views.
-        storage = writer.meta["bytes"]
+        storage = set_meta["bytes"]
         run.metrics({"teacher_agreement": agree / (n * epochs), **{f"bytes.{k}": v for k, v in storage.items()}})
         if args.report:
             write_json(args.report, {"bytes": storage, "teacher_agreement": round(agree / (n * epochs), 6),
                                      "images": n, "epochs": epochs})
         run.artifact(Path(args.out) / "meta.json", "condensed_set")  # the set's card
-        run.dataset(args.out, f"condensed-ipc{p.ipc}", writer.meta["set_id"], context="output")
+        run.dataset(args.out, f"condensed-ipc{p.ipc}", set_meta["set_id"], context="output")
     print(f"relabel: {n} images x {epochs} epochs of soft labels from {', '.join(cfg.teachers)} -> {args.out} "
           f"(teachers agree with the class on {100 * agree / (n * epochs):.1f}% of augmented views; "
           f"{storage['images'] / 1e6:.2f} MB of images + {storage['soft_labels'] / 1e6:.2f} MB of soft labels, "

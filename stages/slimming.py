@@ -32,14 +32,17 @@ def write_plot(path: str, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+PATHS = {  # --NAME: help (all required)
+    "data": "prepared dataset directory (its test split)",
+    "shards": "condensed set (condensed/shards)",
+    "observers": "observers directory",
+    "metrics": "accuracy against sparsity, JSON (reports/slimming.json)",
+    "plot": "CSV for dvc plots (reports/plots/slimming.csv)",
+}
+
+
 def main(argv=None) -> None:
-    ap = parser("slimming", __doc__)
-    ap.add_argument("--data", required=True, help="prepared dataset directory (its test split)")
-    ap.add_argument("--shards", required=True, help="condensed set (condensed/shards)")
-    ap.add_argument("--observers", required=True, help="observers directory")
-    ap.add_argument("--metrics", required=True, help="accuracy against sparsity, JSON (reports/slimming.json)")
-    ap.add_argument("--plot", required=True, help="CSV for dvc plots (reports/plots/slimming.csv)")
-    args = ap.parse_args(argv)
+    args = parser("slimming", __doc__, PATHS).parse_args(argv)
     p = load_params(args.params)
     cfg = p.slimming
     if not cfg.enabled:

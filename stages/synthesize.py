@@ -12,8 +12,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import csv
 
-import torch
-
 from edc import distributed
 from edc.data import normalize, pixel_bounds, read_facts, to_uint8
 from edc.errors import ArtifactError
@@ -21,11 +19,11 @@ from edc.imageset import read_imageset, save_comparison, write_imageset
 from edc.io import atomic_dir, atomic_file, md5_file, write_json
 from edc.observers import load_observer
 from edc.params import load_params
-from edc.resume import Checkpointer, fingerprint, run_units
+from edc.resume import Checkpointer, fingerprint
 from edc.runtime import derive_seed, place, resolve_device, seed_everything
 from edc.stage import parser, stage_main, stage_params
 from edc.stats import load_stats
-from edc.synth import Observer, matching_report, partition, synthesize
+from edc.synth import Observer, before_after, synthesize_set
 from edc.tracking import stage_run
 
 CURVE_FIELDS = ["step", "batch", "iteration", "observer", "ce", "bn", "flat", "total", "lr"]
@@ -53,17 +51,37 @@ def load_matched_observer(observers_dir: str, stats_dir: str, name: str, device=
     return Observer(name, model, stats, layers)
 
 
+PATHS = {  # --NAME: help (all required)
+    "data": "prepared dataset directory (for its facts)",
+    "init": "initial image set (condensed/init)",
+    "observers": "observers directory",
+    "stats": "statistics directory",
+    "out": "synthesized image set (condensed/images)",
+    "report": "matching losses before/after, JSON",
+    "curves": "per-iteration losses, CSV",
+    "grid": "PNG: per class (named), the initial and the synthesized images",
+}
+
+
+def write_curve(path: str, rows: list[dict]) -> None:
+    """Per-iteration losses, CSV (a DVC plot)."""
+    with atomic_file(path, "w") as f:
+        w = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
+        w.writeheader()
+        w.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+
+
+def log_report(run, report: dict) -> None:
+    """The matching losses before and after, per observer: to MLflow and the log."""
+    for name, r in report.items():
+        run.metrics({f"{key}.{name}": r[key] for key in ("matching_initial", "matching_final", "plain_initial",
+                                                         "plain_final")})
+        print(f"[{name}] matching loss {r['matching_initial']:.4f} -> {r['matching_final']:.4f} "
+              f"(un-augmented {r['plain_initial']:.4f} -> {r['plain_final']:.4f})")
+
+
 def main(argv=None) -> None:
-    ap = parser("synthesize", __doc__)
-    ap.add_argument("--data", required=True, help="prepared dataset directory (for its facts)")
-    ap.add_argument("--init", required=True, help="initial image set (condensed/init)")
-    ap.add_argument("--observers", required=True, help="observers directory")
-    ap.add_argument("--stats", required=True, help="statistics directory")
-    ap.add_argument("--out", required=True, help="synthesized image set (condensed/images)")
-    ap.add_argument("--report", required=True, help="matching losses before/after, JSON")
-    ap.add_argument("--curves", required=True, help="per-iteration losses, CSV")
-    ap.add_argument("--grid", required=True, help="PNG: per class (named), the initial and the synthesized images")
-    args = ap.parse_args(argv)
+    args = parser("synthesize", __doc__, PATHS).parse_args(argv)
     p = load_params(args.params)
     cfg = p.synth
     world = distributed.init()
@@ -76,13 +94,6 @@ def main(argv=None) -> None:
         observers = [load_matched_observer(args.observers, args.stats, name, device, cfg.layers, cfg.aug)
                      for name in cfg.observers]
         seed_everything(derive_seed(p.seed, "synthesize"))
-        batches = partition(labels, None if cfg.batch_size == "all" else cfg.batch_size)
-        report_seed = derive_seed(p.seed, "synthesize", "report")
-
-        def measure(imgs):
-            return (matching_report(imgs, ydev, observers, p.alpha, batches, cfg.aug, seed=report_seed),
-                    matching_report(imgs, ydev, observers, p.alpha, batches))
-
         rows = []
 
         def log(row: dict) -> None:
@@ -90,66 +101,29 @@ def main(argv=None) -> None:
             run.metrics({"ce": row["ce"], "bn": row["bn"], f"bn.{row['observer']}": row["bn"], "flat": row["flat"],
                          "total": row["total"]}, step=row["step"])
 
-        seed_for = lambda b: derive_seed(p.seed, "synthesize", str(b))  # noqa: E731
         ckpt = Checkpointer(args.out, fingerprint("synthesize", stage_params(p, "synthesize"),
                                                   [args.init, args.stats, *(Path(args.observers) / f"{n}.safetensors"
                                                                             for n in cfg.observers)], code=__file__))
-        if world.size > 1:
-            # The batches are dealt out to the ranks; each finished batch is kept in the checkpoint
-            # directory, so a rerun after an interruption, with any number of ranks, runs only the
-            # batches without a file. Rank 0 merges them (a batch's result depends on its index only).
-            def part_file(b: int) -> Path:
-                return ckpt.dir / f"batch-{b:04d}.pt"
-
-            def work(b: int) -> None:
-                own_rows: list[dict] = []
-                result = synthesize(images, ydev, observers, cfg, p.alpha, pixel_bounds(facts), seed_for,
-                                    own_rows.append, only=[b])
-                with atomic_file(part_file(b), "wb") as f:
-                    torch.save({"images": result[batches[b]].cpu(), "rows": own_rows}, f)
-
-            if not run_units(ckpt, world, range(len(batches)), lambda b: part_file(b).is_file(), work, "batches",
-                             "synthesize"):
-                return
-            before, plain_before = measure(images)
-            result = images.clone()
-            merged: list[dict] = []
-            for b in range(len(batches)):
-                part = torch.load(part_file(b), weights_only=True)
-                result[batches[b]] = part["images"].to(device)
-                merged += part["rows"]
-            for row in sorted(merged, key=lambda r: r["step"]):
-                log(row)
-        else:
-            result = synthesize(images, ydev, observers, cfg, p.alpha, pixel_bounds(facts), seed_for, log, ckpt)
-            before, plain_before = measure(images)  # after, so that the first iteration is not kept waiting
+        result = synthesize_set(images, ydev, observers, cfg, p.alpha, pixel_bounds(facts),
+                                lambda b: derive_seed(p.seed, "synthesize", str(b)), world, ckpt, log)
+        if result is None:  # ranks other than 0 under torchrun
+            return
         out_u8 = to_uint8(result.cpu(), facts)
-        # Measured on what is saved (the images rounded to pixels). "matching" is under the synthesis
-        # augmentation, what the objective minimises; "plain" is on the un-augmented images, which the
-        # crops never show the observers, so it need not fall.
-        after, plain_after = measure(normalize(out_u8, facts).to(device))
-        report = {name: {"matching_initial": round(before[name], 6), "matching_final": round(after[name], 6),
-                         "ratio": round(after[name] / before[name], 6) if before[name] else None,
-                         "plain_initial": round(plain_before[name], 6), "plain_final": round(plain_after[name], 6)}
-                  for name in before}
+        # Measured on what is saved (the images rounded to pixels), after the iterations so that the
+        # first one is not kept waiting.
+        report = before_after(images, normalize(out_u8, facts).to(device), ydev, observers, p.alpha, cfg,
+                              derive_seed(p.seed, "synthesize", "report"))
         with atomic_dir(args.out) as tmp:
             write_imageset(tmp, out_u8, labels, {
                 "alpha": p.alpha, "seed": p.seed, "params": cfg.model_dump(), "init": init_meta["method"],
                 "dataset": facts.name, "ipc": init_meta["ipc"], "matching": report,
             })
-        with atomic_file(args.curves, "w") as f:
-            w = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
-            w.writeheader()
-            w.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+        write_curve(args.curves, rows)
         with atomic_file(args.grid, "wb") as f:
             save_comparison(f, init_u8, out_u8, labels, facts.class_names)
         write_json(args.report, report)
         ckpt.clear()
-        for name, r in report.items():
-            run.metrics({f"{key}.{name}": r[key] for key in ("matching_initial", "matching_final", "plain_initial",
-                                                             "plain_final")})
-            print(f"[{name}] matching loss {r['matching_initial']:.4f} -> {r['matching_final']:.4f} "
-                  f"(un-augmented {r['plain_initial']:.4f} -> {r['plain_final']:.4f})")
+        log_report(run, report)
         run.artifact(args.grid)
         run.artifact(args.report)
         run.artifact(Path(args.out) / "meta.json", "condensed_images")

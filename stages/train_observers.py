@@ -25,14 +25,16 @@ from edc.runtime import resolve_device
 from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
 
+PATHS = {  # --NAME: help (all required)
+    "data": "prepared dataset directory",
+    "out": "observers directory (models/observers)",
+    "report": "test accuracies, JSON (reports/observers.json)",
+    "plots": "directory for per-observer training curves (CSV)",
+}
+
 
 def main(argv=None) -> None:
-    ap = parser("train_observers", __doc__)
-    ap.add_argument("--data", required=True, help="prepared dataset directory")
-    ap.add_argument("--out", required=True, help="observers directory (models/observers)")
-    ap.add_argument("--report", required=True, help="test accuracies, JSON (reports/observers.json)")
-    ap.add_argument("--plots", required=True, help="directory for per-observer training curves (CSV)")
-    args = ap.parse_args(argv)
+    args = parser("train_observers", __doc__, PATHS).parse_args(argv)
     p = load_params(args.params)
     cfg = p.observers
     device = resolve_device(p.device)
