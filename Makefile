@@ -41,6 +41,7 @@ smoke: $(STAMP)
 bench: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
 	PATH="$(BIN):$$PATH" python benchmarks/hot_paths.py
+	PATH="$(BIN):$$PATH" python benchmarks/startup.py
 	PATH="$(BIN):$$PATH" python benchmarks/dvc_overhead.py
 	PATH="$(BIN):$$PATH" python benchmarks/budgets.py
 	PATH="$(BIN):$$PATH" python benchmarks/streaming.py

@@ -95,6 +95,23 @@ class World:
         return DistributedDataParallel(model)
 
 
+def print_on_rank0(rank: int) -> None:
+    """From here on, ``print`` on a rank other than 0 prints nothing unless called with ``force=True``:
+    the one place that makes rank 0 the only one that talks (as torchvision's reference scripts do),
+    instead of a ``world.main`` check before every message."""
+    if rank == 0:
+        return
+    import builtins
+
+    plain = builtins.print
+
+    def quiet(*args, force: bool = False, **kwargs) -> None:
+        if force:
+            plain(*args, **kwargs)
+
+    builtins.print = quiet
+
+
 def init() -> World:
     """The process's place in the job; joins the gloo process group when torchrun started several."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -107,4 +124,5 @@ def init() -> World:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))
+    print_on_rank0(dist.get_rank())
     return World(dist.get_rank(), dist.get_world_size())

@@ -223,7 +223,7 @@ def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_fo
     if not world.main:
         state = ckpt.load()
     state = state or {"done": {}, "current": None}
-    if world.main and (state["done"] or state["current"]):
+    if state["done"] or state["current"]:
         print(f"post_evaluate: resuming ({len(state['done'])} students/seeds finished; checkpoint in {ckpt.dir})",
               flush=True)
     metrics, curves = {}, {}

@@ -112,9 +112,8 @@ def train_observer(spec, cfg, facts: DatasetFacts, train, test, seed: int, devic
         row = {"epoch": epoch + 1, "train_loss": loss_sum / n, "train_acc": correct / n,
                "lr": opt.param_groups[0]["lr"]}
         history.append(row)
-        if world.main:
-            print(f"[{spec.name}] epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
-                  f"train_acc {row['train_acc']:.4f}", flush=True)
+        print(f"[{spec.name}] epoch {epoch + 1}/{cfg.epochs} loss {row['train_loss']:.4f} "
+              f"train_acc {row['train_acc']:.4f}", flush=True)
     test_acc = accuracy(model, test) if world.main else float("nan")
     return TrainResult(model.eval(), test_acc, history, time.perf_counter() - start)
 

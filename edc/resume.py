@@ -140,7 +140,7 @@ def finished_units(ckpt: Checkpointer, world, units: range, is_done: Callable[[i
     world.barrier()
     done = {u for u in units if is_done(u)}
     world.barrier()
-    if done and world.main:
+    if done:
         print(f"{stage}: resuming with {len(done)}/{len(units)} {what} done (checkpoint in {ckpt.dir})", flush=True)
     return done
 

@@ -156,3 +156,12 @@ def test_students_train_together_under_ddp(finished, tmp_path):
     for a, b in zip(c1[1:], c2[1:]):
         loss1, loss2 = float(a.split(",")[1]), float(b.split(",")[1])
         assert loss2 == pytest.approx(loss1, rel=1e-4)
+
+
+def test_only_rank_0_prints_unless_forced():
+    code = ("from edc.distributed import print_on_rank0\n"
+            "print_on_rank0(0); print('rank 0 speaks')\n"
+            "print_on_rank0(1); print('hidden'); print('forced', force=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=True).stdout
+    assert out == "rank 0 speaks\nforced\n"
