@@ -81,7 +81,15 @@ def read_experiments(repo: str | Path = ".") -> dict[str, Experiment]:
                 return (files.get(path) or {}).get("data") or {}
 
             storage = read(STORAGE_FILE).get("bytes")
-            cont, slim = read("reports/continual.json"), read("reports/slimming.json")
+            def whole(path: str, rev: str = rev["rev"]) -> dict[str, Any]:
+                """The file as the experiment committed it: `dvc exp show` drops a metrics file's lists
+                (the steps and results tables), so an application's report is read from git."""
+                if not read(path).get("enabled"):
+                    return {}
+                r = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, capture_output=True, text=True)
+                return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else {}
+
+            cont, slim = whole("reports/continual.json"), whole("reports/slimming.json")
             e = Experiment(rev["name"], rev["rev"], data.get("timestamp") or "", params, metrics, storage=storage,
                            continual=cont if cont.get("enabled") else None,
                            slimming=slim if slim.get("enabled") else None)
