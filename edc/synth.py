@@ -307,6 +307,11 @@ def partition(labels: torch.Tensor, batch_size: int | None) -> list[torch.Tensor
     return list(order.split(size))
 
 
+def synthesis_batches(labels: torch.Tensor, cfg) -> list[torch.Tensor]:
+    """The batches ``synth.batch_size`` asks for (:func:`partition`; "all" = one batch)."""
+    return partition(labels.cpu(), None if cfg.batch_size == "all" else cfg.batch_size)
+
+
 @torch.no_grad()
 def matching_report(images: torch.Tensor, labels: torch.Tensor, observers: list[Observer], alpha: float,
                     batches: list[torch.Tensor], aug=None, draws: int = 8, seed: int = 0) -> dict[str, float]:
@@ -403,7 +408,7 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Obser
     ``only`` lists the batch indices to run (the others keep their initial images): how several
     processes share the work."""
     bounds = tuple(t.to(images.device) for t in bounds)
-    batches = partition(labels.cpu(), None if cfg.batch_size == "all" else cfg.batch_size)
+    batches = synthesis_batches(labels, cfg)
     out = images.clone()
     history: list[dict] = []
     state = ckpt.load() if ckpt is not None else None
@@ -448,7 +453,7 @@ def synthesize_set(images: torch.Tensor, labels: torch.Tensor, observers: list[O
     on rank 0, None on the others."""
     if world.size == 1:
         return synthesize(images, labels, observers, cfg, alpha, bounds, seed_for, log, ckpt)
-    batches = partition(labels.cpu(), None if cfg.batch_size == "all" else cfg.batch_size)
+    batches = synthesis_batches(labels, cfg)
 
     def part_file(b: int) -> Path:
         return ckpt.dir / f"batch-{b:04d}.pt"
@@ -477,7 +482,7 @@ def before_after(initial: torch.Tensor, final: torch.Tensor, labels: torch.Tenso
     """The stage's report, per observer: the matching loss of the initial and of the final images under
     the synthesis augmentation (``matching_*``: seeded draws, what the objective minimises) and
     un-augmented (``plain_*``: views the crops never show the observers, so it need not fall)."""
-    batches = partition(labels.cpu(), None if cfg.batch_size == "all" else cfg.batch_size)
+    batches = synthesis_batches(labels, cfg)
 
     def measure(imgs):
         return (matching_report(imgs, labels, observers, alpha, batches, cfg.aug, seed=seed),
