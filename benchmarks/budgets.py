@@ -72,7 +72,7 @@ for name, m in bn_layers(model):
     c = m.num_features
     stats[name] = LayerStats(torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64),
                              torch.zeros(1000, c, dtype=torch.float64), torch.ones(1000, c, dtype=torch.float64),
-                             torch.ones(1000, dtype=torch.float64))
+                             torch.ones(1000, dtype=torch.float64), torch.ones(1000, c, dtype=torch.float64))
 obs = Observer(arch, model, stats)
 x = torch.randn(chunk, 3, size, size)
 y = torch.zeros(chunk, dtype=torch.long)

@@ -1,11 +1,14 @@
 """Initialisation of the condensed set: ``rded``, ``real`` and ``noise``.
 
 ``rded`` (RDED, Sun et al. 2024; EDC's "real image initialisation"): per class, sample ``candidates``
-real images; from each take ``crops`` random crops of size (ceil(H/f), ceil(W/f)); score every crop by
+real images; from each take ``crops`` random crops (RandomResizedCrop boxes: area fraction in
+[``scale_min``, 1], aspect ratio in [3/4, 4/3]; ``scale_min`` 1 = the whole image); score every crop by
 the cross-entropy of the observers' mean logits on the crop resized to full size; keep each image's
-best (lowest-loss) crop, then the class's best ``ipc * f * f`` crops, and stitch them f x f (in rank
-order, row-major) into ``ipc`` images. When f does not divide the side, the stitched image is trimmed
-to (H, W). f = 1 keeps the best whole images.
+best (lowest-loss) crop, then the class's best ``ipc * f * f`` crops, downsample each to a tile of
+(ceil(H/f), ceil(W/f)) (bilinear, antialiased) and stitch them f x f (in rank order, row-major) into
+``ipc`` images. So with f = 2 every image holds four whole real objects at half resolution, as RDED's
+stitched images do. When f does not divide the side, the stitched image is trimmed to (H, W). f = 1
+keeps the best crops at full size (with ``scale_min`` 1: the best whole images).
 
 Images are read class chunk by class chunk (``batch_size`` candidate images at a time) from a split
 that may be an image folder decoded on the fly, so memory does not grow with the dataset or K.
@@ -25,6 +28,7 @@ from torch import nn
 
 from edc.data import as_split
 from edc.errors import DataError
+from edc.plan import crop_resize
 from edc.runtime import model_device, progress
 
 
@@ -77,8 +81,32 @@ def crop_scores(crops: torch.Tensor, labels: torch.Tensor, observers: list[nn.Mo
     return out
 
 
+def crop_boxes(n: int, h: int, w: int, scale_min: float, gen: torch.Generator) -> torch.Tensor:
+    """(n, 4) integer boxes [top, left, height, width] drawn as RandomResizedCrop draws them (area
+    fraction uniform in [scale_min, 1], log-uniform aspect ratio in [3/4, 4/3], sides clamped to the
+    image); ``scale_min`` 1 gives the whole image."""
+    if scale_min >= 1:
+        zeros = torch.randint(0, 1, (2, n), generator=gen)  # the draws of a whole-image box
+        return torch.stack([zeros[0], zeros[1], torch.full((n,), h), torch.full((n,), w)], 1)
+    area = (scale_min + (1 - scale_min) * torch.rand(n, generator=gen)) * h * w
+    log_r = math.log(3 / 4) + math.log(16 / 9) * torch.rand(n, generator=gen)
+    bw = (area * log_r.exp()).sqrt().round().clamp(1, w).long()
+    bh = (area / log_r.exp()).sqrt().round().clamp(1, h).long()
+    top = (torch.rand(n, generator=gen) * (h - bh + 1)).floor().long()
+    left = (torch.rand(n, generator=gen) * (w - bw + 1)).floor().long()
+    return torch.stack([top, left, bh, bw], 1)
+
+
+def downsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``x`` (N, C, H, W) resized to ``size`` (bilinear, antialiased); unchanged when already that size."""
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
 def rded_init(images, labels: torch.Tensor | None, k: int, ipc: int, observers: list[nn.Module],
-              candidates: int, crops: int, factor: int, gen: torch.Generator, batch_size: int = 500) -> InitResult:
+              candidates: int, crops: int, factor: int, gen: torch.Generator, batch_size: int = 500,
+              scale_min: float = 1.0) -> InitResult:
     """RDED (module docstring); ``images``: a tensor with ``labels``, or a SplitView read in chunks."""
     src_split = as_split(images, labels)
     y = src_split.labels
@@ -89,8 +117,7 @@ def rded_init(images, labels: torch.Tensor | None, k: int, ipc: int, observers: 
     first = src_split.take(src[0, :1])
     _, c, h, w = first.shape
     ch, cw = math.ceil(h / factor), math.ceil(w / factor)
-    tops = torch.randint(0, h - ch + 1, (k, candidates, crops), generator=gen)
-    lefts = torch.randint(0, w - cw + 1, (k, candidates, crops), generator=gen)
+    boxes = crop_boxes(k * candidates * crops, h, w, scale_min, gen).view(k, candidates, crops, 4)
     for m in observers:
         m.eval()
     scores = torch.empty(k, candidates, crops)
@@ -102,11 +129,12 @@ def rded_init(images, labels: torch.Tensor | None, k: int, ipc: int, observers: 
         c1 = min(k, c0 + per_chunk)
         nk = c1 - c0
         x = src_split.take(src[c0:c1].flatten())  # (nk*P, C, H, W)
-        # Gather every crop of the chunk at once: (nk*P*R, C, ch, cw).
-        img = torch.arange(nk * candidates)[:, None].expand(-1, crops).reshape(-1)
-        rows = (tops[c0:c1].reshape(-1, 1) + torch.arange(ch))[:, None, :, None]
-        cols = (lefts[c0:c1].reshape(-1, 1) + torch.arange(cw))[:, None, None, :]
-        patches = x[img[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+        # Every crop of the chunk resized to full size at once: (nk*P*R, C, H, W); whole-image boxes
+        # are the images themselves, not a resampling of them.
+        b = boxes[c0:c1].reshape(-1, 4)
+        img = x.repeat_interleave(crops, 0)
+        whole = ((b[:, 2] == h) & (b[:, 3] == w))[:, None, None, None]
+        patches = torch.where(whole, img, crop_resize(img, *b.T))
         cls = torch.arange(c0, c1).repeat_interleave(candidates * crops)
         sc = crop_scores(patches, cls, observers, (h, w), batch_size).view(nk, candidates, crops)
         best_crop = sc.argmin(2)  # (nk, P): each candidate's best crop
@@ -115,7 +143,7 @@ def rded_init(images, labels: torch.Tensor | None, k: int, ipc: int, observers: 
         co = best_crop.gather(1, r)
         flat = (torch.arange(nk)[:, None] * candidates + r) * crops + co  # indices into patches
         scores[c0:c1], rank[c0:c1], crop_of[c0:c1] = sc, r, co
-        tiles[c0:c1] = patches[flat.reshape(-1)].view(nk, ipc * f2, c, ch, cw)
+        tiles[c0:c1] = downsample(patches[flat.reshape(-1)], (ch, cw)).view(nk, ipc * f2, c, ch, cw)
     tiles = tiles.view(k, ipc, factor, factor, c, ch, cw)
     images = tiles.permute(0, 1, 4, 2, 5, 3, 6).reshape(k * ipc, c, factor * ch, factor * cw)[:, :, :h, :w]
     index = []
@@ -126,7 +154,7 @@ def rded_init(images, labels: torch.Tensor | None, k: int, ipc: int, observers: 
             index.append({
                 "class": cl,
                 "sources": src[cl, cands].tolist(),
-                "boxes": [[int(tops[cl, p, r]), int(lefts[cl, p, r]), ch, cw] for p, r in zip(cands, cr)],
+                "boxes": [boxes[cl, p, r].tolist() for p, r in zip(cands, cr)],
                 "scores": [round(float(scores[cl, p, r]), 6) for p, r in zip(cands, cr)],
             })
     return InitResult(images.contiguous(), torch.arange(k).repeat_interleave(ipc), index)

@@ -135,7 +135,10 @@ class InitParams(Section):
     observers: list[str] = Field(min_length=1, description="rded: observers whose mean logits score crops")
     candidates: int = Field(default=50, ge=1, description="rded: real images drawn per class")
     crops: int = Field(default=5, ge=1, le=1000, description="rded: random crops scored per candidate")
-    factor: int = Field(default=2, ge=1, le=8, description="rded: crops of side H/factor, stitched factor x factor")
+    factor: int = Field(default=2, ge=1, le=8,
+                        description="rded: best crops downsampled to tiles of side H/factor, stitched factor x factor")
+    scale_min: float = Field(default=1.0, gt=0, le=1,
+                             description="rded: crop area lower bound (RandomResizedCrop); 1 = whole images")
     batch_size: int = Field(default=500, ge=1, le=65_536, description="rded: crops scored per forward pass")
 
 
@@ -162,6 +165,9 @@ class SynthParams(Section):
     r_bn: float = Field(default=0.1, ge=0, description="weight of the statistics-matching loss")
     layers: Literal["mean", "sum"] = Field(default="mean", description="matching combined over an observer's "
                                                                         "BatchNorm layers: mean (paper Eq. 16) or sum")
+    class_var: Literal["pooled", "within"] = Field(
+        default="pooled", description="per-class variance matched: pooled over the class's values, or the mean of "
+                                      "each image's own spatial variance (the released EDC code)")
     ce_weight: float = Field(default=1.0, ge=0, description="weight of the cross-entropy term")
     flatness: FlatnessParams = Field(default_factory=FlatnessParams)
     aug: CropAugParams = Field(default_factory=CropAugParams)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edc.errors import ParamsError
-from edc.params import Params
+from edc.params import Params, read_yaml
 
 # The keys any preset sets; each preset gives all of them.
 METHOD_KEYS = (
@@ -139,95 +140,30 @@ def parse_name(name: str) -> tuple[str, str | None, int] | None:
     return None
 
 
-# --- the paper's per-dataset settings (appendix Tables 6-10) ------------------------------------
+# --- the paper's per-dataset settings (appendix Tables 6-10), as data: edc/dataset_presets/ ----------
 
-def _observer(name: str, arch: str, **kwargs: Any) -> dict[str, Any]:
-    return {"name": name, "arch": arch, "kwargs": kwargs}
+PRESETS_DIR = Path(__file__).resolve().parent / "dataset_presets"
 
 
-# The 8 backbones of the paper's CIFAR setting (appendix A.2), small-resolution variants.
-CIFAR_OBSERVERS = [
-    _observer("resnet18", "resnet18", width=64), _observer("convnet_w128", "convnet", width=128, depth=3, norm="batch"),
-    _observer("mobilenet_v2", "mobilenet_v2", width_mult=1.0), _observer("wrn_16_2", "wrn", depth=16, width=2),
-    _observer("shufflenet_v2", "shufflenet_v2", width_mult=1.0),
-    _observer("convnet_d1", "convnet", width=128, depth=1, norm="batch"),
-    _observer("convnet_d2", "convnet", width=128, depth=2, norm="batch"),
-    _observer("convnet_w32", "convnet", width=32, depth=3, norm="batch"),
-]
-TINY_OBSERVERS = [_observer("resnet18", "resnet18", width=64), _observer("mobilenet_v2", "mobilenet_v2"),
-                  _observer("shufflenet_v2", "shufflenet_v2")]
-IMAGENET_OBSERVERS = [{"name": n, "arch": f"tv_{n}", "kwargs": {}, "weights": "imagenet"}
-                      for n in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5", "efficientnet_b0", "alexnet")]
+def _read_preset(name: str) -> dict[str, Any]:
+    return read_yaml(PRESETS_DIR / f"{name}.yaml")
 
-DATASET_HELP = {
-    "cifar10": "CIFAR-10, Table 10: 8 observers, real init, 75 iterations on all images, 1000 epochs, batch 25, "
-               "MultiStepLR",
-    "cifar100": "CIFAR-100, Table 9: 8 observers, real init, 2000 iterations, batch 100, 1000 epochs, batch 50",
-    "tinyimagenet": "Tiny-ImageNet (image folder, 64 px), Table 8: 3 observers trained 50 epochs, real init, "
-                    "2000 iterations, 300 epochs, batch 100",
-    "imagenet10": "ImageNet-10 (image folder, 224 px), Table 7: 3 observers trained 20 epochs, RDED init, "
-                  "2000 iterations, 1000 epochs, batch 50",
-    "imagenet1k": "ImageNet-1k (image folder, 224 px), Table 6: torchvision observers from the hub cache, RDED "
-                  "init, 2000 iterations (batch 80), 300 epochs, batch 100",
-}
+
+DATASET_HELP = {name: _read_preset(name)["help"] for name in _read_preset("common")["presets"]}
 
 
 def dataset_overrides(name: str, root: str) -> dict[str, Any]:
-    """The params values of the paper's setting for dataset ``name`` read from ``root``.
-
-    Shared by all (Tables 6-10): Adam (0.5, 0.9) at lr 0.05 for synthesis, alpha 0.5, beta 0.99,
-    tau 4, AdamW at lr 1e-3 for post-evaluation, EMA 0.99, RandomResizedCrop + horizontal flip.
-    Not in the paper, our choice: observers trained with SGD (lr 0.05 on CIFAR as the public code,
-    where the epoch count is not stated: 50) and the RandAugment of Tables 7-10 is not implemented.
-    """
+    """The params values of the paper's setting for dataset ``name`` read from ``root``: the values of
+    ``dataset_presets/common.yaml``, then those of ``dataset_presets/<name>.yaml``, the observer list it
+    names (``observers.yaml``) as ``observers.models``, and all of them as RDED's scorers, synthesis's
+    observers and relabel's teachers except those the file excludes (``synth_exclude``,
+    ``teachers_exclude``)."""
     if name not in DATASET_HELP:
         raise ParamsError("dataset preset", [f"unknown dataset preset {name!r} (known: {', '.join(DATASET_HELP)})"])
-    v: dict[str, Any] = {
-        "alpha": 0.5, "zeta": 2.0, "synth.lr": 0.05, "synth.flatness.mode": "logits", "synth.flatness.beta": 0.99,
-        "synth.flatness.tau": 4.0, "synth.aug.scale_min": 0.5, "synth.aug.flip": True,
-        "relabel.aug.scale_min": 0.08, "relabel.aug.flip": True, "relabel.cutmix": False, "relabel.topk": 0,
-        "evaluate.lr": 0.001, "evaluate.weight_decay": 0.01, "evaluate.ema": True, "evaluate.ema_rate": 0.99,
-        "evaluate.labels": "soft", "evaluate.loss": "kl", "evaluate.schedule": "smoothing",
-        "observers.augment.flip": True, "observers.augment.crop_padding": 4,
-        "dataset.name": name if name.startswith("cifar") else "imagefolder", "dataset.root": root,
-        # ImageNet folders are decoded on the fly rather than copied into arrays (150 GB at 224 px)
-        "dataset.storage": "files" if name.startswith("imagenet") else "arrays",
-        # held out of train for choosing recipes (not in the paper, whose observers see all of train):
-        # 2 % of CIFAR, 5 per class of Tiny-ImageNet, about 4 % of ImageNet-10, 10 per class of ImageNet-1k
-        "dataset.val_size": {"cifar10": 1000, "cifar100": 1000, "tinyimagenet": 1000, "imagenet10": 500,
-                             "imagenet1k": 10000}[name],
-    }
-    if name.startswith("cifar"):
-        obs = CIFAR_OBSERVERS
-        v.update({"observers.epochs": 50, "observers.batch_size": 64, "observers.lr": 0.05,
-                  "init.method": "real", "relabel.epochs": 1000,
-                  "evaluate.students": [_observer("resnet18", "resnet18", width=64)]})
-        if name == "cifar10":
-            v.update({"synth.iterations": 75, "synth.batch_size": "all", "relabel.batch_size": 25,
-                      "evaluate.schedule": "multistep", "evaluate.milestones": [0.8, 0.9, 0.95],
-                      "evaluate.gamma": 0.5})
-        else:
-            v.update({"synth.iterations": 2000, "synth.batch_size": 100, "relabel.batch_size": 50})
-    elif name in ("tinyimagenet", "imagenet10"):
-        obs = TINY_OBSERVERS
-        v.update({"dataset.image_size": 64 if name == "tinyimagenet" else 224, "observers.batch_size": 128,
-                  "observers.epochs": 50 if name == "tinyimagenet" else 20, "observers.lr": 0.1,
-                  "synth.iterations": 2000, "synth.batch_size": 100,
-                  "init.method": "real" if name == "tinyimagenet" else "rded",
-                  "relabel.epochs": 300 if name == "tinyimagenet" else 1000,
-                  "relabel.batch_size": 100 if name == "tinyimagenet" else 50,
-                  "evaluate.students": [_observer("resnet18", "resnet18", width=64)]})
-    else:
-        obs = IMAGENET_OBSERVERS
-        v.update({"dataset.image_size": 224, "synth.iterations": 2000, "synth.batch_size": 80, "init.method": "rded",
-                  "relabel.epochs": 300, "relabel.batch_size": 100,
-                  "evaluate.students": [{"name": "resnet18", "arch": "tv_resnet18", "kwargs": {}}]})
+    spec = _read_preset(name)
+    obs = _read_preset("observers")[spec["observers"]]
     names = [o["name"] for o in obs]
-    # "Better backbone choice": ImageNet-1k labels without EfficientNet (appendix A.2). AlexNet has
-    # no BatchNorm layer, so it has no statistics to match here: it scores and labels only.
-    teachers = [n for n in names if n != "efficientnet_b0"]
-    v.update({"observers.models": obs, "init.observers": names, "synth.observers": [n for n in names if n != "alexnet"],
-              "relabel.teachers": teachers})
-    if v["init.method"] == "rded":
-        v.update({"init.factor": 2, "init.crops": 5})
-    return v
+    return {**_read_preset("common")["set"], **spec["set"], "dataset.root": root,
+            "observers.models": obs, "init.observers": names,
+            "synth.observers": [n for n in names if n not in spec.get("synth_exclude", [])],
+            "relabel.teachers": [n for n in names if n not in spec.get("teachers_exclude", [])]}

@@ -3,7 +3,9 @@
 For every BatchNorm layer ``l`` the statistics describe the layer's *input* over (images, height,
 width): per channel, the mean and the population variance (divide by the count, as BatchNorm
 normalises), globally and for each class ``c``. The variance of class ``c`` is the pooled variance
-of all its values, not the average of per-image variances.
+of all its values; beside it, ``class_within_var`` is the average over the class's images of each
+image's own spatial variance (what the released EDC code calls a class's variance: the part of the
+pooled variance that one image can carry; the rest is the spread between the images' means).
 
 Vectorised accumulation: a forward pre-hook shifts the layer input by a per-channel constant ``s``
 (the first batch's channel means), reduces each image to its spatial sum and sum of squares in
@@ -19,6 +21,7 @@ path in the model, e.g. ``layers.0.0.bn1``), all float64:
     <l>.class_mean   (K, C)  per-class mean
     <l>.class_var    (K, C)  per-class variance
     <l>.class_count  (K,)    values per channel behind each class's statistics (images x H x W)
+    <l>.class_within_var (K, C) per-class mean of each image's spatial variance
 
 Metadata (one JSON object under the safetensors metadata key ``edc``, see :mod:`edc.io`):
 ``format`` = ``edc-stats/1``, ``observer``, ``arch``, ``layers`` (list, model order), ``num_classes``,
@@ -44,7 +47,7 @@ from edc.io import read_safetensors_metadata, save_safetensors
 from edc.runtime import model_device, progress
 
 FORMAT = "edc-stats/1"
-STAT_NAMES = ("mean", "var", "class_mean", "class_var", "class_count")
+STAT_NAMES = ("mean", "var", "class_mean", "class_var", "class_count", "class_within_var")
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -59,6 +62,7 @@ class LayerStats:
     class_mean: torch.Tensor  # (K, C)
     class_var: torch.Tensor  # (K, C)
     class_count: torch.Tensor  # (K,)
+    class_within_var: torch.Tensor  # (K, C)
 
 
 class _Accumulator:
@@ -77,6 +81,7 @@ class _Accumulator:
     def __init__(self, num_classes: int, channels: int):
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
         self.count, self.s1, self.s2 = z(num_classes), z(num_classes, channels), z(num_classes, channels)
+        self.images, self.within = z(num_classes), z(num_classes, channels)  # images; sums of their variances
         self.shift: torch.Tensor | None = None
         self.ill: torch.Tensor | None = None  # channels summed shifted
 
@@ -97,6 +102,10 @@ class _Accumulator:
         self.count.index_add_(0, labels, torch.full((b,), float(n), dtype=torch.float64))
         self.s1.index_add_(0, labels, s1.double().cpu())
         self.s2.index_add_(0, labels, norms.double().cpu().square())
+        # each image's spatial variance (shift-invariant, so the shifted channels need no correction)
+        own = (norms.double().square() - s1.double().square() / n).clamp_min(0.0) / n
+        self.images.index_add_(0, labels, torch.ones(b, dtype=torch.float64))
+        self.within.index_add_(0, labels, own.cpu())
 
     def result(self) -> LayerStats:
         if (self.count == 0).any():
@@ -115,7 +124,7 @@ class _Accumulator:
 
         class_mean, class_var = moments(self.count, s1, s2)
         mean, var = moments(self.count.sum(0), s1.sum(0), s2.sum(0))
-        return LayerStats(mean, var, class_mean, class_var, self.count.clone())
+        return LayerStats(mean, var, class_mean, class_var, self.count.clone(), self.within / self.images[:, None])
 
 
 @torch.no_grad()

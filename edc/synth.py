@@ -7,7 +7,10 @@ For a synthetic batch X with labels y and an observer phi, per BatchNorm layer l
 
 with |.| the L2 norm over channels, mu/var the mean and population variance over (images, H, W)
 (globally, and over the images of class c), targets from ``collect_stats``, and p(c) the share of
-class c in the batch (paper Eq. 5, with the brackets DESIGN.md gives). The step minimises
+class c in the batch (paper Eq. 5, with the brackets DESIGN.md gives). With ``class_var="within"``
+the per-class variance on both sides is instead the mean over the class's images of each image's
+spatial variance (the released EDC code's definition): the pooled variance less the spread between
+the images' means, which one image per class cannot have. The step minimises
 
     ce_weight * CE(phi(A(X)), y) + r_bn * sum_l match_l + w_fr * L_FR
 
@@ -44,17 +47,19 @@ class SynthesisError(EdcError):
 
 @dataclass(frozen=True)
 class Target:
-    """Statistics of one BatchNorm layer's input, in the observer's dtype: (C,), (C,), (K, C), (K, C)."""
+    """Statistics of one BatchNorm layer's input, in the observer's dtype: (C,), (C,), (K, C), (K, C), and
+    the per-class mean of each image's spatial variance (K, C) where known."""
 
     mean: torch.Tensor
     var: torch.Tensor
     class_mean: torch.Tensor
     class_var: torch.Tensor
+    class_within_var: torch.Tensor | None = None
 
     @classmethod
     def from_stats(cls, s: LayerStats, device: torch.device | None = None, dtype: torch.dtype = torch.float32
                    ) -> Target:
-        return cls(*(t.to(device, dtype) for t in (s.mean, s.var, s.class_mean, s.class_var)))
+        return cls(*(t.to(device, dtype) for t in (s.mean, s.var, s.class_mean, s.class_var, s.class_within_var)))
 
 
 class _ShiftedMoments(torch.autograd.Function):
@@ -119,11 +124,12 @@ def group_moments(img_mean: torch.Tensor, img_sq: torch.Tensor, onehot: torch.Te
     counts = present.clamp_min(1.0)[:, None]  # (K, 1)
     class_mean = onehot.T @ img_mean / counts
     class_var = (onehot.T @ img_sq / counts - class_mean.square()).clamp_min(0)
+    class_within_var = onehot.T @ (img_sq - img_mean.square()).clamp_min(0) / counts  # shift-invariant
     if shift is not None:
         s = shift.detach()
         mean = mean + s
         class_mean = class_mean + s[None, :] * (present > 0)[:, None]
-    return Target(mean, var, class_mean, class_var)
+    return Target(mean, var, class_mean, class_var, class_within_var)
 
 
 def batch_moments(a: torch.Tensor, onehot: torch.Tensor, shift: torch.Tensor | None = None) -> Target:
@@ -182,8 +188,9 @@ class Observer:
     """An observer model whose matched BatchNorm layers also report their inputs' per-image moments
     (shifted by the target means), and the matching targets for each."""
 
-    def __init__(self, name: str, model: nn.Module, stats: dict[str, LayerStats], layers: str = "sum"):
-        self.name, self.model, self.layers = name, model.eval(), layers
+    def __init__(self, name: str, model: nn.Module, stats: dict[str, LayerStats], layers: str = "sum",
+                 class_var: str = "pooled"):
+        self.name, self.model, self.layers, self.class_var = name, model.eval(), layers, class_var
         for p in self.model.parameters():
             p.requires_grad_(False)
         modules = dict(bn_layers(model))
@@ -249,7 +256,7 @@ class Observer:
         """The sum (or mean, ``layers``) over layers of :func:`matching_loss`, computed for all layers at
         once, against the observer's targets or ``targets``."""
         return fused_matching(moments, y, self.fused, alpha, None if targets is None else LayerTargets(targets),
-                              self.layers)
+                              self.layers, self.class_var)
 
 
 class LayerTargets:
@@ -262,6 +269,8 @@ class LayerTargets:
         self.var = torch.cat([t.var for t in targets])
         self.class_mean = torch.cat([t.class_mean for t in targets], 1)
         self.class_var = torch.cat([t.class_var for t in targets], 1)
+        known = all(t.class_within_var is not None for t in targets)
+        self.class_within_var = torch.cat([t.class_within_var for t in targets], 1) if known else None
         layer_of = torch.repeat_interleave(torch.arange(len(targets)), torch.tensor(self.sizes))
         self.segments = F.one_hot(layer_of, len(targets)).to(self.mean)
 
@@ -273,10 +282,12 @@ class LayerTargets:
 
 
 def fused_matching(moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor, shifts: LayerTargets,
-                   alpha: float, targets: LayerTargets | None = None, layers: str = "sum") -> torch.Tensor:
+                   alpha: float, targets: LayerTargets | None = None, layers: str = "sum",
+                   class_var: str = "pooled") -> torch.Tensor:
     """sum_l matching_loss(layer l's input, y, target l, alpha) (``layers="mean"``: divided by the number of
     layers, the paper's Eq. 16), from each layer's per-image moments
-    shifted by ``shifts.mean`` (:func:`image_moments`), against ``targets`` (default: ``shifts``).
+    shifted by ``shifts.mean`` (:func:`image_moments`), against ``targets`` (default: ``shifts``);
+    ``class_var`` "within" matches the per-class mean of the images' own variances (module doc).
     The groups' moments, the differences and the norms are computed once for all the layers'
     concatenated channels, not once per layer: on a CPU the per-layer version cost more in
     per-operation overhead than in arithmetic."""
@@ -289,7 +300,13 @@ def fused_matching(moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Te
         loss = loss + alpha * (t.norms(got.mean - t.mean) + t.norms(got.var - t.var)).sum()
     if alpha < 1:
         p = onehot.mean(0)  # share of each class in the batch; 0 for absent classes
-        per_class = t.norms(got.class_mean - t.class_mean) + t.norms(got.class_var - t.class_var)  # (K, L)
+        if class_var == "within":
+            if t.class_within_var is None:
+                raise EdcError("synth.class_var: within needs statistics with class_within_var; rerun collect_stats")
+            var_diff = got.class_within_var - t.class_within_var
+        else:
+            var_diff = got.class_var - t.class_var
+        per_class = t.norms(got.class_mean - t.class_mean) + t.norms(var_diff)  # (K, L)
         loss = loss + (1 - alpha) * (p[:, None] * per_class).sum()
     return loss / len(moments) if layers == "mean" else loss
 

@@ -30,7 +30,7 @@ CURVE_FIELDS = ["step", "batch", "iteration", "observer", "ce", "bn", "flat", "t
 
 
 def load_matched_observer(observers_dir: str, stats_dir: str, name: str, device=None, layers: str = "sum",
-                          aug=None) -> Observer:
+                          aug=None, class_var: str = "pooled") -> Observer:
     """Observer ``name`` with its statistics; ``aug`` (the ``synth.aug`` section), when given, must be the
     augmentation the statistics were collected under, if any (``stats.augment``)."""
     model, _ = load_observer(observers_dir, name)
@@ -48,7 +48,7 @@ def load_matched_observer(observers_dir: str, stats_dir: str, name: str, device=
 
         raise ArtifactError(f"{stats_dir}/{name}.safetensors: targets collected under synth.aug {{{fmt(made_with)}}}, "
                             f"but synth.aug is {{{fmt(aug.model_dump())}}}; rerun collect_stats (dvc repro)")
-    return Observer(name, model, stats, layers)
+    return Observer(name, model, stats, layers, class_var)
 
 
 PATHS = {  # --NAME: help (all required)
@@ -91,7 +91,8 @@ def main(argv=None) -> None:
         device = resolve_device(p.device)
         images = normalize(init_u8, facts).to(device)  # synthesis stays fp32 on any device
         ydev = labels.to(device)
-        observers = [load_matched_observer(args.observers, args.stats, name, device, cfg.layers, cfg.aug)
+        observers = [load_matched_observer(args.observers, args.stats, name, device, cfg.layers, cfg.aug,
+                                            cfg.class_var)
                      for name in cfg.observers]
         seed_everything(derive_seed(p.seed, "synthesize"))
         rows = []

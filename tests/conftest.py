@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import runpy
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edc.io import md5_file
 from edc.params import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +62,40 @@ def write_yaml(path: Path, data: dict) -> Path:
     with open(path, "w") as f:
         YAML(typ="safe").dump(data, f)
     return path
+
+
+# --- running the stages as DVC runs them ------------------------------------------------------------
+
+PIPELINE = ("prepare", "train_observers", "collect_stats", "init", "synthesize", "relabel", "post_evaluate")
+
+
+def stage(name: str):
+    """Stage script ``name``'s ``main``, loaded from stages/ as DVC's ``cmd`` runs it."""
+    return runpy.run_path(str(ROOT / "stages" / f"{name}.py"), run_name="edc_test")["main"]
+
+
+def stage_argv(name: str) -> list[str]:
+    """The arguments dvc.yaml's ``cmd:`` gives stage ``name`` (paths relative to the workspace), read
+    from dvc.yaml itself so that the tests run the stages exactly as the pipeline does."""
+    cmd = shlex.split(read_yaml(ROOT / "dvc.yaml")["stages"][name]["cmd"].replace("${launcher}", "python"))
+    script = cmd.index(f"stages/{name}.py")
+    return cmd[script + 1:]
+
+
+ARGS = {name: stage_argv(name) for name in (*PIPELINE, "continual", "slimming")}
+
+
+def run_stages(work: Path, params: Path, stages=PIPELINE) -> None:
+    """Run ``stages`` in order in workspace ``work`` with the params file ``params``: dvc.yaml's
+    arguments, each path placed under ``work``."""
+    for name in stages:
+        argv = [a if a.startswith("--") else str(work / a) for a in ARGS[name]]
+        stage(name)(["--params", str(params), *argv])
+
+
+def md5_tree(root: Path) -> dict[str, str]:
+    """{path relative to ``root``: md5} of every file under ``root``."""
+    return {str(f.relative_to(root)): md5_file(f) for f in sorted(root.rglob("*")) if f.is_file()}
 
 
 def _images(rng, n: int, c: int, h: int) -> np.ndarray:
@@ -126,6 +163,12 @@ def sh(cmd: list[str], cwd: Path, env: dict) -> str:
 
 @pytest.fixture
 def dvc_repo(tmp_path) -> tuple[Path, dict]:
+    return make_dvc_repo(tmp_path)
+
+
+def make_dvc_repo(tmp_path: Path) -> tuple[Path, dict]:
+    """A throwaway git + DVC repository under ``tmp_path`` holding this project's pipeline on tiny
+    params, and the environment to run DVC in it."""
     repo = tmp_path / "repo"
     repo.mkdir()
     for item in ("edc", "stages", "dvc.yaml"):
@@ -148,10 +191,12 @@ def dvc_repo(tmp_path) -> tuple[Path, dict]:
 
 
 def pytest_collection_modifyitems(config, items):
-    """The slow end-to-end tests first, each in its own xdist group: under `make test` (pytest-xdist,
-    --dist loadgroup) they start at once on different workers and the quick tests fill in around
-    them, instead of two long tests ending up one after the other at the end."""
+    """The slow end-to-end tests first, each in its own xdist group unless it names one (tests sharing
+    a module fixture share a group, so one worker builds it): under `make test` (pytest-xdist, --dist
+    loadgroup) they start at once on different workers and the quick tests fill in around them,
+    instead of two long tests ending up one after the other at the end."""
     slow = [i for i in items if i.get_closest_marker("slow")]
     for n, item in enumerate(slow):
-        item.add_marker(pytest.mark.xdist_group(f"slow-{n}"))
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(f"slow-{n}"))
     items[:] = slow + [i for i in items if not i.get_closest_marker("slow")]

@@ -8,7 +8,6 @@ Each case copies a finished tiny workspace, breaks one thing, runs one stage the
 from __future__ import annotations
 
 import pickle
-import runpy
 import shutil
 import tarfile
 from collections.abc import Callable
@@ -19,25 +18,8 @@ import pytest
 
 from edc.io import read_json, write_json
 from edc.stage import stage_main
-from tests.conftest import ROOT, make_cifar10, make_imagefolder, tiny_params, write_yaml
-from tests.test_pipeline import md5_tree, run_stages
-
-ARGS = {
-    "prepare": ["--out", "data/prepared"],
-    "train_observers": ["--data", "data/prepared", "--out", "models/observers", "--report", "reports/observers.json",
-                        "--plots", "reports/plots/observers"],
-    "collect_stats": ["--data", "data/prepared", "--observers", "models/observers", "--out", "stats", "--report",
-                      "reports/stats.json"],
-    "init": ["--data", "data/prepared", "--observers", "models/observers", "--out", "condensed/init", "--grid",
-             "reports/init_grid.png"],
-    "synthesize": ["--data", "data/prepared", "--init", "condensed/init", "--observers", "models/observers",
-                   "--stats", "stats", "--out", "condensed/images", "--report", "reports/synth.json",
-                   "--curves", "reports/plots/synth_loss.csv", "--grid", "reports/synth_grid.png"],
-    "relabel": ["--data", "data/prepared", "--images", "condensed/images", "--observers", "models/observers",
-                "--out", "condensed/shards"],
-    "post_evaluate": ["--data", "data/prepared", "--shards", "condensed/shards", "--metrics", "reports/metrics.json",
-                      "--curves", "reports/plots/evaluate"],
-}
+from tests.conftest import ARGS, make_cifar10, make_imagefolder, md5_tree, run_stages, tiny_params, write_yaml
+from tests.conftest import stage as stage_script
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +206,7 @@ def test_bad_input_gives_one_clear_line_and_keeps_earlier_outputs(finished, tmp_
     monkeypatch.chdir(work)
     breakage(work)
     before = md5_tree(work)
-    main = runpy.run_path(str(ROOT / "stages" / f"{stage}.py"), run_name="edc_test")["main"]
+    main = stage_script(stage)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         stage_main(main, ["--params", "params.yaml", *ARGS[stage]])

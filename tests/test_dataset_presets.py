@@ -10,8 +10,7 @@ from edc.cli import main as edc_main
 from edc.io import read_json
 from edc.params import load_params, read_yaml
 from edc.presets import DATASET_HELP, dataset_overrides
-from tests.conftest import ROOT, make_cifar10
-from tests.test_pipeline import run_stages
+from tests.conftest import ROOT, make_cifar10, run_stages
 from tests.test_presets import get
 
 

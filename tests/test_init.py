@@ -9,6 +9,7 @@ from torch import nn
 
 from edc.errors import DataError
 from edc.init import noise_init, rded_init, real_init
+from edc.plan import crop_resize
 
 
 class Brightness(nn.Module):
@@ -27,25 +28,46 @@ def data(n_per_class=6, size=8, seed=0):
     return x, y
 
 
-@pytest.mark.parametrize("factor", [1, 2])
-def test_rded_tiles_trace_back_to_their_source_crops_and_are_the_best(factor):
+@pytest.mark.parametrize("factor,scale_min", [(1, 1.0), (2, 1.0), (2, 0.4)])
+def test_rded_tiles_trace_back_to_their_source_crops_and_are_the_best(factor, scale_min):
+    """Each tile is its source crop (the whole image at scale_min 1) resized to full size, then
+    downsampled to a 1/factor tile, as RDED stitches: factor^2 whole objects per image."""
     x, y = data()
     obs = [Brightness()]
     ipc, cands, crops = 1, 4, 3
-    res = rded_init(x, y, 2, ipc, obs, cands, crops, factor, torch.Generator().manual_seed(1), batch_size=5)
+    res = rded_init(x, y, 2, ipc, obs, cands, crops, factor, torch.Generator().manual_seed(1), batch_size=5,
+                    scale_min=scale_min)
     assert res.images.shape == (2 * ipc, 1, 8, 8) and res.labels.tolist() == [0, 1]
     side = 8 // factor
     for img, rec in zip(res.images, res.index):
         assert len(rec["sources"]) == len(rec["boxes"]) == len(rec["scores"]) == factor * factor
         assert rec["scores"] == sorted(rec["scores"])  # tiles in rank order, best first
         for t, (src, (top, left, h, w), score) in enumerate(zip(rec["sources"], rec["boxes"], rec["scores"])):
-            assert y[src] == rec["class"] and (h, w) == (side, side)
-            crop = x[src, :, top:top + h, left:left + w]
+            assert y[src] == rec["class"]
+            area = h * w / 64
+            assert (h, w) == (8, 8) if scale_min == 1 else scale_min * 0.7 <= area <= 1.0
+            box = [torch.tensor([v]) for v in (top, left, h, w)]
+            crop = crop_resize(x[src][None], *box)  # the box resized to full size (tests/test_plan.py)
+            tile = F.interpolate(crop, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
             r, c = divmod(t, factor)
-            assert torch.equal(img[:, r * side:(r + 1) * side, c * side:(c + 1) * side], crop)
+            torch.testing.assert_close(img[:, r * side:(r + 1) * side, c * side:(c + 1) * side], tile[0],
+                                       atol=1e-5, rtol=0)
             # the stored score is the cross-entropy of the observers on the crop resized to full size
-            logits = obs[0](F.interpolate(crop[None], size=(8, 8), mode="bilinear", align_corners=False))
+            logits = obs[0](crop)
             assert score == pytest.approx(float(F.cross_entropy(logits, torch.tensor([rec["class"]]))), abs=1e-5)
+
+
+def test_crop_boxes_follow_random_resized_crop():
+    from edc.init import crop_boxes
+
+    b = crop_boxes(4000, 28, 28, 0.25, torch.Generator().manual_seed(0))
+    top, left, h, w = b.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 28).all() and (left + w <= 28).all()
+    area = (h * w).double() / 784
+    assert 0.2 <= float(area.min()) and float(area.max()) <= 1.0 and abs(float(area.mean()) - 0.625) < 0.03
+    ratio = (w / h).double()
+    assert 0.6 <= float(ratio.min()) and float(ratio.max()) <= 1.6
+    assert torch.equal(crop_boxes(3, 28, 28, 1.0, torch.Generator()), torch.tensor([[0, 0, 28, 28]] * 3))
 
 
 def test_rded_keeps_the_most_confident_images_with_factor_one():
@@ -73,10 +95,10 @@ def test_rded_is_seeded_and_checks_it_has_enough_candidates():
 def test_stitching_trims_when_the_factor_does_not_divide_the_side():
     x, y = data(n_per_class=9, size=8)
     res = rded_init(x, y, 2, 1, [Brightness()], 9, 2, 3, torch.Generator().manual_seed(0))
-    assert res.images.shape[2:] == (8, 8) and res.index[0]["boxes"][0][2:] == [3, 3]  # 3 x 3 tiles of 3 px, trimmed
-    top, left, _, _ = res.index[0]["boxes"][8]
+    assert res.images.shape[2:] == (8, 8)  # 3 x 3 tiles of 3 px, trimmed to 8
     src = res.index[0]["sources"][8]
-    assert torch.equal(res.images[0, :, 6:8, 6:8], x[src, :, top:top + 2, left:left + 2])
+    tile = F.interpolate(x[src][None], size=(3, 3), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(res.images[0, :, 6:8, 6:8], tile[0, :, :2, :2], atol=1e-6, rtol=0)
 
 
 def test_real_and_noise():

@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import runpy
+import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,39 +19,7 @@ import torch
 from edc.imageset import read_imageset
 from edc.io import md5_file, read_json
 from edc.stats import load_stats
-from tests.conftest import ROOT, sh, tiny_params, write_yaml
-
-
-def stage(name: str):
-    return runpy.run_path(str(ROOT / "stages" / f"{name}.py"), run_name="edc_test")["main"]
-
-
-def run_stages(work: Path, params: Path) -> None:
-    p = ["--params", str(params)]
-    stage("prepare")([*p, "--out", str(work / "data/prepared")])
-    stage("train_observers")([*p, "--data", str(work / "data/prepared"), "--out", str(work / "models/observers"),
-                              "--report", str(work / "reports/observers.json"),
-                              "--plots", str(work / "reports/plots/observers")])
-    stage("collect_stats")([*p, "--data", str(work / "data/prepared"), "--observers", str(work / "models/observers"),
-                            "--out", str(work / "stats"), "--report", str(work / "reports/stats.json")])
-    stage("init")([*p, "--data", str(work / "data/prepared"), "--observers", str(work / "models/observers"),
-                   "--out", str(work / "condensed/init"), "--grid", str(work / "reports/init_grid.png")])
-    stage("synthesize")([*p, "--data", str(work / "data/prepared"), "--init", str(work / "condensed/init"),
-                         "--observers", str(work / "models/observers"), "--stats", str(work / "stats"),
-                         "--out", str(work / "condensed/images"), "--report", str(work / "reports/synth.json"),
-                         "--curves", str(work / "reports/plots/synth_loss.csv"),
-                         "--grid", str(work / "reports/synth_grid.png")])
-    stage("relabel")([*p, "--data", str(work / "data/prepared"), "--images", str(work / "condensed/images"),
-                      "--observers", str(work / "models/observers"), "--out", str(work / "condensed/shards"),
-                      "--report", str(work / "reports/relabel.json")])
-    stage("post_evaluate")([*p, "--data", str(work / "data/prepared"), "--shards", str(work / "condensed/shards"),
-                            "--metrics", str(work / "reports/metrics.json"),
-                            "--curves", str(work / "reports/plots/evaluate"),
-                            "--accuracy", str(work / "reports/plots/accuracy")])
-
-
-def md5_tree(root: Path) -> dict[str, str]:
-    return {str(f.relative_to(root)): md5_file(f) for f in sorted(root.rglob("*")) if f.is_file()}
+from tests.conftest import ROOT, make_dvc_repo, md5_tree, run_stages, sh, tiny_params, write_yaml
 
 
 def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
@@ -146,111 +116,168 @@ def lock_outs(repo: Path) -> dict[str, str]:
     return {f"{name}:{o['path']}": o["md5"] for name, s in lock["stages"].items() for o in s.get("outs", [])}
 
 
-@pytest.mark.slow
-def test_dvc_repro_is_deterministic_cached_and_tracked(dvc_repo):
-    repo, env = dvc_repo
-    out = sh(["dvc", "repro"], repo, env)
-    assert ran(out) == set(STAGES + APPS)
-    first = lock_outs(repo)
-    assert {k for k in first if not k.split(":")[1].startswith("reports")} == {
-        "prepare:data/prepared", "train_observers:models/observers", "collect_stats:stats", "init:condensed/init",
-        "synthesize:condensed/images", "relabel:condensed/shards"}
-
-    # Nothing changed: nothing runs.
-    assert ran(sh(["dvc", "repro"], repo, env)) == set()
-
-    # From scratch again, without the run-cache: the same bytes.
+@pytest.fixture(scope="module")
+def history(tmp_path_factory) -> SimpleNamespace:
+    """One throwaway DVC repository taken through what a user does, once for the focused tests below
+    (they share an xdist group, so one worker builds it): ``dvc repro``, a no-op repro, a forced one
+    without the run-cache, a commit and a fresh clone, then three ``dvc exp run`` that each change one
+    param. Records what each step ran and wrote, and a copy of the MLflow store before the queued sweep."""
+    repo, env = make_dvc_repo(tmp_path_factory.mktemp("history"))
+    h = SimpleNamespace(repo=repo, env=env, ran={}, read={})
+    h.ran["repro"] = ran(sh(["dvc", "repro"], repo, env))
+    h.lock = lock_outs(repo)
+    h.ran["no-op"] = ran(sh(["dvc", "repro"], repo, env))
     sh(["dvc", "repro", "--force", "--no-run-cache"], repo, env)
-    assert lock_outs(repo) == first
-
-    # An observers param reruns train_observers and collect_stats, not prepare.
+    h.forced_lock = lock_outs(repo)
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "lock"], repo, env)
-    # A fresh clone shows the committed run's metrics and plots with DVC alone (they are in git).
+    h.accuracy = read_json(repo / "reports/metrics.json")["student"]["acc_mean"]
     clone = repo.parent / "clone"
     sh(["git", "clone", "-q", str(repo), str(clone)], repo.parent, env)
-    shown = sh(["dvc", "metrics", "show", "--json"], clone, env)
-    assert "failed" not in shown.lower(), shown
-    assert json.loads(shown)[""]["data"]["reports/metrics.json"]["data"]["student"]["acc_mean"] == read_json(
-        repo / "reports/metrics.json")["student"]["acc_mean"]
-    plots = sh(["dvc", "plots", "show", "--json"], clone, env)
-    assert "errors" not in json.loads(plots) or not json.loads(plots)["errors"], plots
-    out = sh(["dvc", "exp", "run", "-S", "observers.epochs=2", "-n", "two-epochs"], repo, env)
-    assert ran(out) == set(STAGES + APPS) - {"prepare"}
-    assert read_json(repo / "models/observers/tiny.json")["training"]["epochs"] == 2
+    h.clone_metrics = sh(["dvc", "metrics", "show", "--json"], clone, env)
+    h.clone_plots = sh(["dvc", "plots", "show", "--json"], clone, env)
+    for name, key, value, what in (("two-epochs", "observers.epochs", "2", "models/observers/tiny.json"),
+                                   ("alpha-quarter", "alpha", "0.25", "condensed/images/meta.json"),
+                                   ("zeta-one-half", "zeta", "1.5", "reports/metrics.json")):
+        h.ran[name] = ran(sh(["dvc", "exp", "run", "-S", f"{key}={value}", "-n", name], repo, env))
+        h.read[name] = read_json(repo / what)
+    h.exp_show = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(
+        sh(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env)))}
+    h.relabel_set_id = read_json(repo / "condensed/shards/meta.json")["set_id"]
+    h.db = repo.parent / "mlflow-before-queue.db"
+    shutil.copy(repo / "mlflow.db", h.db)
+    return h
 
-    # alpha reruns synthesize and what follows it, nothing upstream.
-    out = sh(["dvc", "exp", "run", "-S", "alpha=0.25", "-n", "alpha-quarter"], repo, env)
-    assert ran(out) == {"synthesize", "relabel", "post_evaluate", *APPS}
-    assert read_json(repo / "condensed/images/meta.json")["alpha"] == 0.25
 
-    # zeta reruns post_evaluate (and continual, which trains students with the same recipe).
-    out = sh(["dvc", "exp", "run", "-S", "zeta=1.5", "-n", "zeta-one-half"], repo, env)
-    assert ran(out) == {"post_evaluate", "continual"}
-    # dvc exp show lists alpha, zeta and the accuracy of every experiment side by side.
-    rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(sh(["dvc", "exp", "show", "--no-pager", "--csv"],
-                                                                         repo, env)))}
+def _db_rows(h, sql: str, args=()) -> list:
+    return sqlite3.connect(h.db).execute(sql, args).fetchall()
+
+
+def _stage_runs(h) -> list[tuple[str, str, str]]:
+    return _db_rows(h, "select r.run_uuid, r.status, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
+                       "and t.key = 'edc.stage'")
+
+
+def _run_of(h, stage_name: str, exp: str) -> str:
+    (run,) = [r for (r,) in _db_rows(
+        h, "select t.run_uuid from tags t join tags s on s.run_uuid = t.run_uuid and s.key = 'edc.stage' "
+           "and s.value = ? where t.key = 'dvc.exp_name' and t.value = ?", (stage_name, exp))]
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("dvc-history")
+def test_repro_runs_every_stage_once_then_nothing(history):
+    assert history.ran["repro"] == set(STAGES + APPS)
+    assert {k for k in history.lock if not k.split(":")[1].startswith("reports")} == {
+        "prepare:data/prepared", "train_observers:models/observers", "collect_stats:stats", "init:condensed/init",
+        "synthesize:condensed/images", "relabel:condensed/shards"}
+    assert history.ran["no-op"] == set()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("dvc-history")
+def test_forced_repro_without_run_cache_gives_the_same_bytes(history):
+    assert history.forced_lock == history.lock
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("dvc-history")
+def test_a_fresh_clone_shows_the_committed_metrics_and_plots(history):
+    """Metrics and plots are in git, so DVC shows them in a clone with no cache or remote."""
+    assert "failed" not in history.clone_metrics.lower(), history.clone_metrics
+    shown = json.loads(history.clone_metrics)[""]["data"]["reports/metrics.json"]["data"]
+    assert shown["student"]["acc_mean"] == history.accuracy
+    plots = json.loads(history.clone_plots)
+    assert not plots.get("errors"), history.clone_plots
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("dvc-history")
+def test_a_param_reruns_only_the_stages_that_read_it(history):
+    # an observers param: everything but prepare
+    assert history.ran["two-epochs"] == set(STAGES + APPS) - {"prepare"}
+    assert history.read["two-epochs"]["training"]["epochs"] == 2
+    # alpha: synthesize and what follows it, nothing upstream
+    assert history.ran["alpha-quarter"] == {"synthesize", "relabel", "post_evaluate", *APPS}
+    assert history.read["alpha-quarter"]["alpha"] == 0.25
+    # zeta: post_evaluate, and continual, which trains students with the same recipe
+    assert history.ran["zeta-one-half"] == {"post_evaluate", "continual"}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("dvc-history")
+def test_exp_show_lists_each_experiments_params_and_accuracy(history):
     # (each `dvc exp run` starts from the workspace the previous one left, so zeta-one-half keeps alpha 0.25)
     for name, alpha, zeta in (("alpha-quarter", "0.25", "2.0"), ("zeta-one-half", "0.25", "1.5")):
-        assert (rows[name]["alpha"], rows[name]["zeta"]) == (alpha, zeta)
-        assert 0 <= float(rows[name]["student.acc_mean"]) <= 1, rows[name]
+        row = history.exp_show[name]
+        assert (row["alpha"], row["zeta"]) == (alpha, zeta)
+        assert 0 <= float(row["student.acc_mean"]) <= 1, row
+    # the last experiment's row is the metrics file it left in the workspace
+    assert float(history.exp_show["zeta-one-half"]["student.acc_mean"]) == pytest.approx(
+        history.read["zeta-one-half"]["student"]["acc_mean"])
 
-    # MLflow: the default store under the repository root, one run per stage execution, tagged.
-    db = sqlite3.connect(repo / "mlflow.db")
-    runs = db.execute("select r.run_uuid, r.status, t.value from runs r join tags t on t.run_uuid = r.run_uuid "
-                      "and t.key = 'edc.stage'").fetchall()
-    stages = [s for _, _, s in runs]
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("dvc-history")
+def test_mlflow_holds_one_finished_run_per_stage_execution(history):
+    """The default store under the repository root: one run per stage that ran (a run-cache restore
+    logs nothing), tagged with its experiment, under one parent run per pipeline run."""
+    runs = _stage_runs(history)
     expected = list(STAGES) * 2 + [s for s in STAGES if s != "prepare"] + ["synthesize", "relabel", "post_evaluate",
                                                                           "post_evaluate"]
-    assert sorted(stages) == sorted(expected)
+    assert sorted(s for _, _, s in runs) == sorted(expected)
     assert {status for _, status, _ in runs} == {"FINISHED"}
-    exp_tags = sorted(v for (v,) in db.execute(
-        "select t.value from tags t join tags s on s.run_uuid = t.run_uuid and s.key = 'edc.stage' "
-        "where t.key = 'dvc.exp_name'").fetchall())
+    exp_tags = sorted(v for (v,) in _db_rows(
+        history, "select t.value from tags t join tags s on s.run_uuid = t.run_uuid and s.key = 'edc.stage' "
+                 "where t.key = 'dvc.exp_name'"))
     assert exp_tags == ["alpha-quarter"] * 3 + ["two-epochs"] * 6 + ["zeta-one-half"]
-    # One parent run per pipeline run that ran a stage (two `dvc repro`; the no-op one ran nothing,
-    # and three `dvc exp run`), FINISHED, holding its stage runs; post-evaluation's student/seed runs
-    # nested under the stage run.
-    parent_of = dict(db.execute("select run_uuid, value from tags where key = 'mlflow.parentRunId'").fetchall())
-    pipelines = dict(db.execute("select r.run_uuid, r.status from runs r join tags t on t.run_uuid = r.run_uuid "
-                                "and t.key = 'edc.pipeline'").fetchall())
+    # two `dvc repro` that ran stages (the no-op one ran nothing) and three `dvc exp run`
+    parent_of = dict(_db_rows(history, "select run_uuid, value from tags where key = 'mlflow.parentRunId'"))
+    pipelines = dict(_db_rows(history, "select r.run_uuid, r.status from runs r join tags t on t.run_uuid = "
+                                       "r.run_uuid and t.key = 'edc.pipeline'"))
     assert len(pipelines) == 5 and set(pipelines.values()) == {"FINISHED"}
     assert {parent_of.get(run_id) in pipelines for run_id, _, _ in runs} == {True}
     for name, n_stages in (("alpha-quarter", 3), ("two-epochs", 6), ("zeta-one-half", 1)):
-        (parent,) = [r for (r,) in db.execute(
-            "select t.run_uuid from tags t join tags p on p.run_uuid = t.run_uuid and p.key = 'edc.pipeline' "
-            "where t.key = 'dvc.exp_name' and t.value = ?", (name,))]
+        (parent,) = [r for (r,) in _db_rows(
+            history, "select t.run_uuid from tags t join tags p on p.run_uuid = t.run_uuid and p.key = "
+                     "'edc.pipeline' where t.key = 'dvc.exp_name' and t.value = ?", (name,))]
         assert list(parent_of.values()).count(parent) == n_stages
-    (post,) = [r for (r,) in db.execute(
-        "select t.run_uuid from tags t join tags s on s.run_uuid = t.run_uuid and s.key = 'edc.stage' "
-        "and s.value = 'post_evaluate' where t.key = 'dvc.exp_name' and t.value = 'zeta-one-half'")]
-    seed_runs = [r for r, parent in parent_of.items() if parent == post]
-    assert len(seed_runs) == 1
-    assert db.execute("select name from runs where run_uuid = ?", seed_runs).fetchone()[0] == "student seed 0"
-    assert db.execute("select count(*) from metrics where run_uuid = ? and key = 'train_loss'",
-                      seed_runs).fetchone()[0] == 2
-    # The set's card is an artifact of the relabel run, and the set an input of post_evaluate.
-    (relabel,) = [r for (r,) in db.execute(
-        "select t.run_uuid from tags t join tags s on s.run_uuid = t.run_uuid and s.key = 'edc.stage' "
-        "and s.value = 'relabel' where t.key = 'dvc.exp_name' and t.value = 'alpha-quarter'")]
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
-    assert "condensed_set/meta.json" in [a.path for a in client.list_artifacts(relabel, "condensed_set")]
-    inputs = client.get_run(post).inputs.dataset_inputs
-    assert [i.dataset.digest for i in inputs] == [read_json(repo / "condensed/shards/meta.json")["set_id"][:36]]
-    epochs = db.execute("select value from params where key = 'observers.epochs'").fetchall()
+    epochs = _db_rows(history, "select value from params where key = 'observers.epochs'")
     assert sorted(json.loads(v) for (v,) in epochs) == [1, 1, 2]
 
-    # Two sweep points queued and run at once (`dvc queue start -j 2`): no MLflow run or metric is
-    # lost, and `edc report` shows the numbers `dvc exp show` and MLflow hold for them.
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("dvc-history")
+def test_mlflow_nests_students_and_records_the_set(history):
+    """post_evaluate's student/seed runs nest under its stage run with a point per epoch; the set's
+    card is an artifact of the relabel run, and the set an input of post_evaluate."""
+    post = _run_of(history, "post_evaluate", "zeta-one-half")
+    parent_of = dict(_db_rows(history, "select run_uuid, value from tags where key = 'mlflow.parentRunId'"))
+    seed_runs = [r for r, parent in parent_of.items() if parent == post]
+    assert len(seed_runs) == 1
+    assert _db_rows(history, "select name from runs where run_uuid = ?", seed_runs) == [("student seed 0",)]
+    assert _db_rows(history, "select count(*) from metrics where run_uuid = ? and key = 'train_loss'",
+                    seed_runs) == [(2,)]
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{history.db}")
+    relabel = _run_of(history, "relabel", "alpha-quarter")
+    assert "condensed_set/meta.json" in [a.path for a in client.list_artifacts(relabel, "condensed_set")]
+    inputs = client.get_run(post).inputs.dataset_inputs
+    assert [i.dataset.digest for i in inputs] == [history.relabel_set_id[:36]]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("dvc-history")
+def test_a_queued_sweep_loses_no_run_and_the_report_shows_it(history):
+    """Two sweep points queued and run at once (`dvc queue start -j 2`): no MLflow run or metric is
+    lost, and `edc report` shows the numbers `dvc exp show` and MLflow hold for them."""
+    repo, env = history.repo, history.env
     edc = [sys.executable, "-m", "edc.cli"]
     sh([*edc, "exp", "sweep", "zeta", "--values", "1.5", "2.5", "--queue", "-S", "synth.iterations=4",
         "-S", "relabel.batch_size=8"], repo, env)
     sh(["dvc", "queue", "start", "-j", "2"], repo, env)
-    import time
-
     deadline = time.monotonic() + 600
     while True:
         status = sh(["dvc", "queue", "status"], repo, env)

@@ -41,6 +41,9 @@ def brute_force(model, x, y, k):
             "class_mean": torch.stack([v.mean(1) for v in per_class]),
             "class_var": torch.stack([v.var(1, unbiased=False) for v in per_class]),
             "class_count": torch.tensor([float(v.shape[1]) for v in per_class], dtype=torch.float64),
+            # each image's own spatial variance, averaged over the class's images
+            "class_within_var": torch.stack([a[:, y == c].reshape(len(a), int((y == c).sum()), -1)
+                                             .var(2, unbiased=False).mean(1) for c in range(k)]),
         }
     return out
 
@@ -75,6 +78,8 @@ def test_a_channel_whose_mean_is_1000_times_its_spread_keeps_its_variance():
     for c in range(3):
         want = xf[y == c].transpose(0, 1).reshape(2, -1).var(1, unbiased=False)
         torch.testing.assert_close(stats.class_var[c], want, rtol=1e-5, atol=0)
+        own = xf[y == c].reshape(4, 2, -1).var(2, unbiased=False).mean(0)
+        torch.testing.assert_close(stats.class_within_var[c], own, rtol=1e-4, atol=0)
 
 
 def test_batch_size_does_not_change_the_statistics():

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edc.errors import EdcError
 from edc.params import parse_params
 from edc.stats import bn_layers, collect_bn_stats
 from edc.synth import (
@@ -18,6 +19,8 @@ from edc.synth import (
     channel_affine,
     ema_update,
     flatness_kl,
+    fused_matching,
+    image_moments,
     matching_loss,
     matching_report,
     partition,
@@ -94,6 +97,36 @@ def test_alpha_one_is_global_only_and_alpha_zero_is_per_class_only():
     # (equal up to rounding: the global target mean is also the numerical shift of the moments)
     torch.testing.assert_close(matching_loss(a, y, t, 0.0), matching_loss(a, y, shifted, 0.0), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(matching_loss(a, y, t, 1.0), matching_loss(a, y, shifted, 1.0))
+
+
+def test_within_class_variance_is_the_mean_of_the_images_own_variances():
+    """``class_var="within"``: per class, |mean of each image's spatial variance - target| replaces
+    the pooled variance's term (brute force below); with one image per class the two coincide on the
+    batch's side, so only the target differs."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(7, 4, 3, 3, generator=g) * 2 + 1
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 0])
+    t = random_target()
+    t = Target(t.mean, t.var, t.class_mean, t.class_var, torch.rand(K, 4, generator=g) + 0.2)
+    shares = y.double().new_tensor([float((y == c).double().mean()) for c in range(3)])
+    want = torch.zeros((), dtype=torch.float64)
+    for c in range(3):
+        imgs = a[y == c].double()
+        mean = imgs.transpose(0, 1).reshape(4, -1).mean(1)
+        own = imgs.reshape(len(imgs), 4, -1).var(2, unbiased=False).mean(0)
+        want += shares[c] * (torch.linalg.norm(mean - t.class_mean[c].double())
+                             + torch.linalg.norm(own - t.class_within_var[c].double()))
+    got = fused_matching([image_moments(a, t.mean)], y, LayerTargets([t]), 0.0, class_var="within")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, fused_matching([image_moments(a, t.mean)], y, LayerTargets([t]), 0.0))
+    one = torch.tensor([0, 1, 2])
+    pooled_target = Target(t.mean, t.var, t.class_mean, t.class_within_var, t.class_within_var)
+    torch.testing.assert_close(
+        fused_matching([image_moments(a[:3], t.mean)], one, LayerTargets([t]), 0.0, class_var="within"),
+        fused_matching([image_moments(a[:3], t.mean)], one, LayerTargets([pooled_target]), 0.0))
+    no_within = LayerTargets([Target(t.mean, t.var, t.class_mean, t.class_var)])
+    with pytest.raises(EdcError, match="synth.class_var: within needs statistics with class_within_var"):
+        fused_matching([image_moments(a, t.mean)], y, no_within, 0.0, class_var="within")
 
 
 def test_class_share_weights_unbalanced_batches_and_absent_classes_count_zero():
