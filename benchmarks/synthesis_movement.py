@@ -50,8 +50,8 @@ def main() -> None:
     init = real_init(tx, ty, facts.num_classes, args.ipc, torch.Generator().manual_seed(0))
     init_u8 = to_uint8(init.images, facts)
     x0 = normalize(init_u8, facts)
-    observers = [load_matched_observer(str(ROOT / "models/observers"), str(ROOT / "stats"), n, layers=p.synth.layers,
-                                       aug=p.synth.aug) for n in p.synth.observers]
+    observers = [load_matched_observer(str(ROOT / "models/observers"), str(ROOT / "stats"), n, cfg=p.synth)
+                 for n in p.synth.observers]
     batches = partition(init.labels, None)
 
     from edc.observers import load_observer

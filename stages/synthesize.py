@@ -29,10 +29,11 @@ from edc.tracking import stage_run
 CURVE_FIELDS = ["step", "batch", "iteration", "observer", "ce", "bn", "flat", "total", "lr"]
 
 
-def load_matched_observer(observers_dir: str, stats_dir: str, name: str, device=None, layers: str = "sum",
-                          aug=None, class_var: str = "pooled") -> Observer:
-    """Observer ``name`` with its statistics; ``aug`` (the ``synth.aug`` section), when given, must be the
-    augmentation the statistics were collected under, if any (``stats.augment``)."""
+def load_matched_observer(observers_dir: str, stats_dir: str, name: str, device=None, cfg=None) -> Observer:
+    """Observer ``name`` with its statistics, matched as the ``synth`` section ``cfg`` says (``layers``,
+    ``class_var``; without it: summed, pooled); ``cfg.aug`` must be the augmentation the statistics were
+    collected under, if any (``stats.augment``)."""
+    aug = cfg.aug if cfg is not None else None
     model, _ = load_observer(observers_dir, name)
     if device is not None:
         model = place(model, device)
@@ -48,7 +49,9 @@ def load_matched_observer(observers_dir: str, stats_dir: str, name: str, device=
 
         raise ArtifactError(f"{stats_dir}/{name}.safetensors: targets collected under synth.aug {{{fmt(made_with)}}}, "
                             f"but synth.aug is {{{fmt(aug.model_dump())}}}; rerun collect_stats (dvc repro)")
-    return Observer(name, model, stats, layers, class_var)
+    if cfg is None:
+        return Observer(name, model, stats)
+    return Observer(name, model, stats, cfg.layers, cfg.class_var)
 
 
 PATHS = {  # --NAME: help (all required)
@@ -80,6 +83,15 @@ def log_report(run, report: dict) -> None:
               f"(un-augmented {r['plain_initial']:.4f} -> {r['plain_final']:.4f})")
 
 
+def iteration_logger(run, rows: list[dict]):
+    """A function that keeps each iteration's row (for the loss curve) and logs its losses to MLflow."""
+    def log(row: dict) -> None:
+        rows.append(row)
+        run.metrics({"ce": row["ce"], "bn": row["bn"], f"bn.{row['observer']}": row["bn"], "flat": row["flat"],
+                     "total": row["total"]}, step=row["step"])
+    return log
+
+
 def main(argv=None) -> None:
     args = parser("synthesize", __doc__, PATHS).parse_args(argv)
     p = load_params(args.params)
@@ -91,17 +103,10 @@ def main(argv=None) -> None:
         device = resolve_device(p.device)
         images = normalize(init_u8, facts).to(device)  # synthesis stays fp32 on any device
         ydev = labels.to(device)
-        observers = [load_matched_observer(args.observers, args.stats, name, device, cfg.layers, cfg.aug,
-                                            cfg.class_var)
-                     for name in cfg.observers]
+        observers = [load_matched_observer(args.observers, args.stats, name, device, cfg) for name in cfg.observers]
         seed_everything(derive_seed(p.seed, "synthesize"))
-        rows = []
-
-        def log(row: dict) -> None:
-            rows.append(row)
-            run.metrics({"ce": row["ce"], "bn": row["bn"], f"bn.{row['observer']}": row["bn"], "flat": row["flat"],
-                         "total": row["total"]}, step=row["step"])
-
+        rows: list[dict] = []
+        log = iteration_logger(run, rows)
         ckpt = Checkpointer(args.out, fingerprint("synthesize", stage_params(p, "synthesize"),
                                                   [args.init, args.stats, *(Path(args.observers) / f"{n}.safetensors"
                                                                             for n in cfg.observers)], code=__file__))

@@ -7,10 +7,11 @@ import shutil
 import pytest
 
 from edc.cli import main as edc_main
+from edc.errors import ParamsError
 from edc.io import read_json
 from edc.params import load_params, read_yaml
 from edc.presets import DATASET_HELP, dataset_overrides
-from tests.conftest import ROOT, make_cifar10, run_stages
+from tests.conftest import ROOT, make_cifar10, run_stages, write_yaml
 from tests.test_presets import get
 
 
@@ -43,6 +44,30 @@ def test_paper_tables_values():
     for v in (c10, c100, tiny, in1k):
         assert (v["alpha"], v["synth.flatness.beta"], v["synth.flatness.tau"], v["evaluate.ema_rate"]) == \
             (0.5, 0.99, 4.0, 0.99)
+
+
+def test_every_preset_file_is_listed_and_a_new_file_is_a_new_preset(tmp_path, monkeypatch):
+    """The presets are data: each file of edc/dataset_presets/ (but the shared two) is a preset, and a
+    file added there (listed in common.yaml) is one more, with no code."""
+    from edc import presets
+
+    files = {f.stem for f in presets.PRESETS_DIR.glob("*.yaml")} - {"common", "observers"}
+    assert files == set(DATASET_HELP)
+    for f in presets.PRESETS_DIR.glob("*.yaml"):
+        shutil.copy(f, tmp_path / f.name)
+    common = read_yaml(tmp_path / "common.yaml")
+    common["presets"].append("svhn")
+    write_yaml(tmp_path / "common.yaml", common)
+    write_yaml(tmp_path / "svhn.yaml", {"help": "SVHN", "observers": "tiny", "teachers_exclude": ["shufflenet_v2"],
+                                        "set": {"dataset.name": "npz", "synth.iterations": 10}})
+    monkeypatch.setattr(presets, "PRESETS_DIR", tmp_path)
+    monkeypatch.setattr(presets, "DATASET_HELP", {n: presets._read_preset(n)["help"] for n in common["presets"]})
+    v = presets.dataset_overrides("svhn", "/data/svhn")
+    assert (v["dataset.name"], v["dataset.root"], v["synth.iterations"], v["alpha"]) == ("npz", "/data/svhn", 10, 0.5)
+    assert v["synth.observers"] == ["resnet18", "mobilenet_v2", "shufflenet_v2"]
+    assert v["relabel.teachers"] == ["resnet18", "mobilenet_v2"]
+    with pytest.raises(ParamsError, match="unknown dataset preset 'mnist'"):
+        presets.dataset_overrides("mnist", "/r")
 
 
 def test_cifar10_preset_runs_the_pipeline_end_to_end(tmp_path, monkeypatch):
