@@ -81,7 +81,7 @@ class _Accumulator:
     def __init__(self, num_classes: int, channels: int):
         z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
         self.count, self.s1, self.s2 = z(num_classes), z(num_classes, channels), z(num_classes, channels)
-        self.images, self.within = z(num_classes), z(num_classes, channels)  # images; sums of their variances
+        self.within = z(num_classes, channels)  # sums of n x each image's own variance
         self.shift: torch.Tensor | None = None
         self.ill: torch.Tensor | None = None  # channels summed shifted
 
@@ -99,13 +99,12 @@ class _Accumulator:
             d = flat[:, self.ill] - self.shift[self.ill][:, None]
             s1[:, self.ill], norms[:, self.ill] = d.sum(2), torch.linalg.vector_norm(d, dim=2)
         # (B, C) per-image sums come back to the CPU accumulators (no-ops on the CPU).
+        s1, sq = s1.double().cpu(), norms.double().cpu().square()
         self.count.index_add_(0, labels, torch.full((b,), float(n), dtype=torch.float64))
-        self.s1.index_add_(0, labels, s1.double().cpu())
-        self.s2.index_add_(0, labels, norms.double().cpu().square())
-        # each image's spatial variance (shift-invariant, so the shifted channels need no correction)
-        own = (norms.double().square() - s1.double().square() / n).clamp_min(0.0) / n
-        self.images.index_add_(0, labels, torch.ones(b, dtype=torch.float64))
-        self.within.index_add_(0, labels, own.cpu())
+        self.s1.index_add_(0, labels, s1)
+        self.s2.index_add_(0, labels, sq)
+        # n x each image's own spatial variance (shift-invariant: the shifted channels need no correction)
+        self.within.index_add_(0, labels, (sq - s1.square() / n).clamp_min_(0.0))
 
     def result(self) -> LayerStats:
         if (self.count == 0).any():
@@ -124,7 +123,7 @@ class _Accumulator:
 
         class_mean, class_var = moments(self.count, s1, s2)
         mean, var = moments(self.count.sum(0), s1.sum(0), s2.sum(0))
-        return LayerStats(mean, var, class_mean, class_var, self.count.clone(), self.within / self.images[:, None])
+        return LayerStats(mean, var, class_mean, class_var, self.count.clone(), self.within / self.count[:, None])
 
 
 @torch.no_grad()
