@@ -86,8 +86,7 @@ def crop_boxes(n: int, h: int, w: int, scale_min: float, gen: torch.Generator) -
     fraction uniform in [scale_min, 1], log-uniform aspect ratio in [3/4, 4/3], sides clamped to the
     image); ``scale_min`` 1 gives the whole image."""
     if scale_min >= 1:
-        zeros = torch.randint(0, 1, (2, n), generator=gen)  # the draws of a whole-image box
-        return torch.stack([zeros[0], zeros[1], torch.full((n,), h), torch.full((n,), w)], 1)
+        return torch.tensor([0, 0, h, w]).repeat(n, 1)
     area = (scale_min + (1 - scale_min) * torch.rand(n, generator=gen)) * h * w
     log_r = math.log(3 / 4) + math.log(16 / 9) * torch.rand(n, generator=gen)
     bw = (area * log_r.exp()).sqrt().round().clamp(1, w).long()
@@ -132,9 +131,10 @@ def rded_init(images, labels: torch.Tensor | None, k: int, ipc: int, observers: 
         # Every crop of the chunk resized to full size at once: (nk*P*R, C, H, W); whole-image boxes
         # are the images themselves, not a resampling of them.
         b = boxes[c0:c1].reshape(-1, 4)
-        img = x.repeat_interleave(crops, 0)
-        whole = ((b[:, 2] == h) & (b[:, 3] == w))[:, None, None, None]
-        patches = torch.where(whole, img, crop_resize(img, *b.T))
+        patches = x.repeat_interleave(crops, 0)
+        whole = (b[:, 2] == h) & (b[:, 3] == w)
+        if not whole.all():
+            patches = torch.where(whole[:, None, None, None], patches, crop_resize(patches, *b.T))
         cls = torch.arange(c0, c1).repeat_interleave(candidates * crops)
         sc = crop_scores(patches, cls, observers, (h, w), batch_size).view(nk, candidates, crops)
         best_crop = sc.argmin(2)  # (nk, P): each candidate's best crop

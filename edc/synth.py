@@ -115,16 +115,20 @@ def image_moments(a: torch.Tensor, shift: torch.Tensor | None = None) -> tuple[t
 
 
 def group_moments(img_mean: torch.Tensor, img_sq: torch.Tensor, onehot: torch.Tensor,
-                  shift: torch.Tensor | None) -> Target:
+                  shift: torch.Tensor | None, within: bool = False) -> Target:
     """Mean and population variance over (images, spatial), globally and per class, from each image's
-    shifted moments (:func:`image_moments`; equal spatial sizes): var = E[(a - s)^2] - (E[a] - s)^2."""
+    shifted moments (:func:`image_moments`; equal spatial sizes): var = E[(a - s)^2] - (E[a] - s)^2.
+    With ``within``, also each class's mean of its images' own spatial variances (``class_within_var``;
+    None otherwise, so the default recipe's step does not pay for it)."""
     mean = img_mean.mean(0)
     var = (img_sq.mean(0) - mean.square()).clamp_min(0)
     present = onehot.sum(0)
     counts = present.clamp_min(1.0)[:, None]  # (K, 1)
     class_mean = onehot.T @ img_mean / counts
     class_var = (onehot.T @ img_sq / counts - class_mean.square()).clamp_min(0)
-    class_within_var = onehot.T @ (img_sq - img_mean.square()).clamp_min(0) / counts  # shift-invariant
+    class_within_var = None
+    if within:  # shift-invariant
+        class_within_var = onehot.T @ (img_sq - img_mean.square()).clamp_min(0) / counts
     if shift is not None:
         s = shift.detach()
         mean = mean + s
@@ -249,7 +253,8 @@ class Observer:
     def batch_targets(self, moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor) -> list[Target]:
         """The batch's own statistics per layer, from :meth:`forward`'s moments (Eq. 6 targets)."""
         onehot = F.one_hot(y, self.targets[0].class_mean.shape[0]).to(moments[0][0].dtype)
-        return [group_moments(m, q, onehot, t.mean) for (m, q), t in zip(moments, self.targets)]
+        within = self.class_var == "within"
+        return [group_moments(m, q, onehot, t.mean, within) for (m, q), t in zip(moments, self.targets)]
 
     def matching(self, moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor, alpha: float,
                  targets: list[Target] | None = None) -> torch.Tensor:
@@ -294,7 +299,7 @@ def fused_matching(moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Te
     t = shifts if targets is None else targets
     onehot = F.one_hot(y, t.class_mean.shape[0]).to(moments[0][0].dtype)
     got = group_moments(torch.cat([m for m, _ in moments], 1), torch.cat([q for _, q in moments], 1), onehot,
-                        shifts.mean)
+                        shifts.mean, within=class_var == "within")
     loss = moments[0][0].new_zeros(())
     if alpha > 0:
         loss = loss + alpha * (t.norms(got.mean - t.mean) + t.norms(got.var - t.var)).sum()
