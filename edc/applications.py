@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edc.runtime import fused
+from edc.runtime import AdamW, fused
 from edc.shards import CondensedDataset
 
 
@@ -155,7 +155,7 @@ def recover(pruned: nn.Module, teacher: nn.Module, masks: dict[str, torch.Tensor
     """Distil ``teacher`` into ``pruned`` on the set's stored plan (its first ``epochs`` epochs), the
     masks re-applied after every step; BatchNorm statistics are those of the training batches."""
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(pruned.parameters(), lr=lr, weight_decay=0.0, **fused(pruned.parameters()))
+    opt = AdamW(pruned.parameters(), lr=lr, weight_decay=0.0, **fused(pruned.parameters()))
     teacher.eval()
     pruned.train()
     for e in range(min(epochs, ds.epochs)):

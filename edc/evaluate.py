@@ -29,7 +29,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from edc.distributed import World
 from edc.observers import accuracy, build
-from edc.runtime import fused, place, progress, seed_everything
+from edc.runtime import AdamW, fused, place, progress, seed_everything
 from edc.schedules import lr_lambda
 from edc.shards import CondensedDataset
 from edc.training import TrainingState, train_step
@@ -148,7 +148,7 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
     device = device or torch.device("cpu")
     model = place(build(spec.arch, dict(spec.kwargs), ds.facts), device)
     net = world.wrap(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused(model.parameters()))
+    opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused(model.parameters()))
     total = ds.epochs * ds.batches_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.schedule, total, zeta, cfg.milestones, cfg.gamma))
     ema = AveragedModel(model, multi_avg_fn=warmup_ema(cfg.ema_rate, cfg.ema_warmup),

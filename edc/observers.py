@@ -28,7 +28,7 @@ from edc.distributed import World
 from edc.errors import ArtifactError
 from edc.io import read_json, save_safetensors, write_json
 from edc.models import create_model
-from edc.runtime import derive_seed, fused, model_device, place, progress, seed_everything
+from edc.runtime import SGD, AdamW, derive_seed, fused, model_device, place, progress, seed_everything
 from edc.schedules import lr_lambda
 from edc.training import train_step
 
@@ -85,10 +85,10 @@ def train_observer(spec, cfg, facts: DatasetFacts, train, test, seed: int, devic
     model = place(build(spec.arch, dict(spec.kwargs), facts), device)
     net = world.wrap(model)
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        opt = SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                               **fused(model.parameters()))
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+        opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 **fused(model.parameters()))
     train = as_split(train)
     n = len(train)

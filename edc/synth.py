@@ -36,7 +36,7 @@ from edc.data.augment import apply_crop_flip, sample_crop_flip
 from edc.errors import EdcError
 from edc.io import atomic_file
 from edc.resume import run_units
-from edc.runtime import inference_copy, model_device, progress
+from edc.runtime import Adam, inference_copy, model_device, progress
 from edc.schedules import lr_lambda
 from edc.stats import LayerStats, bn_layers
 
@@ -364,7 +364,7 @@ class _BatchOptimisation:
         self.gen = torch.Generator().manual_seed(seed)
         self.x = images.clone().requires_grad_(True)
         self.x_ema = self.x.detach().clone()
-        self.opt = torch.optim.Adam([self.x], lr=cfg.lr, betas=(0.5, 0.9))
+        self.opt = Adam([self.x], lr=cfg.lr, betas=(0.5, 0.9))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg.lr_schedule, cfg.iterations))
 
     def state_dict(self) -> dict:

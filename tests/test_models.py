@@ -39,6 +39,35 @@ def test_small_resolution_stems_keep_full_resolution(arch):
     assert bn_layers(model), f"{arch} has BatchNorm layers to match"
 
 
+@pytest.mark.parametrize("width_mult", [0.5, 1.0, 0.35])
+def test_our_mobilenet_v2_is_torchvisions_weight_for_weight(width_mult):
+    """Our MobileNet-V2 (written to spare stages torchvision's import) builds what torchvision builds: the
+    same parameter names, shapes and, from one seed, values, the same eval output, and with the stem
+    adapted the same weights as the torchvision-based model had (observers keep their bytes)."""
+    from torchvision.models import MobileNetV2 as TV
+
+    from edc.models.zoo import MobileNetV2, _restem
+
+    torch.manual_seed(3)
+    theirs = TV(num_classes=7, width_mult=width_mult)
+    theirs.features[0][0] = _restem(theirs.features[0][0], 1)
+    torch.manual_seed(3)
+    ours = create_model("mobilenet_v2", in_channels=1, num_classes=7, image_size=28, width_mult=width_mult)
+    a, b = theirs.state_dict(), ours.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(theirs.eval()(x), ours.eval()(x))
+    torch.manual_seed(3)
+    plain = MobileNetV2(num_classes=5, width_mult=width_mult)
+    torch.manual_seed(3)
+    tv_plain = TV(num_classes=5, width_mult=width_mult)
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), tv_plain.parameters()))
+    assert [type(m).__name__ for m in plain.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.ReLU6))] \
+        == [type(m).__name__ for m in tv_plain.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.ReLU6))]
+
+
 def test_convnet_norm_variants():
     kinds = {norm: create_model("convnet", in_channels=1, num_classes=10, image_size=28, width=16, norm=norm)
              for norm in ("batch", "instance", "none")}

@@ -1,8 +1,9 @@
 """Small-resolution architectures (CIFAR/MNIST-sized inputs).
 
 ResNet-18 and WRN are written here because torchvision has no width-scaled or wide variants of
-them; MobileNet-V2 and ShuffleNet-V2 are torchvision's modules with the stem adapted (input
-channels, stride 1, no max-pool), which is what "small-resolution" means for them.
+them; MobileNet-V2 is written here as torchvision builds it (importing torchvision costs a second
+of start-up), ShuffleNet-V2 is torchvision's module. Both have their stem adapted (input channels,
+stride 1, no max-pool), which is what "small-resolution" means for them.
 """
 
 from __future__ import annotations
@@ -149,11 +150,76 @@ def _restem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
                      bias=conv.bias is not None)
 
 
+def _divisible(v: float, by: int = 8) -> int:
+    """MobileNet's channel rounding: to the nearest multiple of ``by``, never below ``by`` nor 10 % under ``v``."""
+    out = max(by, int(v + by / 2) // by * by)
+    return out + by if out < 0.9 * v else out
+
+
+def _conv_bn_relu6(cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU6(inplace=True))
+
+
+class _InvertedResidual(nn.Module):
+    """Expand 1x1 (unless t = 1), depthwise 3x3, project 1x1 without activation; a skip when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, t: int):
+        super().__init__()
+        hidden = int(round(cin * t))
+        expand = [_conv_bn_relu6(cin, hidden, kernel=1)] if t != 1 else []
+        self.conv = nn.Sequential(*expand, _conv_bn_relu6(hidden, hidden, stride=stride, groups=hidden),
+                                  nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.skip else self.conv(x)
+
+
+# (expansion t, channels c, blocks n, first stride s) per stage: the MobileNet-V2 paper's Table 2.
+_MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                        (6, 320, 1, 1))
+
+
+class MobileNetV2(nn.Module):
+    """MobileNet-V2 (Sandler et al. 2018) as torchvision builds it: the same module names, parameter
+    order and initialisation, so that a state dict moves between the two and a seed gives the same
+    weights (a test compares them). Written here because importing torchvision imports torch._dynamo,
+    1.0-1.4 s of every stage's start-up that has a MobileNet-V2 observer."""
+
+    def __init__(self, num_classes: int, width_mult: float = 1.0, dropout: float = 0.2):
+        super().__init__()
+        cin = _divisible(32 * width_mult)
+        self.last_channel = _divisible(1280 * max(1.0, width_mult))
+        layers: list[nn.Module] = [_conv_bn_relu6(3, cin, stride=2)]
+        for t, c, n, s in _MOBILENET_V2_STAGES:
+            cout = _divisible(c * width_mult)
+            for i in range(n):
+                layers.append(_InvertedResidual(cin, cout, s if i == 0 else 1, t))
+                cin = cout
+        layers.append(_conv_bn_relu6(cin, self.last_channel, kernel=1))
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(self.last_channel, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
 @register_model("mobilenet_v2")
 def mobilenet_v2(in_channels: int, num_classes: int, image_size: int, width_mult: float = 1.0) -> nn.Module:
-    """torchvision's MobileNet-V2 with a stride-1 stem (total stride 16 instead of 32)."""
-    from torchvision.models import MobileNetV2  # here: importing torchvision takes 1.4 s (torch._dynamo)
-
+    """MobileNet-V2 with a stride-1 stem (total stride 16 instead of 32). The stem is replaced after the
+    initialisation, with PyTorch's default init, as the torchvision-based version of this model did:
+    observers trained before keep their bytes."""
     m = MobileNetV2(num_classes=num_classes, width_mult=width_mult)
     m.features[0][0] = _restem(m.features[0][0], in_channels)
     return m
