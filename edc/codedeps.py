@@ -7,8 +7,9 @@ inside functions, and counting each package's ``__init__.py``. Two users:
 
 - ``tests/test_dvc_deps.py`` checks dvc.yaml's ``deps:`` against each stage's closure, so the list
   cannot drift when a module gains an import;
-- :func:`edc.resume.fingerprint` includes the closure's bytes, so a resume checkpoint made by other
-  code is discarded.
+- :func:`edc.resume.fingerprint` includes :func:`package_digest` (the script and every module of the
+  package: no parsing, a few milliseconds where the closure takes 70-170 ms of a stage's start-up),
+  so a resume checkpoint made by other code is discarded.
 """
 
 from __future__ import annotations
@@ -81,13 +82,16 @@ def closure(script: str | Path, root: Path = ROOT) -> list[Path]:
     return sorted(files)
 
 
-def code_digest(script: str | Path, root: Path = ROOT) -> str:
-    """sha256 over the bytes of ``script`` and of its closure: changes whenever the stage's code does."""
+def package_digest(script: str | Path, root: Path = ROOT) -> str:
+    """sha256 over the bytes of ``script`` and of every module of the ``edc`` package: changes whenever
+    the stage's code does (and when any other module does: a superset of the script's :func:`closure`,
+    which a resume checkpoint can afford, read without parsing anything)."""
     script = Path(script) if Path(script).is_absolute() else root / script
     h = hashlib.sha256()
-    for f in [script, *(root / p for p in closure(script, root))]:
-        h.update(f"{f.name}:{len(f.read_bytes())}\n".encode())
-        h.update(f.read_bytes())
+    for f in [script, *sorted((root / PACKAGE).rglob("*.py"))]:
+        data = f.read_bytes()
+        h.update(f"{f.relative_to(root) if f.is_relative_to(root) else f.name}:{len(data)}\n".encode())
+        h.update(data)
     return h.hexdigest()
 
 

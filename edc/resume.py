@@ -7,8 +7,8 @@ depends on (tensors, optimiser and scheduler states, random generator states, fi
 so a run that resumes writes the same bytes as one that was never interrupted.
 
 A checkpoint belongs to a *fingerprint*: the stage, its params, the md5 of every input file and
-the bytes of the code that runs (the stage script and its import closure in ``edc``,
-:mod:`edc.codedeps`). A checkpoint made from other inputs or by other code is discarded, never
+the bytes of the code that runs (the stage script and the ``edc`` package,
+:func:`edc.codedeps.package_digest`). A checkpoint made from other inputs or by other code is discarded, never
 used. The directory is removed when the stage's outputs are in place. DVC does not track it (it is
 not an output) and git ignores it.
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from edc.codedeps import code_digest
+from edc.codedeps import package_digest
 from edc.io import md5_file
 from edc.runtime import progress
 
@@ -40,10 +40,10 @@ FINGERPRINT = "fingerprint.json"
 
 def fingerprint(stage: str, params: Any, inputs: list[str | Path], code: str | Path | None = None) -> str:
     """sha256 over the stage name, its params (canonical JSON), the md5 of every input file and, with
-    ``code`` (the stage script), the bytes of that script and of every ``edc`` module it imports."""
+    ``code`` (the stage script), the bytes of that script and of every ``edc`` module."""
     h = hashlib.sha256(json.dumps({"stage": stage, "params": params}, sort_keys=True, default=str).encode())
     if code is not None:
-        h.update(f"code:{code_digest(code)}\n".encode())
+        h.update(f"code:{package_digest(code)}\n".encode())
     for root in inputs:
         root = Path(root)
         files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edc.codedeps import closure, code_digest, uncovered
+from edc.codedeps import closure, package_digest, uncovered
 from edc.resume import fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,10 +66,17 @@ def test_a_resume_fingerprint_changes_with_the_code(tmp_path):
     (tmp_path / "edc").mkdir()
     (tmp_path / "edc/__init__.py").write_text("")
     (tmp_path / "edc/m.py").write_text("X = 1\n")
+    (tmp_path / "edc/other.py").write_text("Y = 1\n")
     (tmp_path / "stage.py").write_text("from edc.m import X\n")
-    before = code_digest("stage.py", tmp_path)
-    (tmp_path / "edc/m.py").write_text("X = 2\n")
-    assert code_digest("stage.py", tmp_path) != before
+    digests = [package_digest("stage.py", tmp_path)]
+    for path, text in (("edc/m.py", "X = 2\n"), ("edc/other.py", "Y = 2\n"), ("stage.py", "from edc.m import X  # \n"),
+                       ("edc/sub/new.py", "")):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text(text)
+        digests.append(package_digest("stage.py", tmp_path))
+    assert len(set(digests)) == len(digests), "every edit of the script or of any module is a new digest"
+    (tmp_path / "notes.txt").write_text("not code")
+    assert package_digest("stage.py", tmp_path) == digests[-1]
     real = ROOT / "stages" / "synthesize.py"
     assert fingerprint("s", {}, [], code=real) != fingerprint("s", {}, [])
     assert fingerprint("s", {}, [], code=real) == fingerprint("s", {}, [], code=real)
