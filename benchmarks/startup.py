@@ -9,8 +9,9 @@ the time and ends the process (edc/runtime.py): what is measured is imports, rea
 inputs, and opening the MLflow store where that is on the way. Rounds are paired (a bare
 `python -c "import torch"` then each stage), and the ratio's median (min-max) is printed.
 Target: each stage within 20 % of the bare import (<= 1.2x). A second reference row imports
-torch._dynamo as well, which torch itself imports at an optimizer's first step and torchvision at
-its first import. Needs the outputs of `dvc repro`.
+torch._dynamo as well, which torch's own optimizers import at their first step and torchvision at
+its import: what the stages avoid (edc.runtime's optimizers, our MobileNet-V2; tests/test_optim.py
+pins it). Needs the outputs of `dvc repro`.
 """
 
 from __future__ import annotations

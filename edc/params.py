@@ -169,6 +169,9 @@ class SynthParams(Section):
         default="pooled", description="per-class variance matched: pooled over the class's values, or the mean of "
                                       "each image's own spatial variance (the released EDC code)")
     ce_weight: float = Field(default=1.0, ge=0, description="weight of the cross-entropy term")
+    class_views: int = Field(default=1, ge=1, le=256, description=(
+        "crops of each class per iteration, at least: each image is cropped ceil(class_views / its class's images "
+        "in the batch) times and all crops are matched together; 1 = one crop per image (the paper)"))
     flatness: FlatnessParams = Field(default_factory=FlatnessParams)
     aug: CropAugParams = Field(default_factory=CropAugParams)
 

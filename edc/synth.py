@@ -380,6 +380,16 @@ class _BatchOptimisation:
         self.gen.set_state(state["gen"])
 
 
+def crops_per_image(y: torch.Tensor, class_views: int) -> int:
+    """How many crops of each image one iteration matches: enough that every class in the batch has
+    ``class_views`` crops (``synth.class_views``). With one image per class (ipc 1) the class's moments
+    of a single crop are those of one view of one image; k crops let its statistics, and the student's
+    many views later, see k different parts and scales of it. 1 when the batch holds that many images
+    of each class already."""
+    counts = torch.bincount(y)
+    return max(1, -(-class_views // int(counts[counts > 0].min())))
+
+
 def synthesis_step(b: _BatchOptimisation, y: torch.Tensor, obs: Observer, cfg, alpha: float,
                    bounds: tuple[torch.Tensor, torch.Tensor], at: str = "") -> dict[str, float]:
     """One iteration on a batch (module doc): a crop/flip draw shared by X and its EMA, the loss, Adam,
@@ -387,13 +397,16 @@ def synthesis_step(b: _BatchOptimisation, y: torch.Tensor, obs: Observer, cfg, a
     :class:`SynthesisError` (naming ``at``) when the loss is not finite."""
     fr = cfg.flatness
     use_ema = fr.mode != "off" and fr.weight > 0
-    aug = sample_crop_flip(len(b.x), cfg.aug.scale_min, cfg.aug.flip, b.gen)
+    views = crops_per_image(y, cfg.class_views)
+    x, x_ema = (b.x, b.x_ema) if views == 1 else (b.x.repeat(views, 1, 1, 1), b.x_ema.repeat(views, 1, 1, 1))
+    y = y if views == 1 else y.repeat(views)
+    aug = sample_crop_flip(len(x), cfg.aug.scale_min, cfg.aug.flip, b.gen)
     if use_ema and fr.mode == "logits":
-        logits_ema = obs.logits(apply_crop_flip(b.x_ema, aug))
+        logits_ema = obs.logits(apply_crop_flip(x_ema, aug))
     elif use_ema:
         with torch.no_grad():
-            _, inputs_ema = obs.forward(apply_crop_flip(b.x_ema, aug))
-    logits, inputs = obs.forward(apply_crop_flip(b.x, aug))
+            _, inputs_ema = obs.forward(apply_crop_flip(x_ema, aug))
+    logits, inputs = obs.forward(apply_crop_flip(x, aug))
     ce = F.cross_entropy(logits, y)
     bn = obs.matching(inputs, y, alpha)
     flat = b.x.new_zeros(())

@@ -58,6 +58,8 @@ def test_presets_say_what_the_issue_asks():
     assert (sre2l["synth.layers"], sre2l["stats.augment"]) == (gvbsm["synth.layers"], gvbsm["stats.augment"]) == \
         ("sum", False)
     assert (edc["synth.layers"], edc["stats.augment"], edc["init.method"]) == ("mean", True, "real")
+    # several crops of a class's images per synthesis iteration for EDC; one per image as SRe2L/G-VBSM published
+    assert edc["synth.class_views"] > 1 and sre2l["synth.class_views"] == gvbsm["synth.class_views"] == 1
     soft, hard = preset_overrides("random-soft", p), preset_overrides("random-hard", p)
     assert soft["synth.iterations"] == hard["synth.iterations"] == 0
     assert {k for k in soft if soft[k] != hard[k]} == {"evaluate.labels"}

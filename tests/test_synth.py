@@ -369,7 +369,7 @@ def test_moments_gradient_matches_autograd_of_the_two_pass_formula():
     assert torch.autograd.gradcheck(lambda x: one_pass(x), (a,))
 
 
-def reference_synthesis(start, labels, model, stats, cfg, alpha, seed):
+def reference_synthesis(start, labels, model, stats, cfg, alpha, seed, k=1):
     """The synthesis objective and its optimiser written out from the paper and DESIGN.md, independently
     of edc.synth's loop: Adam (betas 0.5, 0.9) by hand at lr * cosine, the loss
     ``ce_weight * CE + r_bn * matching + w_fr * KL``, with matching the mean over layers (Eq. 16) of
@@ -386,17 +386,19 @@ def reference_synthesis(start, labels, model, stats, cfg, alpha, seed):
     x, x_ema = start.clone(), start.clone()
     m, v = torch.zeros_like(x), torch.zeros_like(x)
     b1, b2, eps, flats = 0.5, 0.9, 1e-8, []
+    # each image k times, every copy its own crop; the losses see all k * N views at once
     for t in range(cfg.iterations):
-        aug = sample_crop_flip(len(x), cfg.aug.scale_min, cfg.aug.flip, gen)
+        aug = sample_crop_flip(k * len(x), cfg.aug.scale_min, cfg.aug.flip, gen)
         with torch.no_grad():
-            q = model(apply_crop_flip(x_ema, aug))
+            q = model(apply_crop_flip(torch.cat([x_ema] * k), aug))
         taps.clear()
         xg = x.clone().requires_grad_(True)
-        logits = model(apply_crop_flip(xg, aug))
-        match = sum(matching_loss(a, labels, tg, alpha) for a, tg in zip(taps, targets)) / len(targets)
+        logits = model(apply_crop_flip(torch.cat([xg] * k), aug))
+        lk = torch.cat([labels] * k)
+        match = sum(matching_loss(a, lk, tg, alpha) for a, tg in zip(taps, targets)) / len(targets)
         p_log, q_log = F.log_softmax(logits / fr.tau, 1), F.log_softmax(q / fr.tau, 1)
         flat = (p_log.exp() * (p_log - q_log)).sum(1).mean()
-        loss = cfg.ce_weight * F.cross_entropy(logits, labels) + cfg.r_bn * match + fr.weight * flat
+        loss = cfg.ce_weight * F.cross_entropy(logits, lk) + cfg.r_bn * match + fr.weight * flat
         (g,) = torch.autograd.grad(loss, xg)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
@@ -407,9 +409,12 @@ def reference_synthesis(start, labels, model, stats, cfg, alpha, seed):
     return x, flats
 
 
-def test_synthesis_steps_equal_the_reference_loop():
+@pytest.mark.parametrize("class_views, views", [(1, 1), (2, 1), (3, 2)])
+def test_synthesis_steps_equal_the_reference_loop(class_views, views):
     """Pins, at their call sites, the image-EMA update (beta vs 1 - beta), Adam's betas and learning
-    rate, the weights of the three terms (the flatness weight included) and the layer mean."""
+    rate, the weights of the three terms (the flatness weight included), the layer mean and, with
+    ``synth.class_views``, k crops of each image matched together (a class's moments over all its views):
+    two images per class here, so 2 crops per class need one crop per image and 3 need two."""
     x, y = real_like()
     stats = collect_bn_stats(tiny_observer_model(0), x, y, K, batch_size=7)
     for s in stats.values():  # off the data, so that every term has a gradient
@@ -418,14 +423,14 @@ def test_synthesis_steps_equal_the_reference_loop():
     # step of pixels whose gradient is near zero
     start = torch.randn(6, 1, 9, 9, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     labels = torch.arange(K).repeat(2)  # already in partition's interleaved order: one batch, same rows
-    cfg = synth_cfg(iterations=6, lr=0.3, r_bn=0.7, ce_weight=0.6, layers="mean",
+    cfg = synth_cfg(iterations=6, lr=0.3, r_bn=0.7, ce_weight=0.6, layers="mean", class_views=class_views,
                     flatness={"mode": "logits", "weight": 3.0, "beta": 0.6, "tau": 0.5},
                     aug={"scale_min": 0.5, "flip": True})
     rows = []
     obs = Observer("tiny", tiny_observer_model(0).double(), stats, cfg.layers)
     got = synthesize(start, labels, [obs], cfg, 0.4, (torch.tensor(-4.0), torch.tensor(4.0)), lambda b: 11,
                      rows.append)
-    want, flats = reference_synthesis(start, labels, tiny_observer_model(0).double(), stats, cfg, 0.4, 11)
+    want, flats = reference_synthesis(start, labels, tiny_observer_model(0).double(), stats, cfg, 0.4, 11, views)
     assert flats[0] == 0.0 and min(flats[1:]) > 1e-6  # the flatness term is live after the first step
     torch.testing.assert_close([r["flat"] for r in rows], flats, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
