@@ -35,7 +35,6 @@ def test_each_step_is_torchs_bit_for_bit_and_the_state_round_trips(name, kwargs)
             opt.step()
     for p, q in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.equal(p, q)
-    assert all(not p.requires_grad or p.grad_fn is None for p in nets[0].parameters())
     resumed = getattr(runtime, name)(_net().parameters(), **kwargs)
     resumed.load_state_dict(opts[0].state_dict())
     assert str(resumed.state_dict()) == str(opts[0].state_dict())
