@@ -30,6 +30,8 @@ def _norm(kind: str, channels: int) -> nn.Module:
 class ConvNet(nn.Module):
     """``depth`` x [conv3x3(width) - norm - ReLU - pool2x2], then a linear classifier."""
 
+    CONV_BN = ()  # every convolution-BatchNorm pair is adjacent in a Sequential (edc.runtime.fold_conv_bn)
+
     def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int, depth: int,
                  norm: str, pool: str):
         super().__init__()
@@ -58,6 +60,8 @@ def convnet(in_channels: int, num_classes: int, image_size: int, width: int = 12
 
 
 class BasicBlock(nn.Module):
+    CONV_BN = (("conv1", "bn1"), ("conv2", "bn2"))  # as forward applies them (edc.runtime.fold_conv_bn)
+
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -75,6 +79,8 @@ class BasicBlock(nn.Module):
 
 class ResNet(nn.Module):
     """CIFAR-style ResNet: 3x3 stride-1 stem, no max-pool, four stages of basic blocks."""
+
+    CONV_BN = (("conv1", "bn1"),)  # the blocks name theirs; the shortcut's pair is a Sequential
 
     def __init__(self, in_channels: int, num_classes: int, blocks: list[int], width: int):
         super().__init__()
@@ -186,6 +192,8 @@ class MobileNetV2(nn.Module):
     order and initialisation, so that a state dict moves between the two and a seed gives the same
     weights (a test compares them). Written here because importing torchvision imports torch._dynamo,
     1.0-1.4 s of every stage's start-up that has a MobileNet-V2 observer."""
+
+    CONV_BN = ()  # every convolution-BatchNorm pair is adjacent in a Sequential (edc.runtime.fold_conv_bn)
 
     def __init__(self, num_classes: int, width_mult: float = 1.0, dropout: float = 0.2):
         super().__init__()

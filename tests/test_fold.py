@@ -1,0 +1,112 @@
+"""Inference copies (teachers, the flatness term's EMA forward): BatchNorm folded into the convolution
+before it without tracing, the same bytes as torch.fx's fold, and a copy independent of its model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.fx.experimental.optimization import fuse
+
+from edc.models import create_model
+from edc.runtime import fold_conv_bn, frozen_clone, inference_copy
+from edc.stats import bn_layers
+
+DEFAULT_OBSERVERS = [("convnet", {"width": 16, "depth": 3, "norm": "batch"}), ("resnet18", {"width": 8}),
+                     ("mobilenet_v2", {"width_mult": 0.5})]
+
+
+def trained_looking(arch: str, kwargs: dict, seed: int = 0) -> nn.Module:
+    """A model whose BatchNorms are far from the identity, as a trained observer's are."""
+    torch.manual_seed(seed)
+    m = create_model(arch, in_channels=3, num_classes=10, image_size=32, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, bn in bn_layers(m):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.weight.copy_(torch.randn(bn.num_features, generator=g))
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g))
+    return m.eval()
+
+
+@pytest.mark.parametrize("arch, kwargs", DEFAULT_OBSERVERS)
+def test_fold_is_torch_fx_fold_byte_for_byte(arch, kwargs):
+    """Each default observer declares its convolution-BatchNorm pairs: the fold leaves no BatchNorm, its
+    weights equal torch.fx's fold of the same model exactly, and so do its outputs, so the teachers'
+    soft labels and synthesis keep their bytes."""
+    m = trained_looking(arch, kwargs)
+    ours, theirs = fold_conv_bn(m), fuse(m)
+    assert ours is not None and not bn_layers(ours)
+    a = [p for p in ours.parameters()]
+    b = [p for p in theirs.parameters()]
+    assert len(a) == len(b) < len(list(m.parameters()))  # a BatchNorm's two become its convolution's bias
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours(x), theirs(x))
+        torch.testing.assert_close(ours(x), m(x), rtol=1e-4, atol=1e-4)
+        cl = inference_copy(m)
+        assert torch.equal(cl(x.contiguous(memory_format=torch.channels_last)),
+                           fuse(m).to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last)))
+
+
+def test_a_declared_pair_is_folded_and_a_model_without_declarations_is_traced():
+    """A pair named in ``CONV_BN`` is folded; a pair neither adjacent in a Sequential nor declared stays a
+    BatchNorm (it may be used elsewhere); a model that declares nothing goes through torch.fx."""
+
+    class Block(nn.Module):
+        CONV_BN = (("a", "bn_a"),)
+
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn_a = nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3)
+            self.b, self.bn_b = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = self.b(torch.relu(self.bn_a(self.a(x))))
+            return self.bn_b(y) + y  # b's output is used twice: folding bn_b into b would be wrong
+
+    torch.manual_seed(0)
+    blk = Block().eval()
+    with torch.no_grad():
+        for bn in (blk.bn_a, blk.bn_b):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    folded = fold_conv_bn(blk)
+    assert isinstance(folded.bn_a, nn.Identity) and isinstance(folded.bn_b, nn.BatchNorm2d)
+    x = torch.randn(2, 2, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), blk(x), rtol=1e-5, atol=1e-5)
+
+    class Undeclared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.bn = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.c(x))
+
+    assert fold_conv_bn(Undeclared()) is None
+    traced = inference_copy(Undeclared())
+    assert not bn_layers(traced)  # folded by torch.fx's tracing instead
+
+
+def test_frozen_clone_is_independent_of_its_model():
+    """The copy has its own parameters (no gradient), buffers and hooks: training or tapping the model
+    afterwards (synthesis registers its taps after the copy is made) does not reach the copy."""
+    m = trained_looking("resnet18", {"width": 8})
+    c = frozen_clone(m)
+    assert all(not p.requires_grad for p in c.parameters())
+    assert all(p.requires_grad for p in m.parameters())
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(m.parameters(), c.parameters()))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = c(x)
+        seen = []
+        m.layers[0][0].bn1.register_forward_hook(lambda *a: seen.append(1))
+        m.bn1.running_mean.add_(5.0)
+        next(m.parameters()).add_(1.0)
+        assert torch.equal(c(x), before) and not seen
+        m(x)
+    assert seen == [1]
