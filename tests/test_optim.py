@@ -26,7 +26,8 @@ def _net() -> nn.Module:
 def test_each_step_is_torchs_bit_for_bit_and_the_state_round_trips(name, kwargs):
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
     nets = [_net(), _net()]
-    opts = [getattr(runtime, name)(nets[0].parameters(), **kwargs), getattr(torch.optim, name)(nets[1].parameters(), **kwargs)]
+    opts = [getattr(runtime, name)(nets[0].parameters(), **kwargs),
+            getattr(torch.optim, name)(nets[1].parameters(), **kwargs)]
     assert isinstance(opts[0], getattr(torch.optim, name))
     for _ in range(4):
         for net, opt in zip(nets, opts):

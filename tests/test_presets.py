@@ -60,6 +60,8 @@ def test_presets_say_what_the_issue_asks():
     assert (edc["synth.layers"], edc["stats.augment"], edc["init.method"]) == ("mean", True, "real")
     # several crops of a class's images per synthesis iteration for EDC; one per image as SRe2L/G-VBSM published
     assert edc["synth.class_views"] > 1 and sre2l["synth.class_views"] == gvbsm["synth.class_views"] == 1
+    # the pixel learning rate chosen for EDC; SRe2L and G-VBSM keep the one their rows were measured with
+    assert edc["synth.lr"] == 0.1 and sre2l["synth.lr"] == gvbsm["synth.lr"] == 0.05
     soft, hard = preset_overrides("random-soft", p), preset_overrides("random-hard", p)
     assert soft["synth.iterations"] == hard["synth.iterations"] == 0
     assert {k for k in soft if soft[k] != hard[k]} == {"evaluate.labels"}
