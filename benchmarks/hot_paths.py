@@ -25,7 +25,7 @@ from edc.params import load_params  # noqa: E402
 from edc.relabel import augment, teacher_logits  # noqa: E402
 from edc.shards import load_condensed  # noqa: E402
 from edc.stats import bn_layers, collect_bn_stats, load_stats  # noqa: E402
-from edc.synth import Observer, synthesize  # noqa: E402
+from edc.synth import Observer, crops_per_image, synthesize  # noqa: E402
 
 
 def per_sample_reference(model, x, y, k):
@@ -95,17 +95,22 @@ def plain_steps(model, images, labels, iters, ema_forward=False):
 
 
 def bench_synth(p, data, repeats, iters=10):
-    print(f"synthesize (100 images, one observer, {iters} iterations; per-iteration time; ratios to the plain "
-          f"forward+backward, median (min-max) of {repeats} paired rounds)")
     facts = data.facts
     x0, y0 = data.normalized("train")
     idx = torch.cat([torch.nonzero(y0 == c).flatten()[:10] for c in range(10)])
     images, labels = x0[idx], y0[idx]
+    # The step matches crops_per_image crops of each image (synth.class_views): the plain forward+backward
+    # it is measured against runs over as many images.
+    views = crops_per_image(labels, p.synth.class_views)
+    plain_x, plain_y = images.repeat(views, 1, 1, 1), labels.repeat(views)
+    print(f"synthesize (100 images, {views} crop(s) of each per step: synth.class_views {p.synth.class_views}; "
+          f"one observer, {iters} iterations; per-iteration time; ratios to a plain forward+backward of "
+          f"{len(plain_x)} images, median (min-max) of {repeats} paired rounds)")
     for name in p.synth.observers:
         model, _ = load_observer(ROOT / "models/observers", name)
         obs = Observer(name, model, load_stats(ROOT / "stats" / f"{name}.safetensors")[0])
-        fns = [lambda m=model: plain_steps(m, images, labels, iters),
-               lambda m=model: plain_steps(m, images, labels, iters, ema_forward=True)]
+        fns = [lambda m=model: plain_steps(m, plain_x, plain_y, iters),
+               lambda m=model: plain_steps(m, plain_x, plain_y, iters, ema_forward=True)]
         for mode in ("off", "logits"):
             cfg = p.synth.model_copy(update={"iterations": iters, "observers": [name],
                                              "flatness": p.synth.flatness.model_copy(update={"mode": mode})})
