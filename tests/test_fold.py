@@ -46,9 +46,8 @@ def test_fold_is_torch_fx_fold_byte_for_byte(arch, kwargs):
     with torch.no_grad():
         assert torch.equal(ours(x), theirs(x))
         torch.testing.assert_close(ours(x), m(x), rtol=1e-4, atol=1e-4)
-        cl = inference_copy(m)
-        assert torch.equal(cl(x.contiguous(memory_format=torch.channels_last)),
-                           fuse(m).to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last)))
+        xc = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(inference_copy(m)(xc), fuse(m).to(memory_format=torch.channels_last)(xc))
 
 
 def test_a_declared_pair_is_folded_and_a_model_without_declarations_is_traced():
