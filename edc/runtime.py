@@ -149,7 +149,9 @@ def inference_copy(model: torch.nn.Module) -> torch.nn.Module:
     go through ``torch.fx.experimental.optimization.fuse``, which traces the model (0.03-0.1 s per
     default observer, paid at every stage's start) and folds the same pairs with the same arithmetic,
     so both give the same bytes (a test compares them). A model torch.fx cannot trace is returned as
-    it is."""
+    it is. Then each ReLU (or ReLU6) right after a convolution, and a residual sum before one, run
+    inside that convolution (:func:`fuse_activations`): the same bytes again, without the passes over
+    the activations."""
     folded = fold_conv_bn(model)
     if folded is None:
         from torch.fx.experimental.optimization import fuse  # here: tracing is the slow path
@@ -162,7 +164,90 @@ def inference_copy(model: torch.nn.Module) -> torch.nn.Module:
     folded = folded.to(memory_format=torch.channels_last)
     for p in folded.parameters():
         p.requires_grad_(False)
-    return folded
+    return fuse_activations(folded)
+
+
+# oneDNN's convolution with post-operations, the kernel torch.compile (Inductor) calls on the CPU;
+# absent from builds without oneDNN, where :func:`fuse_activations` leaves models as they are.
+_CONV_POINTWISE = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+
+
+class ConvAct(nn.Module):
+    """A convolution followed by ``act`` ("relu", "hardtanh" with ``scalars`` (min, max), or "none"),
+    with ``add``: ``act(conv(x) + other)``. On the CPU in float32, without gradient, one oneDNN kernel
+    applies the sum and the activation to each output as it is computed (torch's
+    ``mkldnn._convolution_pointwise``): the same values as the separate operations, a pass over the
+    activations fewer each. Elsewhere (CUDA, float64, gradients) it runs those operations."""
+
+    def __init__(self, conv: nn.Conv2d, act: str, scalars: tuple[float, ...] = (), add: bool = False):
+        super().__init__()
+        self.conv, self.act, self.scalars, self.add = conv, act, list(scalars), add
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.conv
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
+                and (other is None or not other.requires_grad) and not c.weight.requires_grad):
+            args = (c.weight, c.bias, list(c.padding), list(c.stride), list(c.dilation), c.groups)
+            if other is None:
+                return _CONV_POINTWISE(x, *args, self.act, self.scalars, "")
+            return _CONV_POINTWISE.binary(x, other.contiguous(memory_format=_format_of(x)), *args, "add", None,
+                                          self.act, self.scalars, "")
+        y = c(x) if other is None else c(x) + other
+        if self.act == "relu":
+            return torch.relu(y)
+        return torch.nn.functional.hardtanh(y, *self.scalars) if self.act == "hardtanh" else y
+
+
+def _format_of(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+
+
+def _activation(m: nn.Module) -> tuple[str, tuple[float, ...]] | None:
+    if type(m) is nn.ReLU:
+        return "relu", ()
+    if type(m) in (nn.ReLU6, nn.Hardtanh):
+        return "hardtanh", (float(m.min_val), float(m.max_val))
+    return None
+
+
+def _fusable(conv: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and conv.weight.dtype == torch.float32)
+
+
+def fuse_activations(model: nn.Module) -> nn.Module:
+    """In place, on an inference copy (frozen, BatchNorm folded): each convolution whose output goes
+    through nothing but identities (folded BatchNorms) to a ReLU, ReLU6 or Hardtanh in an
+    ``nn.Sequential`` becomes a :class:`ConvAct` and the activation an identity. A module can declare
+    the same for its own forward: ``FUSE_ACT = {"conv1": ("relu", False), "conv2": ("relu", True)}``
+    (True: the forward adds a tensor to that convolution's output before the activation) on its class,
+    and a forward that, once the instance's ``fused`` is set, calls ``conv2(y, other)`` instead; its
+    ``CONV_BN`` BatchNorms must be folded. Returns ``model``; unchanged without oneDNN."""
+    if _CONV_POINTWISE is None:
+        return model
+    for parent in list(model.modules()):
+        if isinstance(parent, nn.Sequential):
+            kids = list(parent.named_children())
+            for i, (name, conv) in enumerate(kids):
+                if not _fusable(conv):
+                    continue
+                j = i + 1
+                while j < len(kids) and type(kids[j][1]) is nn.Identity:
+                    j += 1
+                act = _activation(kids[j][1]) if j < len(kids) else None
+                if act is not None:
+                    setattr(parent, name, ConvAct(conv, *act))
+                    setattr(parent, kids[j][0], nn.Identity())
+        spec = getattr(type(parent), "FUSE_ACT", None)
+        if spec:
+            bns = dict(getattr(type(parent), "CONV_BN", ()))
+            folded = all(type(getattr(parent, bns[c])) is nn.Identity for c in spec if c in bns)
+            if folded and all(_fusable(getattr(parent, c)) for c in spec):
+                for c, (act, add) in spec.items():
+                    setattr(parent, c, ConvAct(getattr(parent, c), act, (), add))
+                parent.fused = True
+    return model
 
 
 def fold_conv_bn(model: nn.Module) -> nn.Module | None:

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
+from edc import runtime
 from edc.models import create_model
+from edc.models.zoo import BasicBlock
 from edc.runtime import fold_conv_bn, frozen_clone, inference_copy
 from edc.stats import bn_layers
 
@@ -109,3 +111,59 @@ def test_frozen_clone_is_independent_of_its_model():
         assert torch.equal(c(x), before) and not seen
         m(x)
     assert seen == [1]
+
+
+ONEDNN = pytest.mark.skipif(runtime._CONV_POINTWISE is None, reason="this torch build has no oneDNN convolutions")
+
+
+@ONEDNN
+@pytest.mark.parametrize("arch, kwargs", DEFAULT_OBSERVERS)
+def test_activations_inside_the_convolutions_keep_every_byte(arch, kwargs):
+    """The inference copy runs each ReLU / ReLU6 (and ResNet's residual sums) inside the convolution
+    before it: its outputs equal those of the folded copy that runs them separately, bit for bit, so
+    the teachers' soft labels and the flatness term keep their bytes; and some were fused."""
+    m = trained_looking(arch, kwargs)
+    fused = inference_copy(m)
+    plain = fold_conv_bn(m).to(memory_format=torch.channels_last)
+    assert sum(isinstance(k, runtime.ConvAct) for k in fused.modules()) >= 3
+    assert not any(isinstance(k, runtime.ConvAct) for k in plain.modules())
+    x = torch.randn(6, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(fused(x), plain(x))
+
+
+@ONEDNN
+@pytest.mark.parametrize("cin, stride", [(4, 1), (4, 2)])  # the identity shortcut and the projection one
+def test_a_basic_block_sums_its_shortcut_inside_the_second_convolution(cin, stride):
+    torch.manual_seed(1)
+    blk = BasicBlock(4, 4 if stride == 1 else 8, stride).eval()
+    with torch.no_grad():
+        for _, bn in bn_layers(blk):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    fused = inference_copy(blk)
+    assert fused.fused and isinstance(fused.conv2, runtime.ConvAct) and fused.conv2.add
+    x = torch.randn(3, cin, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(fused(x), fold_conv_bn(blk).to(memory_format=torch.channels_last)(x))
+        torch.testing.assert_close(fused(x), blk(x), rtol=1e-5, atol=1e-5)
+
+
+def test_only_a_convolution_whose_output_reaches_the_activation_directly_is_fused():
+    """Across a folded BatchNorm (an identity) yes; across a GroupNorm, or where the module's own
+    BatchNorms are not folded, no; ConvAct's plain path (float64, or with gradients) is the separate
+    operations, gradients included."""
+    torch.manual_seed(2)
+    seq = nn.Sequential(nn.Conv2d(2, 3, 3), nn.GroupNorm(3, 3), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.Identity(),
+                        nn.ReLU6())
+    runtime.fuse_activations(seq)
+    assert type(seq[0]) is nn.Conv2d and type(seq[2]) is nn.ReLU  # a GroupNorm between
+    assert type(seq[3]) is runtime.ConvAct or runtime._CONV_POINTWISE is None
+    unfolded = runtime.fuse_activations(frozen_clone(BasicBlock(3, 3, 1).eval()))
+    assert not unfolded.fused and type(unfolded.conv1) is nn.Conv2d  # its BatchNorms are still there
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    act = runtime.ConvAct(conv, "hardtanh", (0.0, 6.0), add=True)
+    x, other = torch.randn(2, 2, 5, 5, dtype=torch.float64, requires_grad=True), torch.randn(2, 3, 5, 5).double()
+    assert torch.equal(act(x, other), nn.functional.hardtanh(conv(x) + other, 0.0, 6.0))
+    act(x, other).sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None

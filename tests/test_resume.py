@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edc.io import md5_file
-from edc.resume import resume_dir
+from edc.resume import fingerprint, resume_dir
 from tests.conftest import ROOT, tiny_params, write_yaml
 from tests.test_bad_inputs import ARGS
 from tests.test_pipeline import md5_tree, run_stages
@@ -106,3 +106,38 @@ def test_a_checkpoint_of_other_params_is_discarded(upstream, tmp_path):
     write_yaml(clean / "params.yaml", p)
     assert run_stage(clean, "relabel").returncode == 0
     assert outputs(work, "relabel") == outputs(clean, "relabel")
+
+
+def test_the_fingerprint_follows_every_input_byte_and_name(tmp_path):
+    """A checkpoint is kept only for the very inputs it was made from: one byte changed at the same
+    size, a file renamed, a file added to an input directory, or bytes moved from one file to the
+    next (even where the file name could be read into the bytes) each give another fingerprint; the
+    same inputs give the same one."""
+    d = tmp_path / "set"
+    d.mkdir()
+    (d / "a.bin").write_bytes(b"\x00" * 3000)
+    (d / "b.bin").write_bytes(b"xy")
+    single = tmp_path / "w.bin"
+    single.write_bytes(b"weights")
+
+    def fp():
+        return fingerprint("s", {"k": 1}, [d, single])
+
+    seen = {fp()}
+    assert fp() in seen
+    (d / "a.bin").write_bytes(b"\x00" * 2999 + b"\x01")
+    seen.add(fp())
+    (d / "a.bin").write_bytes(b"")
+    (d / "b.bin").write_bytes(b"b.bin:\nX")
+    seen.add(fp())
+    (d / "a.bin").write_bytes(b"b.bin:\n")  # the same bytes in all, the boundary moved
+    (d / "b.bin").write_bytes(b"X")
+    seen.add(fp())
+    (d / "b.bin").rename(d / "c.bin")
+    seen.add(fp())
+    (d / "sub").mkdir()
+    (d / "sub" / "e.bin").write_bytes(b"")
+    seen.add(fp())
+    single.write_bytes(b"weightz")
+    seen.add(fp())
+    assert len(seen) == 7

@@ -82,6 +82,48 @@ def test_a_channel_whose_mean_is_1000_times_its_spread_keeps_its_variance():
         torch.testing.assert_close(stats.class_within_var[c], own, rtol=1e-4, atol=0)
 
 
+class _SharedAndSkipped(nn.Module):
+    """One BatchNorm applied twice per forward, another only to batches of more than 3 images: the
+    forwards where the layers do not each run once, in order."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv, self.bn, self.conv2, self.bn2 = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), \
+            nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        h = self.bn(self.bn(self.conv(x)))
+        return self.bn2(self.conv2(h)) if len(x) > 3 else h
+
+
+def test_layers_run_twice_or_skipped_sum_every_input_they_saw():
+    """Each call of a layer adds its input under the batch's labels: brute force over every call."""
+    model, g = _SharedAndSkipped().eval(), torch.Generator().manual_seed(5)
+    x, y = torch.randn(13, 2, 6, 6, generator=g) * 2 + 1, torch.tensor([0, 1, 2, 0, 1, 2, 2, 2, 0, 1, 0, 1, 2])
+    calls = {"bn": [], "bn2": []}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, n=n: calls[n].append((inp[0].double(), labels)))
+             for n, m in (("bn", model.bn), ("bn2", model.bn2))]
+    with torch.no_grad():
+        for i in range(0, 13, 4):  # the batches collect_bn_stats will make: 4 + 4 + 4 + 1
+            labels = y[i:i + 4]
+            model(x[i:i + 4])
+    for h in hooks:
+        h.remove()
+    stats = collect_bn_stats(model, x, y, num_classes=3, batch_size=4)
+    assert len(calls["bn"]) == 8 and len(calls["bn2"]) == 3
+    for name, seen in calls.items():
+        a = torch.cat([t for t, _ in seen]).transpose(0, 1)  # (C, calls' images, H, W)
+        lab = torch.cat([l for _, l in seen])
+        for c in range(3):
+            v = a[:, lab == c].reshape(3, -1)
+            torch.testing.assert_close(stats[name].class_mean[c], v.mean(1), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(stats[name].class_var[c], v.var(1, unbiased=False), rtol=1e-5, atol=1e-6)
+            assert stats[name].class_count[c] == v.shape[1]
+            own = a[:, lab == c].reshape(3, int((lab == c).sum()), -1).var(2, unbiased=False).mean(1)
+            torch.testing.assert_close(stats[name].class_within_var[c], own, rtol=1e-5, atol=1e-6)
+
+
 def test_batch_size_does_not_change_the_statistics():
     model, g = tiny_model(), torch.Generator().manual_seed(2)
     x, y = torch.randn(20, 2, 5, 5, generator=g), torch.arange(20) % 3

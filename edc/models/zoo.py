@@ -61,6 +61,9 @@ def convnet(in_channels: int, num_classes: int, image_size: int, width: int = 12
 
 class BasicBlock(nn.Module):
     CONV_BN = (("conv1", "bn1"), ("conv2", "bn2"))  # as forward applies them (edc.runtime.fold_conv_bn)
+    # inference copies: the ReLUs, and the residual sum, inside the convolutions (edc.runtime.fuse_activations)
+    FUSE_ACT = {"conv1": ("relu", False), "conv2": ("relu", True)}
+    fused = False
 
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -73,6 +76,8 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:  # relu(conv2(relu(conv1(x))) + shortcut(x)), BatchNorms folded
+            return self.conv2(self.conv1(x), self.shortcut(x))
         out = torch.relu(self.bn1(self.conv1(x)))
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
@@ -81,6 +86,8 @@ class ResNet(nn.Module):
     """CIFAR-style ResNet: 3x3 stride-1 stem, no max-pool, four stages of basic blocks."""
 
     CONV_BN = (("conv1", "bn1"),)  # the blocks name theirs; the shortcut's pair is a Sequential
+    FUSE_ACT = {"conv1": ("relu", False)}  # inference copies (edc.runtime.fuse_activations)
+    fused = False
 
     def __init__(self, in_channels: int, num_classes: int, blocks: list[int], width: int):
         super().__init__()
@@ -96,7 +103,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(torch.relu(self.bn1(self.conv1(x))))
+        x = self.layers(self.conv1(x) if self.fused else torch.relu(self.bn1(self.conv1(x))))
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
