@@ -49,7 +49,9 @@ def test_fold_is_torch_fx_fold_byte_for_byte(arch, kwargs):
         assert torch.equal(ours(x), theirs(x))
         torch.testing.assert_close(ours(x), m(x), rtol=1e-4, atol=1e-4)
         xc = x.contiguous(memory_format=torch.channels_last)
-        assert torch.equal(inference_copy(m)(xc), fuse(m).to(memory_format=torch.channels_last)(xc))
+        fx_cl = fuse(m).to(memory_format=torch.channels_last)(xc)
+        assert torch.equal(ours.to(memory_format=torch.channels_last)(xc), fx_cl)
+        torch.testing.assert_close(inference_copy(m)(xc), fx_cl, rtol=1e-5, atol=1e-5)  # + fused activations
 
 
 def test_a_declared_pair_is_folded_and_a_model_without_declarations_is_traced():
@@ -118,10 +120,12 @@ ONEDNN = pytest.mark.skipif(runtime._CONV_POINTWISE is None, reason="this torch 
 
 @ONEDNN
 @pytest.mark.parametrize("arch, kwargs", DEFAULT_OBSERVERS)
-def test_activations_inside_the_convolutions_keep_every_byte(arch, kwargs):
+def test_activations_inside_the_convolutions_compute_the_same_function(arch, kwargs):
     """The inference copy runs each ReLU / ReLU6 (and ResNet's residual sums) inside the convolution
-    before it: its outputs equal those of the folded copy that runs them separately, bit for bit, so
-    the teachers' soft labels and the flatness term keep their bytes; and some were fused."""
+    before it: its outputs equal those of the folded copy that runs them separately, to rounding
+    (bit for bit in the default run, 2 threads on this project's CPU: `dvc repro` kept every output
+    hash; with one thread MobileNet-V2's last 1x1 convolution takes another oneDNN kernel when fused,
+    3e-6 apart, as its unfused forward differs between 1 and 2 threads); and some were fused."""
     m = trained_looking(arch, kwargs)
     fused = inference_copy(m)
     plain = fold_conv_bn(m).to(memory_format=torch.channels_last)
@@ -129,7 +133,7 @@ def test_activations_inside_the_convolutions_keep_every_byte(arch, kwargs):
     assert not any(isinstance(k, runtime.ConvAct) for k in plain.modules())
     x = torch.randn(6, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        assert torch.equal(fused(x), plain(x))
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
 @ONEDNN
@@ -145,7 +149,8 @@ def test_a_basic_block_sums_its_shortcut_inside_the_second_convolution(cin, stri
     assert fused.fused and isinstance(fused.conv2, runtime.ConvAct) and fused.conv2.add
     x = torch.randn(3, cin, 9, 9).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        assert torch.equal(fused(x), fold_conv_bn(blk).to(memory_format=torch.channels_last)(x))
+        torch.testing.assert_close(fused(x), fold_conv_bn(blk).to(memory_format=torch.channels_last)(x), rtol=1e-6,
+                                   atol=1e-6)
         torch.testing.assert_close(fused(x), blk(x), rtol=1e-5, atol=1e-5)
 
 
