@@ -116,17 +116,26 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 60, **kwargs: Any) -> T:
     """Call ``fn``, retrying while SQLite reports "database is locked": experiments queued with
-    ``dvc queue start -j 2`` write one store from several processes at once."""
+    ``dvc queue start -j 2`` write one store from several processes at once. Also retried, at most
+    ``RACE_ATTEMPTS`` times: a UNIQUE constraint that another process's insert of the same row broke
+    between MLflow's look-up and its insert (two experiments logging the same dataset, say: the second
+    call finds the row and links it)."""
     delay = 0.05
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # MlflowException or sqlalchemy's OperationalError, depending on the call
-            if "locked" not in str(exc).lower() or attempt == attempts - 1:
+            msg = str(exc).lower()
+            locked = "locked" in msg and attempt < attempts - 1
+            raced = "unique constraint failed" in msg and attempt < min(attempts, RACE_ATTEMPTS) - 1
+            if not (locked or raced):
                 raise
             time.sleep(delay)
             delay = min(2 * delay, 1.0)
     raise AssertionError("unreachable")
+
+
+RACE_ATTEMPTS = 3
 
 
 @contextlib.contextmanager

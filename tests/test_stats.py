@@ -114,7 +114,7 @@ def test_layers_run_twice_or_skipped_sum_every_input_they_saw():
     assert len(calls["bn"]) == 8 and len(calls["bn2"]) == 3
     for name, seen in calls.items():
         a = torch.cat([t for t, _ in seen]).transpose(0, 1)  # (C, calls' images, H, W)
-        lab = torch.cat([l for _, l in seen])
+        lab = torch.cat([labs for _, labs in seen])
         for c in range(3):
             v = a[:, lab == c].reshape(3, -1)
             torch.testing.assert_close(stats[name].class_mean[c], v.mean(1), rtol=1e-5, atol=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlflow
 import pytest
 
+from edc import tracking
 from edc.tracking import Run, TrackingError, flatten, stage_run, tracking_uri
 
 
@@ -115,3 +116,31 @@ def test_concurrent_writers_lose_no_metric(tmp_path, monkeypatch):
     for r in runs:
         assert r.info.status == "FINISHED"
         assert [m.value for m in client.get_metric_history(r.info.run_id, "b")] == [2.0 * i for i in range(150)]
+
+
+@pytest.mark.parametrize("message, fails, calls, ok", [
+    ("(sqlite3.OperationalError) database is locked", 5, 6, True),  # another process writing: wait it out
+    ("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name", 1, 2, True),
+    ("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.name", 99, tracking.RACE_ATTEMPTS, False),
+    ("(sqlite3.IntegrityError) NOT NULL constraint failed: runs.name", 99, 1, False),  # not a race: at once
+])
+def test_store_writes_retry_a_locked_store_and_a_lost_insert_race_only(monkeypatch, message, fails, calls, ok):
+    """Two queued experiments that log the same dataset at once: the second insert breaks the UNIQUE
+    constraint the first one just satisfied, and its retry finds the row (the failure that stopped a
+    `dvc queue start -j 2` run's relabel stage). A constraint that stays broken fails after a few
+    tries; any other error at once."""
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    seen = []
+
+    def write():
+        seen.append(1)
+        if len(seen) <= fails:
+            raise RuntimeError(message)
+        return "logged"
+
+    if ok:
+        assert tracking.retry_locked(write) == "logged"
+    else:
+        with pytest.raises(RuntimeError, match="constraint failed"):
+            tracking.retry_locked(write)
+    assert len(seen) == calls
