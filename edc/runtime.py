@@ -150,8 +150,9 @@ def inference_copy(model: torch.nn.Module) -> torch.nn.Module:
     default observer, paid at every stage's start) and folds the same pairs with the same arithmetic,
     so both give the same bytes (a test compares them). A model torch.fx cannot trace is returned as
     it is. Then each ReLU (or ReLU6) right after a convolution, and a residual sum before one, run
-    inside that convolution (:func:`fuse_activations`): the same bytes again, without the passes over
-    the activations."""
+    inside that convolution (:func:`fuse_activations`): the same function without the passes over the
+    activations (the same bytes in the default run on this project's CPU; a fused kernel may round
+    differently elsewhere, as the thread count already can)."""
     folded = fold_conv_bn(model)
     if folded is None:
         from torch.fx.experimental.optimization import fuse  # here: tracing is the slow path
@@ -176,8 +177,9 @@ class ConvAct(nn.Module):
     """A convolution followed by ``act`` ("relu", "hardtanh" with ``scalars`` (min, max), or "none"),
     with ``add``: ``act(conv(x) + other)``. On the CPU in float32, without gradient, one oneDNN kernel
     applies the sum and the activation to each output as it is computed (torch's
-    ``mkldnn._convolution_pointwise``): the same values as the separate operations, a pass over the
-    activations fewer each. Elsewhere (CUDA, float64, gradients) it runs those operations."""
+    ``mkldnn._convolution_pointwise``): the separate operations' function, to rounding (oneDNN may
+    pick another convolution kernel for the fused form), a pass over the activations fewer each.
+    Elsewhere (CUDA, float64, gradients) it runs those operations."""
 
     def __init__(self, conv: nn.Conv2d, act: str, scalars: tuple[float, ...] = (), add: bool = False):
         super().__init__()
