@@ -122,12 +122,16 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def md5_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
+def hash_file(h: Any, path: str | Path, chunk: int = 1 << 20) -> Any:
+    """Feed the bytes of ``path`` to the hashlib object ``h``, a chunk at a time; returns ``h``."""
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    return h
+
+
+def md5_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    return hash_file(hashlib.md5(), path, chunk).hexdigest()
 
 
 # safetensors keeps its header metadata in a Rust HashMap, so a file with several metadata keys is

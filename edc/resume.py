@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from edc.codedeps import package_digest
+from edc.io import hash_file
 from edc.runtime import progress
 
 STATE = "state.pt"
@@ -50,9 +51,7 @@ def fingerprint(stage: str, params: Any, inputs: list[str | Path], code: str | P
         files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
         for f in files:
             h.update(f"{f.relative_to(root) if root.is_dir() else f.name}:{f.stat().st_size}\n".encode())
-            with open(f, "rb") as fh:
-                while block := fh.read(1 << 20):
-                    h.update(block)
+            hash_file(h, f)
     return h.hexdigest()
 
 

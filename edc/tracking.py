@@ -114,6 +114,9 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+RACE_ATTEMPTS = 3  # tries of a write that lost an insert race (retry_locked)
+
+
 def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 60, **kwargs: Any) -> T:
     """Call ``fn``, retrying while SQLite reports "database is locked": experiments queued with
     ``dvc queue start -j 2`` write one store from several processes at once. Also retried, at most
@@ -133,9 +136,6 @@ def retry_locked(fn: Callable[..., T], *args: Any, attempts: int = 60, **kwargs:
             time.sleep(delay)
             delay = min(2 * delay, 1.0)
     raise AssertionError("unreachable")
-
-
-RACE_ATTEMPTS = 3
 
 
 @contextlib.contextmanager
