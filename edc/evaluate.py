@@ -12,8 +12,9 @@ random initial weights (``ema_rate ** steps``: 0.99^200 = 13 %). Only the parame
 the BatchNorm running statistics of the EMA model are recomputed from the condensed set's own planned
 batches before it is tested (:func:`recompute_bn`, as ``torch.optim.swa_utils.update_bn`` does for a
 loader), because averaged statistics match neither the averaged weights nor the data.
-The reported accuracy is the final model's top-1 on the test split: the test split never selects an
-epoch or a checkpoint (it is evaluated every ``eval_every`` epochs for the curves only).
+The reported accuracy is the final model's top-1 on the test split, scored once after the last epoch:
+the test split never selects an epoch or a checkpoint, and the curves (every ``eval_every`` epochs)
+show the validation split only.
 """
 
 from __future__ import annotations
@@ -122,13 +123,15 @@ class _Evaluated:
             self.ready = epoch
         return self.ema.module
 
-    def row(self, epoch: int, test, val) -> dict:
-        """Test (and validation) accuracy of the evaluated model, and of the raw weights beside an EMA."""
-        row = {"test_acc": accuracy(self.at(epoch), test)}
+    def row(self, epoch: int, val) -> dict:
+        """Validation accuracy of the evaluated model, and of the raw weights beside an EMA (none without
+        a validation split). The test split is not looked at during training: it is scored once, at
+        the end (:func:`_final`), so no curve of it can steer a choice."""
+        if val is None:
+            return {}
+        row = {"val_acc": accuracy(self.at(epoch), val)}
         if self.ema is not None:  # the raw weights beside the EMA: how much the average adds, epoch by epoch
-            row["raw_test_acc"] = accuracy(self.model, test)
-        if val is not None:
-            row["val_acc"] = accuracy(self.at(epoch), val)
+            row["raw_val_acc"] = accuracy(self.model, val)
         return row
 
 
@@ -177,7 +180,7 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
         loss_sum, n = world.all_sum(loss_sum, n)
         row = {"epoch": e + 1, "train_loss": loss_sum / n}
         if world.main and ((e + 1) % cfg.eval_every == 0 or e + 1 == ds.epochs):
-            row.update(evaluated.row(e + 1, test, val))
+            row.update(evaluated.row(e + 1, val))
         curve.append(row)
         if log is not None:
             log(row)
@@ -196,12 +199,12 @@ def _final(model: nn.Module, ema, final: nn.Module, curve: list[dict], epochs: i
     def measured(key: str, net: nn.Module, split) -> float:
         return last[key] if key in last else accuracy(net, split)
 
-    acc = measured("test_acc", final, test)
-    raw = measured("raw_test_acc", model, test) if ema is not None else acc
+    acc = accuracy(final, test)
+    raw = accuracy(model, test) if ema is not None else acc
     val_acc = raw_val = None
     if val is not None:
         val_acc = measured("val_acc", final, val)
-        raw_val = accuracy(model, val) if ema is not None else val_acc
+        raw_val = measured("raw_val_acc", model, val) if ema is not None else val_acc
     return StudentResult(acc, raw, curve, seconds, val_acc, raw_val)
 
 

@@ -66,10 +66,14 @@ def test_student_trains_from_shards_alone_and_is_seeded(tmp_path):
     cfg = parse_params(raw).evaluate
     test = (torch.randn(8, 3, 10, 10), torch.arange(8) % 4)
     spec = cfg.students[0]
-    a = train_student(spec, cfg, 2.0, ds, test, seed=3)
-    b = train_student(spec, cfg, 2.0, ds, test, seed=3)
+    val = (torch.randn(6, 3, 10, 10), torch.arange(6) % 4)
+    a = train_student(spec, cfg, 2.0, ds, test, seed=3, val=val)
+    b = train_student(spec, cfg, 2.0, ds, test, seed=3, val=val)
     assert a.acc == b.acc and a.curve == b.curve
-    assert [r["epoch"] for r in a.curve] == [1, 2, 3, 4] and [("test_acc" in r) for r in a.curve] == [0, 1, 0, 1]
+    # The curve scores the validation split only; the test split is scored once, after the last epoch.
+    assert [r["epoch"] for r in a.curve] == [1, 2, 3, 4] and [("val_acc" in r) for r in a.curve] == [0, 1, 0, 1]
+    assert not any(k.startswith("test") or "_test" in k for r in a.curve for k in r)
+    assert a.val_acc == a.curve[-1]["val_acc"] and 0 <= a.acc <= 1
     assert ds.facts == FACTS
 
 
@@ -93,8 +97,8 @@ def bn_student_run(tmp_path, warmup, rate=0.9, epochs=6, eval_every=100):
     cfg = parse_params(raw).evaluate
     states = []
     test = (torch.randn(8, 3, 10, 10), torch.arange(8) % 4)
-    res = train_student(cfg.students[0], cfg, 2.0, ds, test, seed=0,
-                        on_epoch=lambda snap: states.append(copy.deepcopy(snap())))
+    res = train_student(cfg.students[0], cfg, 2.0, ds, test, seed=0,  # the curve's points score val
+                        on_epoch=lambda snap: states.append(copy.deepcopy(snap())), val=test)
     return ds, states, res
 
 
