@@ -214,13 +214,48 @@ def summarize(accs: list[float]) -> tuple[float, float]:
     return float(t.mean()), float(t.std()) if len(accs) > 1 else 0.0
 
 
+class UnaugmentedView:
+    """A condensed set without the students' augmentation (evaluation variant ``noaug``): the planned
+    batches (the same images in the same order, so the same steps) of the whole, un-cropped, un-mixed
+    images; with soft labels each image's target is its mean stored logits over all its planned views
+    (:func:`edc.shards.mean_soft_logits`), with hard labels its class."""
+
+    def __init__(self, ds: CondensedDataset):
+        from edc.shards import mean_soft_logits, read_epoch
+
+        self.set, self._read = ds, read_epoch
+        self.labels, self.facts, self.meta = ds.labels, ds.facts, ds.meta
+        self.epochs, self.batches_per_epoch = ds.epochs, ds.batches_per_epoch
+        self.soft = mean_soft_logits(ds) if ds.labels == "soft" else None
+
+    def epoch(self, e: int):
+        for b in self._read(self.set.path, self.meta, e):
+            ids = torch.from_numpy(b["ids"])
+            y = self.set.hard[ids]
+            yield self.set.images[ids], (self.soft[ids] if self.soft is not None else y), y
+
+
+def variant_sets(ds: CondensedDataset, variants: list[str]) -> dict[str, object]:
+    """The sets each evaluation variant trains on: ``hard`` the planned views with class labels,
+    ``noaug`` :class:`UnaugmentedView`."""
+    from edc.shards import load_condensed
+
+    made = {"hard": lambda: load_condensed(ds.path, labels="hard"), "noaug": lambda: UnaugmentedView(ds)}
+    # Under evaluate.labels: hard the main evaluation is already the hard-label one.
+    return {v: made[v]() for v in variants if not (v == "hard" and ds.labels == "hard")}
+
+
 def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_for: Callable[..., int], ckpt, run,
-                      device: torch.device, bf16: bool, world: World) -> tuple[dict, dict[str, list[dict]]]:
+                      device: torch.device, bf16: bool, world: World,
+                      variants: dict[str, object] | None = None) -> tuple[dict, dict[str, list[dict]]]:
     """Train and test every student of ``cfg`` (the ``evaluate`` params) with each of its seeds
-    (``seed_for(student name, seed index)``), one nested MLflow run each under ``run``. ``ckpt`` keeps
-    the finished ones and the current one's state, so an interrupted stage resumes exactly (rank 0
-    looks first and discards a checkpoint of other inputs; the other ranks then read the same).
-    Returns (metrics per student, curves per "student-seed<i>"); on ranks other than 0, empty."""
+    (``seed_for(student name, seed index)``), one nested MLflow run each under ``run``; then the same
+    students and seeds on each set of ``variants`` (name -> set, :func:`variant_sets`), so that a
+    variant's difference to the main result is paired seed by seed. ``ckpt`` keeps the finished ones
+    and the current one's state, so an interrupted stage resumes exactly (rank 0 looks first and
+    discards a checkpoint of other inputs; the other ranks then read the same).
+    Returns (metrics per student, with ``variants: {name: metrics}`` when there are variants; curves
+    per "student-seed<i>" and "student-<variant>-seed<i>"); on ranks other than 0, empty."""
     state = ckpt.load() if world.main else None
     world.barrier()
     if not world.main:
@@ -231,25 +266,33 @@ def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_fo
               flush=True)
     metrics, curves = {}, {}
     for spec in cfg.students:
-        results = []
-        for s in range(cfg.seeds):
-            key = f"{spec.name}/{s}"
-            with run.child(f"{spec.name} seed {s}", {"edc.student": spec.name, "edc.seed": str(s)}) as seed_run:
-                if key in state["done"]:
-                    res = StudentResult(**state["done"][key])
-                else:
-                    res = _train_seed(spec, cfg, zeta, ds, test, val, seed_for(spec.name, str(s)), key, state, ckpt,
-                                      seed_run, device, bf16, world)
-                seed_run.metrics({"final_acc": res.acc, "raw_acc": res.raw_acc, "seconds": res.seconds,
-                                  **({"val_acc": res.val_acc} if res.val_acc is not None else {})})
-            if world.main:
-                results.append(res)
-                curves[f"{spec.name}-seed{s}"] = res.curve
-                on_val = f", validation {100 * res.val_acc:.2f}%" if res.val_acc is not None else ""
-                print(f"[{spec.name}] seed {s}: test accuracy {100 * res.acc:.2f}% (raw weights "
-                      f"{100 * res.raw_acc:.2f}%{on_val}, {res.seconds:.0f} s)", flush=True)
-        if world.main:
-            metrics[spec.name] = _student_metrics(results, spec.name, run)
+        for variant, vds in [(None, ds), *(variants or {}).items()]:
+            results = []
+            for s in range(cfg.seeds):
+                key = f"{spec.name}/{s}" if variant is None else f"{spec.name}/{variant}/{s}"
+                title = f"{spec.name} seed {s}" + ("" if variant is None else f" ({variant})")
+                tags = {"edc.student": spec.name, "edc.seed": str(s), **({"edc.variant": variant} if variant else {})}
+                with run.child(title, tags) as seed_run:
+                    if key in state["done"]:
+                        res = StudentResult(**state["done"][key])
+                    else:
+                        res = _train_seed(spec, cfg, zeta, vds, test, val, seed_for(spec.name, str(s)), key, state,
+                                          ckpt, seed_run, device, bf16, world)
+                    seed_run.metrics({"final_acc": res.acc, "raw_acc": res.raw_acc, "seconds": res.seconds,
+                                      **({"val_acc": res.val_acc} if res.val_acc is not None else {})})
+                if world.main:
+                    results.append(res)
+                    curves[f"{spec.name}{'' if variant is None else '-' + variant}-seed{s}"] = res.curve
+                    on_val = f", validation {100 * res.val_acc:.2f}%" if res.val_acc is not None else ""
+                    print(f"[{spec.name}] {title[len(spec.name) + 1:]}: test accuracy {100 * res.acc:.2f}% (raw weights "
+                          f"{100 * res.raw_acc:.2f}%{on_val}, {res.seconds:.0f} s)", flush=True)
+            if not world.main:
+                continue
+            if variant is None:
+                metrics[spec.name] = _student_metrics(results, spec.name, run)
+            else:
+                metrics[spec.name].setdefault("variants", {})[variant] = _student_metrics(
+                    results, f"{spec.name}.{variant}", run)
     return metrics, curves
 
 

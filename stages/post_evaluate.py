@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edc import distributed
 from edc.data import load_prepared, split_files
 from edc.errors import ArtifactError
-from edc.evaluate import evaluate_students
+from edc.evaluate import evaluate_students, variant_sets
 from edc.io import write_curves, write_json
 from edc.params import load_params
 from edc.plan import planned_epochs
@@ -93,8 +93,9 @@ def main(argv=None) -> None:
         ckpt = Checkpointer(args.metrics, fingerprint("post_evaluate", stage_params(p, "post_evaluate"),
                                                       [args.shards, *split_files(args.data, "test"),
                                                        *split_files(args.data, "val")], code=__file__))
-        metrics, curves = evaluate_students(cfg, p.zeta, ds, test, val, lambda *k: derive_seed(trial_seed(p.seed, p.trial), "evaluate", *k),
-                                            ckpt, run, device, p.bf16, world)
+        seed = trial_seed(p.seed, p.trial)
+        metrics, curves = evaluate_students(cfg, p.zeta, ds, test, val, lambda *k: derive_seed(seed, "evaluate", *k),
+                                            ckpt, run, device, p.bf16, world, variant_sets(ds, cfg.variants))
         if not world.main:
             return
         write_plots(args, cfg, curves, val is not None)
@@ -104,6 +105,8 @@ def main(argv=None) -> None:
     for name, m in metrics.items():
         print(f"{name}: test accuracy {100 * m['acc_mean']:.2f} +- {100 * m['acc_std']:.2f}% over {cfg.seeds} seeds "
               f"({cfg.labels} labels, {ds.epochs} epochs)")
+        for variant, v in m.get("variants", {}).items():
+            print(f"{name} ({variant}): test accuracy {100 * v['acc_mean']:.2f} +- {100 * v['acc_std']:.2f}%")
 
 
 if __name__ == "__main__":
