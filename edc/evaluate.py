@@ -235,6 +235,31 @@ class UnaugmentedView:
             yield self.set.images[ids], (self.soft[ids] if self.soft is not None else y), y
 
 
+class FullTrainSet:
+    """The whole train split in the shape of a condensed set's plan, with hard labels (the full-data
+    reference that HLR subtracts from): each epoch a fresh seeded order and one planned view per image
+    (``aug``: the ``relabel.aug`` crops and flips the sets' students see), in batches of
+    ``batch_size``, so a student trains on it exactly as on a set under the same recipe."""
+
+    labels = "hard"
+
+    def __init__(self, train, facts, batch_size: int, epochs: int, aug, seed: int):
+        self.train, self.facts, self.batch_size, self.epochs, self.aug, self.seed = \
+            train, facts, batch_size, epochs, aug, seed
+        self.batches_per_epoch = -(-len(train) // batch_size)
+
+    def epoch(self, e: int):
+        from edc.plan import augment, batches, make_plan
+        from edc.runtime import derive_seed
+
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "reference", str(e)))
+        plan = make_plan(len(self.train), self.facts.height, self.facts.width, self.batch_size, self.aug.scale_min,
+                         self.aug.flip, False, gen)
+        for ids, crops, _ in batches(plan, self.batch_size):
+            y = self.train.labels[ids]
+            yield augment(self.train.take(ids), crops, None), y, y
+
+
 def variant_sets(ds: CondensedDataset, variants: list[str]) -> dict[str, object]:
     """The sets each evaluation variant trains on: ``hard`` the planned views with class labels,
     ``noaug`` :class:`UnaugmentedView`."""

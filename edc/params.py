@@ -229,6 +229,11 @@ class EvaluateParams(Section):
         return v
 
 
+class ReferenceParams(Section):
+    enabled: bool = Field(default=False, description="run the reference stage (it writes an empty report when off)")
+    epochs: int = Field(default=5, ge=1, le=10_000, description="epochs over the whole train split per student")
+
+
 class ContinualParams(Section):
     enabled: bool = Field(default=False, description="run the continual stage (it writes an empty report when off)")
     steps: int = Field(default=5, ge=1, le=1000, description="class groups arriving one after the other")
@@ -275,6 +280,7 @@ class Params(Section):
     synth: SynthParams
     relabel: RelabelParams
     evaluate: EvaluateParams
+    reference: ReferenceParams = Field(default_factory=ReferenceParams)
     continual: ContinualParams = Field(default_factory=ContinualParams)
     slimming: SlimmingParams = Field(default_factory=SlimmingParams)
 

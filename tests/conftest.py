@@ -82,7 +82,7 @@ def stage_argv(name: str) -> list[str]:
     return cmd[script + 1:]
 
 
-ARGS = {name: stage_argv(name) for name in (*PIPELINE, "continual", "slimming")}
+ARGS = {name: stage_argv(name) for name in (*PIPELINE, "reference", "continual", "slimming")}
 
 
 def run_stages(work: Path, params: Path, stages=PIPELINE) -> None:
