@@ -307,10 +307,11 @@ def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_fo
                                       **({"val_acc": res.val_acc} if res.val_acc is not None else {})})
                 if world.main:
                     results.append(res)
-                    curves[f"{spec.name}{'' if variant is None else '-' + variant}-seed{s}"] = res.curve
+                    tag = "" if variant is None else f"-{variant}"
+                    curves[f"{spec.name}{tag}-seed{s}"] = res.curve
                     on_val = f", validation {100 * res.val_acc:.2f}%" if res.val_acc is not None else ""
-                    print(f"[{spec.name}] {title[len(spec.name) + 1:]}: test accuracy {100 * res.acc:.2f}% (raw weights "
-                          f"{100 * res.raw_acc:.2f}%{on_val}, {res.seconds:.0f} s)", flush=True)
+                    print(f"[{spec.name}] {title[len(spec.name) + 1:]}: test accuracy {100 * res.acc:.2f}% "
+                          f"(raw weights {100 * res.raw_acc:.2f}%{on_val}, {res.seconds:.0f} s)", flush=True)
             if not world.main:
                 continue
             if variant is None:

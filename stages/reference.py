@@ -45,9 +45,9 @@ def main(argv=None) -> None:
         train = FullTrainSet(data.view("train"), data.facts, p.relabel.batch_size, p.reference.epochs, p.relabel.aug,
                              p.seed)
         val = data.view("val") if data.has_val else None
-        ckpt = Checkpointer(args.metrics, fingerprint("reference", stage_params(p, "reference"),
-                                                      [*split_files(args.data, "train"), *split_files(args.data, "test"),
-                                                       *split_files(args.data, "val")], code=__file__))
+        splits = [f for split in ("train", "test", "val") for f in split_files(args.data, split)]
+        ckpt = Checkpointer(args.metrics, fingerprint("reference", stage_params(p, "reference"), splits,
+                                                      code=__file__))
         # Hard labels, whatever evaluate.labels says: HLR compares hard-label accuracies.
         cfg = p.evaluate.model_copy(update={"labels": "hard", "variants": []})
         students, _ = evaluate_students(cfg, p.zeta, train, data.view("test"), val,

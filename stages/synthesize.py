@@ -122,7 +122,8 @@ def main(argv=None) -> None:
                               derive_seed(seed, "synthesize", "report"))
         with atomic_dir(args.out) as tmp:
             write_imageset(tmp, out_u8, labels, {
-                "alpha": p.alpha, "seed": p.seed, **trial_meta(p.trial), "params": cfg.model_dump(), "init": init_meta["method"],
+                "alpha": p.alpha, "seed": p.seed, **trial_meta(p.trial), "params": cfg.model_dump(),
+                "init": init_meta["method"],
                 "dataset": facts.name, "ipc": init_meta["ipc"], "matching": report,
             })
         write_curve(args.curves, rows)
