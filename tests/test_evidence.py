@@ -3,6 +3,7 @@ the shared work, paired methods start from the same images, the full-data refere
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from edc.evaluate import FullTrainSet
@@ -83,3 +84,69 @@ def test_the_reference_stage_trains_each_student_on_the_whole_train_split(tmp_pa
     assert ref["enabled"] and ref["epochs"] == 1 and ref["images"] == 4000 - 100
     student = ref["students"]["student"]
     assert 0.5 < student["acc_mean"] <= 1 and 0 < student["val_acc_mean"] <= 1 and list(student["seeds"]) == ["0"]
+
+
+# --- the report's metrics against hand-computed cases (docs/metrics.md) ------------------------------
+
+def _exp(name: str, trial: int, acc: float, hard: float | None = None, noaug: float | None = None,
+         ref: float | None = None, **params):
+    from edc.params import read_yaml
+    from edc.presets import parse_name
+    from edc.report import Experiment
+    from tests.conftest import ROOT
+
+    p = read_yaml(ROOT / "params.yaml")
+    p.update(trial=trial, **params)
+    variants = {k: {"acc_mean": v} for k, v in (("hard", hard), ("noaug", noaug)) if v is not None}
+    m = {"acc_mean": acc, "acc_std": 0.0, "seeds": {"0": acc, "1": acc}, **({"variants": variants} if variants else {})}
+    assert parse_name(name) is not None
+    return Experiment(name, f"{trial}bcdef0", f"2026-12-05T0{trial}:00:00", p, {"convnet": m},
+                      reference={"convnet": {"acc_mean": ref, "acc_std": 0.001}} if ref is not None else None)
+
+
+def _evidence_exps():
+    edc = [_exp(f"edc-ipc1-t{t}", t, a, hard=h, noaug=n, ref=0.98)
+           for t, a, h, n in ((0, 0.80, 0.60, 0.70), (1, 0.84, 0.62, 0.72), (2, 0.82, 0.64, 0.74))]
+    soft = [_exp(f"random-soft-ipc1-t{t}", t, a) for t, a in ((0, 0.79), (1, 0.80), (2, 0.81))]
+    return {e.name: e for e in edc + soft}
+
+
+def test_accuracy_interval_ior_hlr_and_the_augmentation_pair_by_hand():
+    from edc.report import build_report, evidence, method_trials, t_interval
+
+    # t(0.975, 2) = 4.302653 (the table); values 0.80, 0.84, 0.82: mean 0.82, s = 0.02
+    mean, half = t_interval([0.80, 0.84, 0.82])
+    assert mean == pytest.approx(0.82) and half == pytest.approx(4.302653 * 0.02 / 3 ** 0.5, rel=1e-6)
+    assert t_interval([0.5]) == (0.5, None)
+    groups = method_trials(_evidence_exps())
+    ev = evidence(groups["edc", 1], groups["random-soft", 1], "convnet")
+    assert ev.trials == [0, 1, 2] and ev.seeds == 2
+    # IOR: paired differences 0.01, 0.04, 0.01: mean 0.02, s = sqrt(0.0003)
+    assert ev.ior[0] == pytest.approx(0.02) and ev.ior[1] == pytest.approx(4.302653 * 0.0003 ** 0.5 / 3 ** 0.5)
+    # HLR: 0.98 - (0.60, 0.62, 0.64) = 0.38, 0.36, 0.34
+    assert ev.hlr[0] == pytest.approx(0.36) and ev.hlr[1] == pytest.approx(4.302653 * 0.02 / 3 ** 0.5)
+    assert ev.aug == pytest.approx((0.82, 0.72))
+    lines = build_report(_evidence_exps(), None).splitlines()
+    assert "| edc | convnet | 0,1,2 (2 seeds) | 82.00 ± 4.97 | +2.00 ± 4.30 | +36.00 ± 4.97 | 82.00 / 72.00 | - |" \
+        in lines
+    assert "| random-soft | convnet | 0,1,2 (2 seeds) | 80.00 ± 2.48 | 0 (the baseline) | - | - | - |" in lines
+    assert any(line.startswith("Full-data reference") and "convnet 98.00 ± 0.10" in line for line in lines)
+
+
+def test_ior_pairs_only_trials_under_the_same_protocol_and_the_report_is_stable():
+    from edc.report import build_report, evidence, method_trials
+
+    exps = _evidence_exps()
+    exps["random-soft-ipc1-t2"].params["zeta"] = 1.0  # another evaluation protocol: not a pair
+    groups = method_trials(exps)
+    ev = evidence(groups["edc", 1], groups["random-soft", 1], "convnet")
+    # differences 0.01, 0.04: mean 0.025, s = 0.03 / sqrt(2); t(0.975, 1) = 12.706205
+    assert ev.ior_trials == 2 and ev.ior[0] == pytest.approx(0.025)
+    assert ev.ior[1] == pytest.approx(12.706205 * (0.03 / 2 ** 0.5) / 2 ** 0.5, rel=1e-6)
+    assert "+2.50 ± 19.06 (2 paired)" in build_report(exps, None)
+    # a set evaluated with hard labels is its own hard-label accuracy; trial 0 without a suffix is trial 0
+    hard = _exp("random-hard-ipc1", 0, 0.50, ref=0.98, evaluate={**exps["edc-ipc1-t0"].params["evaluate"],
+                                                                  "labels": "hard"})
+    ev = evidence(method_trials({hard.name: hard})["random-hard", 1], None, "convnet")
+    assert ev.hlr == (pytest.approx(0.48), None) and ev.ior is None
+    assert build_report(exps, None) == build_report(dict(reversed(list(exps.items()))), None)
