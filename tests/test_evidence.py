@@ -9,10 +9,10 @@ import torch
 from edc.evaluate import FullTrainSet
 from edc.imageset import read_imageset
 from edc.io import read_json
-from edc.params import parse_params
+from edc.params import parse_params, read_yaml
 from edc.presets import preset_overrides
 from edc.runtime import derive_seed, trial_seed
-from tests.conftest import md5_tree, run_stages, tiny_params, write_yaml
+from tests.conftest import ROOT, md5_tree, run_stages, tiny_params, write_yaml
 
 
 def _with(raw: dict, overrides: dict) -> dict:
@@ -150,3 +150,18 @@ def test_ior_pairs_only_trials_under_the_same_protocol_and_the_report_is_stable(
     ev = evidence(method_trials({hard.name: hard})["random-hard", 1], None, "convnet")
     assert ev.hlr == (pytest.approx(0.48), None) and ev.ior is None
     assert build_report(exps, None) == build_report(dict(reversed(list(exps.items()))), None)
+
+
+def test_the_default_students_include_one_the_observers_never_were_and_the_report_marks_it():
+    from edc.report import build_report
+
+    p = parse_params(read_yaml(ROOT / "params.yaml"))
+    observed = {m.arch for m in p.observers.models}
+    unseen = [s.name for s in p.evaluate.students if s.arch not in observed]
+    assert unseen == ["vit"]
+    exps = _evidence_exps()
+    for e in exps.values():
+        e.metrics["vit"] = {**e.metrics["convnet"], "acc_mean": e.metrics["convnet"]["acc_mean"] - 0.1}
+    rows = [ln for ln in build_report(exps, None).splitlines() if "*(unseen)*" in ln]
+    assert [r.split(" | ")[:2] for r in rows] == [["| edc", "vit *(unseen)*"], ["| random-soft", "vit *(unseen)*"]]
+    assert "| +2.00 ± 4.30 |" in rows[0]  # the same paired differences, 0.1 lower on both sides

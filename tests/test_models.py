@@ -123,3 +123,13 @@ def test_vit_is_outside_the_observers_families_and_checks_its_shape():
     assert not torch.allclose(model.eval()(x), model(y))
     with pytest.raises(ValueError, match="patch 5 does not divide the 28px image"):
         create_model("vit", in_channels=1, num_classes=10, image_size=28, patch=5)
+    # as a student of params.yaml: one line naming the architecture, its arguments and the data
+    from edc.data import DatasetFacts
+    from edc.errors import EdcError
+    from edc.observers import build
+
+    facts = DatasetFacts(name="toy", channels=3, height=32, width=32, num_classes=4, class_names=list("abcd"),
+                         mean=[0.5] * 3, std=[0.2] * 3, counts={"train": [5] * 4, "test": [2] * 4})
+    with pytest.raises(EdcError) as exc:
+        build("vit", {"patch": 7}, facts)
+    assert str(exc.value) == "vit {'patch': 7} on toy (32px): vit patch 7 does not divide the 32px image"
