@@ -116,6 +116,8 @@ def _trial_points(name: str, overrides: dict, args: argparse.Namespace) -> list[
     """One experiment, or with ``--trials N`` N of them: ``NAME-t0`` ... with ``trial`` 0 ... N-1."""
     if args.trials is None:
         return [(name, overrides)]
+    if any(extra.split("=", 1)[0] == "trial" for extra in args.set or []):
+        raise EdcError("--trials sets the param trial of each experiment; remove -S trial=...")
     return [(f"{name}-t{k}", {**overrides, "trial": k}) for k in range(args.trials)]
 
 

@@ -275,3 +275,6 @@ def test_trials_are_named_experiments_with_the_trial_param(tmp_path, monkeypatch
     assert parse_name(experiment_name("random-soft", 1, trial=4)) == ("random-soft", None, 1)
     assert parse_name(experiment_name("alpha", 10, 0.25, trial=0)) == ("alpha", "0.25", 10)
     assert parse_name("edc-ipc1-tx") is None
+    with pytest.raises(SystemExit):
+        edc_main(["exp", "preset", "edc", "--trials", "2", "-S", "trial=3", "--dry-run"])
+    assert capsys.readouterr().err.strip() == "--trials sets the param trial of each experiment; remove -S trial=..."
