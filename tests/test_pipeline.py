@@ -105,10 +105,11 @@ def test_a_failing_stage_keeps_the_earlier_output(tmp_path, default_params):
 
 STAGES = ("prepare", "train_observers", "collect_stats", "init", "synthesize", "relabel", "post_evaluate")
 APPS = ("continual", "slimming")  # off by default: they run, write "enabled: false", and log nothing
+REFERENCE = "reference"  # HLR's full-data reference, off by default too; reads no set, only data and recipe
 
 
 def ran(output: str) -> set[str]:
-    return {s for s in STAGES + APPS if f"Running stage '{s}'" in output}
+    return {s for s in (*STAGES, *APPS, REFERENCE) if f"Running stage '{s}'" in output}
 
 
 def lock_outs(repo: Path) -> dict[str, str]:
@@ -170,7 +171,7 @@ def _run_of(h, stage_name: str, exp: str) -> str:
 @pytest.mark.slow
 @pytest.mark.xdist_group("dvc-history")
 def test_repro_runs_every_stage_once_then_nothing(history):
-    assert history.ran["repro"] == set(STAGES + APPS)
+    assert history.ran["repro"] == {*STAGES, *APPS, REFERENCE}
     assert {k for k in history.lock if not k.split(":")[1].startswith("reports")} == {
         "prepare:data/prepared", "train_observers:models/observers", "collect_stats:stats", "init:condensed/init",
         "synthesize:condensed/images", "relabel:condensed/shards"}
@@ -203,8 +204,8 @@ def test_a_param_reruns_only_the_stages_that_read_it(history):
     # alpha: synthesize and what follows it, nothing upstream
     assert history.ran["alpha-quarter"] == {"synthesize", "relabel", "post_evaluate", *APPS}
     assert history.read["alpha-quarter"]["alpha"] == 0.25
-    # zeta: post_evaluate, and continual, which trains students with the same recipe
-    assert history.ran["zeta-one-half"] == {"post_evaluate", "continual"}
+    # zeta: post_evaluate, and continual and reference, which train students with the same recipe
+    assert history.ran["zeta-one-half"] == {"post_evaluate", "continual", REFERENCE}
 
 
 @pytest.mark.slow
@@ -317,7 +318,7 @@ def test_a_queued_sweep_loses_no_run_and_the_report_shows_it(history):
 def test_applications_and_a_failing_stage_under_dvc(dvc_repo):
     """Its own repository, so that pytest-xdist runs it beside the test above."""
     repo, env = dvc_repo
-    assert ran(sh(["dvc", "repro"], repo, env)) == set(STAGES + APPS)
+    assert ran(sh(["dvc", "repro"], repo, env)) == {*STAGES, *APPS, REFERENCE}
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "lock"], repo, env)
 
