@@ -5,6 +5,11 @@ Experiments are found by name (:func:`edc.presets.experiment_name`: ``edc-ipc10`
 occurs more than once, the newest wins. Accuracies are read from each experiment's
 ``reports/metrics.json`` as DVC stored it; the MLflow ``post_evaluate`` run tagged with the same
 ``dvc.exp_name`` must hold the same values, and a difference is printed and marked in the table.
+
+A preset's trials (``edc-ipc1-t0`` ...; the trial is the experiment's ``trial`` param) are gathered
+per method and ipc into the field's metrics (docs/metrics.md): accuracy with a 95 % t-interval over
+trials, IOR against random-soft paired by trial and protocol, HLR against the stage ``reference``,
+and accuracy with and without the students' augmentation.
 """
 
 from __future__ import annotations
