@@ -231,7 +231,7 @@ class EvaluateParams(Section):
 
 class ReferenceParams(Section):
     enabled: bool = Field(default=False, description="run the reference stage (it writes an empty report when off)")
-    epochs: int = Field(default=5, ge=1, le=10_000, description="epochs over the whole train split per student")
+    epochs: int = Field(default=20, ge=1, le=10_000, description="epochs over the whole train split per student")
 
 
 class ContinualParams(Section):
