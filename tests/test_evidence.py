@@ -165,3 +165,29 @@ def test_the_default_students_include_one_the_observers_never_were_and_the_repor
     rows = [ln for ln in build_report(exps, None).splitlines() if "*(unseen)*" in ln]
     assert [r.split(" | ")[:2] for r in rows] == [["| edc", "vit *(unseen)*"], ["| random-soft", "vit *(unseen)*"]]
     assert "| +2.00 ± 4.30 |" in rows[0]  # the same paired differences, 0.1 lower on both sides
+
+
+@pytest.mark.slow
+def test_trials_of_edc_and_random_soft_give_the_fields_metrics_and_a_stable_report(dvc_repo):
+    """What a user runs: the trial command for both methods, then `edc report`, twice."""
+    import sys
+
+    from tests.conftest import sh
+
+    repo, env = dvc_repo
+    edc = [sys.executable, "-m", "edc.cli"]
+    sh([*edc, "exp", "preset", "random-soft", "--ipc", "2", "--trials", "2"], repo, env)
+    sh([*edc, "exp", "preset", "edc", "--ipc", "2", "--trials", "2", "-S", "synth.iterations=4",
+        "-S", "evaluate.variants=[hard,noaug]", "-S", "reference.enabled=true", "-S", "reference.epochs=1"], repo, env)
+    sh([*edc, "report"], repo, env)
+    first = (repo / "reports/results.md").read_text()
+    sh([*edc, "report"], repo, env)
+    assert (repo / "reports/results.md").read_text() == first
+    rows = {ln.split(" | ")[0]: ln.split(" | ") for ln in first.splitlines() if ln.startswith("| ") and
+            len(ln.split(" | ")) == 8 and " | student | 0,1 (1 seeds) | " in ln}
+    edc_row, soft_row = rows["| edc"], rows["| random-soft"]
+    assert " ± " in edc_row[3] and " ± " in soft_row[3]
+    assert edc_row[4].startswith(("+", "-")) and " ± " in edc_row[4]  # IOR with its interval
+    assert " ± " in edc_row[5] and " / " in edc_row[6]  # HLR and the augmentation pair
+    assert soft_row[4] == "0 (the baseline)" and soft_row[5] == "-"
+    assert "Full-data reference" in first
