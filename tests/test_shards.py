@@ -3,6 +3,7 @@ webdataset reads it."""
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import tarfile
@@ -17,7 +18,7 @@ from edc.errors import ArtifactError
 from edc.io import md5_file
 from edc.plan import crop_resize
 from edc.relabel import augment, batches, make_plan, sample_boxes, teacher_logits
-from edc.shards import CondensedWriter, load_condensed, read_meta
+from edc.shards import SHARD_BYTES, CondensedWriter, load_condensed, read_meta
 from tests.conftest import ROOT
 
 FACTS = DatasetFacts(name="toy", channels=3, height=10, width=10, num_classes=4, class_names=list("abcd"),
@@ -35,16 +36,19 @@ def toy_images(n=10, seed=0):
     return torch.randint(0, 256, (n, 3, 10, 10), generator=g, dtype=torch.uint8), torch.arange(n) % 4
 
 
-def write_set(out, epochs=3, batch_size=4, topk=0, cutmix=True, seed=0, images=None):
+def write_set(out, epochs=3, batch_size=4, topk=0, cutmix=True, seed=0, images=None, codec="float16", stored=None,
+              shard_bytes=SHARD_BYTES):
+    """A toy set of 10 images whose labels are two small teachers' logits on the planned views;
+    returns each stored epoch's (plan, augmented views)."""
     out.mkdir(parents=True, exist_ok=True)
     u8, y = images if images is not None else toy_images()
     x = normalize(u8, FACTS)
     meta = {"dataset": FACTS.to_dict(), "class_names": FACTS.class_names, "num_classes": 4, "ipc": 2,
             "teachers": ["t0", "t1"], "epochs": epochs, "batch_size": batch_size, "topk": topk, "cutmix": cutmix,
-            "aug": {"scale_min": 0.3, "flip": True}, "params": {}}
-    w = CondensedWriter(out, u8, y, meta)
+            "codec": codec, "stored_epochs": stored or epochs, "aug": {"scale_min": 0.3, "flip": True}, "params": {}}
+    w = CondensedWriter(out, u8, y, meta, shard_bytes=shard_bytes)
     plans = []
-    for e in range(epochs):
+    for e in range(stored or epochs):
         plan = make_plan(len(y), 10, 10, batch_size, 0.3, True, cutmix, torch.Generator().manual_seed(seed * 100 + e))
         xa = torch.cat([augment(x[i], c, m) for i, c, m in batches(plan, batch_size)])
         w.write_epoch(e, plan, batch_size, teacher_logits(teachers(), xa), topk)
@@ -90,35 +94,36 @@ def test_shards_are_byte_identical_on_rerun(tmp_path):
     write_set(tmp_path / "a")
     write_set(tmp_path / "b")
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == ["epoch-0000.tar", "epoch-0001.tar", "epoch-0002.tar", "images-000000.tar", "meta.json"]
+    assert names == ["images-000000.tar", "labels-000000.tar", "meta.json"]
     assert all(md5_file(tmp_path / "a" / n) == md5_file(tmp_path / "b" / n) for n in names)
-    with tarfile.open(tmp_path / "a" / "epoch-0000.tar") as tf:
-        members = tf.getmembers()
-    assert {m.mtime for m in members} == {0}
-    assert all(m.name.count(".") == 1 or m.name.endswith(".npy") and m.name.count(".") == 2 for m in members)
-    assert all("." not in m.name.split(".")[0] for m in members)  # keys have no dots
+    for name in names[:2]:
+        with tarfile.open(tmp_path / "a" / name) as tf:
+            members = tf.getmembers()
+        assert {m.mtime for m in members} == {0}
+        assert all(m.name.endswith(".npy") and m.name.count(".") == 2 for m in members)  # keys have no dots
 
 
 def test_bad_shards_are_named(tmp_path):
     write_set(tmp_path / "s")
     write_set(tmp_path / "other", seed=1, images=toy_images(seed=5))
     s = tmp_path / "s"
-    # truncated epoch shards: inside a sample, after a whole sample, in the tar's end padding
-    data = (s / "epoch-0001.tar").read_bytes()
-    for cut, said in ((700, r"truncated or corrupt shard"),
-                      (2048, r"1 batches, meta.json says 3 per epoch \(truncated"),
+    # truncated label shards: inside a member's header, inside an array, in the end-of-archive blocks
+    data = (s / "labels-000000.tar").read_bytes()
+    for cut, said in ((300, r"truncated or corrupt shard"), (700, r"truncated or corrupt shard"),
                       (len(data) - 512, r"altered or truncated")):
-        (s / "epoch-0001.tar").write_bytes(data[:cut])
-        with pytest.raises(ArtifactError, match=r"epoch-0001.tar: .*" + said):
+        (s / "labels-000000.tar").write_bytes(data[:cut])
+        with pytest.raises(ArtifactError, match=r"labels-000000.tar: .*" + said):
             list(load_condensed(s).epoch(1))
-    # an epoch shard from another condensed set
-    shutil.copy(tmp_path / "other" / "epoch-0002.tar", s / "epoch-0002.tar")
-    with pytest.raises(ArtifactError, match=r"epoch-0002.tar: belongs to another condensed set"):
+    # a label shard from another condensed set
+    shutil.copy(tmp_path / "other" / "labels-000000.tar", s / "labels-000000.tar")
+    with pytest.raises(ArtifactError, match=r"labels-000000.tar: belongs to another condensed set"):
         list(load_condensed(s).epoch(2))
-    # a missing epoch
-    (s / "epoch-0000.tar").unlink()
-    with pytest.raises(ArtifactError, match=r"epoch-0000.tar: missing \(meta.json lists 3 epochs\)"):
+    # a missing label shard, an epoch the set does not have
+    (s / "labels-000000.tar").unlink()
+    with pytest.raises(ArtifactError, match=r"labels-000000.tar: missing \(meta.json lists 1 label shards\)"):
         list(load_condensed(s).epoch(0))
+    with pytest.raises(ArtifactError, match=r"epoch 3: meta.json lists 3 epochs"):
+        list(load_condensed(s).epoch(3))
     # image shard from another set
     shutil.copy(tmp_path / "other" / "images-000000.tar", s / "images-000000.tar")
     with pytest.raises(ArtifactError, match="images-000000.tar: belongs to another condensed set"):
@@ -173,17 +178,31 @@ def test_planned_crops_are_bilinear_samples_at_the_output_pixel_centres():
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_readme_example_reads_a_shard_with_plain_webdataset(tmp_path, monkeypatch):
-    """The README's example, run as written against a condensed set."""
-    write_set(tmp_path / "condensed" / "shards")
+def test_readme_example_reads_a_set_with_plain_webdataset(tmp_path, monkeypatch):
+    """The README's example, run as written against a condensed set of two label shards, gives the
+    project reader's images, views and labels."""
+    write_set(tmp_path / "condensed" / "shards", epochs=5, stored=3, shard_bytes=400)
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"<!-- webdataset-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
-    assert scope["images"].shape == (10, 10, 10, 3) and scope["images"].dtype == np.uint8
-    assert torch.allclose(scope["soft"].sum(1), torch.ones(len(scope["soft"])))
-    assert len(scope["hard"]) == 10 and scope["soft"].shape[1] == 4
+    ds = load_condensed(tmp_path / "condensed" / "shards")
+    assert len(ds.meta["label_shards"]) == 2
+    assert np.array_equal(scope["images"], ds.images_u8.numpy()) and np.array_equal(scope["hard"], ds.hard.numpy())
+    from edc.shards import read_epoch
+
+    for epoch in range(5):
+        e = epoch % 3
+        for b, start in zip(read_epoch(ds.path, ds.meta, epoch), range(0, 10, 4)):
+            assert np.array_equal(scope["ids"][e, start:start + 4], b["ids"])
+            assert np.array_equal(scope["crops"][e, start:start + 4], b["crops"])
+            assert np.array_equal(scope["logits"][e, start:start + 4].astype(np.float32), b["logits"])
+    # the loop's last batch: epoch 4 replays stored epoch 1, images 8 and 9
+    last = read_epoch(ds.path, ds.meta, 4)[-1]
+    assert np.array_equal(scope["batch_images"], ds.images_u8.numpy()[last["ids"]])
+    want = torch.softmax(torch.from_numpy(last["logits"]) / 4.0, 1).numpy()
+    np.testing.assert_allclose(scope["soft"], want, rtol=1e-5, atol=1e-6)
 
 
 def test_teacher_logits_are_the_mean_of_the_teachers_logits():
@@ -241,20 +260,60 @@ def test_a_dataloader_yields_every_planned_batch_once_in_order(tmp_path, workers
         assert torch.equal(x, wx) and torch.equal(t, wt) and torch.equal(y, wy)
 
 
-def test_a_plain_webdataset_pipeline_sees_batches_only(tmp_path):
-    import webdataset as wds
-
-    write_set(tmp_path / "s", epochs=3)
-    url = str(tmp_path / "s" / "epoch-{0000..0002}.tar")
-    keys = [b["__key__"] for b in wds.WebDataset(url, shardshuffle=False).decode()]
-    assert keys == ["b00000", "b00001", "b00002"] * 3
+def test_storage_is_counted_by_kind_and_adds_up_to_the_files(tmp_path):
+    """meta.json's bytes: the arrays of each kind (counted here from the shards' members), the
+    container as the rest of every file including meta.json itself, and per image per epoch."""
+    write_set(tmp_path / "s", epochs=6, stored=4, cutmix=True, topk=2, shard_bytes=400)
     meta = read_meta(tmp_path / "s")
-    assert meta["batches_per_epoch"] == 3 and set(meta["shards"]) == {
-        "images-000000.tar", "epoch-0000.tar", "epoch-0001.tar", "epoch-0002.tar"}
-    sizes = {n: (tmp_path / "s" / n).stat().st_size for n in meta["shards"]}
-    assert meta["bytes"]["images"] == sizes["images-000000.tar"]
-    assert meta["bytes"]["soft_labels"] == sum(v for n, v in sizes.items() if n.startswith("epoch"))
-    assert meta["bytes"]["soft_labels_per_image_epoch"] == round(meta["bytes"]["soft_labels"] / 3 / 10, 2)
+    assert meta["epochs_per_shard"] == 2 and meta["label_shards"] == ["labels-000000.tar", "labels-000001.tar"]
+    files = {n: (tmp_path / "s" / n).stat().st_size for n in [*meta["shards"], "meta.json"]}
+    want = {"images": 0, "labels": 0, "plan": 0}
+    for name in meta["shards"]:
+        with tarfile.open(tmp_path / "s" / name) as tf:
+            for m in tf.getmembers():
+                a = np.load(io.BytesIO(tf.extractfile(m).read()))
+                kind = "images" if name.startswith("images") else \
+                    "plan" if m.name.split(".")[1] in ("ids", "crops", "mix") else "labels"
+                want[kind] += a.size * a.itemsize
+    got = meta["bytes"]
+    assert {k: got[k] for k in want} == want
+    assert want["images"] == 10 * 3 * 10 * 10 + 10  # uint8 pixels and uint8 classes
+    assert want["labels"] == 4 * 10 * 2 * (2 + 1)  # 4 stored epochs x 10 views x top-2 float16 values + uint8 indices
+    assert want["plan"] == 4 * 10 * (1 + 5 + 5)  # uint8 ids, crops and CutMix rows
+    assert got["total"] == sum(files.values()) == sum(want.values()) + got["container"]
+    assert got["per_image_epoch"] == {k: round(got[k] / (10 * 6), 3) for k in ("images", "labels", "plan",
+                                                                               "container", "total")}
+
+
+@pytest.mark.parametrize("ipc", [1, 10])
+def test_container_is_at_most_5_percent_of_the_labels_with_default_sizes(tmp_path, default_params, ipc):
+    """A set of the default shape (MNIST 28 x 28 grey, 10 classes, params.yaml's relabel plan, float16
+    logits of every epoch) and a card as big as the relabel stage writes: the container (tar framing,
+    .npy headers, meta.json) is at most 5 % of the label payload."""
+    from edc.data import DatasetFacts as Facts
+    from edc.params import Params
+    from edc.plan import planned_epochs
+
+    cfg = Params.model_validate(default_params).relabel
+    n = 10 * ipc
+    epochs = planned_epochs(cfg.epochs, cfg.min_steps, n, cfg.batch_size)
+    facts = Facts(name="mnist5k", channels=1, height=28, width=28, num_classes=10, class_names=[str(i) for i in range(10)],
+                  mean=[0.13], std=[0.31], counts={"train": [400] * 10, "test": [100] * 10})
+    meta = {"dataset": facts.to_dict(), "class_names": facts.class_names, "num_classes": 10, "ipc": ipc,
+            "teachers": cfg.teachers, "epochs": epochs, "stored_epochs": epochs, "batch_size": cfg.batch_size,
+            "codec": cfg.codec, "topk": cfg.topk, "cutmix": cfg.cutmix, "aug": cfg.aug.model_dump(),
+            "params": {"seed": 0, "relabel": cfg.model_dump(),
+                       "synthesis": {"ipc": ipc, "params": default_params["synth"], "alpha": 0.5}}}
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    w = CondensedWriter(tmp_path, u8, torch.arange(n) % 10, meta)
+    for e in range(epochs):
+        plan = make_plan(n, 28, 28, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, g)
+        w.write_epoch(e, plan, cfg.batch_size, torch.randn(n, 10, generator=g), cfg.topk)
+    w.close()
+    b = read_meta(tmp_path)["bytes"]
+    assert b["labels"] == n * epochs * 10 * 2
+    assert b["container"] <= 0.05 * b["labels"], b
 
 
 def test_a_set_is_read_and_trained_from_over_http_and_pipe(tmp_path):
