@@ -297,8 +297,9 @@ def test_container_is_at_most_5_percent_of_the_labels_with_default_sizes(tmp_pat
     cfg = Params.model_validate(default_params).relabel
     n = 10 * ipc
     epochs = planned_epochs(cfg.epochs, cfg.min_steps, n, cfg.batch_size)
-    facts = Facts(name="mnist5k", channels=1, height=28, width=28, num_classes=10, class_names=[str(i) for i in range(10)],
-                  mean=[0.13], std=[0.31], counts={"train": [400] * 10, "test": [100] * 10})
+    facts = Facts(name="mnist5k", channels=1, height=28, width=28, num_classes=10,
+                  class_names=[str(i) for i in range(10)], mean=[0.13], std=[0.31],
+                  counts={"train": [400] * 10, "test": [100] * 10})
     meta = {"dataset": facts.to_dict(), "class_names": facts.class_names, "num_classes": 10, "ipc": ipc,
             "teachers": cfg.teachers, "epochs": epochs, "stored_epochs": epochs, "batch_size": cfg.batch_size,
             "codec": cfg.codec, "topk": cfg.topk, "cutmix": cfg.cutmix, "aug": cfg.aug.model_dump(),
@@ -314,6 +315,7 @@ def test_container_is_at_most_5_percent_of_the_labels_with_default_sizes(tmp_pat
     b = read_meta(tmp_path)["bytes"]
     assert b["labels"] == n * epochs * 10 * 2
     assert b["container"] <= 0.05 * b["labels"], b
+    print(f"ipc {ipc}: {b}")  # the figures the README quotes (pytest -s)
 
 
 def test_a_set_is_read_and_trained_from_over_http_and_pipe(tmp_path):
@@ -424,3 +426,138 @@ def test_export_imagefolder_and_the_readme_training_loop(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["data"].classes == ["000_zero", "001_one_1", "002_two", "003_three"]
     assert torch.isfinite(scope["loss"])
+
+
+def _stored_arrays(path) -> dict[str, np.ndarray]:
+    """Every label shard's arrays, read with tarfile and numpy alone, concatenated over the shards."""
+    meta = read_meta(path)
+    got: dict[str, list] = {}
+    for name in meta["label_shards"]:
+        with tarfile.open(path / name) as tf:
+            for m in tf.getmembers():
+                got.setdefault(m.name.split(".")[1], []).append(np.load(io.BytesIO(tf.extractfile(m).read())))
+    return {k: np.concatenate(v) for k, v in got.items()}
+
+
+def _brute_force_decode(a: dict[str, np.ndarray], k: int) -> np.ndarray:
+    """Dense float32 logits from the stored arrays, one view at a time, as the format's docstring says."""
+    epochs, n = a["ids"].shape
+    out = np.full((epochs, n, k), -np.inf, dtype=np.float32)
+    for e in range(epochs):
+        for v in range(n):
+            if "q" in a:
+                values = [float(a["offset"][e, v]) + float(a["scale"][e, v]) * int(q) for q in a["q"][e, v]]
+            else:
+                values = [float(x) for x in a["topv" if "topi" in a else "logits"][e, v]]
+            classes = [int(c) for c in a["topi"][e, v]] if "topi" in a else range(k)
+            for c, x in zip(classes, values):
+                out[e, v, c] = x
+    return out
+
+
+@pytest.mark.parametrize("codec, topk", [("float16", 0), ("float16", 2), ("int8", 0), ("int8", 3)])
+def test_label_codecs_decode_as_a_brute_force_reading_of_the_arrays(tmp_path, codec, topk):
+    """Each codec: the reader's labels are the brute-force decode of the stored arrays; those are the
+    teachers' logits on the replayed views to the codec's precision (float16 rounding; int8: within
+    half a step of the row's scale); top-k keeps the k largest with uint8 class indices."""
+    plans = write_set(tmp_path / "s", epochs=3, topk=topk, codec=codec, cutmix=False, shard_bytes=300)
+    ds = load_condensed(tmp_path / "s")
+    assert len(ds.meta["label_shards"]) > 1
+    a = _stored_arrays(tmp_path / "s")
+    want = _brute_force_decode(a, 4)
+    if topk:
+        assert a["topi"].dtype == np.uint8 and a["topi"].shape == (3, 10, topk)
+    if codec == "int8":
+        assert a["q"].dtype == np.uint8 and a["scale"].dtype == a["offset"].dtype == np.float16
+    for e in range(3):
+        got = list(ds.epoch(e))
+        stored = torch.cat([b[1] for b in got]).numpy()
+        np.testing.assert_array_equal(stored, want[e])
+        fresh = teacher_logits(teachers(), plans[e][1]).numpy()
+        top = np.argsort(-fresh, axis=1, kind="stable")[:, :topk or 4]
+        kept = np.take_along_axis(stored, top, 1)
+        assert np.isfinite(kept).all() and np.isinf(stored).sum() == 10 * (4 - (topk or 4))
+        exact = np.take_along_axis(fresh, top, 1)
+        if codec == "float16":
+            np.testing.assert_array_equal(kept, exact.astype(np.float16).astype(np.float32))
+        else:
+            step = a["scale"][e].astype(np.float32)[:, None]
+            assert (np.abs(kept - exact) <= step / 2 + 1e-5).all()
+            assert (np.abs(kept - exact) > 0).any()  # 8 bits do lose something
+
+
+def test_int8_rows_span_their_values_and_constant_rows_survive():
+    from edc.shards import decode_labels, encode_labels
+
+    logits = np.array([[[-3.2, 0.0, 7.7, 1.1], [2.5, 2.5, 2.5, 2.5], [1e-3, -1e-3, 0.0, 5e-4]]], dtype=np.float32)
+    enc = encode_labels(logits, "int8", 0)
+    assert enc["q"].min() == 0 and enc["q"][0, 0].max() == 255  # the row's range uses all 8 bits
+    dec = decode_labels(enc, "int8", 4)
+    assert (np.abs(dec - logits) <= enc["scale"].astype(np.float32)[..., None] / 2 + 1e-6).all()
+    assert dec[0, 1].tolist() == [2.5] * 4
+
+
+def test_fewer_stored_epochs_are_replayed_in_order_with_their_own_views(tmp_path):
+    """label_epochs: 7 training epochs over 3 stored ones. Epoch e replays stored epoch e % 3: the very
+    views its labels were computed on (the teachers, run again on the replayed views, give the stored
+    labels), and only 3 epochs' plans and labels are stored."""
+    write_set(tmp_path / "s", epochs=7, stored=3)
+    ds = load_condensed(tmp_path / "s")
+    assert ds.epochs == 7 and ds.stored_epochs == 3 and len(ds) == 7 * 3
+    assert _stored_arrays(tmp_path / "s")["ids"].shape == (3, 10)
+    t = teachers()
+    epochs = [list(ds.epoch(e)) for e in range(7)]
+    for e, got in enumerate(epochs):
+        x, stored = torch.cat([b[0] for b in got]), torch.cat([b[1] for b in got])
+        torch.testing.assert_close(stored, teacher_logits(t, x).half().float(), rtol=0, atol=0)
+        same = epochs[e % 3]
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, same))
+    assert not torch.equal(epochs[0][0][0], epochs[1][0][0])  # stored epochs differ from each other
+
+
+def test_relabel_stores_label_epochs_and_runs_teachers_on_them_only(tmp_path):
+    """relabel_set with label_epochs 2 of 5 epochs: the set stores 2 epochs, each epoch_plan_logits'
+    plan and logits for that epoch, and training epoch 4 replays epoch 0."""
+    from types import SimpleNamespace
+
+    from edc.distributed import World
+    from edc.relabel import epoch_plan_logits, relabel_set
+    from edc.resume import Checkpointer
+    from edc.shards import read_epoch
+
+    u8, y = toy_images()
+    x = normalize(u8, FACTS)
+    cfg = SimpleNamespace(batch_size=4, aug=SimpleNamespace(scale_min=0.3, flip=True), cutmix=False, codec="int8",
+                          topk=0, label_epochs=2)
+    meta = {"dataset": FACTS.to_dict(), "class_names": FACTS.class_names, "num_classes": 4, "ipc": 2,
+            "teachers": ["t0", "t1"], "epochs": 5, "stored_epochs": 2, "batch_size": 4, "codec": "int8", "topk": 0,
+            "cutmix": False, "aug": {"scale_min": 0.3, "flip": True}, "params": {}}
+    out = tmp_path / "set"
+    ckpt = Checkpointer(out, "fp")
+    set_meta, _ = relabel_set(u8, x, y, teachers(), cfg, 0, False, meta, World(), ckpt, out)
+    assert set_meta["stored_epochs"] == 2 and set_meta["codec"] == "int8"
+    ds = load_condensed(out)
+    for e in (0, 1, 4):
+        plan, logits, _ = epoch_plan_logits(x, y, teachers(), cfg, 0, e % 2)
+        assert torch.equal(torch.cat([torch.from_numpy(b["ids"]) for b in read_epoch(ds.path, ds.meta, e)]),
+                           plan.order)
+        stored = torch.cat([b[1] for b in ds.epoch(e)])
+        assert (stored - logits).abs().max() < 0.1  # int8 of the same logits
+
+
+def test_hard_label_sets_store_the_plan_only(tmp_path):
+    from edc.shards import mean_soft_logits
+
+    write_set(tmp_path / "s", codec="hard")
+    a = _stored_arrays(tmp_path / "s")
+    assert set(a) == {"ids", "crops", "mix"}
+    meta = read_meta(tmp_path / "s")
+    assert meta["bytes"]["labels"] == 0
+    ds = load_condensed(tmp_path / "s")  # labels="soft" asked, hard is what there is
+    assert ds.labels == "hard"
+    x, target, hard = next(iter(ds))
+    assert torch.equal(target, hard)
+    write_set(tmp_path / "f")
+    assert torch.equal(x, next(iter(load_condensed(tmp_path / "f")))[0])  # the same plan as a set with soft labels
+    with pytest.raises(ArtifactError, match="stores hard labels only"):
+        mean_soft_logits(ds)
