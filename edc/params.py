@@ -193,6 +193,8 @@ class RelabelParams(Section):
     codec: Literal["float16", "int8", "hard"] = Field(
         default="float16", description="how the stored logits are written: float16, int8 (per-row scale and "
                                        "offset), or hard (none: the students train on the classes)")
+    shard_bytes: int = Field(default=64 * 2**20, ge=1, le=2**40,
+                             description="target size of a label shard: it holds as many stored epochs as fit")
     label_epochs: int = Field(default=0, ge=0, le=100_000,
                               description="epochs of views and labels stored, replayed in order by the training "
                                           "epochs (epoch e replays e % label_epochs); 0 = one per epoch")

@@ -84,7 +84,7 @@ def relabel_set(images_u8: torch.Tensor, images: torch.Tensor, labels: torch.Ten
     images and meta.json and publishes the set once every rank is done. Returns (the set's meta, how
     many stored views the teachers put in the image's own class) on rank 0, None on the others."""
     probe = {**meta, "num_images": len(labels)}
-    shards = -(-meta["stored_epochs"] // epochs_per_shard(probe))
+    shards = -(-meta["stored_epochs"] // epochs_per_shard(probe, cfg.shard_bytes))
 
     def agree_file(j: int) -> Path:
         return ckpt.dir / f".agree-{j:06d}.json"
@@ -92,7 +92,8 @@ def relabel_set(images_u8: torch.Tensor, images: torch.Tensor, labels: torch.Ten
     made: list[CondensedWriter] = []  # the writer, made by start() once the directory is ready
 
     def start() -> None:
-        made.append(CondensedWriter(ckpt.dir, images_u8, labels, meta, write_images=world.main))
+        made.append(CondensedWriter(ckpt.dir, images_u8, labels, meta, write_images=world.main,
+                                    shard_bytes=cfg.shard_bytes))
 
     def work(j: int) -> None:
         writer, done, agree = made[0], [], 0

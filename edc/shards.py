@@ -455,7 +455,7 @@ def _label_shard(path: str | Path, meta: dict[str, Any], j: int) -> dict[str, np
 def _read_label_shard(path: str, meta_json: str, j: int, stamp: tuple[int, int] | None) -> dict[str, np.ndarray]:
     meta = json.loads(meta_json)
     name = meta["label_shards"][j]
-    shard, members = _shard(path, meta, name, f" (meta.json lists {len(meta['label_shards'])} label shards)")
+    shard, members = _shard(path, meta, name, f" (one of the {len(meta['label_shards'])} label shards meta.json lists)")
     key, member = _single(shard, members)
     n = meta["num_images"]
     held = len(range(j * meta["epochs_per_shard"], min((j + 1) * meta["epochs_per_shard"], meta["stored_epochs"])))

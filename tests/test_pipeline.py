@@ -33,7 +33,7 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
     assert sorted(md5_tree(a)) == [
         "condensed/images/images.npy", "condensed/images/labels.npy", "condensed/images/meta.json",
         "condensed/init/images.npy", "condensed/init/labels.npy", "condensed/init/meta.json",
-        "condensed/shards/epoch-0000.tar", "condensed/shards/epoch-0001.tar", "condensed/shards/images-000000.tar",
+        "condensed/shards/images-000000.tar", "condensed/shards/labels-000000.tar",
         "condensed/shards/meta.json",
         "data/prepared/facts.json", "data/prepared/test_images.npy", "data/prepared/test_labels.npy",
         "data/prepared/train_images.npy", "data/prepared/train_labels.npy", "data/prepared/val_images.npy",
@@ -71,19 +71,20 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
     assert float(raw[-1].split(",")[1]) == metrics["raw_acc_mean"]
     stored = read_json(a / "reports/relabel.json")["bytes"]
     shards = a / "condensed/shards"
-    assert stored["total"] == sum(f.stat().st_size for f in shards.glob("*.tar"))
+    assert stored["total"] == sum(f.stat().st_size for f in shards.iterdir())
 
 
 def test_post_evaluate_names_a_bad_shard(tmp_path):
     params = write_yaml(tmp_path / "params.yaml", tiny_params())
     run_stages(tmp_path, params)
-    shard = tmp_path / "condensed/shards/epoch-0001.tar"
+    shard = tmp_path / "condensed/shards/labels-000000.tar"
     shard.unlink()
     r = subprocess.run([sys.executable, "stages/post_evaluate.py", "--params", str(params), "--data",
                         str(tmp_path / "data/prepared"), "--shards", str(tmp_path / "condensed/shards"), "--metrics",
                         str(tmp_path / "m.json"), "--curves", str(tmp_path / "curves")], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip() == f"{shard}: missing (meta.json lists 2 epochs)", r.stderr
+    said = f"{shard}: missing (one of the 1 label shards meta.json lists)"
+    assert r.returncode == 2 and r.stderr.strip() == said, r.stderr
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "curves").exists()
 
 

@@ -34,6 +34,7 @@ def upstream(tmp_path_factory) -> Path:
     p = tiny_params()
     p["synth"]["iterations"] = 6
     p["relabel"]["epochs"] = 4
+    p["relabel"]["shard_bytes"] = 600  # 20 images x 26 bytes: one epoch per label shard, 4 units to resume
     p["evaluate"]["seeds"] = 2
     params = write_yaml(work / "params.yaml", p)
     run_stages(work, params)
@@ -77,8 +78,8 @@ def test_a_killed_stage_resumes_to_the_same_bytes(upstream, tmp_path, name, cras
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
     # Killed: no output exists that DVC could take for a finished one; the checkpoint does.
     assert not any((work / item).exists() for item in STAGES[name][1])
-    # relabel keeps its finished epochs' shards; the others one state file
-    kept = "epoch-0000.tar" if name == "relabel" else "state.pt"
+    # relabel keeps its finished label shards; the others one state file
+    kept = "labels-000000.tar" if name == "relabel" else "state.pt"
     assert (resume_dir(work / STAGES[name][1][0]) / kept).is_file()
 
     r = run_stage(work, name, EDC_CHECKPOINT_SECONDS="0")

@@ -120,7 +120,7 @@ def test_bad_shards_are_named(tmp_path):
         list(load_condensed(s).epoch(2))
     # a missing label shard, an epoch the set does not have
     (s / "labels-000000.tar").unlink()
-    with pytest.raises(ArtifactError, match=r"labels-000000.tar: missing \(meta.json lists 1 label shards\)"):
+    with pytest.raises(ArtifactError, match=r"labels-000000.tar: missing \(one of the 1 label shards meta"):
         list(load_condensed(s).epoch(0))
     with pytest.raises(ArtifactError, match=r"epoch 3: meta.json lists 3 epochs"):
         list(load_condensed(s).epoch(3))
@@ -528,7 +528,7 @@ def test_relabel_stores_label_epochs_and_runs_teachers_on_them_only(tmp_path):
     u8, y = toy_images()
     x = normalize(u8, FACTS)
     cfg = SimpleNamespace(batch_size=4, aug=SimpleNamespace(scale_min=0.3, flip=True), cutmix=False, codec="int8",
-                          topk=0, label_epochs=2)
+                          topk=0, label_epochs=2, shard_bytes=2**20)
     meta = {"dataset": FACTS.to_dict(), "class_names": FACTS.class_names, "num_classes": 4, "ipc": 2,
             "teachers": ["t0", "t1"], "epochs": 5, "stored_epochs": 2, "batch_size": 4, "codec": "int8", "topk": 0,
             "cutmix": False, "aug": {"scale_min": 0.3, "flip": True}, "params": {}}
