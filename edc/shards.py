@@ -340,7 +340,7 @@ def _members(shard: str | Path, data: bytes) -> dict[str, dict[str, bytes]]:
     """{key: {extension: bytes}} of a tar shard's bytes; any tar damage is reported with the shard's name."""
     samples: dict[str, dict[str, bytes]] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tf:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:  # shards are never compressed
             for m in tf:
                 if not m.isfile():
                     continue
@@ -351,7 +351,7 @@ def _members(shard: str | Path, data: bytes) -> dict[str, dict[str, bytes]]:
                     raise tarfile.ReadError("unexpected end of data")
                 samples.setdefault(key, {})[ext] = blob
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ArtifactError(f"{shard}: truncated or corrupt shard ({exc})") from None
+        raise ArtifactError(f"{shard}: truncated or corrupt shard ({' '.join(str(exc).split())})") from None
     return samples
 
 
