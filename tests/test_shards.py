@@ -561,3 +561,61 @@ def test_hard_label_sets_store_the_plan_only(tmp_path):
     assert torch.equal(x, next(iter(load_condensed(tmp_path / "f")))[0])  # the same plan as a set with soft labels
     with pytest.raises(ArtifactError, match="stores hard labels only"):
         mean_soft_logits(ds)
+
+
+def test_a_version_2_set_is_still_read(tmp_path):
+    """A set in the previous format (one tar per epoch, a sample per batch, a PNG per image), written
+    here as version 2 wrote it, gives its images, plan and top-k labels."""
+    import hashlib
+    import json
+
+    import webdataset as wds
+    from PIL import Image
+
+    u8, y = toy_images()
+    out = tmp_path / "v2"
+    out.mkdir()
+    g = torch.Generator().manual_seed(3)
+    plan = make_plan(10, 10, 10, 4, 0.3, True, False, g)
+    logits = torch.randn(10, 4, generator=g)
+
+    def tar(name, samples):
+        with wds.TarWriter(str(out / name), encoder=False, mtime=0) as w:
+            for s in samples:
+                w.write(s)
+
+    def png(img):
+        buf = io.BytesIO()
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def npy(a):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    tar("images-000000.tar", [{"__key__": f"img{i:06d}", "png": png(u8[i]), "cls": str(int(y[i])).encode()}
+                              for i in range(10)])
+    top = logits.topk(2, dim=1)
+    tar("epoch-0000.tar", [{"__key__": f"b{j:05d}", "ids.npy": npy(ids.numpy().astype(np.int32)),
+                            "crops.npy": npy(crops.numpy().astype(np.int16)),
+                            "topv.npy": npy(top.values[j * 4:(j + 1) * 4].numpy().astype(np.float16)),
+                            "topi.npy": npy(top.indices[j * 4:(j + 1) * 4].numpy().astype(np.int32))}
+                           for j, (ids, crops, _) in enumerate(batches(plan, 4))])
+    from edc.shards import set_id
+
+    shards = {n: {"sha256": hashlib.sha256((out / n).read_bytes()).hexdigest(), "bytes": 0}
+              for n in ("images-000000.tar", "epoch-0000.tar")}
+    (out / "meta.json").write_text(json.dumps({
+        "format": "edc-condensed/2", "set_id": set_id(u8, y), "num_images": 10, "dataset": FACTS.to_dict(),
+        "class_names": FACTS.class_names, "num_classes": 4, "epochs": 1, "batch_size": 4, "batches_per_epoch": 3,
+        "topk": 2, "cutmix": False, "image_shards": ["images-000000.tar"], "epoch_shards": ["epoch-0000.tar"],
+        "shards": shards}))
+    ds = load_condensed(out)
+    assert torch.equal(ds.images_u8, u8) and torch.equal(ds.hard, y)
+    got = list(ds.epoch(0))
+    x = torch.cat([b[0] for b in got])
+    assert torch.equal(x, torch.cat([augment(ds.images[i], c, m) for i, c, m in batches(plan, 4)]))
+    stored = torch.cat([b[1] for b in got])
+    want = torch.full((10, 4), -torch.inf).scatter(1, top.indices, top.values.half().float())
+    assert torch.equal(stored, want)
