@@ -88,6 +88,25 @@ def test_post_evaluate_names_a_bad_shard(tmp_path):
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "curves").exists()
 
 
+@pytest.mark.parametrize("codec", ["int8", "hard"])
+def test_relabel_and_post_evaluate_with_a_compressed_codec(tmp_path, capsys, codec):
+    """relabel.codec int8 with one stored epoch of three, and hard: the stages store what params.yaml
+    asks, report it, and post_evaluate trains on it (classes for hard labels, without teachers)."""
+    p = tiny_params()
+    p["relabel"].update(codec=codec, epochs=3, label_epochs=1 if codec == "int8" else 0)
+    run_stages(tmp_path, write_yaml(tmp_path / "params.yaml", p))
+    report = read_json(tmp_path / "reports/relabel.json")
+    meta = read_json(tmp_path / "condensed/shards/meta.json")
+    assert meta["codec"] == report["codec"] == codec and meta["epochs"] == report["epochs"] == 3
+    assert report["stored_epochs"] == (1 if codec == "int8" else 3)
+    assert report["bytes"] == meta["bytes"]
+    assert report["bytes"]["labels"] == (20 * 1 * (10 + 4) if codec == "int8" else 0)
+    assert ("teacher_agreement" in report) == (codec != "hard")
+    out = capsys.readouterr().out
+    assert f"({'hard' if codec == 'hard' else 'soft'} labels, 3 epochs)" in out, out
+    assert 0 <= read_json(tmp_path / "reports/metrics.json")["student"]["acc_mean"] <= 1
+
+
 def test_a_failing_stage_keeps_the_earlier_output(tmp_path, default_params):
     out = tmp_path / "prepared"
     out.mkdir()
