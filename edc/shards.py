@@ -211,6 +211,7 @@ class CondensedWriter:
         if not 1 <= self.meta["stored_epochs"] <= self.meta["epochs"]:
             raise ValueError(f"stored_epochs must be 1..epochs ({self.meta['epochs']}), "
                              f"got {self.meta['stored_epochs']}")
+        self.meta["replay"] = "training epoch e replays stored epoch e % stored_epochs (views and labels)"
         per = epochs_per_shard(self.meta, shard_bytes)
         self.meta["epochs_per_shard"] = per
         self.meta["batches_per_epoch"] = -(-n // self.meta["batch_size"])

@@ -102,6 +102,17 @@ def test_relabel_and_post_evaluate_with_a_compressed_codec(tmp_path, capsys, cod
     assert report["bytes"] == meta["bytes"]
     assert report["bytes"]["labels"] == (20 * 1 * (10 + 4) if codec == "int8" else 0)
     assert ("teacher_agreement" in report) == (codec != "hard")
+    import mlflow
+
+    from edc.tracking import experiment_name, tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(experiment_name())
+    run = client.search_runs([exp.experiment_id], "tags.`edc.stage` = 'relabel'",
+                             order_by=["attributes.start_time DESC"])[0]
+    for kind in ("images", "labels", "plan", "container", "total"):
+        assert run.data.metrics[f"bytes.{kind}"] == report["bytes"][kind]
+        assert run.data.metrics[f"bytes_per_image_epoch.{kind}"] == report["bytes"]["per_image_epoch"][kind]
     out = capsys.readouterr().out
     assert f"({'hard' if codec == 'hard' else 'soft'} labels, 3 epochs)" in out, out
     assert 0 <= read_json(tmp_path / "reports/metrics.json")["student"]["acc_mean"] <= 1
