@@ -7,7 +7,8 @@ A condensed set (format ``edc-condensed/3``) is a directory::
                          cutmix, augmentation, shard names, the params that made it; ``shards``: each
                          shard's sha256 and size, which ties every shard to this set; ``bytes``: the set's
                          storage (see below)
-    images-000000.tar    one sample, key i000000 (its first image), for up to SHARD_BYTES of images:
+    images-000000.tar    one sample, key i000000 (its first image), as many images as fit the shard
+                         size target (``shard_bytes``: relabel.shard_bytes, default SHARD_BYTES):
                            images.npy uint8 (n, C, H, W)   the images, ids first..first+n-1
                            cls.npy    uint  (n,)           their classes
     labels-000000.tar    one sample, key e000000 (its first stored epoch), for ``epochs_per_shard``
@@ -28,9 +29,10 @@ A condensed set (format ``edc-condensed/3``) is a directory::
 Training epoch ``e`` replays stored epoch ``e % stored_epochs`` (:func:`edc.plan.stored_epoch`): its
 views and their labels. With ``stored_epochs == epochs`` every epoch has its own views; fewer stored
 epochs are reused in a fixed cycle, views and labels together, so a label always belongs to the view
-it was computed on. Shards hold whole stored epochs, as many as fit ``SHARD_BYTES``; a tar member
-costs a 512-byte header, so the labels of a whole shard share one member per array and the tar's
-trailing record padding is cut (the container is a few hundred bytes per shard).
+it was computed on (meta.json's ``replay`` says so in words). Label shards hold whole stored epochs,
+as many as fit ``shard_bytes``. A tar member costs a 512-byte header and padding to 512 bytes, so
+each array of a shard is one member, and the tar's padding to a 10,240-byte record is cut: the
+container is about 0.9 KB per array (header, .npy header, padding) and 1 KB per shard.
 
 ``bytes`` in meta.json: ``images`` (the image arrays), ``labels`` (the label arrays), ``plan`` (ids,
 crops, mix), ``container`` (everything else: tar headers and padding, .npy headers, meta.json itself),
