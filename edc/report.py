@@ -337,17 +337,18 @@ def _storage_section(ipc: int, exps: dict[str, Experiment], students: list[str],
     out.append("")
     if plots_dir is not None:
         png = plots_dir / f"storage-ipc{ipc}.png"
-        with _figure(png, f"accuracy against storage, ipc {ipc}", "stored MB (log)") as ax:
-            for s in students:
+        with _figure(png, f"accuracy against storage, ipc {ipc}", "stored MB (log)", legend_size=6) as ax:
+            for s in students:  # points only: settings of different kinds, no curve between them
                 pts = [(t / 1e6, e.metrics[s]) for _, e, t in points if s in e.metrics]
                 ax.errorbar([x for x, _ in pts], [100 * m["acc_mean"] for _, m in pts],
-                            yerr=[100 * m["acc_std"] for _, m in pts], marker="o", capsize=3, label=s)
+                            yerr=[100 * m["acc_std"] for _, m in pts], marker="o", linestyle="none", capsize=3,
+                            label=s)
                 real = [(t / 1e6, e.metrics[s]) for _, e, t in baseline if s in e.metrics]
                 if real:
-                    names = ", ".join(e.name for _, e, _ in baseline if s in e.metrics)
+                    ipcs = "/".join(str(i) for i, e, _ in baseline if s in e.metrics)
                     ax.errorbar([x for x, _ in real], [100 * m["acc_mean"] for _, m in real],
                                 yerr=[100 * m["acc_std"] for _, m in real], marker="s", linestyle="--", capsize=3,
-                                label=f"{s}: random real, hard labels ({names})")
+                                label=f"{s}: real images, hard labels (random-hard, ipc {ipcs})")
             for title, e, total in points:
                 ax.annotate(title, (total / 1e6, 100 * next(iter(e.metrics.values()))["acc_mean"]), fontsize=6)
             ax.set_xscale("log")
