@@ -344,23 +344,27 @@ def _check_teachers(teachers: list[str] | None, observers: str) -> None:
                            f"(it has: {', '.join(found) or 'none'})")
 
 
-def _check_sets(sets: list[str], labels: list[str], teachers: list[str] | None, facts) -> None:
-    """Each local condensed set is readable and made from the test split's dataset; an image folder has
-    teachers for its soft labels. (URLs are read, and checked, as the students train.)"""
+def _check_sets(sets: list[str], labels: list[str], teachers: list[str] | None) -> None:
+    """An image folder among the sets has teachers for its soft labels."""
+    from edc.crosseval import is_imagefolder
+
+    for src in sets:
+        if is_imagefolder(src) and "soft" in labels and not teachers:
+            raise EdcError(f"{src}: an image folder has no stored soft labels; name --teachers (observers) to "
+                           f"label it, or use --labels hard")
+
+
+def _check_set_datasets(sets: list[str], facts) -> None:
+    """Each local condensed set is readable and made from the test split's dataset (URLs are read, and
+    checked, as the students train)."""
     from edc.crosseval import is_imagefolder
     from edc.shards import is_url, load_condensed
 
     for src in sets:
-        if is_url(src):
-            continue
-        if is_imagefolder(src):
-            if "soft" in labels and not teachers:
-                raise EdcError(f"{src}: an image folder has no stored soft labels; name --teachers (observers) to "
-                               f"label it, or use --labels hard")
-            continue
-        made = load_condensed(src).facts
-        if (made.name, made.num_classes) != (facts.name, facts.num_classes):
-            raise EdcError(f"{src}: made from {made.name}, but the test split (--data) is {facts.name}")
+        if not is_url(src) and not is_imagefolder(src):
+            made = load_condensed(src).facts
+            if (made.name, made.num_classes) != (facts.name, facts.num_classes):
+                raise EdcError(f"{src}: made from {made.name}, but the test split (--data) is {facts.name}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -376,11 +380,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     p = load_params(args.params)
     _check_archs(args.archs, p)
     _check_teachers(args.teachers, args.observers)
+    _check_sets(args.sets, args.labels, args.teachers)
     if args.seeds is not None:
         p = p.model_copy(update={"evaluate": p.evaluate.model_copy(update={"seeds": args.seeds})})
     device = resolve_device(p.device)
     data = load_prepared(args.data, p.workers)
-    _check_sets(args.sets, args.labels, args.teachers, data.facts)
+    _check_set_datasets(args.sets, data.facts)
     teachers = [place(load_observer(args.observers, t)[0], device) for t in args.teachers] if args.teachers else None
     params = {"sets": args.sets, "archs": args.archs, "labels": args.labels, "teachers": args.teachers or [],
               "seed": p.seed, "zeta": p.zeta, "evaluate": p.evaluate.model_dump(), "relabel": p.relabel.model_dump()}
