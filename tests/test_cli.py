@@ -20,7 +20,7 @@ from tests.conftest import md5_tree, tiny_params, write_yaml
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A scratch project to make mistakes in: params.yaml, an empty data/prepared, an observers
-    folder, a folder with a file in it, a text file and an empty folder."""
+    folder, a folder with a file in it, a text file, an empty folder and a set whose meta.json is junk."""
     write_yaml(tmp_path / "params.yaml", tiny_params())
     (tmp_path / "data/prepared").mkdir(parents=True)
     (tmp_path / "models/observers").mkdir(parents=True)
@@ -29,6 +29,8 @@ def project(tmp_path, monkeypatch):
     (tmp_path / "full/notes.txt").write_text("not a set\n")
     (tmp_path / "notes.txt").write_text("not a set\n")
     (tmp_path / "empty").mkdir()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk/meta.json").write_text("{")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -46,6 +48,7 @@ CASES = [
     ("check-params-a-folder", ["check", "--params", "full"], "argument --params: full: not a file"),
     ("stats-file-missing", ["stats", "stats/nope.safetensors"], "argument FILE: stats/nope.safetensors: no such"),
     ("stats-file-a-folder", ["stats", "full"], "argument FILE: full: not a file"),
+    ("stats-not-a-stats-file", ["stats", "notes.txt"], "notes.txt: unreadable statistics file"),
     # exp preset
     ("preset-unknown", ["exp", "preset", "edc2"], "argument PRESET: invalid choice: 'edc2'"),
     ("preset-ipc-zero", ["exp", "preset", "edc", "--ipc", "0"], "argument --ipc: must be an integer >= 1 (got '0')"),
@@ -81,6 +84,7 @@ CASES = [
     # export
     ("export-set-missing", ["export", "condensed/shards", "out"], "argument SET: condensed/shards: no such file"),
     ("export-not-a-set", ["export", "full", "out"], "argument SET: full: not a condensed set (no meta.json"),
+    ("export-set-junk-meta", ["export", "junk", "out"], "junk/meta.json: not JSON"),
     ("export-set-a-file", ["export", "notes.txt", "out"], "argument SET: notes.txt: not a directory"),
     ("export-out-not-empty", ["export", "https://example.org/set", "full"], "argument OUT: full: exists and is not"),
     ("export-out-a-file", ["export", "https://example.org/set", "notes.txt"], "argument OUT: notes.txt: exists"),
