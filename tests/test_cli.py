@@ -71,6 +71,7 @@ CASES = [
      "-S values: zeta: must be a number"),
     ("sweep-value-out-of-range", ["exp", "sweep", "alpha", "--dry-run", "--values", "2"],
      "-S values: alpha: must be <= 1.0"),
+    ("sweep-value-not-yaml", ["exp", "sweep", "zeta", "--values", "[1.5"], "argument --values: not a YAML value"),
     ("sweep-ipc-value-zero", ["exp", "sweep", "ipc", "--dry-run", "--values", "0"], "-S values: ipc: must be >= 1"),
     # exp dataset
     ("dataset-unknown", ["exp", "dataset", "mnist", "--root", "full"], "argument DATASET: invalid choice: 'mnist'"),
