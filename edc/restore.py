@@ -60,14 +60,17 @@ def flat(tree, prefix: str = "") -> dict:
 def params_changes(committed: bytes, current: bytes) -> list[str]:
     """``key: current (committed: value)`` for each params key whose value differs."""
     from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
 
-    def load(text: bytes) -> dict:
+    def load(text: bytes) -> dict | None:
         try:
             return flat(YAML(typ="safe").load(text) or {})
-        except Exception:  # an unreadable params.yaml: it is put back whole, no key to name
-            return {}
+        except YAMLError:
+            return None
 
     old, new = load(committed), load(current)
+    if old is None or new is None:  # an unreadable params.yaml is put back whole: there is no key to name
+        return []
     missing = object()
     return [f"{k}: {new.get(k, '(absent)')!r} (committed: {old.get(k, '(absent)')!r})"
             for k in sorted(old.keys() | new.keys()) if old.get(k, missing) != new.get(k, missing)]

@@ -222,3 +222,14 @@ def test_the_hint_names_edc_restore_and_what_it_puts_back(project, monkeypatch):
     temp.mkdir(parents=True)
     monkeypatch.chdir(temp)
     assert "the workspace itself is as it was" in restore_hint()
+
+
+def test_restore_names_the_params_keys_it_puts_back():
+    from edc.restore import params_changes
+
+    committed = b"ipc: 10\nrelabel:\n  teachers: [a, b]\n  epochs: 3\nzeta: 2.0\n"
+    current = b"ipc: 10\nrelabel:\n  teachers: [nosuch]\n  epochs: 3\nalpha: 0.5\n"
+    assert params_changes(committed, current) == [
+        "alpha: 0.5 (committed: '(absent)')", "relabel.teachers: ['nosuch'] (committed: ['a', 'b'])",
+        "zeta: '(absent)' (committed: 2.0)"]
+    assert params_changes(committed, b"ipc: [unclosed\n") == []  # unreadable: put back whole, no key named
