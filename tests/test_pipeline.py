@@ -347,9 +347,9 @@ def test_applications_and_a_failing_stage_under_dvc(dvc_repo):
     r = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode != 0
     stage_lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip() and not ln.startswith("ERROR")]
-    assert "`dvc checkout relabel` puts back" in stage_lines[-1], r.stdout + r.stderr
+    assert "`edc restore relabel` puts back" in stage_lines[-1], r.stdout + r.stderr
     assert not (repo / "condensed/shards").exists()
-    sh(["dvc", "checkout", "relabel"], repo, env)
+    sh(["edc", "restore", "relabel"], repo, env)
     from edc.shards import load_condensed
 
     assert len(list(load_condensed(repo / "condensed/shards").epoch(0))) > 0
