@@ -27,7 +27,7 @@ from edc.synth import (
     sample_crop_flip,
     synthesize,
 )
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 K = 3
 
