@@ -234,13 +234,6 @@ def write_set(out, epochs=3, batch_size=4, topk=0, cutmix=True, seed=0, images=N
     return plans
 
 
-def dotted(d: dict, key: str):
-    """``d["a"]["b"]`` for key ``"a.b"``."""
-    for part in key.split("."):
-        d = d[part]
-    return d
-
-
 # --- DVC in a throwaway repository ---------------------------------------------------------------
 
 

@@ -9,9 +9,9 @@ import pytest
 from edc.cli import main as edc_main
 from edc.errors import ParamsError
 from edc.io import read_json
-from edc.params import load_params, read_yaml
+from edc.params import get_dotted, load_params, read_yaml
 from edc.presets import DATASET_HELP, dataset_overrides
-from tests.helpers import ROOT, dotted, make_cifar10, run_stages, write_yaml
+from tests.helpers import ROOT, make_cifar10, run_stages, write_yaml
 
 
 @pytest.mark.parametrize("name", list(DATASET_HELP))
@@ -21,7 +21,7 @@ def test_dataset_preset_applies_through_dvcs_parser_and_validates(tmp_path, monk
     edc_main(["exp", "dataset", name, "--root", "data dir/with 'quotes'", "--apply"])
     after, want = read_yaml("params.yaml"), dataset_overrides(name, str(tmp_path / "data dir/with 'quotes'"))
     for key, value in want.items():
-        assert dotted(after, key) == value, key
+        assert get_dotted(after, key) == value, key
     load_params("params.yaml")
     before = read_yaml(ROOT / "params.yaml")
     assert after["seed"] == before["seed"] and after["ipc"] == before["ipc"]  # untouched keys stay

@@ -15,8 +15,8 @@ from torch import nn
 from edc.data import DatasetFacts
 from edc.errors import ArtifactError
 from edc.io import md5_file
-from edc.plan import crop_resize
-from edc.relabel import augment, make_plan, sample_boxes, teacher_logits
+from edc.plan import augment, crop_resize, make_plan, sample_boxes
+from edc.relabel import teacher_logits
 from edc.shards import CondensedWriter, load_condensed, read_meta
 from tests.helpers import ROOT, teachers, toy_images, write_set
 
@@ -170,7 +170,7 @@ def test_cutmix_box_is_torchvisions():
     recomputed by hand from the same generator draws."""
     import math
 
-    from edc.relabel import cutmix_box
+    from edc.plan import cutmix_box
 
     for seed in range(20):
         g = torch.Generator().manual_seed(seed)
@@ -188,7 +188,7 @@ def test_cutmix_box_is_torchvisions():
 
 
 def test_planned_epochs_follow_min_steps():
-    from edc.relabel import planned_epochs
+    from edc.plan import planned_epochs
 
     assert planned_epochs(200, 1000, 10, 25) == 1000  # ipc 1, 10 classes: one step per epoch
     assert planned_epochs(200, 1000, 100, 25) == 250  # ipc 10: four steps per epoch
