@@ -6,6 +6,7 @@
     edc exp preset NAME [--ipc N]      run one of the paper's methods as a DVC experiment
     edc exp sweep NAME [--ipc N]       run a design-space sweep around the edc preset (--queue to queue it)
     edc report                         tables and plots of the experiments into reports/
+    edc metrics [FILE]                 the students' test and validation accuracy (reports/metrics.json)
     edc export SET OUT                 a condensed set as an image folder (+ soft labels, card)
     edc evaluate SET... --archs A...   students of any architecture on any sets, soft and hard labels
     edc smoke [--keep DIR]             the whole pipeline on tiny settings in a scratch copy (1-2 minutes)
@@ -402,6 +403,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"-> {args.out} and {Path(args.out).with_suffix('.json')}")
 
 
+def _metrics(args: argparse.Namespace) -> None:
+    from edc.summary import accuracy_table, read_metrics
+
+    print(accuracy_table(read_metrics(args.file)), end="")
+
+
 def _smoke(args: argparse.Namespace) -> None:
     from edc.smoke import run_smoke
 
@@ -471,6 +478,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--plots", default="reports/plots/sweeps")
     r.add_argument("--no-mlflow", action="store_true", help="do not cross-check the accuracies with MLflow")
     r.set_defaults(fn=_report)
+    mt = sub.add_parser("metrics", help="the students' test and validation accuracy as a short table")
+    mt.add_argument("file", nargs="?", default="reports/metrics.json")
+    mt.set_defaults(fn=_metrics)
     ex = sub.add_parser("export", help="write a condensed set as an image folder with its soft labels and card")
     ex.add_argument("set", metavar="SET", type=condensed_set,
                     help="the set: a directory of shards (condensed/shards), an http(s) URL or pipe:")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edc.errors import EdcError
-from edc.params import parse_params
+from edc.params import get_dotted, parse_params
 from edc.presets import PRESET_HELP, SWEEPS, label, parse_name, preset_overrides
 
 METRICS_FILE = "reports/metrics.json"
@@ -102,11 +102,11 @@ def check_mlflow(exps: dict[str, Experiment]) -> None:
     """Attach each experiment's MLflow post_evaluate run and whether its accuracies match DVC's."""
     import mlflow
 
-    from edc.tracking import experiment_name, tracking_uri
+    from edc.tracking import mlflow_experiment, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment_name())
+    exp = client.get_experiment_by_name(mlflow_experiment())
     if exp is None:
         return
     for e in exps.values():
@@ -187,15 +187,6 @@ def _table(header: str, rows: list[tuple[str, Experiment | None]], students: lis
     return lines
 
 
-def _dotted(params: dict[str, Any], key: str) -> Any:
-    """``params["synth"]["flatness"]["weight"]`` for ``synth.flatness.weight`` (None when absent)."""
-    for part in key.split("."):
-        if not isinstance(params, dict):
-            return None
-        params = params.get(part)
-    return params
-
-
 def _sweep_points(sweep: str, ipc: int, exps: dict[str, Experiment]) -> list[tuple[str, Experiment]]:
     """A sweep's points at ipc: its named experiments plus the edc preset at edc's own value."""
     s = SWEEPS[sweep]
@@ -206,7 +197,7 @@ def _sweep_points(sweep: str, ipc: int, exps: dict[str, Experiment]) -> list[tup
             points[value] = e
     base = exps.get(f"edc-ipc{ipc}")
     if base is not None and sweep != "ipc":
-        v = preset_overrides("edc", parse_params(base.params)).get(s.key, _dotted(base.params, s.key))
+        v = preset_overrides("edc", parse_params(base.params)).get(s.key, get_dotted(base.params, s.key))
         points.setdefault(label(v), base)
     order = {label(v): i for i, v in enumerate(s.values)}
     return sorted(points.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))

@@ -32,17 +32,18 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 def stage_params(p, stage: str) -> dict:
     """The values of :data:`STAGE_PARAMS` ``[stage]`` in params ``p``, nested as in params.yaml
     (``relabel.epochs`` -> ``{"relabel": {"epochs": ...}}``)."""
+    from edc.params import get_dotted
+
     full = p.model_dump()
     out: dict = {}
     for key in STAGE_PARAMS[stage]:
-        parts = key.split(".")
-        value = full
-        for part in parts:
-            value = value[part]
+        *head, last = key.split(".")
         node = out
-        for part in parts[:-1]:
+        for part in head:
             node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        node[last] = get_dotted(full, key, default=KeyError)
+        if node[last] is KeyError:  # a STAGE_PARAMS key the params model does not have: a bug here
+            raise KeyError(key)
     return out
 
 
