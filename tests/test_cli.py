@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from edc import cli
-from tests.conftest import md5_tree, tiny_params, write_yaml
+from tests.helpers import md5_tree, tiny_params, write_yaml
 
 
 @pytest.fixture
@@ -189,7 +189,7 @@ def _git(repo, *args):
     ("lock", ["restore", "relabel", "sythesize"], "edc restore: unknown stage 'sythesize' (dvc.yaml has: prepare,"),
 ])
 def test_restore_refuses_when_there_is_nothing_to_restore(project, capsys, setup, argv, message):
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     (project / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
     _git(project, "init", "-q")

@@ -8,10 +8,11 @@ import subprocess
 
 import pytest
 
-from tests.conftest import sh
+from tests.helpers import sh
 
 
 @pytest.mark.slow
+@pytest.mark.pipeline
 def test_the_command_a_failed_stage_names_restores_outputs_metrics_and_params(dvc_repo):
     repo, env = dvc_repo
     sh(["dvc", "repro"], repo, env)
