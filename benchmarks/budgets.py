@@ -43,7 +43,7 @@ def stats_bytes(arch: str) -> tuple[int, int, int]:
 
 
 def label_bytes(topk: int, n: int = 100, batch: int = 100, epochs: int = 2) -> float:
-    from edc.relabel import make_plan
+    from edc.plan import make_plan
     from edc.shards import CondensedWriter
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,8 @@ from edc.data import load_prepared, pixel_bounds  # noqa: E402
 from edc.evaluate import student_loss  # noqa: E402
 from edc.observers import build, load_observer  # noqa: E402
 from edc.params import load_params  # noqa: E402
-from edc.relabel import augment, teacher_logits  # noqa: E402
+from edc.plan import augment  # noqa: E402
+from edc.relabel import teacher_logits  # noqa: E402
 from edc.shards import load_condensed  # noqa: E402
 from edc.stats import bn_layers, collect_bn_stats, load_stats  # noqa: E402
 from edc.synth import Observer, crops_per_image, synthesize  # noqa: E402

@@ -28,7 +28,8 @@ import torch
 from edc.data import DatasetFacts, normalize
 from edc.errors import EdcError
 from edc.evaluate import summarize, train_student
-from edc.relabel import epoch_plan_logits, planned_epochs
+from edc.plan import planned_epochs
+from edc.relabel import epoch_plan_logits
 from edc.runtime import derive_seed
 from edc.shards import CondensedDataset, CondensedWriter, is_url, load_condensed
 

@@ -13,14 +13,13 @@ mean, which is what a script with its own augmentation can use.
 
 from __future__ import annotations
 
-import csv
 import re
 from pathlib import Path
 
 import numpy as np
 
 from edc.errors import EdcError
-from edc.io import atomic_dir, write_json
+from edc.io import atomic_dir, write_csv, write_json
 from edc.shards import CondensedDataset, mean_soft_logits
 
 FORMATS = ("imagefolder",)
@@ -53,10 +52,7 @@ def export_imagefolder(src: str | Path, out: str | Path) -> Path:
             rel = f"{folder}/{i:06d}.png"
             Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(tmp / rel, format="PNG")
             rows.append({"file": rel, "class_index": y, "class_name": names[y], "id": i})
-        with open(tmp / "labels.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["file", "class_index", "class_name", "id"])
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(tmp / "labels.csv", rows, ["file", "class_index", "class_name", "id"])
         if soft is not None:
             np.save(tmp / "soft_logits.npy", soft.astype(np.float32), allow_pickle=False)
         write_json(tmp / "meta.json", {**ds.meta, "export": {"from": str(src), "format": "imagefolder"}})

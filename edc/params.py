@@ -402,3 +402,13 @@ def read_yaml(path: str | Path) -> Any:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(read_yaml(path), str(path))
+
+
+def get_dotted(tree: Any, key: str, default: Any = None) -> Any:
+    """``tree["synth"]["flatness"]["weight"]`` for the params key ``synth.flatness.weight``;
+    ``default`` when a part is absent or not a mapping. The one walker of dotted params keys."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return default
+        tree = tree[part]
+    return tree

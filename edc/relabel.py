@@ -17,19 +17,7 @@ import torch
 from torch import nn
 
 from edc.io import publish_dir, read_json, write_json
-from edc.plan import (  # noqa: F401  (re-exported: the method's callers use them from here)
-    CROP_FIELDS,
-    MIX_FIELDS,
-    EpochPlan,
-    augment,
-    batches,
-    cutmix_box,
-    make_plan,
-    planned_epochs,
-    sample_boxes,
-    stored_epoch,
-    stored_epochs,
-)
+from edc.plan import EpochPlan, augment, batches, make_plan
 from edc.resume import run_units
 from edc.shards import CondensedWriter, epochs_per_shard, label_shard_name
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edc.errors import EdcError
-from edc.params import parse_params
+from edc.params import get_dotted, parse_params
 from edc.presets import PRESET_HELP, SWEEPS, label, parse_name, preset_overrides
 
 METRICS_FILE = "reports/metrics.json"
@@ -104,11 +104,11 @@ def check_mlflow(exps: dict[str, Experiment]) -> None:
     """Attach each experiment's MLflow post_evaluate run and whether its accuracies match DVC's."""
     import mlflow
 
-    from edc.tracking import experiment_name, tracking_uri
+    from edc.tracking import mlflow_experiment, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment_name())
+    exp = client.get_experiment_by_name(mlflow_experiment())
     if exp is None:
         return
     for e in exps.values():
@@ -189,15 +189,6 @@ def _table(header: str, rows: list[tuple[str, Experiment | None]], students: lis
     return lines
 
 
-def _dotted(params: dict[str, Any], key: str) -> Any:
-    """``params["synth"]["flatness"]["weight"]`` for ``synth.flatness.weight`` (None when absent)."""
-    for part in key.split("."):
-        if not isinstance(params, dict):
-            return None
-        params = params.get(part)
-    return params
-
-
 def _sweep_points(sweep: str, ipc: int, exps: dict[str, Experiment]) -> list[tuple[str, Experiment]]:
     """A sweep's points at ipc: its named experiments plus the edc preset at edc's own value."""
     s = SWEEPS[sweep]
@@ -208,7 +199,7 @@ def _sweep_points(sweep: str, ipc: int, exps: dict[str, Experiment]) -> list[tup
             points[value] = e
     base = exps.get(f"edc-ipc{ipc}")
     if base is not None and sweep != "ipc":
-        v = preset_overrides("edc", parse_params(base.params)).get(s.key, _dotted(base.params, s.key))
+        v = preset_overrides("edc", parse_params(base.params)).get(s.key, get_dotted(base.params, s.key))
         points.setdefault(label(v), base)
     order = {label(v): i for i, v in enumerate(s.values)}
     return sorted(points.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
@@ -251,8 +242,7 @@ STORAGE_SWEEPS = ("codec", "topk", "label_epochs")  # the sweeps that change how
 
 
 def _relabel_value(e: Experiment, key: str, default: Any) -> Any:
-    value = _dotted(e.params, f"relabel.{key}")
-    return default if value is None else value
+    return get_dotted(e.params, f"relabel.{key}", default)
 
 
 def _label_setting(e: Experiment) -> str:
@@ -269,7 +259,7 @@ def _needed_bytes(e: Experiment) -> int:
     trained on the classes (evaluate.labels: hard on a set that stores soft labels)."""
     st = e.storage or {}
     labels = st.get("labels", st.get("soft_labels", 0))
-    hard = _dotted(e.params, "evaluate.labels") == "hard"
+    hard = get_dotted(e.params, "evaluate.labels") == "hard"
     return int(st["total"] - (labels if hard else 0))
 
 
@@ -284,7 +274,7 @@ def storage_points(ipc: int, exps: dict[str, Experiment]) -> list[tuple[str, Exp
     hard = exps.get(f"labels-hard-ipc{ipc}")
     if hard is not None:
         found[hard.name] = hard
-    points = [("hard labels" if _dotted(e.params, "evaluate.labels") == "hard" else _label_setting(e), e,
+    points = [("hard labels" if get_dotted(e.params, "evaluate.labels") == "hard" else _label_setting(e), e,
                _needed_bytes(e)) for e in found.values() if e.storage]
     return sorted(points, key=lambda t: (t[2], t[1].name))
 

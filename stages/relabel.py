@@ -17,7 +17,8 @@ from edc.imageset import read_imageset
 from edc.io import write_json
 from edc.observers import load_observer
 from edc.params import load_params
-from edc.relabel import planned_epochs, relabel_set, stored_epochs
+from edc.plan import planned_epochs, stored_epochs
+from edc.relabel import relabel_set
 from edc.resume import Checkpointer, fingerprint
 from edc.runtime import inference_copy, place, resolve_device
 from edc.stage import parser, stage_main, stage_params

@@ -18,15 +18,13 @@ import pytest
 
 from edc.io import read_json, write_json
 from edc.stage import stage_main
-from tests.conftest import ARGS, make_cifar10, make_imagefolder, md5_tree, run_stages, tiny_params, write_yaml
-from tests.conftest import stage as stage_script
+from tests.helpers import ARGS, make_cifar10, make_imagefolder, md5_tree, run_stages, tiny_params, write_yaml
+from tests.helpers import stage as stage_script
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("finished")
-    run_stages(work, write_yaml(work / "params.yaml", tiny_params()))
-    return work
+def finished(tiny_workspace) -> Path:
+    return tiny_workspace
 
 
 def edit_params(work: Path, change: Callable[[dict], None]) -> None:

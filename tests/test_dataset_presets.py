@@ -9,10 +9,9 @@ import pytest
 from edc.cli import main as edc_main
 from edc.errors import ParamsError
 from edc.io import read_json
-from edc.params import load_params, read_yaml
+from edc.params import get_dotted, load_params, read_yaml
 from edc.presets import DATASET_HELP, dataset_overrides
-from tests.conftest import ROOT, make_cifar10, run_stages, write_yaml
-from tests.test_presets import get
+from tests.helpers import ROOT, make_cifar10, run_stages, write_yaml
 
 
 @pytest.mark.parametrize("name", list(DATASET_HELP))
@@ -22,7 +21,7 @@ def test_dataset_preset_applies_through_dvcs_parser_and_validates(tmp_path, monk
     edc_main(["exp", "dataset", name, "--root", "data dir/with 'quotes'", "--apply"])
     after, want = read_yaml("params.yaml"), dataset_overrides(name, str(tmp_path / "data dir/with 'quotes'"))
     for key, value in want.items():
-        assert get(after, key) == value, key
+        assert get_dotted(after, key) == value, key
     load_params("params.yaml")
     before = read_yaml(ROOT / "params.yaml")
     assert after["seed"] == before["seed"] and after["ipc"] == before["ipc"]  # untouched keys stay
@@ -70,6 +69,7 @@ def test_every_preset_file_is_listed_and_a_new_file_is_a_new_preset(tmp_path, mo
         presets.dataset_overrides("mnist", "/r")
 
 
+@pytest.mark.pipeline
 def test_cifar10_preset_runs_the_pipeline_end_to_end(tmp_path, monkeypatch):
     """The CIFAR-10 command on a root of standard CIFAR-10 python batches, epochs cut down by -S."""
     root = make_cifar10(tmp_path / "cifar", per_class=3)

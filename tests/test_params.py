@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 
 from edc.errors import ParamsError
 from edc.params import load_params, parse_params
-from tests.conftest import ROOT, write_yaml
+from tests.helpers import ROOT, run, write_yaml
 
 
 def problems(data: dict) -> list[str]:
@@ -90,8 +89,8 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     assert str(exc.value).startswith(f"{f}: YAML syntax error at line ")
 
 
-def _run_stage(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def _run_stage(*args):
+    return run([sys.executable, *args], timeout=300)
 
 
 @pytest.mark.parametrize("bad", ["unknown_key", "out_of_range", "wrong_type", "syntax", "missing_section"])

@@ -7,16 +7,10 @@ import shutil
 import pytest
 
 from edc.errors import ParamsError
-from edc.params import load_params, parse_params, read_yaml
+from edc.params import get_dotted, load_params, parse_params, read_yaml
 from edc.presets import METHOD_KEYS, PRESET_HELP, SWEEPS, experiment_name, format_value, parse_name, preset_overrides
 from edc.report import Experiment, build_report
-from tests.conftest import ROOT
-
-
-def get(d: dict, dotted: str):
-    for part in dotted.split("."):
-        d = d[part]
-    return d
+from tests.helpers import ROOT
 
 
 @pytest.mark.parametrize("name", list(PRESET_HELP))
@@ -32,7 +26,7 @@ def test_a_preset_goes_through_dvcs_own_override_parser_to_valid_params(tmp_path
     apply_overrides(params, [f"{k}={format_value(v)}" for k, v in want.items()])
     after = read_yaml(params)
     for key, value in want.items():
-        assert get(after, key) == value and type(get(after, key)) is type(value), key
+        assert get_dotted(after, key) == value and type(get_dotted(after, key)) is type(value), key
     parse_params(after)  # every preset is a valid configuration
     before = read_yaml(ROOT / "params.yaml")
     for section in ("dataset", "observers", "seed"):  # nothing outside the method keys moves
@@ -66,7 +60,7 @@ def test_presets_say_what_the_issue_asks():
     assert soft["synth.iterations"] == hard["synth.iterations"] == 0
     assert {k for k in soft if soft[k] != hard[k]} == {"evaluate.labels"}
     # The defaults are the edc preset: `dvc repro` on a fresh clone is the paper's method.
-    assert all(get(read_yaml(ROOT / "params.yaml"), k) == v for k, v in edc.items())
+    assert all(get_dotted(read_yaml(ROOT / "params.yaml"), k) == v for k, v in edc.items())
     with pytest.raises(ParamsError, match="unknown preset 'dsa'"):
         preset_overrides("dsa", p)
 

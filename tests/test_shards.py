@@ -16,45 +16,10 @@ from torch import nn
 from edc.data import DatasetFacts, normalize
 from edc.errors import ArtifactError
 from edc.io import md5_file
-from edc.plan import crop_resize
-from edc.relabel import augment, batches, make_plan, sample_boxes, teacher_logits
-from edc.shards import SHARD_BYTES, CondensedWriter, load_condensed, read_meta
-from tests.conftest import ROOT
-
-FACTS = DatasetFacts(name="toy", channels=3, height=10, width=10, num_classes=4, class_names=list("abcd"),
-                     mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3], counts={"train": [5] * 4, "test": [2] * 4})
-
-
-def teachers():
-    torch.manual_seed(0)
-    return [nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(6, 4)).eval() for _ in range(2)]
-
-
-def toy_images(n=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, 10, 10), generator=g, dtype=torch.uint8), torch.arange(n) % 4
-
-
-def write_set(out, epochs=3, batch_size=4, topk=0, cutmix=True, seed=0, images=None, codec="float16", stored=None,
-              shard_bytes=SHARD_BYTES):
-    """A toy set of 10 images whose labels are two small teachers' logits on the planned views;
-    returns each stored epoch's (plan, augmented views)."""
-    out.mkdir(parents=True, exist_ok=True)
-    u8, y = images if images is not None else toy_images()
-    x = normalize(u8, FACTS)
-    meta = {"dataset": FACTS.to_dict(), "class_names": FACTS.class_names, "num_classes": 4, "ipc": 2,
-            "teachers": ["t0", "t1"], "epochs": epochs, "batch_size": batch_size, "topk": topk, "cutmix": cutmix,
-            "codec": codec, "stored_epochs": stored or epochs, "aug": {"scale_min": 0.3, "flip": True}, "params": {}}
-    w = CondensedWriter(out, u8, y, meta, shard_bytes=shard_bytes)
-    plans = []
-    for e in range(stored or epochs):
-        plan = make_plan(len(y), 10, 10, batch_size, 0.3, True, cutmix, torch.Generator().manual_seed(seed * 100 + e))
-        xa = torch.cat([augment(x[i], c, m) for i, c, m in batches(plan, batch_size)])
-        w.write_epoch(e, plan, batch_size, teacher_logits(teachers(), xa), topk)
-        plans.append((plan, xa))
-    w.close()
-    return plans
+from edc.plan import augment, batches, crop_resize, make_plan, sample_boxes
+from edc.relabel import teacher_logits
+from edc.shards import CondensedWriter, load_condensed, read_meta
+from tests.helpers import FACTS, ROOT, teachers, toy_images, write_set
 
 
 def test_replayed_soft_labels_equal_the_teachers_on_the_fly(tmp_path):
@@ -221,7 +186,7 @@ def test_cutmix_box_is_torchvisions():
     recomputed by hand from the same generator draws."""
     import math
 
-    from edc.relabel import cutmix_box
+    from edc.plan import cutmix_box
 
     for seed in range(20):
         g = torch.Generator().manual_seed(seed)
@@ -239,7 +204,7 @@ def test_cutmix_box_is_torchvisions():
 
 
 def test_planned_epochs_follow_min_steps():
-    from edc.relabel import planned_epochs
+    from edc.plan import planned_epochs
 
     assert planned_epochs(200, 1000, 10, 25) == 1000  # ipc 1, 10 classes: one step per epoch
     assert planned_epochs(200, 1000, 100, 25) == 250  # ipc 10: four steps per epoch
@@ -379,9 +344,9 @@ def test_map_style_images_with_torchvision_transforms(tmp_path):
     assert xb.shape == (4, 3, 10, 10) and yb.shape == (4,)
 
 
-def test_export_imagefolder_and_the_readme_training_loop(tmp_path, monkeypatch):
+def test_export_imagefolder_and_the_documented_training_loop(tmp_path, monkeypatch):
     """`edc export` writes a folder torchvision's ImageFolder reads in class order, with the soft
-    labels and the card; the README's loop trains on it as written."""
+    labels and the card; the loop in docs/format.md trains on it as written."""
     import csv
     import json
 
@@ -419,11 +384,11 @@ def test_export_imagefolder_and_the_readme_training_loop(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # a non-empty target is refused (one line, exit 2)
         cli(["export", str(out), str(folder)])
 
-    readme = (ROOT / "README.md").read_text()
-    code = re.search(r"<!-- imagefolder-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    doc = (ROOT / "docs/format.md").read_text()
+    code = re.search(r"<!-- imagefolder-example -->\s*```python\n(.*?)```", doc, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/format.md", "exec"), scope)
     assert scope["data"].classes == ["000_zero", "001_one_1", "002_two", "003_three"]
     assert torch.isfinite(scope["loss"])
 

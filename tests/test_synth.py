@@ -27,7 +27,7 @@ from edc.synth import (
     sample_crop_flip,
     synthesize,
 )
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 K = 3
 
@@ -370,7 +370,7 @@ def test_moments_gradient_matches_autograd_of_the_two_pass_formula():
 
 
 def reference_synthesis(start, labels, model, stats, cfg, alpha, seed, k=1):
-    """The synthesis objective and its optimiser written out from the paper and DESIGN.md, independently
+    """The synthesis objective and its optimiser written out from the paper (Eqs. 5-7 and 16), independently
     of edc.synth's loop: Adam (betas 0.5, 0.9) by hand at lr * cosine, the loss
     ``ce_weight * CE + r_bn * matching + w_fr * KL``, with matching the mean over layers (Eq. 16) of
     matching_loss on a plain model's BatchNorm inputs, clipping to [-4, 4], then
