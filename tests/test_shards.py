@@ -280,7 +280,7 @@ def test_container_is_at_most_5_percent_of_the_labels_with_default_sizes(tmp_pat
     b = read_meta(tmp_path)["bytes"]
     assert b["labels"] == n * epochs * 10 * 2
     assert b["container"] <= 0.05 * b["labels"], b
-    print(f"ipc {ipc}: {b}")  # the figures the README quotes (pytest -s)
+    print(f"ipc {ipc}: {b}")  # the figures docs/format.md quotes (pytest -s)
 
 
 def test_a_set_is_read_and_trained_from_over_http_and_pipe(tmp_path):
