@@ -181,7 +181,7 @@ class SynthParams(Section):
                                                                      "layer's term (SRe2L and the released EDC: 10)")
     targets: Literal["data", "running"] = Field(
         default="data", description="global targets: the exact statistics collect_stats measured (data), or each "
-                                    "BatchNorm layer's running estimates in the observer (running, SRe2L/G-VBSM)")
+                                    "BatchNorm layer's running estimates in the observer (running, SRe2L)")
     ce_weight: float = Field(default=1.0, ge=0, description="weight of the cross-entropy term")
     class_views: int = Field(default=1, ge=1, le=256, description=(
         "crops of each class per iteration, at least: each image is cropped ceil(class_views / its class's images "

@@ -17,7 +17,7 @@ the images' means, which one image per class cannot have. The step minimises
 where L_FR is Eq. 7, ``KL(softmax(phi(A(X))/tau) || softmax(phi(A(X_ema))/tau))`` (mode "logits"),
 or Eq. 6, the matching loss of A(X) against the batch statistics of A(X_ema) (mode "stats"); w_l is 1
 but for the first layer's ``first_layer_weight`` (SRe2L: 10). ``targets="running"`` replaces the global
-targets mu_l, var_l by the observer's BatchNorm running estimates (SRe2L, G-VBSM). A is a
+targets mu_l, var_l by the observer's BatchNorm running estimates (SRe2L). A is a
 random-resized-crop + flip drawn per image (or, ``aug.kind: jitter``, one random roll of the batch by
 up to ``aug.jitter`` pixels + flip, SRe2L's small-image recover), applied identically to X and X_ema; X_ema is updated
 after every step as ``beta * X_ema + (1 - beta) * X`` and never receives a gradient. One observer per
@@ -208,7 +208,7 @@ class Observer:
         dtype = next(model.parameters()).dtype  # float32, or float64 for exact checks
         self.targets = [Target.from_stats(s, dev, dtype) for s in stats.values()]
         if targets == "running":
-            # SRe2L's and G-VBSM's global targets: what the observer's BatchNorm layers estimated during
+            # SRe2L's global targets: what the observer's BatchNorm layers estimated during
             # training (running_var as PyTorch keeps it), not an exact pass over the data.
             running = [(modules[layer].running_mean, modules[layer].running_var) for layer in stats]
             self.targets = [Target(m.to(dev, dtype), v.to(dev, dtype), t.class_mean, t.class_var, t.class_within_var)
