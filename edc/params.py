@@ -197,6 +197,14 @@ class SynthParams(Section):
         raise ValueError(f"must be a positive integer or 'all' (got {v!r})")
 
 
+class RelabelAugParams(CropAugParams):
+    """The students' views: RandomResizedCrop + flip, then RandAugment where ``randaugment`` > 0."""
+
+    randaugment: int = Field(default=0, ge=0, le=8, description="RandAugment operations per view (the paper's "
+                                                                "Tables 7-10); 0 = off. Stored in the plan")
+    magnitude: int = Field(default=9, ge=0, le=30, description="RandAugment magnitude bin (of 0-30)")
+
+
 class RelabelParams(Section):
     teachers: list[str] = Field(min_length=1, description="observers whose mean logits become the soft labels")
     epochs: int = Field(ge=1, le=100_000, description="post-evaluation epochs the plan covers (at least)")
@@ -205,7 +213,7 @@ class RelabelParams(Section):
     batch_size: int = Field(ge=1, le=65_536, description="post-evaluation batch size")
     topk: int = Field(default=0, ge=0, description="store the k largest logits per image; 0 = all")
     cutmix: bool = False
-    aug: CropAugParams = Field(default_factory=CropAugParams)
+    aug: RelabelAugParams = Field(default_factory=RelabelAugParams)
 
 
 class EvaluateParams(Section):

@@ -49,6 +49,8 @@ def test_paper_tables_values():
         assert (v["synth.class_views"], v["stats.augment"], v["synth.flatness.weight"], v["synth.r_bn"],
                 v["synth.layers"], v["synth.first_layer_weight"], v["synth.class_var"]) == \
             (1, False, 0.25, 0.01, "sum", 10.0, "pooled")
+    # RandAugment in post-evaluation where the paper's table lists it (Tables 7-10, not Table 6)
+    assert [v["relabel.aug.randaugment"] for v in (c10, c100, tiny, in1k)] == [2, 2, 2, 0]
 
 
 def test_a_dataset_preset_runs_edc_paper_on_that_dataset():
