@@ -9,7 +9,9 @@ A condensed set is a directory::
     images-000000.tar    one sample per image, key img000000...:  .png (lossless), .cls (class index)
     epoch-0000.tar       one sample per batch of epoch 0, key b00000...:
                            ids.npy    int32 (B,)    image indices (the n in imgNNNNNN) in batch order
-                           crops.npy  int16 (B, 5)  top, left, height, width, flip (RandomResizedCrop box)
+                           crops.npy  int16 (B, 5)  top, left, height, width, flip (RandomResizedCrop box);
+                                                    with RandAugment (B, 5 + 2k): k pairs of operation
+                                                    index and signed magnitude bin (edc.randaugment)
                            mix.npy    int16 (B, 5)  CutMix partner position in the batch, x1, y1, x2, y2
                                                     (only when CutMix is on)
                            logits.npy float16 (B, K) the teachers' mean logits on the augmented batch, or,
@@ -329,7 +331,7 @@ class CondensedDataset(torch.utils.data.IterableDataset):
     def _batch(self, b: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids = torch.from_numpy(b["ids"])
         mix = None if b["mix"] is None else torch.from_numpy(b["mix"])
-        x = augment(self.images[ids], torch.from_numpy(b["crops"]), mix)
+        x = augment(self.images[ids], torch.from_numpy(b["crops"]), mix, (self.facts.mean, self.facts.std))
         y = self.hard[ids]
         return x, (torch.from_numpy(b["logits"]) if self.labels == "soft" else y), y
 
