@@ -156,6 +156,15 @@ class CropAugParams(Section):
     flip: bool = False
 
 
+class SynthAugParams(CropAugParams):
+    """The views synthesis matches: RandomResizedCrop + flip (``crop``), or one random roll of the whole
+    batch by up to ``jitter`` pixels each way + flip (``jitter``, SRe2L's small-image recover)."""
+
+    kind: Literal["crop", "jitter"] = Field(default="crop", description="crop: RandomResizedCrop (scale_min); "
+                                                                        "jitter: a random roll (jitter)")
+    jitter: int = Field(default=4, ge=0, le=64, description="jitter: largest roll in pixels along each axis")
+
+
 class SynthParams(Section):
     observers: list[str] = Field(min_length=1, description="used one per iteration, round-robin")
     iterations: int = Field(ge=0, le=1_000_000, description="steps per batch; 0 keeps the initial images")
@@ -168,12 +177,17 @@ class SynthParams(Section):
     class_var: Literal["pooled", "within"] = Field(
         default="pooled", description="per-class variance matched: pooled over the class's values, or the mean of "
                                       "each image's own spatial variance (the released EDC code)")
+    first_layer_weight: float = Field(default=1.0, ge=0, description="weight of the first matched BatchNorm "
+                                                                     "layer's term (SRe2L and the released EDC: 10)")
+    targets: Literal["data", "running"] = Field(
+        default="data", description="global targets: the exact statistics collect_stats measured (data), or each "
+                                    "BatchNorm layer's running estimates in the observer (running, SRe2L)")
     ce_weight: float = Field(default=1.0, ge=0, description="weight of the cross-entropy term")
     class_views: int = Field(default=1, ge=1, le=256, description=(
         "crops of each class per iteration, at least: each image is cropped ceil(class_views / its class's images "
         "in the batch) times and all crops are matched together; 1 = one crop per image (the paper)"))
     flatness: FlatnessParams = Field(default_factory=FlatnessParams)
-    aug: CropAugParams = Field(default_factory=CropAugParams)
+    aug: SynthAugParams = Field(default_factory=SynthAugParams)
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -181,6 +195,14 @@ class SynthParams(Section):
         if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
             return v
         raise ValueError(f"must be a positive integer or 'all' (got {v!r})")
+
+
+class RelabelAugParams(CropAugParams):
+    """The students' views: RandomResizedCrop + flip, then RandAugment where ``randaugment`` > 0."""
+
+    randaugment: int = Field(default=0, ge=0, le=8, description="RandAugment operations per view (the paper's "
+                                                                "Tables 7-10); 0 = off. Stored in the plan")
+    magnitude: int = Field(default=9, ge=0, le=30, description="RandAugment magnitude bin (of 0-30)")
 
 
 class RelabelParams(Section):
@@ -199,7 +221,7 @@ class RelabelParams(Section):
                               description="epochs of views and labels stored, replayed in order by the training "
                                           "epochs (epoch e replays e % label_epochs); 0 = one per epoch")
     cutmix: bool = False
-    aug: CropAugParams = Field(default_factory=CropAugParams)
+    aug: RelabelAugParams = Field(default_factory=RelabelAugParams)
 
 
 class EvaluateParams(Section):

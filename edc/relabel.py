@@ -40,30 +40,34 @@ def teacher_logits(teachers: list[nn.Module], x: torch.Tensor, chunk: int = 512,
 
 
 def epoch_plan_logits(images: torch.Tensor, labels: torch.Tensor, teachers: list[nn.Module] | None, cfg, seed: int,
-                      epoch: int, bf16: bool = False) -> tuple[EpochPlan, torch.Tensor | None, int]:
+                      epoch: int, bf16: bool = False, pixels: tuple | None = None
+                      ) -> tuple[EpochPlan, torch.Tensor | None, int]:
     """Epoch ``epoch`` of a relabel plan for normalised ``images``: the plan (seeded by ``seed`` and
     the epoch alone, so any process can make any epoch), the teachers' mean logits on its augmented
     views in plan order, and how many views the
     teachers put in the image's own class. Without teachers the logits are None (a plan for hard
-    labels). ``cfg``: the ``relabel`` params section."""
+    labels). ``cfg``: the ``relabel`` params section; ``pixels``: the dataset's (mean, std), which
+    RandAugment (``relabel.aug.randaugment``) needs."""
     from edc.runtime import derive_seed
 
     n, _, h, w = images.shape
     gen = torch.Generator().manual_seed(derive_seed(seed, "relabel", str(epoch)))
-    plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, gen)
+    plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, gen,
+                     getattr(cfg.aug, "randaugment", 0), getattr(cfg.aug, "magnitude", 9))
     if not teachers:
         return plan, None, 0
-    x = torch.cat([augment(images[ids], crops, mix) for ids, crops, mix in batches(plan, cfg.batch_size)])
+    x = torch.cat([augment(images[ids], crops, mix, pixels) for ids, crops, mix in batches(plan, cfg.batch_size)])
     logits = teacher_logits(teachers, x, bf16=bf16)
     return plan, logits, int((logits.argmax(1) == labels[plan.order]).sum())
 
 
 
 def relabel_set(images_u8: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, teachers: list[nn.Module], cfg,
-                seed: int, bf16: bool, meta: dict, world, ckpt, out: str | Path) -> tuple[dict, int] | None:
+                seed: int, bf16: bool, meta: dict, world, ckpt, out: str | Path,
+                pixels: tuple | None = None) -> tuple[dict, int] | None:
     """Write the condensed set to ``out``: the images, and for every stored epoch (``meta["stored_epochs"]``
-    of them) its plan and the teachers' labels (:func:`epoch_plan_logits`), several epochs per label
-    shard (:func:`edc.shards.epochs_per_shard`).
+    of them) its plan and the teachers' labels (:func:`epoch_plan_logits`; ``pixels``: the dataset's
+    (mean, std), for RandAugment), several epochs per label shard (:func:`edc.shards.epochs_per_shard`).
 
     The set is built in ``ckpt``'s directory itself. Each finished label shard leaves its file and a
     small file with its agreement count there, and a rerun after an interruption, with any number of
@@ -86,7 +90,7 @@ def relabel_set(images_u8: torch.Tensor, images: torch.Tensor, labels: torch.Ten
     def work(j: int) -> None:
         writer, done, agree = made[0], [], 0
         for e in writer.shard_epochs(j):
-            plan, logits, a = epoch_plan_logits(images, labels, teachers, cfg, seed, e, bf16)
+            plan, logits, a = epoch_plan_logits(images, labels, teachers, cfg, seed, e, bf16, pixels)
             done.append((plan, logits))
             agree += a
         writer.write_shard(j, done)

@@ -20,7 +20,7 @@ from typing import Any
 
 from edc.errors import EdcError
 from edc.params import get_dotted, parse_params
-from edc.presets import PRESET_HELP, SWEEPS, label, parse_name, preset_overrides
+from edc.presets import PRESET_HELP, SWEEPS, label, parse_name, preset_mismatch, preset_overrides
 
 METRICS_FILE = "reports/metrics.json"
 STORAGE_FILE = "reports/relabel.json"
@@ -187,6 +187,18 @@ def _table(header: str, rows: list[tuple[str, Experiment | None]], students: lis
     for title, e in rows:
         lines.append(f"| {title} | " + " | ".join(_cell(e, s) for s in students) + f" | {e.name if e else '-'} |")
     return lines
+
+
+def _preset_notes(rows: list[tuple[str, Experiment]]) -> list[str]:
+    """A footnote naming each experiment whose params are not its preset's (an -S override, a preset
+    changed since it ran), so that a row never passes for the preset it is named after."""
+    notes = []
+    for method, e in rows:
+        diff = preset_mismatch(method, e.params)
+        if diff:
+            shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+            notes.append(f"- {e.name}: not the {method} preset's params: {shown}")
+    return (["Rows that differ from their preset:", ""] + notes + [""]) if notes else []
 
 
 def _sweep_points(sweep: str, ipc: int, exps: dict[str, Experiment]) -> list[tuple[str, Experiment]]:
@@ -418,6 +430,7 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
             seeds = sorted({e.seeds for _, e in rows})
             out += [f"## Methods at ipc {ipc} (Table 1; {'/'.join(map(str, seeds))} seeds)", ""]
             out += _table("method", rows, students) + [""]
+            out += _preset_notes(rows)
     for sweep, s in SWEEPS.items():
         for ipc in ipcs:
             if sweep == "ipc":

@@ -12,10 +12,13 @@ A condensed set (format ``edc-condensed/3``) is a directory::
                            images.npy uint8 (n, C, H, W)   the images, ids first..first+n-1
                            cls.npy    uint  (n,)           their classes
     labels-000000.tar    one sample, key e000000 (its first stored epoch), for ``epochs_per_shard``
-                         stored epochs (P of them; the last shard may hold fewer), N images each:
+                         stored epochs (P of them; the last shard may hold fewer), N images each, the
+                         plan's arrays in the smallest integer type that holds their values:
                            ids.npy    uint (P, N)        image ids in visiting order; batch b of an epoch
                                                          is positions b*batch_size .. (b+1)*batch_size-1
-                           crops.npy  uint (P, N, 5)     top, left, height, width, flip of each view
+                           crops.npy  int  (P, N, 5)     top, left, height, width, flip of each view; with
+                                                         RandAugment (P, N, 5 + 2k): k pairs of operation
+                                                         index and signed magnitude bin (edc.randaugment)
                            mix.npy    uint (P, N, 5)     CutMix partner position in the batch, x1, y1, x2, y2
                                                          (only when CutMix is on)
                            the labels of each view, by ``codec`` and ``topk`` (:func:`encode_labels`):
@@ -92,6 +95,17 @@ def uint_for(largest: int) -> np.dtype:
     return np.dtype(np.uint64)
 
 
+def int_for(values: np.ndarray) -> np.dtype:
+    """The smallest integer type that holds ``values`` (unsigned when none is negative)."""
+    lo, hi = int(values.min(initial=0)), int(values.max(initial=0))
+    if lo >= 0:
+        return uint_for(hi)
+    for t in (np.int8, np.int16, np.int32):
+        if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
+            return np.dtype(t)
+    return np.dtype(np.int64)
+
+
 # --- label codecs ----------------------------------------------------------------------------------
 
 def _quantise(values: np.ndarray) -> dict[str, np.ndarray]:
@@ -157,7 +171,8 @@ def view_bytes(meta: dict[str, Any]) -> int:
     k, topk, codec = meta["num_classes"], meta["topk"], meta.get("codec", "float16")
     facts = meta["dataset"]
     small = uint_for(max(facts["height"], facts["width"], meta["batch_size"])).itemsize
-    plan = uint_for(meta["num_images"] - 1).itemsize + 5 * small * (2 if meta["cutmix"] else 1)
+    columns = 5 + 2 * (meta.get("aug") or {}).get("randaugment", 0) + (5 if meta["cutmix"] else 0)
+    plan = uint_for(meta["num_images"] - 1).itemsize + columns * small
     width = topk or k
     labels = {"hard": 0, "float16": 2 * width, "int8": width + 4}[codec]
     return plan + labels + (uint_for(k - 1).itemsize * topk if topk and codec != "hard" else 0)
@@ -241,12 +256,13 @@ class CondensedWriter:
         meta = self.meta
         if len(epochs) != len(self.shard_epochs(j)):
             raise ValueError(f"label shard {j} holds {len(self.shard_epochs(j))} epochs, got {len(epochs)}")
-        facts = meta["dataset"]
-        small = uint_for(max(facts["height"], facts["width"], meta["batch_size"]))
         arrays = {"ids": np.stack([p.order.numpy() for p, _ in epochs]).astype(uint_for(meta["num_images"] - 1)),
-                  "crops": np.stack([p.crops.numpy() for p, _ in epochs]).astype(small)}
+                  "crops": np.stack([p.crops.numpy() for p, _ in epochs])}
         if meta["cutmix"]:
-            arrays["mix"] = np.stack([p.mix.numpy() for p, _ in epochs]).astype(small)
+            arrays["mix"] = np.stack([p.mix.numpy() for p, _ in epochs])
+        for name in ("crops", "mix"):  # boxes, positions and RandAugment's signed bins: small integers
+            if name in arrays:
+                arrays[name] = arrays[name].astype(int_for(arrays[name]))
         if meta["codec"] != "hard":
             logits = np.stack([lg.float().numpy() for _, lg in epochs])
             arrays.update(encode_labels(logits, meta["codec"], meta["topk"]))
@@ -464,7 +480,8 @@ def _read_label_shard(path: str, meta_json: str, j: int, stamp: tuple[int, int] 
     held = len(range(j * meta["epochs_per_shard"], min((j + 1) * meta["epochs_per_shard"], meta["stored_epochs"])))
     names = ["ids", "crops", *(["mix"] if meta["cutmix"] else []), *label_members(meta["codec"], meta["topk"])]
     arrays = {m: _array(shard, key, member, f"{m}.npy") for m in names}
-    if arrays["ids"].shape != (held, n) or arrays["crops"].shape != (held, n, 5):
+    crops = arrays["crops"]
+    if arrays["ids"].shape != (held, n) or crops.ndim != 3 or crops.shape[:2] != (held, n) or crops.shape[2] < 5:
         raise ArtifactError(f"{shard}: sample {key}: ids {arrays['ids'].shape} / crops {arrays['crops'].shape}, "
                             f"meta.json says {held} epochs of {n} images")
     if arrays["ids"].max(initial=0) >= n:
@@ -566,7 +583,7 @@ class CondensedDataset(torch.utils.data.IterableDataset):
     def _batch(self, b: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids = torch.from_numpy(b["ids"])
         mix = None if b["mix"] is None else torch.from_numpy(b["mix"])
-        x = augment(self.images[ids], torch.from_numpy(b["crops"]), mix)
+        x = augment(self.images[ids], torch.from_numpy(b["crops"]), mix, (self.facts.mean, self.facts.std))
         y = self.hard[ids]
         return x, (torch.from_numpy(b["logits"]) if self.labels == "soft" else y), y
 

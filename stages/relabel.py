@@ -63,7 +63,8 @@ def main(argv=None) -> None:
                                                    *(Path(args.observers) / f"{t}.safetensors" for t in cfg.teachers)],
                                                   code=__file__))
 
-        published = relabel_set(images_u8, images, labels, teachers, cfg, p.seed, p.bf16, meta, world, ckpt, args.out)
+        published = relabel_set(images_u8, images, labels, teachers, cfg, p.seed, p.bf16, meta, world, ckpt, args.out,
+                                (facts.mean, facts.std))
         if published is None:  # ranks other than 0 under torchrun
             return
         set_meta, agree = published

@@ -155,6 +155,9 @@ CASES = [
     ("stats-of-other-crops", "synthesize", set_key("synth.aug.scale_min", 0.3),
      "targets collected under synth.aug {flip: False, scale_min: 0.5}, but synth.aug is "
      "{flip: False, scale_min: 0.3}; rerun collect_stats"),
+    ("stats-of-crops-for-a-jitter", "synthesize", set_key("synth.aug.kind", "jitter"),
+     "targets collected under synth.aug {flip: False, scale_min: 0.5}, but synth.aug is "
+     "{flip: False, jitter: 4, kind: jitter, scale_min: 0.5}; rerun collect_stats"),
     ("rded-too-few-candidates", "init", set_key("init.candidates", 3),
      "init.candidates: must be >= ipc * init.factor^2"),
     # data
