@@ -268,8 +268,11 @@ def test_container_is_at_most_5_percent_of_the_labels_with_default_sizes(tmp_pat
     meta = {"dataset": facts.to_dict(), "class_names": facts.class_names, "num_classes": 10, "ipc": ipc,
             "teachers": cfg.teachers, "epochs": epochs, "stored_epochs": epochs, "batch_size": cfg.batch_size,
             "codec": cfg.codec, "topk": cfg.topk, "cutmix": cfg.cutmix, "aug": cfg.aug.model_dump(),
-            "params": {"seed": 0, "relabel": cfg.model_dump(),
-                       "synthesis": {"ipc": ipc, "params": default_params["synth"], "alpha": 0.5}}}
+            "params": {"seed": 0, "relabel": cfg.model_dump(), "synthesis": {  # as stages/synthesize.py writes it
+                "alpha": 0.5, "seed": 0, "params": default_params["synth"], "init": "rded", "dataset": "mnist5k",
+                "ipc": ipc, "matching": {t: {k: 0.123456 for k in ("matching_final", "matching_initial",
+                                                                   "plain_final", "plain_initial", "ratio")}
+                                         for t in cfg.teachers}}}}
     g = torch.Generator().manual_seed(0)
     u8 = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
     w = CondensedWriter(tmp_path, u8, torch.arange(n) % 10, meta)
