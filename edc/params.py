@@ -212,6 +212,14 @@ class RelabelParams(Section):
                            description="more epochs when needed for this many optimiser steps (planned_epochs)")
     batch_size: int = Field(ge=1, le=65_536, description="post-evaluation batch size")
     topk: int = Field(default=0, ge=0, description="store the k largest logits per image; 0 = all")
+    codec: Literal["float16", "int8", "hard"] = Field(
+        default="float16", description="how the stored logits are written: float16, int8 (per-row scale and "
+                                       "offset), or hard (none: the students train on the classes)")
+    shard_bytes: int = Field(default=64 * 2**20, ge=1, le=2**40,
+                             description="target size of a label shard: it holds as many stored epochs as fit")
+    label_epochs: int = Field(default=0, ge=0, le=100_000,
+                              description="epochs of views and labels stored, replayed in order by the training "
+                                          "epochs (epoch e replays e % label_epochs); 0 = one per epoch")
     cutmix: bool = False
     aug: RelabelAugParams = Field(default_factory=RelabelAugParams)
 
@@ -302,6 +310,10 @@ class Params(Section):
             problems.append(f"init.candidates: must be >= ipc * init.factor^2 = {need} (got {self.init.candidates})")
         if self.evaluate.loss == "mse_ce" and self.relabel.topk:
             problems.append("evaluate.loss: mse_ce regresses all logits; it needs relabel.topk: 0")
+        if self.evaluate.loss == "mse_ce" and self.relabel.codec == "hard":
+            problems.append("evaluate.loss: mse_ce regresses logits; relabel.codec: hard stores none")
+        if self.relabel.codec == "hard" and self.relabel.topk:
+            problems.append("relabel.topk: must be 0 with relabel.codec: hard (no logits are stored)")
         for i, m in enumerate(self.observers.models):
             if m.weights == "imagenet" and not m.arch.startswith("tv_"):
                 problems.append(f"observers.models[{i}].weights: imagenet weights exist only for the tv_* "

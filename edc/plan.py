@@ -40,6 +40,20 @@ def planned_epochs(epochs: int, min_steps: int, num_images: int, batch_size: int
     return max(epochs, -(-min_steps // per_epoch))
 
 
+def stored_epochs(label_epochs: int, epochs: int) -> int:
+    """How many epochs of views and labels a set stores: ``label_epochs`` (0 = one per training
+    epoch), at most ``epochs``."""
+    return epochs if label_epochs == 0 else min(label_epochs, epochs)
+
+
+def stored_epoch(epoch: int, stored: int) -> int:
+    """The stored epoch training epoch ``epoch`` replays, views and labels together: the stored epochs
+    in order, again and again (epoch ``stored`` replays epoch 0). A label is only ever read with the
+    views it was computed on, because the plan of the stored epoch is the plan of every epoch that
+    replays it."""
+    return epoch % stored
+
+
 def sample_boxes(n: int, h: int, w: int, scale: tuple[float, float], gen: torch.Generator,
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
     """RandomResizedCrop's boxes for n images, vectorised: up to ``attempts`` draws of area fraction

@@ -295,6 +295,10 @@ SWEEPS = {
     "synth_lr": Sweep("synth.lr", (0.05, 0.1, 0.25), "Adam learning rate on the pixels during synthesis"),
     "topk": Sweep("relabel.topk", (0, 5, 3, 1), "soft labels stored: all logits (0) or the k largest"),
     "labels": Sweep("evaluate.labels", ("soft", "hard"), "the students' targets: stored soft labels or classes"),
+    "codec": Sweep("relabel.codec", ("float16", "int8", "hard"),
+                   "stored logits: float16, 8-bit with a per-view scale and offset, or none (hard labels)"),
+    "label_epochs": Sweep("relabel.label_epochs", (0, 50, 10, 1),
+                          "epochs of views and labels stored and replayed in order (0 = every epoch)"),
 }
 
 

@@ -52,10 +52,10 @@ def tiny_workspace(tmp_path_factory) -> Path:
 def long_params() -> dict:
     """Tiny params with enough units to interrupt and to deal out over two ranks: 6 synthesis
     iterations in batches of 6 (20 images: 4 batches), 5 relabel epochs of batches of 7 (7, 7, 6:
-    uneven shares over 2 ranks), 2 student seeds."""
+    uneven shares over 2 ranks) in a label shard each (20 views of 26 bytes fit 600), 2 student seeds."""
     p = tiny_params()
     p["synth"].update(iterations=6, batch_size=6)
-    p["relabel"].update(epochs=5, batch_size=7)
+    p["relabel"].update(epochs=5, batch_size=7, shard_bytes=600)
     p["evaluate"]["seeds"] = 2
     return p
 

@@ -25,7 +25,7 @@ from edc.io import md5_file
 from edc.params import read_yaml
 from edc.plan import augment, batches, make_plan
 from edc.relabel import teacher_logits
-from edc.shards import CondensedWriter
+from edc.shards import SHARD_BYTES, CondensedWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -214,18 +214,20 @@ def toy_images(n: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 256, (n, 3, 10, 10), generator=g, dtype=torch.uint8), torch.arange(n) % 4
 
 
-def write_set(out, epochs=3, batch_size=4, topk=0, cutmix=True, seed=0, images=None):
+def write_set(out, epochs=3, batch_size=4, topk=0, cutmix=True, seed=0, images=None, codec="float16", stored=None,
+              shard_bytes=SHARD_BYTES):
     """A toy condensed set in ``out`` written by the format's own writer, soft labels from
-    :func:`teachers`; returns each epoch's (plan, augmented views) for comparison."""
+    :func:`teachers` stored as ``codec``, ``stored`` epochs of them (default all) in label shards of
+    ``shard_bytes``; returns each stored epoch's (plan, augmented views) for comparison."""
     out.mkdir(parents=True, exist_ok=True)
     u8, y = images if images is not None else toy_images()
     x = normalize(u8, FACTS)
     meta = {"dataset": FACTS.to_dict(), "class_names": FACTS.class_names, "num_classes": 4, "ipc": 2,
             "teachers": ["t0", "t1"], "epochs": epochs, "batch_size": batch_size, "topk": topk, "cutmix": cutmix,
-            "aug": {"scale_min": 0.3, "flip": True}, "params": {}}
-    w = CondensedWriter(out, u8, y, meta)
+            "codec": codec, "stored_epochs": stored or epochs, "aug": {"scale_min": 0.3, "flip": True}, "params": {}}
+    w = CondensedWriter(out, u8, y, meta, shard_bytes=shard_bytes)
     plans = []
-    for e in range(epochs):
+    for e in range(stored or epochs):
         plan = make_plan(len(y), 10, 10, batch_size, 0.3, True, cutmix, torch.Generator().manual_seed(seed * 100 + e))
         xa = torch.cat([augment(x[i], c, m) for i, c, m in batches(plan, batch_size)])
         w.write_epoch(e, plan, batch_size, teacher_logits(teachers(), xa), topk)

@@ -60,6 +60,13 @@ def test_exponent_notation_is_a_float_as_dvc_reads_it(tmp_path):
     (lambda p: p["observers"]["models"][1].__setitem__("name", p["observers"]["models"][0]["name"]),
      "observers.models: observer names must be unique"),
     (lambda p: p.__setitem__("stats", 3), "stats: must be a mapping"),
+    (lambda p: p["relabel"].__setitem__("codec", "int4"),
+     "relabel.codec: must be one of 'float16', 'int8' or 'hard' (got 'int4')"),
+    (lambda p: p["relabel"].update(codec="hard", topk=3),
+     "relabel.topk: must be 0 with relabel.codec: hard (no logits are stored)"),
+    (lambda p: (p["relabel"].update(codec="hard"), p["evaluate"].update(loss="mse_ce")),
+     "evaluate.loss: mse_ce regresses logits; relabel.codec: hard stores none"),
+    (lambda p: p["relabel"].__setitem__("label_epochs", -1), "relabel.label_epochs: must be >= 0 (got -1)"),
 ])
 def test_each_problem_is_one_line_naming_the_key(default_params, mutate, expected):
     mutate(default_params)

@@ -46,7 +46,7 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
     assert sorted(md5_tree(a)) == [
         "condensed/images/images.npy", "condensed/images/labels.npy", "condensed/images/meta.json",
         "condensed/init/images.npy", "condensed/init/labels.npy", "condensed/init/meta.json",
-        "condensed/shards/epoch-0000.tar", "condensed/shards/epoch-0001.tar", "condensed/shards/images-000000.tar",
+        "condensed/shards/images-000000.tar", "condensed/shards/labels-000000.tar",
         "condensed/shards/meta.json",
         "data/prepared/facts.json", "data/prepared/test_images.npy", "data/prepared/test_labels.npy",
         "data/prepared/train_images.npy", "data/prepared/train_labels.npy", "data/prepared/val_images.npy",
@@ -84,19 +84,50 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
     assert float(raw[-1].split(",")[1]) == metrics["raw_acc_mean"]
     stored = read_json(a / "reports/relabel.json")["bytes"]
     shards = a / "condensed/shards"
-    assert stored["total"] == sum(f.stat().st_size for f in shards.glob("*.tar"))
+    assert stored["total"] == sum(f.stat().st_size for f in shards.iterdir())
 
 
 def test_post_evaluate_names_a_bad_shard(tiny_workspace, tmp_path):
     shutil.copytree(tiny_workspace, tmp_path, dirs_exist_ok=True)
     params = tmp_path / "params.yaml"
-    shard = tmp_path / "condensed/shards/epoch-0001.tar"
+    shard = tmp_path / "condensed/shards/labels-000000.tar"
     shard.unlink()
     r = run([sys.executable, "stages/post_evaluate.py", "--params", str(params), "--data",
              str(tmp_path / "data/prepared"), "--shards", str(tmp_path / "condensed/shards"), "--metrics",
              str(tmp_path / "m.json"), "--curves", str(tmp_path / "curves")], timeout=300)
-    assert r.returncode == 2 and r.stderr.strip() == f"{shard}: missing (meta.json lists 2 epochs)", r.stderr
+    said = f"{shard}: missing (one of the 1 label shards meta.json lists)"
+    assert r.returncode == 2 and r.stderr.strip() == said, r.stderr
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "curves").exists()
+
+
+@pytest.mark.parametrize("codec", ["int8", "hard"])
+def test_relabel_and_post_evaluate_with_a_compressed_codec(tmp_path, capsys, codec):
+    """relabel.codec int8 with one stored epoch of three, and hard: the stages store what params.yaml
+    asks, report it, and post_evaluate trains on it (classes for hard labels, without teachers)."""
+    p = tiny_params()
+    p["relabel"].update(codec=codec, epochs=3, label_epochs=1 if codec == "int8" else 0)
+    run_stages(tmp_path, write_yaml(tmp_path / "params.yaml", p))
+    report = read_json(tmp_path / "reports/relabel.json")
+    meta = read_json(tmp_path / "condensed/shards/meta.json")
+    assert meta["codec"] == report["codec"] == codec and meta["epochs"] == report["epochs"] == 3
+    assert report["stored_epochs"] == (1 if codec == "int8" else 3)
+    assert report["bytes"] == meta["bytes"]
+    assert report["bytes"]["labels"] == (20 * 1 * (10 + 4) if codec == "int8" else 0)
+    assert ("teacher_agreement" in report) == (codec != "hard")
+    import mlflow
+
+    from edc.tracking import mlflow_experiment, tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(mlflow_experiment())
+    run = client.search_runs([exp.experiment_id], "tags.`edc.stage` = 'relabel'",
+                             order_by=["attributes.start_time DESC"])[0]
+    for kind in ("images", "labels", "plan", "container", "total"):
+        assert run.data.metrics[f"bytes.{kind}"] == report["bytes"][kind]
+        assert run.data.metrics[f"bytes_per_image_epoch.{kind}"] == report["bytes"]["per_image_epoch"][kind]
+    out = capsys.readouterr().out
+    assert f"({'hard' if codec == 'hard' else 'soft'} labels, 3 epochs)" in out, out
+    assert 0 <= read_json(tmp_path / "reports/metrics.json")["student"]["acc_mean"] <= 1
 
 
 def test_a_failing_stage_keeps_the_earlier_output(tmp_path, default_params):

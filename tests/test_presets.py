@@ -308,27 +308,6 @@ def test_a_sweep_of_a_key_the_preset_does_not_set_takes_the_edc_points_value_fro
                     f"| synth.flatness.weight = {base['synth']['flatness']['weight']} | 90.00 ± 0.00 | edc-ipc1 |"]
 
 
-def test_report_puts_accuracy_against_the_bytes_each_set_stores(tmp_path):
-    base = read_yaml(ROOT / "params.yaml")
-
-    def stored(e, images, labels, per):
-        e.storage = {"images": images, "soft_labels": labels, "total": images + labels,
-                     "soft_labels_per_image_epoch": per}
-        return e
-
-    exps = {e.name: e for e in [
-        stored(exp("edc-ipc1", {"convnet": (0.90, 0.01)}, base), 20_000, 2_000_000, 52.0),
-        stored(exp("topk-3-ipc1", {"convnet": (0.88, 0.01)}), 20_000, 600_000, 16.0),
-        stored(exp("labels-hard-ipc1", {"convnet": (0.50, 0.02)}), 20_000, 2_000_000, 52.0),
-    ]}
-    lines = build_report(exps, tmp_path / "plots", tmp_path).splitlines()
-    rows = [ln for ln in lines if ln.startswith(("| hard labels", "| top-", "| all logits"))]
-    assert rows == ["| hard labels | 0.020 | 0 | 50.00 ± 2.00 | labels-hard-ipc1 |",
-                    "| top-3 | 0.620 | 16 | 88.00 ± 1.00 | topk-3-ipc1 |",
-                    "| all logits | 2.020 | 52 | 90.00 ± 1.00 | edc-ipc1 |"]
-    assert (tmp_path / "plots/storage-ipc1.png").stat().st_size > 1000
-
-
 def test_report_has_a_table_and_a_plot_per_application(tmp_path):
     e = exp("edc-ipc1", {"convnet": (0.9, 0.01)})
     e.continual = {"enabled": True, "steps": [

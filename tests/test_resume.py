@@ -61,8 +61,8 @@ def test_a_killed_stage_resumes_to_the_same_bytes(upstream, tmp_path, name, cras
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
     # Killed: no output exists that DVC could take for a finished one; the checkpoint does.
     assert not any((work / item).exists() for item in STAGES[name][1])
-    # relabel keeps its finished epochs' shards; the others one state file
-    kept = "epoch-0000.tar" if name == "relabel" else "state.pt"
+    # relabel keeps its finished label shards; the others one state file
+    kept = "labels-000000.tar" if name == "relabel" else "state.pt"
     assert (resume_dir(work / STAGES[name][1][0]) / kept).is_file()
 
     r = run_stage(work, name, EDC_CHECKPOINT_SECONDS="0")

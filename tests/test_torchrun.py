@@ -76,7 +76,7 @@ def test_two_ranks_write_what_one_process_writes(finished, one_process, tmp_path
 @pytest.mark.pipeline
 @pytest.mark.parametrize("stage", ["synthesize", "relabel"])
 def test_killed_ranks_resume_with_any_number_of_ranks(finished, one_process, tmp_path, stage):
-    """Both ranks are SIGKILLed after their first finished batch (synthesize) or epoch (relabel); a
+    """Both ranks are SIGKILLed after their first finished batch (synthesize) or label shard (relabel); a
     rerun with 2 ranks, or for relabel with 1 process, computes only the rest and writes the same bytes."""
     for nproc_after in (2, 1) if stage == "relabel" else (2,):
         work = without_outputs(finished, tmp_path / f"then{nproc_after}", stage)
@@ -85,9 +85,9 @@ def test_killed_ranks_resume_with_any_number_of_ranks(finished, one_process, tmp
         resume = work / OUTPUTS[stage][0]
         resume = resume.with_name(f".{resume.name}.resume")
         # A unit is finished when all its files are there: a rank that torchrun stopped when the other
-        # was killed may have left an epoch's shard without its agreement file (recomputed on resume).
+        # was killed may have left a label shard without its agreement file (recomputed on resume).
         kept = [f.name for f in resume.iterdir() if f.name.startswith("batch-")
-                or (f.name.startswith("epoch-") and (resume / f".agree-{f.name[6:10]}.json").is_file())]
+                or (f.name.startswith("labels-") and (resume / f".agree-{f.name[7:13]}.json").is_file())]
         assert kept and not (work / OUTPUTS[stage][0]).exists()
         r = launch(work, stage, nproc_after)
         assert f"{stage}: resuming with {len(kept)}/" in r.stdout, r.stdout
