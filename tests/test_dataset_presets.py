@@ -18,7 +18,7 @@ from tests.helpers import ROOT, make_cifar10, run_stages, write_yaml
 def test_dataset_preset_applies_through_dvcs_parser_and_validates(tmp_path, monkeypatch, name):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "data dir/with 'quotes'").mkdir(parents=True)  # --root must exist (the command refuses one that does not)
+    (tmp_path / "data dir/with 'quotes'").mkdir(parents=True)  # --root must exist
     edc_main(["exp", "dataset", name, "--root", "data dir/with 'quotes'", "--apply"])
     after, want = read_yaml("params.yaml"), dataset_overrides(name, str(tmp_path / "data dir/with 'quotes'"))
     for key, value in want.items():
