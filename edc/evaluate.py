@@ -238,7 +238,7 @@ class UnaugmentedView:
 class FullTrainSet:
     """The whole train split in the shape of a condensed set's plan, with hard labels (the full-data
     reference that HLR subtracts from): each epoch a fresh seeded order and one planned view per image
-    (``aug``: the ``relabel.aug`` crops and flips the sets' students see), in batches of
+    (``aug``: the ``relabel.aug`` crops, flips and RandAugment the sets' students see), in batches of
     ``batch_size``, so a student trains on it exactly as on a set under the same recipe."""
 
     labels = "hard"
@@ -254,10 +254,10 @@ class FullTrainSet:
 
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "reference", str(e)))
         plan = make_plan(len(self.train), self.facts.height, self.facts.width, self.batch_size, self.aug.scale_min,
-                         self.aug.flip, False, gen)
+                         self.aug.flip, False, gen, self.aug.randaugment, self.aug.magnitude)
         for ids, crops, _ in batches(plan, self.batch_size):
             y = self.train.labels[ids]
-            yield augment(self.train.take(ids), crops, None), y, y
+            yield augment(self.train.take(ids), crops, None, (self.facts.mean, self.facts.std)), y, y
 
 
 def variant_sets(ds: CondensedDataset, variants: list[str]) -> dict[str, object]:

@@ -104,7 +104,7 @@ def main(argv=None) -> None:
         run.artifact(args.metrics)
     for name, m in metrics.items():
         print(f"{name}: test accuracy {100 * m['acc_mean']:.2f} +- {100 * m['acc_std']:.2f}% over {cfg.seeds} seeds "
-              f"({cfg.labels} labels, {ds.epochs} epochs)")
+              f"({ds.labels} labels, {ds.epochs} epochs)")  # a set of hard labels trains on classes
         for variant, v in m.get("variants", {}).items():
             print(f"{name} ({variant}): test accuracy {100 * v['acc_mean']:.2f} +- {100 * v['acc_std']:.2f}%")
 

@@ -12,7 +12,7 @@ from edc.io import read_json
 from edc.params import parse_params, read_yaml
 from edc.presets import preset_overrides
 from edc.runtime import derive_seed, trial_seed
-from tests.conftest import ROOT, md5_tree, run_stages, tiny_params, write_yaml
+from tests.helpers import ROOT, md5_tree, run_stages, tiny_params, write_yaml
 
 
 def _with(raw: dict, overrides: dict) -> dict:
@@ -53,7 +53,7 @@ def test_within_a_trial_edc_and_random_soft_start_from_the_same_real_images(tmp_
 
 def test_the_full_train_split_is_seen_once_per_epoch_in_a_seeded_order():
     from edc.data import TensorSplit
-    from tests.test_shards import FACTS
+    from tests.helpers import FACTS
 
     images, labels = torch.randn(10, 3, 10, 10), torch.arange(10) % 4
     aug = parse_params(tiny_params()).relabel.aug
@@ -93,7 +93,6 @@ def _exp(name: str, trial: int, acc: float, hard: float | None = None, noaug: fl
     from edc.params import read_yaml
     from edc.presets import parse_name
     from edc.report import Experiment
-    from tests.conftest import ROOT
 
     p = read_yaml(ROOT / "params.yaml")
     p.update(trial=trial, **params)
@@ -172,7 +171,7 @@ def test_trials_of_edc_and_random_soft_give_the_fields_metrics_and_a_stable_repo
     """What a user runs: the trial command for both methods, then `edc report`, twice."""
     import sys
 
-    from tests.conftest import sh
+    from tests.helpers import sh
 
     repo, env = dvc_repo
     edc = [sys.executable, "-m", "edc.cli"]
