@@ -9,6 +9,7 @@
     edc export SET OUT                 a condensed set as an image folder (+ soft labels, card)
     edc evaluate SET... --archs A...   students of any architecture on any sets, soft and hard labels
     edc smoke [--keep DIR]             the whole pipeline on tiny settings in a scratch copy (1-2 minutes)
+    edc queue start -j N               `dvc queue start -j N` with the cores divided between the N workers
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ def _launch(commands: list[tuple[str, list[str]]], args: argparse.Namespace) -> 
         if r.returncode != 0:
             raise EdcError(f"experiment {name} failed (exit status {r.returncode}); see the output above")
     if args.queue and not args.dry_run:
-        print("queued; run them with `dvc queue start` (one at a time: two torch jobs on the same cores slow each "
-              "other several-fold; -j N where each job has its own cores) and follow with `dvc queue status`")
+        print("queued; run them with `edc queue start -j N` (N side by side, the cores divided between them) and "
+              "follow with `dvc queue status`")
 
 
 def _preset(args: argparse.Namespace) -> None:
@@ -214,6 +215,29 @@ def _smoke(args: argparse.Namespace) -> None:
     run_smoke(Path(args.project).resolve(), Path(args.keep).resolve() if args.keep else None)
 
 
+def _queue_start(args: argparse.Namespace) -> None:
+    import os
+
+    from edc.report import dvc_command
+    from edc.runtime import JOBS_ENV
+
+    # DVC's queue workers are processes started by this command, inheriting its environment; each
+    # stage they run gives torch (cores // EDC_JOBS) threads (edc.runtime.resolve_threads).
+    env = {**os.environ, JOBS_ENV: str(args.jobs)}
+    cmd = [dvc_command(), "queue", "start", "-j", str(args.jobs)]
+    print(f"$ {JOBS_ENV}={args.jobs} " + " ".join(cmd), flush=True)
+    r = subprocess.run(cmd, env=env)
+    if r.returncode != 0:
+        raise EdcError(f"dvc queue start failed (exit status {r.returncode}); see the output above")
+    print("workers already running keep the thread count they started with; `dvc queue stop` ends them")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number (got {text!r})")
+    return int(text)
+
+
 def _exp_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--ipc", type=int, help="images per class (default: params.yaml's ipc)")
     sp.add_argument("--queue", action="store_true", help="queue instead of running (then `dvc queue start`)")
@@ -291,6 +315,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     sm.add_argument("--project", default=".", help="the project to copy (default: the current directory)")
     sm.add_argument("--keep", help="run in this new directory and keep it (default: a temporary one, removed)")
     sm.set_defaults(fn=_smoke)
+    q = sub.add_parser("queue", help="run queued experiments side by side, the cores divided between them")
+    qsub = q.add_subparsers(dest="queue_cmd", required=True)
+    qs = qsub.add_parser("start", help="`dvc queue start -j N` with EDC_JOBS=N: each experiment's stages use "
+                                       "cores // N torch threads")
+    qs.add_argument("-j", "--jobs", type=_positive, default=1, help="experiments side by side (default 1)")
+    qs.set_defaults(fn=_queue_start)
     args = ap.parse_args(argv)
     try:
         args.fn(args)

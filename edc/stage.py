@@ -68,10 +68,14 @@ def restore_hint() -> str | None:
 
 
 def stage_main(fn: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
-    """Run a stage's ``main``; a user error prints its lines to stderr and exits 2, no traceback. Under
-    DVC, every failure ends with :func:`restore_hint`."""
+    """Run a stage's ``main`` with torch's thread count set (:func:`edc.runtime.configure_threads`); a
+    user error prints its lines to stderr and exits 2, no traceback. Under DVC, every failure ends with
+    :func:`restore_hint`."""
     hint = restore_hint()
     try:
+        from edc.runtime import configure_threads  # here: importing torch is the stage's business
+
+        configure_threads()  # EDC_THREADS / EDC_JOBS: side-by-side runs divide the cores
         fn(argv)
     except EdcError as exc:
         for line in str(exc).splitlines():
