@@ -4,14 +4,20 @@ post_evaluate's seeds in parallel processes (``eval_jobs``), which change no res
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from edc.errors import EdcError
+from edc.io import md5_file
+from edc.params import read_yaml
 from edc.runtime import resolve_threads
-from tests.conftest import ROOT
+from tests.conftest import ARGS, PIPELINE, ROOT, md5_tree, run_stages, tiny_params, write_yaml
 
 
 @pytest.mark.parametrize("env, cores, want", [
@@ -71,3 +77,105 @@ def test_edc_queue_start_gives_the_workers_their_share(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.main(["queue", "start", "-j", "0"])
     assert "must be a positive whole number (got '0')" in capsys.readouterr().err
+
+
+# --- post_evaluate's seeds side by side ------------------------------------------------------------
+
+INPUTS = ("data/prepared", "condensed/shards")
+OUTPUTS = ("reports/metrics.json", "reports/plots/evaluate", "reports/plots/accuracy")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """A workspace holding a tiny condensed set, whose post-evaluation trains two seeds."""
+    work = tmp_path_factory.mktemp("throughput")
+    p = tiny_params()
+    p["relabel"]["epochs"] = 6
+    p["evaluate"]["seeds"] = 2
+    run_stages(work, write_yaml(work / "params.yaml", p), PIPELINE[:-1])
+    return work
+
+
+def post_evaluate(shards: Path, dest: Path, eval_jobs: int, wait: bool = True, **env):
+    """post_evaluate in a copy of ``shards``'s workspace with ``eval_jobs``, as DVC runs it (its own
+    process, its own MLflow store); the finished process, or the running one with ``wait=False``."""
+    if not dest.exists():
+        dest.mkdir()
+        for item in INPUTS:
+            shutil.copytree(shards / item, dest / item)
+    p = read_yaml(shards / "params.yaml")
+    p["eval_jobs"] = eval_jobs
+    write_yaml(dest / "params.yaml", p)
+    base = {k: v for k, v in os.environ.items() if k not in ("EDC_THREADS", "EDC_JOBS", "OMP_NUM_THREADS")}
+    env = {**base, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{dest}/mlflow.db", **env}
+    argv = [a if a.startswith("--") else str(dest / a) for a in ARGS["post_evaluate"]]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "stages/post_evaluate.py"), "--params",
+                             str(dest / "params.yaml"), *argv], cwd=dest, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def outputs(work: Path) -> dict[str, str]:
+    out = {}
+    for item in OUTPUTS:
+        p = work / item
+        out.update({f"{item}/{k}": v for k, v in md5_tree(p).items()} if p.is_dir() else {item: md5_file(p)})
+    return out
+
+
+def seed_runs(work: Path) -> dict[str, tuple[float, int]]:
+    """MLflow's child runs of the post_evaluate run: {run name: (final_acc, test_acc points logged)}."""
+    db = sqlite3.connect(work / "mlflow.db")
+    rows = db.execute("select r.name, r.run_uuid from runs r join tags t on t.run_uuid = r.run_uuid "
+                      "and t.key = 'edc.student'").fetchall()
+    out = {}
+    for name, run in rows:
+        (acc,) = db.execute("select value from latest_metrics where run_uuid = ? and key = 'final_acc'",
+                            (run,)).fetchone()
+        (points,) = db.execute("select count(*) from metrics where run_uuid = ? and key = 'test_acc'",
+                               (run,)).fetchone()
+        out[name] = (acc, points)
+    return out
+
+
+def test_eval_jobs_2_gives_the_results_of_one_process_with_the_same_threads(shards, tmp_path):
+    """eval_jobs 2 on 2 threads (one per seed) writes the bytes eval_jobs 1 writes on one thread,
+    and MLflow holds each seed's run with its whole curve, logged by the stage's own process."""
+    one = post_evaluate(shards, tmp_path / "one", 1, EDC_THREADS="1")
+    assert one.returncode == 0, one.stderr
+    two = post_evaluate(shards, tmp_path / "two", 2, EDC_THREADS="2")
+    assert two.returncode == 0, two.stderr
+    assert "2 students/seeds, 2 at a time with 1 thread(s) each" in two.stdout
+    assert outputs(tmp_path / "two") == outputs(tmp_path / "one")
+    runs = seed_runs(tmp_path / "two")
+    assert runs == seed_runs(tmp_path / "one") and sorted(runs) == ["student seed 0", "student seed 1"]
+    assert all(points == 6 for _, points in runs.values())  # eval_every 1: every epoch's point
+
+
+def test_a_killed_parallel_post_evaluate_keeps_its_finished_seeds(shards, tmp_path):
+    want = post_evaluate(shards, tmp_path / "clean", 1, EDC_THREADS="1")
+    assert want.returncode == 0, want.stderr
+    work = tmp_path / "killed"
+    r = post_evaluate(shards, work, 2, EDC_THREADS="2", EDC_CRASH_AFTER_CHECKPOINTS="1")
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    assert not (work / "reports/metrics.json").exists()
+    r = post_evaluate(shards, work, 2, EDC_THREADS="2")
+    assert r.returncode == 0, r.stderr
+    assert "resuming (1 students/seeds finished" in r.stdout and "1 students/seeds, 1 at a time" in r.stdout
+    assert outputs(work) == outputs(tmp_path / "clean")
+
+
+def test_a_run_beside_another_gives_the_results_it_gives_alone(shards, tmp_path):
+    """The same post-evaluation with the same thread count, alone and while another process trains
+    beside it: the same metrics, curves and plots (side by side changes timing, never results)."""
+    alone = post_evaluate(shards, tmp_path / "alone", 1, EDC_THREADS="1")
+    assert alone.returncode == 0, alone.stderr
+    procs = [post_evaluate(shards, tmp_path / f"side{i}", 1, wait=False, EDC_THREADS="1") for i in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    want = outputs(tmp_path / "alone")
+    assert outputs(tmp_path / "side0") == want and outputs(tmp_path / "side1") == want
