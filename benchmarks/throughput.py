@@ -114,15 +114,19 @@ def drain(repo: Path, env: dict, names: list[str], jobs: int) -> float:
     return seconds
 
 
-def spans(repo: Path, names: list[str]) -> list[float]:
-    """Each experiment's span in seconds: its first stage run's start to its last stage run's end."""
+def spans(repo: Path, names: list[str]) -> tuple[list[float], set[str]]:
+    """Each experiment's span in seconds (its first stage run's start to its last stage run's end),
+    and the torch thread counts its stages ran with (MLflow tag ``edc.threads``)."""
     db = sqlite3.connect(repo / "mlflow.db")
-    out = []
+    out, threads = [], set()
     for name in names:
-        (lo, hi), = db.execute("select min(r.start_time), max(r.end_time) from runs r join tags t on "
-                               "t.run_uuid = r.run_uuid and t.key = 'dvc.exp_name' where t.value = ?", (name,))
+        runs = "select run_uuid from tags where key = 'dvc.exp_name' and value = ?"
+        (lo, hi), = db.execute(f"select min(start_time), max(end_time) from runs where run_uuid in ({runs})",
+                               (name,))
         out.append((hi - lo) / 1000)
-    return out
+        threads |= {v for (v,) in db.execute(f"select value from tags where key = 'edc.threads' and run_uuid in "
+                                             f"({runs})", (name,))}
+    return out, threads
 
 
 def loop_worker(threads: int, repo: str) -> None:
@@ -193,11 +197,12 @@ def main() -> None:
         for jobs in (1, args.jobs):
             names = [f"j{jobs}-{a}" for a in alphas]
             wall = drain(repo, env, names, jobs)
-            results[jobs] = (wall, spans(repo, names))
-            each = results[jobs][1]
+            each, threads = spans(repo, names)
+            results[jobs] = wall
             print(f"  -j {jobs}: {n} experiments in {wall:6.1f} s = {3600 * n / wall:6.1f} experiments/hour; "
-                  f"each {statistics.median(each):.1f} s (min {min(each):.1f}, max {max(each):.1f})", flush=True)
-        gain = results[1][0] / results[args.jobs][0]
+                  f"each {statistics.median(each):.1f} s (min {min(each):.1f}, max {max(each):.1f}); stages ran "
+                  f"with {'/'.join(sorted(threads))} torch thread(s)", flush=True)
+        gain = results[1] / results[args.jobs]
         print(f"side by side (-j {args.jobs}) over one at a time: {gain:.2f}x experiments per hour   goal >= 1.4x")
         lim = limit(repo, env, 1 if args.quick else args.rounds)
         med = statistics.median(lim)

@@ -365,7 +365,10 @@ def stage_run(stage: str, params: Mapping[str, Any], seed: int | None = None,
         common = {"git.commit": _git_commit(project_root())}
         if exp_name:
             common["dvc.exp_name"] = exp_name
-        tags = {"edc.stage": stage, **common}
+        import torch  # loaded already: the stage's own
+
+        # The thread count can change a result's last bits (edc.runtime.configure_threads): record it.
+        tags = {"edc.stage": stage, "edc.threads": str(torch.get_num_threads()), **common}
         if seed is not None:
             tags["edc.seed"] = str(seed)
         client = mlflow.MlflowClient()

@@ -179,3 +179,21 @@ def test_a_run_beside_another_gives_the_results_it_gives_alone(shards, tmp_path)
         assert proc.returncode == 0, err
     want = outputs(tmp_path / "alone")
     assert outputs(tmp_path / "side0") == want and outputs(tmp_path / "side1") == want
+
+
+def test_each_stage_run_records_its_thread_count(tmp_path, monkeypatch):
+    """The thread count can change a result's last bits: MLflow keeps it with the stage's run."""
+    import torch
+
+    from edc import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tracking.stage_run("prepare", {"seed": 0}) as run:
+            run.metrics({"x": 1.0})
+    finally:
+        torch.set_num_threads(before)
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    assert db.execute("select value from tags where key = 'edc.threads'").fetchall() == [("1",)]
