@@ -92,6 +92,8 @@ def progress(iterable=None, **kwargs):
     (``benchmarks/startup.py`` measures each stage's start-up so)."""
     if os.environ.get(STARTUP_PROBE_ENV):
         return _startup_probe(iterable)
+    if os.environ.get(TIMING_ENV):
+        iterable = _clocked(iterable)
     if not sys.stderr.isatty():
         bar = LineProgress(iterable, total=kwargs.get("total"), desc=kwargs.get("desc", ""),
                            unit=kwargs.get("unit", "it"))
@@ -102,6 +104,25 @@ def progress(iterable=None, **kwargs):
         kwargs.setdefault("dynamic_ncols", True)
         bar = tqdm(iterable, **kwargs)
     return _announcing(bar) if not tracking.work_started.is_set() else bar
+
+
+TIMING_ENV = "EDC_TIMING_FILE"
+_loop_depth = [0]
+
+
+def _clocked(iterable):
+    """``iterable``, its time (the loop bodies' included) added to ``tracking.stage_clock["loops"]``
+    unless an outer loop already counts it."""
+    if _loop_depth[0]:
+        yield from iterable
+        return
+    _loop_depth[0] += 1
+    start = time.perf_counter()
+    try:
+        yield from iterable
+    finally:
+        _loop_depth[0] -= 1
+        tracking.stage_clock["loops"] += time.perf_counter() - start
 
 
 def _announcing(iterable):

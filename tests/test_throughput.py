@@ -3,6 +3,7 @@ post_evaluate's seeds in parallel processes (``eval_jobs``), which change no res
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -170,15 +171,22 @@ def test_a_killed_parallel_post_evaluate_keeps_its_finished_seeds(shards, tmp_pa
 
 def test_a_run_beside_another_gives_the_results_it_gives_alone(shards, tmp_path):
     """The same post-evaluation with the same thread count, alone and while another process trains
-    beside it: the same metrics, curves and plots (side by side changes timing, never results)."""
+    beside it: the same metrics, curves and plots (side by side changes timing, never results). One
+    of them also records its timings (EDC_TIMING_FILE, benchmarks/overhead.py), outside its outputs."""
     alone = post_evaluate(shards, tmp_path / "alone", 1, EDC_THREADS="1")
     assert alone.returncode == 0, alone.stderr
-    procs = [post_evaluate(shards, tmp_path / f"side{i}", 1, wait=False, EDC_THREADS="1") for i in range(2)]
+    timing = tmp_path / "timing.jsonl"
+    procs = [post_evaluate(shards, tmp_path / f"side{i}", 1, wait=False, EDC_THREADS="1",
+                           **({"EDC_TIMING_FILE": str(timing)} if i else {})) for i in range(2)]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
     want = outputs(tmp_path / "alone")
     assert outputs(tmp_path / "side0") == want and outputs(tmp_path / "side1") == want
+    (line,) = [json.loads(x) for x in timing.read_text().splitlines()]
+    assert line["stage"] == "post_evaluate.py" and line["pid"] == procs[1].pid
+    assert line["process_start"] <= line["main_start"] < line["end"]
+    assert 0 < line["loops"] < line["end"] - line["main_start"] and line["mlflow_wait"] >= 0
 
 
 def test_each_stage_run_records_its_thread_count(tmp_path, monkeypatch):
