@@ -205,3 +205,20 @@ def test_each_stage_run_records_its_thread_count(tmp_path, monkeypatch):
         torch.set_num_threads(before)
     db = sqlite3.connect(tmp_path / "mlflow.db")
     assert db.execute("select value from tags where key = 'edc.threads'").fetchall() == [("1",)]
+
+
+def test_eval_jobs_with_torchrun_ranks_is_a_params_error():
+    """Ranks already share each student's batches; processes per seed on top would oversubscribe."""
+    from types import SimpleNamespace
+
+    from edc.errors import ParamsError
+    from edc.evaluate import train_seeds_in_parallel
+    from edc.params import parse_params
+
+    cfg = parse_params(tiny_params()).evaluate
+    with pytest.raises(ParamsError, match="eval_jobs: 2 trains seeds in parallel processes, but the launcher "
+                                          "already runs 2 ranks; set eval_jobs: 1 with torchrun"):
+        train_seeds_in_parallel(2, cfg, 2.0, None, None, None, lambda *k: 0, {"done": {}, "current": None}, None,
+                                None, False, SimpleNamespace(size=2, main=True))
+    assert train_seeds_in_parallel(1, cfg, 2.0, None, None, None, lambda *k: 0, {"done": {}, "current": None},
+                                   None, None, False, SimpleNamespace(size=2, main=True)) == set()
