@@ -114,19 +114,29 @@ def drain(repo: Path, env: dict, names: list[str], jobs: int) -> float:
     return seconds
 
 
-def spans(repo: Path, names: list[str]) -> tuple[list[float], set[str]]:
-    """Each experiment's span in seconds (its first stage run's start to its last stage run's end),
-    and the torch thread counts its stages ran with (MLflow tag ``edc.threads``)."""
+def spans(repo: Path, names: list[str]) -> tuple[list[tuple[float, float]], set[str]]:
+    """Each experiment's span, (start, end) in seconds: its first stage run's start to its last stage
+    run's end; and the torch thread counts its stages ran with (MLflow tag ``edc.threads``)."""
     db = sqlite3.connect(repo / "mlflow.db")
     out, threads = [], set()
     for name in names:
         runs = "select run_uuid from tags where key = 'dvc.exp_name' and value = ?"
         (lo, hi), = db.execute(f"select min(start_time), max(end_time) from runs where run_uuid in ({runs})",
                                (name,))
-        out.append((hi - lo) / 1000)
+        out.append((lo / 1000, hi / 1000))
         threads |= {v for (v,) in db.execute(f"select value from tags where key = 'edc.threads' and run_uuid in "
                                              f"({runs})", (name,))}
     return out, threads
+
+
+def covered(intervals: list[tuple[float, float]]) -> float:
+    """Seconds during which at least one of ``intervals`` is open."""
+    total, end = 0.0, float("-inf")
+    for lo, hi in sorted(intervals):
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total
 
 
 def loop_worker(threads: int, repo: str) -> None:
@@ -197,11 +207,14 @@ def main() -> None:
         for jobs in (1, args.jobs):
             names = [f"j{jobs}-{a}" for a in alphas]
             wall = drain(repo, env, names, jobs)
-            each, threads = spans(repo, names)
+            intervals, threads = spans(repo, names)
+            each = [hi - lo for lo, hi in intervals]
             results[jobs] = wall
             print(f"  -j {jobs}: {n} experiments in {wall:6.1f} s = {3600 * n / wall:6.1f} experiments/hour; "
                   f"each {statistics.median(each):.1f} s (min {min(each):.1f}, max {max(each):.1f}); stages ran "
-                  f"with {'/'.join(sorted(threads))} torch thread(s)", flush=True)
+                  f"with {'/'.join(sorted(threads))} torch thread(s); no stage running for "
+                  f"{wall - covered(intervals):.1f} s of the wall (DVC's queue: workers, workspace copies, "
+                  "commits)", flush=True)
         gain = results[1] / results[args.jobs]
         print(f"side by side (-j {args.jobs}) over one at a time: {gain:.2f}x experiments per hour   goal >= 1.4x")
         lim = limit(repo, env, 1 if args.quick else args.rounds)
