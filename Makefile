@@ -1,6 +1,7 @@
-# make repro: create/refresh .venv, then run the pipeline (dvc repro) on the default data.
+# make repro: create/refresh .venv, run the pipeline (dvc repro) on the default data, print the students' accuracy.
 # make smoke: create/refresh .venv, then the whole pipeline on tiny settings in a scratch copy (1-2 minutes).
 # make test:  create/refresh .venv, then run the test suite.
+# make test-fast: every module's unit tests, without the pipeline, DVC, resume and torchrun suites (under 2 minutes).
 # make bench: create/refresh .venv, dvc repro (a no-op when done), then the benchmarks that print the
 #             performance targets' ratios (docs/performance.md); benchmarks/stage_costs.py is separate (long).
 # The venv is rebuilt only when pyproject.toml changes (stamp file), so both targets are idempotent.
@@ -16,7 +17,7 @@ BIN := $(abspath $(VENV))/bin
 STAMP := $(VENV)/.edc-installed
 PIP_OPTS := --disable-pip-version-check --progress-bar on
 
-.PHONY: repro smoke test bench lint venv clean-venv
+.PHONY: repro smoke test test-fast bench lint venv clean-venv
 
 venv: $(STAMP)
 
@@ -33,7 +34,9 @@ $(STAMP): pyproject.toml
 
 repro: $(STAMP)
 	PATH="$(BIN):$$PATH" dvc repro
-	@PATH="$(BIN):$$PATH" dvc metrics show
+	@echo "== the students' accuracy (reports/metrics.json):"
+	@PATH="$(BIN):$$PATH" edc metrics reports/metrics.json
+	@echo "== every metric file: dvc metrics show --md; the curves: dvc plots show; MLflow: mlflow ui --backend-store-uri sqlite:///mlflow.db"
 
 smoke: $(STAMP)
 	PATH="$(BIN):$$PATH" edc smoke
@@ -52,6 +55,10 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4;
 
 test: $(STAMP)
 	PATH="$(BIN):$$PATH" OMP_NUM_THREADS=1 python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	PATH="$(BIN):$$PATH" OMP_NUM_THREADS=1 python -m pytest -n $(TEST_WORKERS) --dist loadgroup \
+		-m "not slow and not pipeline" --durations=5 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check edc stages tests benchmarks

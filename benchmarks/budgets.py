@@ -43,18 +43,21 @@ def stats_bytes(arch: str) -> tuple[int, int, int]:
 
 
 def label_bytes(topk: int, n: int = 100, batch: int = 100, epochs: int = 2) -> float:
-    from edc.relabel import make_plan
+    from edc.plan import make_plan
     from edc.shards import CondensedWriter
 
     with tempfile.TemporaryDirectory() as tmp:
         images = torch.zeros(n, 3, 8, 8, dtype=torch.uint8)
         labels = torch.arange(n) % K
-        w = CondensedWriter(tmp, images, labels, {"epochs": epochs, "batch_size": batch})
+        facts = {"height": 8, "width": 8, "channels": 3}
+        w = CondensedWriter(tmp, images, labels, {"dataset": facts, "num_classes": K, "epochs": epochs,
+                                                  "batch_size": batch, "topk": topk, "cutmix": False})
         gen = torch.Generator().manual_seed(0)
         for e in range(epochs):
             plan = make_plan(n, 8, 8, batch, 0.5, False, False, gen)
             w.write_epoch(e, plan, batch, torch.randn(n, K), topk)
-        size = sum(f.stat().st_size for f in Path(tmp).glob("epoch-*.tar"))
+        w.close()
+        size = sum(f.stat().st_size for f in Path(tmp).glob("labels-*.tar"))  # labels, plan and their framing
     return size / epochs / n
 
 

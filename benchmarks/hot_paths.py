@@ -22,7 +22,8 @@ from edc.data import load_prepared, pixel_bounds  # noqa: E402
 from edc.evaluate import student_loss  # noqa: E402
 from edc.observers import build, load_observer  # noqa: E402
 from edc.params import load_params  # noqa: E402
-from edc.relabel import augment, teacher_logits  # noqa: E402
+from edc.plan import augment  # noqa: E402
+from edc.relabel import teacher_logits  # noqa: E402
 from edc.shards import load_condensed  # noqa: E402
 from edc.stats import bn_layers, collect_bn_stats, load_stats  # noqa: E402
 from edc.synth import Observer, crops_per_image, synthesize  # noqa: E402
@@ -198,13 +199,11 @@ def bench_eval(p, data, repeats):
 
 
 def bench_bytes(p):
-    print("shard bytes per image per epoch")
+    print("set bytes per image per training epoch, by kind (meta.json)")
     meta = load_condensed(ROOT / "condensed/shards").meta
-    shards = sorted((ROOT / "condensed/shards").glob("epoch-*.tar"))
-    total = sum(f.stat().st_size for f in shards)
-    per = total / len(shards) / meta["num_images"]
-    print(f"  full logits, K={meta['num_classes']}, topk={meta['topk']}: {per:.0f} bytes "
-          f"(payload {2 * meta['num_classes'] + 4 + 10} bytes; the rest is tar headers, 512 B per member)")
+    per = meta["bytes"]["per_image_epoch"]
+    print(f"  codec {meta['codec']}, K={meta['num_classes']}, topk={meta['topk']}, {meta['stored_epochs']} of "
+          f"{meta['epochs']} epochs stored: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items())))
 
 
 def main() -> None:

@@ -55,7 +55,8 @@ def main() -> None:
     batches = partition(init.labels, None)
 
     from edc.observers import load_observer
-    from edc.relabel import augment, make_plan, teacher_logits
+    from edc.plan import augment, make_plan
+    from edc.relabel import teacher_logits
 
     teachers = [load_observer(ROOT / "models/observers", n)[0].eval() for n in p.relabel.teachers]
 

@@ -88,7 +88,8 @@ class SeenClasses:
                 rows &= self.keep[ids[mix[:, 0]]]
             if not rows.any():
                 continue
-            x = augment(self.ds.images[ids], torch.from_numpy(b["crops"]), mix)[rows]
+            x = augment(self.ds.images[ids], torch.from_numpy(b["crops"]), mix,
+                        (self.ds.facts.mean, self.ds.facts.std))[rows]
             y = self.ds.hard[ids][rows]
             t = restrict_logits(torch.from_numpy(b["logits"])[rows], self.seen) if self.labels == "soft" else y
             yield x, t, y

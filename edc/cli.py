@@ -6,10 +6,17 @@
     edc exp preset NAME [--ipc N]      run one of the paper's methods as a DVC experiment
     edc exp sweep NAME [--ipc N]       run a design-space sweep around the edc preset (--queue to queue it)
     edc report                         tables and plots of the experiments into reports/
+    edc metrics [FILE]                 the students' test and validation accuracy (reports/metrics.json)
     edc export SET OUT                 a condensed set as an image folder (+ soft labels, card)
     edc evaluate SET... --archs A...   students of any architecture on any sets, soft and hard labels
     edc smoke [--keep DIR]             the whole pipeline on tiny settings in a scratch copy (1-2 minutes)
+    edc restore [STAGE...]             after a failed stage: the outputs dvc.lock records, params.yaml as committed
     edc queue start -j N               `dvc queue start -j N` with the cores divided between the N workers
+
+A mistake on the command line ends in one line naming the option and what is wrong, exit status 2,
+before anything is written or launched: argparse's own errors (:class:`OneLineParser`), the type
+functions below (reusable for new options), and the checks each command makes of its arguments
+against params.yaml and the files they name (``_check_*``).
 """
 
 from __future__ import annotations
@@ -24,10 +31,116 @@ from pathlib import Path
 from edc.errors import EdcError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, whose errors are one line (``edc exp preset: argument --ipc: ...``) instead of the usage
+    lines and then the error; exit status 2 as before."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2)
+
+
+# Argument types: argparse turns their ArgumentTypeError into "argument --OPTION: <message>".
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer (got {text!r})") from None
+
+
+def positive_int(text: str) -> int:
+    """A count: an integer >= 1."""
+    n = _int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {text!r})")
+    return n
+
+
+def nonneg_int(text: str) -> int:
+    """An integer >= 0."""
+    n = _int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (got {text!r})")
+    return n
+
+
+def existing_path(text: str) -> str:
+    """A file or directory that exists."""
+    if not Path(text).expanduser().exists():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or directory")
+    return text
+
+
+def existing_file(text: str) -> str:
+    """A file that exists."""
+    if not Path(existing_path(text)).expanduser().is_file():
+        raise argparse.ArgumentTypeError(f"{text}: not a file")
+    return text
+
+
+def existing_dir(text: str) -> str:
+    """A directory that exists."""
+    if not Path(existing_path(text)).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: not a directory")
+    return text
+
+
+def new_dir(text: str) -> str:
+    """A directory to create: absent, or empty."""
+    p = Path(text).expanduser()
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise argparse.ArgumentTypeError(f"{text}: exists and is not an empty directory; name a new one")
+    return text
+
+
+def new_file(text: str) -> str:
+    """A file to write: not a directory."""
+    if Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a directory; name a file")
+    return text
+
+
+def set_source(text: str) -> str:
+    """A condensed set or image folder: an http(s) URL, a ``pipe:`` command, or a local directory that
+    holds a set's meta.json or class folders."""
+    from edc.shards import is_url
+
+    if is_url(text):
+        return text
+    p = Path(existing_dir(text)).expanduser()
+    if not (p / "meta.json").is_file() and not any(d.is_dir() for d in p.iterdir()):
+        raise argparse.ArgumentTypeError(f"{text}: neither a condensed set (no meta.json) nor an image folder "
+                                         "(no <class>/<image> folders)")
+    return text
+
+
+def condensed_set(text: str) -> str:
+    """A condensed set: an http(s) URL, a ``pipe:`` command, or a local directory with a set's meta.json."""
+    from edc.shards import is_url
+
+    if not is_url(text) and not (Path(existing_dir(text)).expanduser() / "meta.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text}: not a condensed set (no meta.json; the relabel stage writes "
+                                         "one to condensed/shards)")
+    return text
+
+
+def key_value(text: str) -> str:
+    """``KEY=VALUE``, as ``dvc exp run -S`` takes it."""
+    key = text.split("=", 1)[0]
+    if "=" not in text or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (got {text!r})")
+    return text
+
+
 def _yaml_value(text: str):
     from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
 
-    return YAML(typ="safe").load(text)
+    try:
+        return YAML(typ="safe").load(text)
+    except YAMLError:
+        raise argparse.ArgumentTypeError(f"not a YAML value (got {text!r})") from None
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -75,6 +188,35 @@ def _dvc_exp_run(name: str, overrides: dict, args: argparse.Namespace) -> list[s
     return cmd
 
 
+def _check_experiment(cmd: list[str], params: str) -> None:
+    """Validate the params a ``dvc exp run`` command would run with: ``params`` with its ``-S`` values
+    applied as DVC applies them, in a scratch copy, so that a bad value fails here in one line instead
+    of a stage failing minutes into the experiment."""
+    import shutil
+    import tempfile
+
+    from dvc.exceptions import InvalidArgumentError
+    from dvc.utils.hydra import apply_overrides
+
+    from edc.errors import ParamsError
+    from edc.params import load_params
+
+    load_params(params)  # the file itself first: its own one-line errors
+    sets = [cmd[i + 1] for i, c in enumerate(cmd) if c == "-S"]
+    with tempfile.TemporaryDirectory(prefix="edc-exp-params-") as tmp:
+        copy = Path(tmp) / "params.yaml"
+        shutil.copyfile(params, copy)
+        try:
+            apply_overrides(copy, sets)
+        except InvalidArgumentError as exc:
+            cause = " ".join(str(exc.__cause__ or exc).split())
+            raise EdcError(f"-S/--set: {cause}") from None
+        try:
+            load_params(copy)
+        except ParamsError as exc:
+            raise ParamsError(f"{params} with the experiment's -S values", exc.problems) from None
+
+
 def _existing_experiments() -> set[str]:
     from edc.report import dvc_command
 
@@ -83,6 +225,8 @@ def _existing_experiments() -> set[str]:
 
 
 def _launch(commands: list[tuple[str, list[str]]], args: argparse.Namespace) -> None:
+    for _, cmd in commands:
+        _check_experiment(cmd, args.params)
     existing = _existing_experiments() if not args.dry_run else set()
     clash = [name for name, _ in commands if name in existing]
     if clash and not args.replace:
@@ -107,7 +251,7 @@ def _preset(args: argparse.Namespace) -> None:
     from edc.presets import experiment_name, preset_overrides
 
     p = load_params(args.params)
-    ipc = args.ipc or p.ipc
+    ipc = p.ipc if args.ipc is None else args.ipc
     overrides = {"ipc": ipc, **preset_overrides(args.name, p)}
     name = args.exp_name or experiment_name(args.name, ipc)
     _launch([(name, _dvc_exp_run(name, overrides, args))], args)
@@ -120,7 +264,7 @@ def _sweep(args: argparse.Namespace) -> None:
     p = load_params(args.params)
     if args.name not in SWEEPS:
         raise EdcError(f"unknown sweep {args.name!r} (known: {', '.join(SWEEPS)})")
-    sweep, ipc = SWEEPS[args.name], args.ipc or p.ipc
+    sweep, ipc = SWEEPS[args.name], (p.ipc if args.ipc is None else args.ipc)
     base = {"ipc": ipc, **preset_overrides("edc", p)}
     commands = []
     for value in (args.values or sweep.values):
@@ -140,16 +284,16 @@ def _dataset(args: argparse.Namespace) -> None:
 
     root = str(Path(args.root).expanduser().resolve())
     overrides = dataset_overrides(args.name, root)
-    if args.ipc:
+    if args.ipc is not None:
         overrides["ipc"] = args.ipc
     if args.apply:
         from dvc.utils.hydra import apply_overrides
 
-        from edc.params import load_params
         from edc.presets import format_value
 
-        apply_overrides(args.params, [f"{k}={format_value(v)}" for k, v in overrides.items()] + (args.set or []))
-        load_params(args.params)  # the result must validate
+        sets = [f"{k}={format_value(v)}" for k, v in overrides.items()] + (args.set or [])
+        _check_experiment([c for kv in sets for c in ("-S", kv)], args.params)  # before params.yaml is touched
+        apply_overrides(args.params, sets)
         print(f"{args.params}: switched to the paper's {args.name} settings; `dvc params diff` shows the changes, "
               "`dvc repro` runs them")
         return
@@ -178,6 +322,53 @@ def _export(args: argparse.Namespace) -> None:
     print(f"{out}: image folder (one subfolder per class), labels.csv, soft_logits.npy, meta.json")
 
 
+def _check_archs(archs: list[str], p) -> None:
+    """Each of ``--archs`` names a student, a registry architecture or a torchvision model."""
+    from edc.crosseval import student_spec
+
+    for arch in archs:
+        spec = student_spec(arch, list(p.evaluate.students))
+        if spec.arch == "torchvision":
+            import torchvision.models as tvm
+
+            known = tvm.list_models(module=tvm)
+            if spec.kwargs["name"] not in known:
+                raise EdcError(f"--archs: torchvision has no classification model {spec.kwargs['name']!r} "
+                               f"(e.g. {', '.join(known[:4])}, ...)")
+
+
+def _check_teachers(teachers: list[str] | None, observers: str) -> None:
+    """Each of ``--teachers`` is an observer trained into ``--observers``."""
+    for name in teachers or []:
+        if not (Path(observers) / f"{name}.safetensors").is_file():
+            found = sorted(f.stem for f in Path(observers).glob("*.safetensors"))
+            raise EdcError(f"--teachers: no observer {name!r} in --observers {observers} "
+                           f"(it has: {', '.join(found) or 'none'})")
+
+
+def _check_sets(sets: list[str], labels: list[str], teachers: list[str] | None) -> None:
+    """An image folder among the sets has teachers for its soft labels."""
+    from edc.crosseval import is_imagefolder
+
+    for src in sets:
+        if is_imagefolder(src) and "soft" in labels and not teachers:
+            raise EdcError(f"{src}: an image folder has no stored soft labels; name --teachers (observers) to "
+                           f"label it, or use --labels hard")
+
+
+def _check_set_datasets(sets: list[str], facts) -> None:
+    """Each local condensed set is readable and made from the test split's dataset (URLs are read, and
+    checked, as the students train)."""
+    from edc.crosseval import is_imagefolder
+    from edc.shards import is_url, load_condensed
+
+    for src in sets:
+        if not is_url(src) and not is_imagefolder(src):
+            made = load_condensed(src).facts
+            if (made.name, made.num_classes) != (facts.name, facts.num_classes):
+                raise EdcError(f"{src}: made from {made.name}, but the test split (--data) is {facts.name}")
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     import json
 
@@ -189,10 +380,14 @@ def _evaluate(args: argparse.Namespace) -> None:
     from edc.tracking import stage_run
 
     p = load_params(args.params)
+    _check_archs(args.archs, p)
+    _check_teachers(args.teachers, args.observers)
+    _check_sets(args.sets, args.labels, args.teachers)
     if args.seeds is not None:
         p = p.model_copy(update={"evaluate": p.evaluate.model_copy(update={"seeds": args.seeds})})
     device = resolve_device(p.device)
     data = load_prepared(args.data, p.workers)
+    _check_set_datasets(args.sets, data.facts)
     teachers = [place(load_observer(args.observers, t)[0], device) for t in args.teachers] if args.teachers else None
     params = {"sets": args.sets, "archs": args.archs, "labels": args.labels, "teachers": args.teachers or [],
               "seed": p.seed, "zeta": p.zeta, "evaluate": p.evaluate.model_dump(), "relabel": p.relabel.model_dump()}
@@ -209,10 +404,22 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"-> {args.out} and {Path(args.out).with_suffix('.json')}")
 
 
+def _metrics(args: argparse.Namespace) -> None:
+    from edc.summary import accuracy_table, read_metrics
+
+    print(accuracy_table(read_metrics(args.file)), end="")
+
+
 def _smoke(args: argparse.Namespace) -> None:
     from edc.smoke import run_smoke
 
     run_smoke(Path(args.project).resolve(), Path(args.keep).resolve() if args.keep else None)
+
+
+def _restore(args: argparse.Namespace) -> None:
+    from edc.restore import restore
+
+    restore(args.stages, keep_params=args.keep_params)
 
 
 def _queue_start(args: argparse.Namespace) -> None:
@@ -232,39 +439,34 @@ def _queue_start(args: argparse.Namespace) -> None:
     print("workers already running keep the thread count they started with; `dvc queue stop` ends them")
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number (got {text!r})")
-    return int(text)
-
-
 def _exp_args(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--ipc", type=int, help="images per class (default: params.yaml's ipc)")
+    sp.add_argument("--ipc", type=positive_int, help="images per class (default: params.yaml's ipc)")
     sp.add_argument("--queue", action="store_true", help="queue instead of running (then `dvc queue start`)")
     sp.add_argument("--replace", action="store_true", help="rerun experiments whose name exists already")
     sp.add_argument("--dry-run", action="store_true", help="print the dvc commands only")
-    sp.add_argument("-S", "--set", action="append", metavar="KEY=VALUE", help="further params, as for dvc exp run")
-    sp.add_argument("--params", default="params.yaml")
+    sp.add_argument("-S", "--set", action="append", type=key_value, metavar="KEY=VALUE",
+                    help="further params, as for dvc exp run")
+    sp.add_argument("--params", default="params.yaml", type=existing_file)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="edc", description="EDC dataset condensation toolkit")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = OneLineParser(prog="edc", description="EDC dataset condensation toolkit")
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
     c = sub.add_parser("check", help="validate params.yaml")
-    c.add_argument("--params", default="params.yaml")
+    c.add_argument("--params", default="params.yaml", type=existing_file)
     c.set_defaults(fn=_check)
     sub.add_parser("list", help="list datasets and architectures").set_defaults(fn=_list)
     s = sub.add_parser("stats", help="summarise a statistics file")
-    s.add_argument("file")
+    s.add_argument("file", metavar="FILE", type=existing_file)
     s.set_defaults(fn=_stats)
     e = sub.add_parser("exp", help="run the paper's methods and sweeps as DVC experiments")
-    esub = e.add_subparsers(dest="exp_cmd", required=True)
+    esub = e.add_subparsers(dest="exp_cmd", metavar="COMMAND", required=True)
     from edc.presets import PRESET_HELP, SWEEPS
 
     pr = esub.add_parser("preset", help="run one method: " + ", ".join(PRESET_HELP),
                          description="\n".join(f"{k}: {v}" for k, v in PRESET_HELP.items()),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    pr.add_argument("name", choices=list(PRESET_HELP))
+    pr.add_argument("name", metavar="PRESET", choices=list(PRESET_HELP))
     pr.add_argument("-n", "--name", dest="exp_name", help="experiment name (default: NAME-ipcN)")
     _exp_args(pr)
     pr.set_defaults(fn=_preset)
@@ -272,7 +474,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                          description="\n".join(f"{k}: {s.key} in {list(s.values)} ({s.help})"
                                                for k, s in SWEEPS.items()),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    sw.add_argument("name", choices=list(SWEEPS))
+    sw.add_argument("name", metavar="SWEEP", choices=list(SWEEPS))
     sw.add_argument("--values", nargs="+", type=_yaml_value, help="only these values")
     _exp_args(sw)
     sw.set_defaults(fn=_sweep)
@@ -281,45 +483,60 @@ def main(argv: Sequence[str] | None = None) -> None:
     ds = esub.add_parser("dataset", help="the paper's settings for a dataset: " + ", ".join(DATASET_HELP),
                          description="\n".join(f"{k}: {v}" for k, v in DATASET_HELP.items()),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    ds.add_argument("name", choices=list(DATASET_HELP))
-    ds.add_argument("--root", required=True, help="where the dataset lives (CIFAR python batches, image folder)")
+    ds.add_argument("name", metavar="DATASET", choices=list(DATASET_HELP))
+    ds.add_argument("--root", required=True, type=existing_path,
+                    help="where the dataset lives (CIFAR python batches, image folder)")
     ds.add_argument("--apply", action="store_true", help="only rewrite params.yaml (then `dvc params diff`, "
                                                           "`dvc repro`) instead of running a DVC experiment")
     ds.add_argument("-n", "--name", dest="exp_name", help="experiment name (default: NAME-paper)")
     _exp_args(ds)
     ds.set_defaults(fn=_dataset)
     r = sub.add_parser("report", help="markdown tables and plots of the experiments")
-    r.add_argument("--out", default="reports/results.md")
+    r.add_argument("--out", default="reports/results.md", type=new_file)
     r.add_argument("--plots", default="reports/plots/sweeps")
     r.add_argument("--no-mlflow", action="store_true", help="do not cross-check the accuracies with MLflow")
     r.set_defaults(fn=_report)
+    mt = sub.add_parser("metrics", help="the students' test and validation accuracy as a short table")
+    mt.add_argument("file", nargs="?", default="reports/metrics.json")
+    mt.set_defaults(fn=_metrics)
     ex = sub.add_parser("export", help="write a condensed set as an image folder with its soft labels and card")
-    ex.add_argument("set", help="the set: a directory of shards (condensed/shards), an http(s) URL or pipe:")
-    ex.add_argument("out", help="a new folder")
+    ex.add_argument("set", metavar="SET", type=condensed_set,
+                    help="the set: a directory of shards (condensed/shards), an http(s) URL or pipe:")
+    ex.add_argument("out", metavar="OUT", type=new_dir, help="a new folder")
     ex.add_argument("--format", choices=["imagefolder"], default="imagefolder")
     ex.set_defaults(fn=_export)
     ev = sub.add_parser("evaluate", help="train students of any architecture on any condensed sets or image "
                                          "folders, soft and hard labels, and print the cross-architecture table")
-    ev.add_argument("sets", nargs="+", help="condensed sets (directory, URL, pipe:) or image folders <class>/<img>")
+    ev.add_argument("sets", nargs="+", type=set_source, metavar="SET",
+                    help="condensed sets (directory, URL, pipe:) or image folders <class>/<img>")
     ev.add_argument("--archs", nargs="+", required=True,
                     help="evaluate.students names, registry architectures (edc list) or torchvision:NAME")
     ev.add_argument("--labels", nargs="+", choices=["soft", "hard"], default=["soft", "hard"])
     ev.add_argument("--teachers", nargs="+", help="observers that label an image folder's views (soft labels)")
-    ev.add_argument("--seeds", type=int, help="seeds per cell (default: evaluate.seeds)")
-    ev.add_argument("--data", default="data/prepared", help="the prepared dataset whose test split is used")
+    ev.add_argument("--seeds", type=positive_int, help="seeds per cell (default: evaluate.seeds)")
+    ev.add_argument("--data", default="data/prepared", type=existing_dir,
+                    help="the prepared dataset whose test split is used")
     ev.add_argument("--observers", default="models/observers")
-    ev.add_argument("--params", default="params.yaml")
-    ev.add_argument("--out", default="reports/evaluate.md", help="markdown table (and .json beside it)")
+    ev.add_argument("--params", default="params.yaml", type=existing_file)
+    ev.add_argument("--out", default="reports/evaluate.md", type=new_file, help="markdown table (and .json beside it)")
     ev.set_defaults(fn=_evaluate)
     sm = sub.add_parser("smoke", help="run the whole pipeline on tiny settings in a scratch copy (1-2 minutes)")
-    sm.add_argument("--project", default=".", help="the project to copy (default: the current directory)")
-    sm.add_argument("--keep", help="run in this new directory and keep it (default: a temporary one, removed)")
+    sm.add_argument("--project", default=".", type=existing_dir,
+                    help="the project to copy (default: the current directory)")
+    sm.add_argument("--keep", type=new_dir,
+                    help="run in this new directory and keep it (default: a temporary one, removed)")
     sm.set_defaults(fn=_smoke)
+    rs = sub.add_parser("restore", help="after a failed stage under DVC: put back the outputs dvc.lock records "
+                                        "(dvc checkout; metrics and plots from git HEAD) and params.yaml as committed")
+    rs.add_argument("stages", nargs="*", metavar="STAGE", help="the stages to restore (default: all)")
+    rs.add_argument("--keep-params", action="store_true",
+                    help="keep params.yaml (and dvc.lock) as they are instead of putting back the committed ones")
+    rs.set_defaults(fn=_restore)
     q = sub.add_parser("queue", help="run queued experiments side by side, the cores divided between them")
     qsub = q.add_subparsers(dest="queue_cmd", required=True)
     qs = qsub.add_parser("start", help="`dvc queue start -j N` with EDC_JOBS=N: each experiment's stages use "
                                        "cores // N torch threads")
-    qs.add_argument("-j", "--jobs", type=_positive, default=1, help="experiments side by side (default 1)")
+    qs.add_argument("-j", "--jobs", type=positive_int, default=1, help="experiments side by side (default 1)")
     qs.set_defaults(fn=_queue_start)
     args = ap.parse_args(argv)
     try:

@@ -8,7 +8,7 @@ inside functions, and counting each package's ``__init__.py``. Two users:
 - ``tests/test_dvc_deps.py`` checks dvc.yaml's ``deps:`` against each stage's closure, so the list
   cannot drift when a module gains an import;
 - :func:`edc.resume.fingerprint` includes :func:`package_digest` (the script and every module of the
-  package: no parsing, a few milliseconds where the closure takes 70-170 ms of a stage's start-up),
+  package: no parsing, which the closure would add to every stage's start-up),
   so a resume checkpoint made by other code is discarded.
 """
 

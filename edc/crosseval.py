@@ -28,7 +28,8 @@ import torch
 from edc.data import DatasetFacts, normalize
 from edc.errors import EdcError
 from edc.evaluate import summarize, train_student
-from edc.relabel import epoch_plan_logits, planned_epochs
+from edc.plan import planned_epochs
+from edc.relabel import epoch_plan_logits
 from edc.runtime import derive_seed
 from edc.shards import CondensedDataset, CondensedWriter, is_url, load_condensed
 
@@ -107,7 +108,7 @@ def folder_as_set(path: str | Path, facts: DatasetFacts, relabel_cfg, teachers: 
     out.mkdir(parents=True, exist_ok=True)
     w = CondensedWriter(out, u8, y, meta)
     for e in range(epochs):
-        plan, logits, _ = epoch_plan_logits(x, y, teachers, relabel_cfg, seed, e, bf16)
+        plan, logits, _ = epoch_plan_logits(x, y, teachers, relabel_cfg, seed, e, bf16, (facts.mean, facts.std))
         if logits is None:  # hard labels only: the plan's views, no teacher
             logits = torch.zeros(len(y), facts.num_classes)
         w.write_epoch(e, plan, relabel_cfg.batch_size, logits, 0)

@@ -3,7 +3,8 @@
     OUT/<class name>/<id>.png   the images, lossless, one folder per class (torchvision ImageFolder)
     OUT/labels.csv              file, class index, class name, image id (the set's order)
     OUT/soft_logits.npy         float32 (N, K), row i for image id i: the stored teachers' logits
-                                averaged over all of the image's planned views (edc.shards.mean_soft_logits)
+                                averaged over all of the image's planned views (edc.shards.mean_soft_logits);
+                                absent for a set of hard labels (relabel.codec: hard)
     OUT/meta.json               the set's card, plus ``export`` (source, format)
 
 The per-view soft labels of the plan stay in the set's shards; the folder carries their per-image
@@ -12,14 +13,13 @@ mean, which is what a script with its own augmentation can use.
 
 from __future__ import annotations
 
-import csv
 import re
 from pathlib import Path
 
 import numpy as np
 
 from edc.errors import EdcError
-from edc.io import atomic_dir, write_json
+from edc.io import atomic_dir, write_csv, write_json
 from edc.shards import CondensedDataset, mean_soft_logits
 
 FORMATS = ("imagefolder",)
@@ -42,7 +42,7 @@ def export_imagefolder(src: str | Path, out: str | Path) -> Path:
         raise EdcError(f"edc export: {out} exists and is not empty; name a new folder")
     ds = CondensedDataset(src, labels="soft")
     names = list(ds.meta["class_names"])
-    soft = mean_soft_logits(ds).numpy()
+    soft = None if ds.meta["codec"] == "hard" else mean_soft_logits(ds).numpy()  # a hard-label set has none
     with atomic_dir(out) as tmp:
         rows = []
         for i, (img, y) in enumerate(zip(ds.images_u8, ds.hard.tolist())):
@@ -52,10 +52,8 @@ def export_imagefolder(src: str | Path, out: str | Path) -> Path:
             rel = f"{folder}/{i:06d}.png"
             Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(tmp / rel, format="PNG")
             rows.append({"file": rel, "class_index": y, "class_name": names[y], "id": i})
-        with open(tmp / "labels.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["file", "class_index", "class_name", "id"])
-            w.writeheader()
-            w.writerows(rows)
-        np.save(tmp / "soft_logits.npy", soft.astype(np.float32), allow_pickle=False)
+        write_csv(tmp / "labels.csv", rows, ["file", "class_index", "class_name", "id"])
+        if soft is not None:
+            np.save(tmp / "soft_logits.npy", soft.astype(np.float32), allow_pickle=False)
         write_json(tmp / "meta.json", {**ds.meta, "export": {"from": str(src), "format": "imagefolder"}})
     return out

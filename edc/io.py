@@ -105,17 +105,23 @@ def write_json(path: str | Path, obj: Any) -> None:
         f.write(dumps_json(obj))
 
 
-def write_curves(directory: str | Path, curves: dict[str, list[dict[str, Any]]], fields: list[str]) -> None:
-    """Replace ``directory`` with one CSV per curve (``<name>.csv``, floats rounded to 6 digits): the
-    format of the stages' DVC plots."""
+def write_csv(path: str | Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+    """``rows`` as a CSV file with the header ``fields`` (they choose the columns: other keys are left
+    out), floats rounded to 6 digits so that the bytes do not follow float noise. Written in place:
+    callers write into an :func:`atomic_dir`."""
     import csv
 
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+
+
+def write_curves(directory: str | Path, curves: dict[str, list[dict[str, Any]]], fields: list[str]) -> None:
+    """Replace ``directory`` with one CSV per curve (``<name>.csv``): the format of the stages' DVC plots."""
     with atomic_dir(directory) as tmp:
         for name, rows in curves.items():
-            with open(tmp / f"{name}.csv", "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")  # fields choose the columns
-                w.writeheader()
-                w.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+            write_csv(tmp / f"{name}.csv", rows, fields)
 
 
 def read_json(path: str | Path) -> Any:

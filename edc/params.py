@@ -156,6 +156,15 @@ class CropAugParams(Section):
     flip: bool = False
 
 
+class SynthAugParams(CropAugParams):
+    """The views synthesis matches: RandomResizedCrop + flip (``crop``), or one random roll of the whole
+    batch by up to ``jitter`` pixels each way + flip (``jitter``, SRe2L's small-image recover)."""
+
+    kind: Literal["crop", "jitter"] = Field(default="crop", description="crop: RandomResizedCrop (scale_min); "
+                                                                        "jitter: a random roll (jitter)")
+    jitter: int = Field(default=4, ge=0, le=64, description="jitter: largest roll in pixels along each axis")
+
+
 class SynthParams(Section):
     observers: list[str] = Field(min_length=1, description="used one per iteration, round-robin")
     iterations: int = Field(ge=0, le=1_000_000, description="steps per batch; 0 keeps the initial images")
@@ -168,12 +177,17 @@ class SynthParams(Section):
     class_var: Literal["pooled", "within"] = Field(
         default="pooled", description="per-class variance matched: pooled over the class's values, or the mean of "
                                       "each image's own spatial variance (the released EDC code)")
+    first_layer_weight: float = Field(default=1.0, ge=0, description="weight of the first matched BatchNorm "
+                                                                     "layer's term (SRe2L and the released EDC: 10)")
+    targets: Literal["data", "running"] = Field(
+        default="data", description="global targets: the exact statistics collect_stats measured (data), or each "
+                                    "BatchNorm layer's running estimates in the observer (running, SRe2L)")
     ce_weight: float = Field(default=1.0, ge=0, description="weight of the cross-entropy term")
     class_views: int = Field(default=1, ge=1, le=256, description=(
         "crops of each class per iteration, at least: each image is cropped ceil(class_views / its class's images "
         "in the batch) times and all crops are matched together; 1 = one crop per image (the paper)"))
     flatness: FlatnessParams = Field(default_factory=FlatnessParams)
-    aug: CropAugParams = Field(default_factory=CropAugParams)
+    aug: SynthAugParams = Field(default_factory=SynthAugParams)
 
     @field_validator("batch_size", mode="before")
     @classmethod
@@ -183,6 +197,14 @@ class SynthParams(Section):
         raise ValueError(f"must be a positive integer or 'all' (got {v!r})")
 
 
+class RelabelAugParams(CropAugParams):
+    """The students' views: RandomResizedCrop + flip, then RandAugment where ``randaugment`` > 0."""
+
+    randaugment: int = Field(default=0, ge=0, le=8, description="RandAugment operations per view (the paper's "
+                                                                "Tables 7-10); 0 = off. Stored in the plan")
+    magnitude: int = Field(default=9, ge=0, le=30, description="RandAugment magnitude bin (of 0-30)")
+
+
 class RelabelParams(Section):
     teachers: list[str] = Field(min_length=1, description="observers whose mean logits become the soft labels")
     epochs: int = Field(ge=1, le=100_000, description="post-evaluation epochs the plan covers (at least)")
@@ -190,8 +212,16 @@ class RelabelParams(Section):
                            description="more epochs when needed for this many optimiser steps (planned_epochs)")
     batch_size: int = Field(ge=1, le=65_536, description="post-evaluation batch size")
     topk: int = Field(default=0, ge=0, description="store the k largest logits per image; 0 = all")
+    codec: Literal["float16", "int8", "hard"] = Field(
+        default="float16", description="how the stored logits are written: float16, int8 (per-row scale and "
+                                       "offset), or hard (none: the students train on the classes)")
+    shard_bytes: int = Field(default=64 * 2**20, ge=1, le=2**40,
+                             description="target size of a label shard: it holds as many stored epochs as fit")
+    label_epochs: int = Field(default=0, ge=0, le=100_000,
+                              description="epochs of views and labels stored, replayed in order by the training "
+                                          "epochs (epoch e replays e % label_epochs); 0 = one per epoch")
     cutmix: bool = False
-    aug: CropAugParams = Field(default_factory=CropAugParams)
+    aug: RelabelAugParams = Field(default_factory=RelabelAugParams)
 
 
 class EvaluateParams(Section):
@@ -283,6 +313,10 @@ class Params(Section):
             problems.append(f"init.candidates: must be >= ipc * init.factor^2 = {need} (got {self.init.candidates})")
         if self.evaluate.loss == "mse_ce" and self.relabel.topk:
             problems.append("evaluate.loss: mse_ce regresses all logits; it needs relabel.topk: 0")
+        if self.evaluate.loss == "mse_ce" and self.relabel.codec == "hard":
+            problems.append("evaluate.loss: mse_ce regresses logits; relabel.codec: hard stores none")
+        if self.relabel.codec == "hard" and self.relabel.topk:
+            problems.append("relabel.topk: must be 0 with relabel.codec: hard (no logits are stored)")
         for i, m in enumerate(self.observers.models):
             if m.weights == "imagenet" and not m.arch.startswith("tv_"):
                 problems.append(f"observers.models[{i}].weights: imagenet weights exist only for the tv_* "
@@ -393,3 +427,13 @@ def read_yaml(path: str | Path) -> Any:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(read_yaml(path), str(path))
+
+
+def get_dotted(tree: Any, key: str, default: Any = None) -> Any:
+    """``tree["synth"]["flatness"]["weight"]`` for the params key ``synth.flatness.weight``;
+    ``default`` when a part is absent or not a mapping. The one walker of dotted params keys."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return default
+        tree = tree[part]
+    return tree

@@ -1,7 +1,8 @@
 """The augmentation plan of a condensed set: part of the format (``edc.shards`` replays it).
 
 For every post-evaluation epoch a plan fixes the order of the images, their batches, each image's
-RandomResizedCrop box and flip, and (with CutMix) each batch's box and each image's partner.
+RandomResizedCrop box and flip, its RandAugment operations and magnitudes where enabled, and (with
+CutMix) each batch's box and each image's partner.
 ``augment`` is the one function that turns images and a plan into the augmented batch; the relabel
 stage (which stores the teachers' logits on it) and every reader of a set (which replays it) both
 call it, which is what makes the stored labels belong to what the student sees. This module
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from edc.randaugment import apply_ops, sample_ops
 
 CROP_FIELDS = ("top", "left", "height", "width", "flip")
 MIX_FIELDS = ("partner", "x1", "y1", "x2", "y2")
@@ -35,6 +38,20 @@ def planned_epochs(epochs: int, min_steps: int, num_images: int, batch_size: int
     gets 250 and ipc 50 keeps 200."""
     per_epoch = -(-num_images // batch_size)
     return max(epochs, -(-min_steps // per_epoch))
+
+
+def stored_epochs(label_epochs: int, epochs: int) -> int:
+    """How many epochs of views and labels a set stores: ``label_epochs`` (0 = one per training
+    epoch), at most ``epochs``."""
+    return epochs if label_epochs == 0 else min(label_epochs, epochs)
+
+
+def stored_epoch(epoch: int, stored: int) -> int:
+    """The stored epoch training epoch ``epoch`` replays, views and labels together: the stored epochs
+    in order, again and again (epoch ``stored`` replays epoch 0). A label is only ever read with the
+    views it was computed on, because the plan of the stored epoch is the plan of every epoch that
+    replays it."""
+    return epoch % stored
 
 
 def sample_boxes(n: int, h: int, w: int, scale: tuple[float, float], gen: torch.Generator,
@@ -69,8 +86,10 @@ def cutmix_box(h: int, w: int, gen: torch.Generator, beta: float = 1.0) -> torch
 
 
 def make_plan(n: int, h: int, w: int, batch_size: int, scale_min: float, flip: bool, cutmix: bool,
-              gen: torch.Generator) -> EpochPlan:
-    """One epoch's plan for n images of size (h, w)."""
+              gen: torch.Generator, randaugment: int = 0, magnitude: int = 9) -> EpochPlan:
+    """One epoch's plan for n images of size (h, w); with ``randaugment`` operations per view, their
+    draws (:func:`edc.randaugment.sample_ops`) are columns 5 onwards of the crops, drawn after
+    everything else so that a plan without them is the same as before they existed."""
     order = torch.randperm(n, generator=gen)
     boxes = sample_boxes(n, h, w, (scale_min, 1.0), gen)
     flips = (torch.rand(n, generator=gen) < 0.5).long() if flip else torch.zeros(n, dtype=torch.long)
@@ -81,7 +100,10 @@ def make_plan(n: int, h: int, w: int, batch_size: int, scale_min: float, flip: b
             b = min(batch_size, n - start)
             mix[start:start + b, 0] = (torch.arange(b) - 1) % b
             mix[start:start + b, 1:] = cutmix_box(h, w, gen)
-    return EpochPlan(order, torch.cat([boxes, flips[:, None]], 1), mix)
+    crops = torch.cat([boxes, flips[:, None]], 1)
+    if randaugment:
+        crops = torch.cat([crops, sample_ops(n, randaugment, magnitude, gen)], 1)
+    return EpochPlan(order, crops, mix)
 
 
 def crop_resize(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: torch.Tensor,
@@ -102,14 +124,21 @@ def crop_resize(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, hei
     return F.grid_sample(images, grid.to(images.device), mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def augment(images: torch.Tensor, crops: torch.Tensor, mix: torch.Tensor | None) -> torch.Tensor:
-    """Apply planned crops (resized back to full size, bilinear), flips and CutMix to a batch.
+def augment(images: torch.Tensor, crops: torch.Tensor, mix: torch.Tensor | None,
+            pixels: tuple | None = None) -> torch.Tensor:
+    """Apply planned crops (resized back to full size, bilinear), flips, RandAugment and CutMix to a batch.
 
     ``images`` (B, C, H, W) are the batch's images in plan order; ``crops`` (B, 5) and ``mix`` (B, 5)
-    the plan's rows for them."""
+    the plan's rows for them. Crops with more than 5 columns carry RandAugment's operations
+    (:mod:`edc.randaugment`), which need ``pixels``, the dataset's (mean, std) the images are
+    normalised with."""
     b, _, h, w = images.shape
     x = crop_resize(images, *crops[:, :4].T)
     x = torch.where(crops[:, 4].bool()[:, None, None, None], x.flip(-1), x)
+    if crops.shape[1] > 5:
+        if pixels is None:
+            raise ValueError("the plan holds RandAugment operations: pass pixels=(mean, std) of the dataset")
+        x = apply_ops(x, crops[:, 5:], *pixels)
     if mix is not None:
         partner, x1, y1, x2, y2 = mix.T
         ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]

@@ -17,19 +17,9 @@ import torch
 from torch import nn
 
 from edc.io import publish_dir, read_json, write_json
-from edc.plan import (  # noqa: F401  (re-exported: the method's callers use them from here)
-    CROP_FIELDS,
-    MIX_FIELDS,
-    EpochPlan,
-    augment,
-    batches,
-    cutmix_box,
-    make_plan,
-    planned_epochs,
-    sample_boxes,
-)
+from edc.plan import EpochPlan, augment, batches, make_plan
 from edc.resume import run_units
-from edc.shards import CondensedWriter, epoch_shard_name
+from edc.shards import CondensedWriter, epochs_per_shard, label_shard_name
 
 
 @torch.no_grad()
@@ -50,63 +40,71 @@ def teacher_logits(teachers: list[nn.Module], x: torch.Tensor, chunk: int = 512,
 
 
 def epoch_plan_logits(images: torch.Tensor, labels: torch.Tensor, teachers: list[nn.Module] | None, cfg, seed: int,
-                      epoch: int, bf16: bool = False) -> tuple[EpochPlan, torch.Tensor | None, int]:
+                      epoch: int, bf16: bool = False, pixels: tuple | None = None
+                      ) -> tuple[EpochPlan, torch.Tensor | None, int]:
     """Epoch ``epoch`` of a relabel plan for normalised ``images``: the plan (seeded by ``seed`` and
     the epoch alone, so any process can make any epoch), the teachers' mean logits on its augmented
     views in plan order, and how many views the
     teachers put in the image's own class. Without teachers the logits are None (a plan for hard
-    labels). ``cfg``: the ``relabel`` params section."""
+    labels). ``cfg``: the ``relabel`` params section; ``pixels``: the dataset's (mean, std), which
+    RandAugment (``relabel.aug.randaugment``) needs."""
     from edc.runtime import derive_seed
 
     n, _, h, w = images.shape
     gen = torch.Generator().manual_seed(derive_seed(seed, "relabel", str(epoch)))
-    plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, gen)
+    plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, gen,
+                     getattr(cfg.aug, "randaugment", 0), getattr(cfg.aug, "magnitude", 9))
     if not teachers:
         return plan, None, 0
-    x = torch.cat([augment(images[ids], crops, mix) for ids, crops, mix in batches(plan, cfg.batch_size)])
+    x = torch.cat([augment(images[ids], crops, mix, pixels) for ids, crops, mix in batches(plan, cfg.batch_size)])
     logits = teacher_logits(teachers, x, bf16=bf16)
     return plan, logits, int((logits.argmax(1) == labels[plan.order]).sum())
 
 
 
 def relabel_set(images_u8: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, teachers: list[nn.Module], cfg,
-                seed: int, bf16: bool, meta: dict, world, ckpt, out: str | Path) -> tuple[dict, int] | None:
-    """Write the condensed set to ``out``: the images, and for every planned epoch its shard of
-    stored soft labels (:func:`epoch_plan_logits`, ``meta["epochs"]`` epochs).
+                seed: int, bf16: bool, meta: dict, world, ckpt, out: str | Path,
+                pixels: tuple | None = None) -> tuple[dict, int] | None:
+    """Write the condensed set to ``out``: the images, and for every stored epoch (``meta["stored_epochs"]``
+    of them) its plan and the teachers' labels (:func:`epoch_plan_logits`; ``pixels``: the dataset's
+    (mean, std), for RandAugment), several epochs per label shard (:func:`edc.shards.epochs_per_shard`).
 
-    The set is built in ``ckpt``'s directory itself. Each finished epoch leaves its shard and a small
-    file with its agreement count there, and a rerun after an interruption, with any number of ranks,
-    computes only the epochs without both. Under torchrun the epochs left are dealt out to the ranks
-    (each plan is seeded by its epoch alone; :func:`edc.resume.run_units`); rank 0 writes the images
-    and meta.json and publishes the set once every rank is done. Returns (the set's meta, how many
-    augmented views the teachers put in the image's own class) on rank 0, None on the others."""
-    epochs = meta["epochs"]
+    The set is built in ``ckpt``'s directory itself. Each finished label shard leaves its file and a
+    small file with its agreement count there, and a rerun after an interruption, with any number of
+    ranks, computes only the shards without both. Under torchrun the shards left are dealt out to the
+    ranks (each plan is seeded by its epoch alone; :func:`edc.resume.run_units`); rank 0 writes the
+    images and meta.json and publishes the set once every rank is done. Returns (the set's meta, how
+    many stored views the teachers put in the image's own class) on rank 0, None on the others."""
+    probe = {**meta, "num_images": len(labels)}
+    shards = -(-meta["stored_epochs"] // epochs_per_shard(probe, cfg.shard_bytes))
 
-    def agree_file(e: int) -> Path:
-        return ckpt.dir / f".agree-{e:04d}.json"
+    def agree_file(j: int) -> Path:
+        return ckpt.dir / f".agree-{j:06d}.json"
 
     made: list[CondensedWriter] = []  # the writer, made by start() once the directory is ready
 
     def start() -> None:
-        made.append(CondensedWriter(ckpt.dir, images_u8, labels, meta, write_images=world.main))
+        made.append(CondensedWriter(ckpt.dir, images_u8, labels, meta, write_images=world.main,
+                                    shard_bytes=cfg.shard_bytes))
 
-    def work(e: int) -> None:
-        plan, logits, agree = epoch_plan_logits(images, labels, teachers, cfg, seed, e, bf16)
-        made[0].write_epoch(e, plan, cfg.batch_size, logits, cfg.topk)
-        write_json(agree_file(e), {"agree": agree})
+    def work(j: int) -> None:
+        writer, done, agree = made[0], [], 0
+        for e in writer.shard_epochs(j):
+            plan, logits, a = epoch_plan_logits(images, labels, teachers, cfg, seed, e, bf16, pixels)
+            done.append((plan, logits))
+            agree += a
+        writer.write_shard(j, done)
+        write_json(agree_file(j), {"agree": agree})
 
-    def is_done(e: int) -> bool:
-        return agree_file(e).is_file() and (ckpt.dir / epoch_shard_name(e)).is_file()
+    def is_done(j: int) -> bool:
+        return agree_file(j).is_file() and (ckpt.dir / label_shard_name(j)).is_file()
 
-    if not run_units(ckpt, world, range(epochs), is_done, work, "epochs", "relabel", start):
+    if not run_units(ckpt, world, range(shards), is_done, work, "shards", "relabel", start):
         return None
     writer = made[0]
-    agree = sum(read_json(agree_file(e))["agree"] for e in range(epochs))
-    writer.meta["epoch_shards"] = []  # list every epoch, in epoch order, whoever wrote it
-    for e in range(epochs):
-        writer.keep_epoch(e)
+    agree = sum(read_json(agree_file(j))["agree"] for j in range(shards))
     writer.close()
-    keep = {*writer.meta["image_shards"], *writer.meta["epoch_shards"], "meta.json"}
+    keep = {*writer.meta["image_shards"], *writer.meta["label_shards"], "meta.json"}
     for f in ckpt.dir.iterdir():  # the checkpoint's own files, and a shard a kill left half-written
         if f.name not in keep:
             f.unlink()

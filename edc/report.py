@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from edc.errors import EdcError
-from edc.params import parse_params
-from edc.presets import PRESET_HELP, SWEEPS, label, parse_name, preset_overrides
+from edc.params import get_dotted, parse_params
+from edc.presets import PRESET_HELP, SWEEPS, label, parse_name, preset_mismatch, preset_overrides
 
 METRICS_FILE = "reports/metrics.json"
 STORAGE_FILE = "reports/relabel.json"
@@ -36,7 +36,8 @@ class Experiment:
     mlflow_run: str | None = None
     mlflow_ok: bool | None = None  # None: no MLflow run (e.g. restored from DVC's run-cache)
     notes: list[str] = field(default_factory=list)
-    storage: dict[str, Any] | None = None  # reports/relabel.json's bytes (images, soft_labels, total, ...)
+    storage: dict[str, Any] | None = None  # reports/relabel.json's bytes (images, labels, plan, container, total)
+    relabel: dict[str, Any] | None = None  # the whole reports/relabel.json (images, epochs, codec, ...)
     continual: dict[str, Any] | None = None  # reports/continual.json when the stage ran enabled
     slimming: dict[str, Any] | None = None  # reports/slimming.json when the stage ran enabled
 
@@ -91,6 +92,7 @@ def read_experiments(repo: str | Path = ".") -> dict[str, Experiment]:
 
             cont, slim = whole("reports/continual.json"), whole("reports/slimming.json")
             e = Experiment(rev["name"], rev["rev"], data.get("timestamp") or "", params, metrics, storage=storage,
+                           relabel=read(STORAGE_FILE) or None,
                            continual=cont if cont.get("enabled") else None,
                            slimming=slim if slim.get("enabled") else None)
             if e.name not in found or e.timestamp > found[e.name].timestamp:
@@ -102,11 +104,11 @@ def check_mlflow(exps: dict[str, Experiment]) -> None:
     """Attach each experiment's MLflow post_evaluate run and whether its accuracies match DVC's."""
     import mlflow
 
-    from edc.tracking import experiment_name, tracking_uri
+    from edc.tracking import mlflow_experiment, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
-    exp = client.get_experiment_by_name(experiment_name())
+    exp = client.get_experiment_by_name(mlflow_experiment())
     if exp is None:
         return
     for e in exps.values():
@@ -187,13 +189,16 @@ def _table(header: str, rows: list[tuple[str, Experiment | None]], students: lis
     return lines
 
 
-def _dotted(params: dict[str, Any], key: str) -> Any:
-    """``params["synth"]["flatness"]["weight"]`` for ``synth.flatness.weight`` (None when absent)."""
-    for part in key.split("."):
-        if not isinstance(params, dict):
-            return None
-        params = params.get(part)
-    return params
+def _preset_notes(rows: list[tuple[str, Experiment]]) -> list[str]:
+    """A footnote naming each experiment whose params are not its preset's (an -S override, a preset
+    changed since it ran), so that a row never passes for the preset it is named after."""
+    notes = []
+    for method, e in rows:
+        diff = preset_mismatch(method, e.params)
+        if diff:
+            shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+            notes.append(f"- {e.name}: not the {method} preset's params: {shown}")
+    return (["Rows that differ from their preset:", ""] + notes + [""]) if notes else []
 
 
 def _sweep_points(sweep: str, ipc: int, exps: dict[str, Experiment]) -> list[tuple[str, Experiment]]:
@@ -206,7 +211,7 @@ def _sweep_points(sweep: str, ipc: int, exps: dict[str, Experiment]) -> list[tup
             points[value] = e
     base = exps.get(f"edc-ipc{ipc}")
     if base is not None and sweep != "ipc":
-        v = preset_overrides("edc", parse_params(base.params)).get(s.key, _dotted(base.params, s.key))
+        v = preset_overrides("edc", parse_params(base.params)).get(s.key, get_dotted(base.params, s.key))
         points.setdefault(label(v), base)
     order = {label(v): i for i, v in enumerate(s.values)}
     return sorted(points.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
@@ -245,17 +250,62 @@ def _plot(path: Path, title: str, xlabel: str, points: list[tuple[str, Experimen
         ax.set_xticks(xs, [v for v, _ in points])
 
 
+STORAGE_SWEEPS = ("codec", "topk", "label_epochs")  # the sweeps that change how the labels are stored
+
+
+def _relabel_value(e: Experiment, key: str, default: Any) -> Any:
+    return get_dotted(e.params, f"relabel.{key}", default)
+
+
+def _label_setting(e: Experiment) -> str:
+    """How an experiment stores its labels, in words: "float16", "int8 top-3, 10 stored epochs", "hard"."""
+    codec, topk, stored = (_relabel_value(e, "codec", "float16"), _relabel_value(e, "topk", 0),
+                           _relabel_value(e, "label_epochs", 0))
+    if codec == "hard":
+        return "hard labels"
+    return codec + (f" top-{topk}" if topk else "") + (f", {stored} stored epochs" if stored else "")
+
+
+def _needed_bytes(e: Experiment) -> int:
+    """The bytes a user stores to train as ``e`` did: the set, less the soft labels when its students
+    trained on the classes (evaluate.labels: hard on a set that stores soft labels)."""
+    st = e.storage or {}
+    labels = st.get("labels", st.get("soft_labels", 0))
+    hard = get_dotted(e.params, "evaluate.labels") == "hard"
+    return int(st["total"] - (labels if hard else 0))
+
+
 def storage_points(ipc: int, exps: dict[str, Experiment]) -> list[tuple[str, Experiment, int]]:
-    """(setting, experiment, bytes a user must store) for the topk sweep at ipc, the edc preset (all
-    logits) and the hard-label point (images only), sorted by bytes."""
-    points = []
-    for value, e in _sweep_points("topk", ipc, exps):
-        if e.storage:
-            points.append(("all logits" if value == "0" else f"top-{value}", e, int(e.storage["total"])))
+    """(label storage, experiment, bytes a user must store) at ipc: the points of the codec, topk and
+    label_epochs sweeps, the edc preset, and the hard-label experiments (codec hard, or the labels
+    sweep's hard point, which needs the set less its soft labels), sorted by bytes."""
+    found: dict[str, Experiment] = {}
+    for sweep in STORAGE_SWEEPS:
+        for _, e in _sweep_points(sweep, ipc, exps):
+            found[e.name] = e
     hard = exps.get(f"labels-hard-ipc{ipc}")
-    if hard is not None and hard.storage:
-        points.append(("hard labels", hard, int(hard.storage["images"])))
-    return sorted(points, key=lambda t: t[2])
+    if hard is not None:
+        found[hard.name] = hard
+    points = [("hard labels" if get_dotted(e.params, "evaluate.labels") == "hard" else _label_setting(e), e,
+               _needed_bytes(e)) for e in found.values() if e.storage]
+    return sorted(points, key=lambda t: (t[2], t[1].name))
+
+
+def _image_cost(e: Experiment) -> float | None:
+    """Bytes per image of ``e``'s set with a hard label (its image arrays and classes per image)."""
+    st, n = e.storage or {}, (e.relabel or {}).get("images")
+    return st["images"] / n if n and "labels" in st else None
+
+
+def _equal_bytes_baseline(exps: dict[str, Experiment]) -> list[tuple[int, Experiment, int]]:
+    """(ipc, experiment, bytes) of the random-hard preset at every ipc it ran: random real images with
+    hard labels, whose storage is their images and classes."""
+    out = []
+    for e in exps.values():
+        kind, _, e_ipc = parse_name(e.name)
+        if kind == "random-hard" and e.storage and "labels" in e.storage:
+            out.append((e_ipc, e, int(e.storage["images"])))
+    return sorted(out, key=lambda t: t[0])
 
 
 def _storage_section(ipc: int, exps: dict[str, Experiment], students: list[str], plots_dir: Path | None,
@@ -263,25 +313,46 @@ def _storage_section(ipc: int, exps: dict[str, Experiment], students: list[str],
     points = storage_points(ipc, exps)
     if len(points) < 2:
         return []
-    out = [f"## Accuracy against storage at ipc {ipc} (soft labels: all logits, top-k, none)", "",
-           "Bytes as stored (PNG images in tar shards, float16 logits or top-k values and int32 indices per "
-           "planned view, tar headers included), from each run's `reports/relabel.json`.", "",
-           "| labels | stored MB | soft-label bytes per image per epoch | " + " | ".join(students) + " | experiment |",
-           "| --- | --- | --- | " + " | ".join("---" for _ in students) + " | --- |"]
+    cost = next((c for _, e, _ in points if (c := _image_cost(e))), None)
+    classes = next(((e.relabel or {}).get("images", 0) // ipc for _, e, _ in points if e.relabel), 0)
+    baseline = _equal_bytes_baseline(exps)
+    out = [f"## Accuracy against storage at ipc {ipc} (float16 logits down to hard labels)", "",
+           "Total bytes of each set as stored (images, labels, plan, container; `reports/relabel.json`); "
+           "labels: the label arrays alone per image per training epoch. *Real images at equal bytes*: how "
+           "many random real images with hard labels the same bytes hold"
+           + (f" ({cost:.0f} bytes each)" if cost else "") + "; the random-hard preset's rows below give "
+           "their accuracy.", "",
+           "| labels | stored MB | label bytes per image per epoch | real images at equal bytes | "
+           + " | ".join(students) + " | experiment |",
+           "| --- | --- | --- | --- | " + " | ".join("---" for _ in students) + " | --- |"]
     for title, e, total in points:
-        per = "0" if title == "hard labels" else f"{e.storage['soft_labels_per_image_epoch']:.0f}"
-        out.append(f"| {title} | {total / 1e6:.3f} | {per} | " + " | ".join(_cell(e, s) for s in students)
+        st = e.storage
+        per = 0 if title == "hard labels" else st.get("per_image_epoch", {}).get(
+            "labels", st.get("soft_labels_per_image_epoch", 0))
+        real = f"{int(total // cost)}" + (f" (ipc {total / cost / classes:.1f})" if classes else "") if cost else "-"
+        out.append(f"| {title} | {total / 1e6:.3f} | {per:.2f} | {real} | "
+                   + " | ".join(_cell(e, s) for s in students) + f" | {e.name} |")
+    for b_ipc, e, total in baseline:
+        out.append(f"| random real images, hard labels, ipc {b_ipc} | {total / 1e6:.3f} | 0.00 | "
+                   f"{(e.relabel or {}).get('images', '-')} | " + " | ".join(_cell(e, s) for s in students)
                    + f" | {e.name} |")
     out.append("")
     if plots_dir is not None:
         png = plots_dir / f"storage-ipc{ipc}.png"
-        with _figure(png, f"accuracy against storage, ipc {ipc}", "stored MB (log)") as ax:
-            for s in students:
-                xs = [t / 1e6 for _, e, t in points if s in e.metrics]
-                ys = [100 * e.metrics[s]["acc_mean"] for _, e, _ in points if s in e.metrics]
-                ax.plot(xs, ys, marker="o", label=s)
+        with _figure(png, f"accuracy against storage, ipc {ipc}", "stored MB (log)", legend_size=6) as ax:
+            for s in students:  # points only: settings of different kinds, no curve between them
+                pts = [(t / 1e6, e.metrics[s]) for _, e, t in points if s in e.metrics]
+                ax.errorbar([x for x, _ in pts], [100 * m["acc_mean"] for _, m in pts],
+                            yerr=[100 * m["acc_std"] for _, m in pts], marker="o", linestyle="none", capsize=3,
+                            label=s)
+                real = [(t / 1e6, e.metrics[s]) for _, e, t in baseline if s in e.metrics]
+                if real:
+                    ipcs = "/".join(str(i) for i, e, _ in baseline if s in e.metrics)
+                    ax.errorbar([x for x, _ in real], [100 * m["acc_mean"] for _, m in real],
+                                yerr=[100 * m["acc_std"] for _, m in real], marker="s", linestyle="--", capsize=3,
+                                label=f"{s}: real images, hard labels (random-hard, ipc {ipcs})")
             for title, e, total in points:
-                ax.annotate(title, (total / 1e6, 100 * next(iter(e.metrics.values()))["acc_mean"]), fontsize=7)
+                ax.annotate(title, (total / 1e6, 100 * next(iter(e.metrics.values()))["acc_mean"]), fontsize=6)
             ax.set_xscale("log")
         out += [f"![accuracy against storage at ipc {ipc}]({Path(os.path.relpath(png, md_dir)).as_posix()})", ""]
     return out
@@ -359,6 +430,7 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
             seeds = sorted({e.seeds for _, e in rows})
             out += [f"## Methods at ipc {ipc} (Table 1; {'/'.join(map(str, seeds))} seeds)", ""]
             out += _table("method", rows, students) + [""]
+            out += _preset_notes(rows)
     for sweep, s in SWEEPS.items():
         for ipc in ipcs:
             if sweep == "ipc":

@@ -41,8 +41,8 @@ FINGERPRINT = "fingerprint.json"
 def fingerprint(stage: str, params: Any, inputs: list[str | Path], code: str | Path | None = None) -> str:
     """sha256 over the stage name, its params (canonical JSON), the name, size and bytes of every input
     file and, with ``code`` (the stage script), the bytes of that script and of every ``edc`` module.
-    The files go into the one sha256 (2.3x the speed of md5 on this project's CPU, which hashes them at
-    each stage's start)."""
+    The files go into the one sha256 (faster than md5 on the CPUs measured, and every stage hashes
+    them at its start)."""
     h = hashlib.sha256(json.dumps({"stage": stage, "params": params}, sort_keys=True, default=str).encode())
     if code is not None:
         h.update(f"code:{package_digest(code)}\n".encode())

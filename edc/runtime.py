@@ -162,13 +162,12 @@ def inference_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A frozen eval-mode copy of ``model`` for forward passes without gradient (teachers' soft labels,
     the flatness term's EMA images): each BatchNorm that directly follows a convolution folded into
     its weights, 4-d weights in channels-last memory format; feed it channels-last inputs. The same
-    function up to rounding. On this project's CPU the forward took 0.13-0.30 of a forward+backward,
-    against 0.23-0.38 for the model as it is.
+    function up to rounding, and a cheaper forward than the model's own (docs/performance.md).
 
     Models that declare their convolution-BatchNorm pairs (:func:`fold_conv_bn`; this package's
     architectures and any ``nn.Sequential``) are folded without tracing, in a few milliseconds; others
-    go through ``torch.fx.experimental.optimization.fuse``, which traces the model (0.03-0.1 s per
-    default observer, paid at every stage's start) and folds the same pairs with the same arithmetic,
+    go through ``torch.fx.experimental.optimization.fuse``, which traces the model (paid at every
+    stage's start) and folds the same pairs with the same arithmetic,
     so both give the same bytes (a test compares them). A model torch.fx cannot trace is returned as
     it is. Then each ReLU (or ReLU6) right after a convolution, and a residual sum before one, run
     inside that convolution (:func:`fuse_activations`): the same function without the passes over the
@@ -303,8 +302,8 @@ def fold_conv_bn(model: nn.Module) -> nn.Module | None:
 def frozen_clone(module: nn.Module) -> nn.Module:
     """A copy of ``module`` for inference: its own parameters (without gradient) and buffers, its own
     hook and child containers, other attributes shared. What ``copy.deepcopy`` gives for this
-    package's models, in a fraction of its time (deepcopy walks every attribute in Python: 25-90 ms for
-    a MobileNet-V2 here, the most of folding it)."""
+    package's models, without deepcopy's walk over every attribute in Python, which was most of the
+    cost of folding a model."""
     c = object.__new__(type(module))
     c.__dict__ = {k: copy.copy(v) if isinstance(v, (dict, set, list)) else v for k, v in module.__dict__.items()}
     c._parameters = {k: None if p is None else nn.Parameter(p.detach().clone(), requires_grad=False)
@@ -317,7 +316,7 @@ def frozen_clone(module: nn.Module) -> nn.Module:
 def fused(params) -> dict:
     """``{"fused": True}`` for an optimizer over ``params`` when torch has a fused kernel for them
     (floating point, on the CPU or CUDA): one kernel per step instead of several operations per
-    parameter; a ResNet-18 student's AdamW step took 0.45 ms against 1.97 ms here."""
+    parameter."""
     kinds = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     ok = all(p.dtype in kinds and p.device.type in ("cpu", "cuda") for p in params)
     return {"fused": True} if ok else {}
@@ -327,7 +326,7 @@ def _eager(base: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
     """``base`` without torch's compiler wrappers. torch wraps an optimizer's ``step`` (gradients off,
     graph breaks for ``torch.compile``) and its ``add_param_group``, ``zero_grad``, ``state_dict`` and
     ``load_state_dict`` (``torch._disable_dynamo``), and each wrapper imports ``torch._dynamo`` on its
-    first call: 1.0-1.4 s of every training stage's start-up on this project's CPU. Nothing here is
+    first call, which costs every training stage's start-up more than a second. Nothing here is
     compiled, so the subclass calls the wrapped functions themselves, ``step`` under ``torch.no_grad()``
     as its wrapper does (a test compares the updates with ``base``'s, bit for bit). Methods a torch
     version does not wrap are inherited as they are."""

@@ -1,34 +1,58 @@
 """The condensed-dataset format: WebDataset tar shards with the images, the plan and stored soft labels.
 
-A condensed set is a directory::
+A condensed set (format ``edc-condensed/3``) is a directory::
 
-    meta.json            format, set_id, dataset facts, class names, ipc, teachers, epochs,
-                         batch_size, batches_per_epoch, topk, cutmix, augmentation, shard names, the
-                         params that made it; ``shards``: each shard's sha256 and size, which ties
-                         every shard to this set; ``bytes``: the set's storage (images, soft labels)
-    images-000000.tar    one sample per image, key img000000...:  .png (lossless), .cls (class index)
-    epoch-0000.tar       one sample per batch of epoch 0, key b00000...:
-                           ids.npy    int32 (B,)    image indices (the n in imgNNNNNN) in batch order
-                           crops.npy  int16 (B, 5)  top, left, height, width, flip (RandomResizedCrop box)
-                           mix.npy    int16 (B, 5)  CutMix partner position in the batch, x1, y1, x2, y2
-                                                    (only when CutMix is on)
-                           logits.npy float16 (B, K) the teachers' mean logits on the augmented batch, or,
-                           topv.npy / topi.npy      with top-k labels, float16 / int32 (B, k) values and
-                                                    class indices
-    epoch-0001.tar ...
+    meta.json            format, set_id, dataset facts, class names, ipc, teachers, epochs (training),
+                         stored_epochs, epochs_per_shard, batch_size, batches_per_epoch, codec, topk,
+                         cutmix, augmentation, shard names, the params that made it; ``shards``: each
+                         shard's sha256 and size, which ties every shard to this set; ``bytes``: the set's
+                         storage (see below)
+    images-000000.tar    one sample, key i000000 (its first image), as many images as fit the shard
+                         size target (``shard_bytes``: relabel.shard_bytes, default SHARD_BYTES):
+                           images.npy uint8 (n, C, H, W)   the images, ids first..first+n-1
+                           cls.npy    uint  (n,)           their classes
+    labels-000000.tar    one sample, key e000000 (its first stored epoch), for ``epochs_per_shard``
+                         stored epochs (P of them; the last shard may hold fewer), N images each, the
+                         plan's arrays in the smallest integer type that holds their values:
+                           ids.npy    uint (P, N)        image ids in visiting order; batch b of an epoch
+                                                         is positions b*batch_size .. (b+1)*batch_size-1
+                           crops.npy  int  (P, N, 5)     top, left, height, width, flip of each view; with
+                                                         RandAugment (P, N, 5 + 2k): k pairs of operation
+                                                         index and signed magnitude bin (edc.randaugment)
+                           mix.npy    uint (P, N, 5)     CutMix partner position in the batch, x1, y1, x2, y2
+                                                         (only when CutMix is on)
+                           the labels of each view, by ``codec`` and ``topk`` (:func:`encode_labels`):
+                           float16, topk 0   logits.npy float16 (P, N, K)  the teachers' mean logits
+                           float16, topk k   topv.npy   float16 (P, N, k)  the k largest, and
+                                             topi.npy   uint    (P, N, k)  their classes (uint8 when K <= 256)
+                           int8              q.npy      uint8   (P, N, W)  values (W = K, or k with topi.npy)
+                                             scale.npy, offset.npy float16 (P, N): value = offset + scale * q
+                           hard              nothing: the students train on the classes
 
-Epoch shards hold batch samples only (the format's version 1 had a ``header`` sample that plain
-pipelines had to skip; its facts now live in meta.json), so ``wds.WebDataset(".../epoch-{0000..0999}.tar")``
-yields batches and nothing else.
+Training epoch ``e`` replays stored epoch ``e % stored_epochs`` (:func:`edc.plan.stored_epoch`): its
+views and their labels. With ``stored_epochs == epochs`` every epoch has its own views; fewer stored
+epochs are reused in a fixed cycle, views and labels together, so a label always belongs to the view
+it was computed on (meta.json's ``replay`` says so in words). Label shards hold whole stored epochs,
+as many as fit ``shard_bytes``. A tar member costs a 512-byte header and padding to 512 bytes, so
+each array of a shard is one member, and the tar's padding to a 10,240-byte record is cut: the
+container is about 0.9 KB per array (header, .npy header, padding) and 1 KB per shard.
+
+``bytes`` in meta.json: ``images`` (the image arrays), ``labels`` (the label arrays), ``plan`` (ids,
+crops, mix), ``container`` (everything else: tar headers and padding, .npy headers, meta.json itself),
+``total`` (all files), and ``per_image_epoch``: each divided by images x training epochs. meta.json
+is compact JSON (sorted keys, no indentation, which alone would be a tenth of the container at ipc 1;
+``python -m json.tool meta.json`` shows it indented).
 
 Everything is written with ``mtime=0`` and in a fixed order (byte-identical on rerun); keys contain no
 dots; arrays are ``.npy`` (no pickle). Plain ``webdataset`` + numpy read it (README example);
 :func:`load_condensed` gives a torch dataset that replays the plan with its soft labels, from a
-local directory, an ``http(s)://`` URL or a ``pipe:`` command (through ``webdataset.gopen``).
+local directory, an ``http(s)://`` URL or a ``pipe:`` command (through ``webdataset.gopen``). Sets
+of format ``edc-condensed/2`` (one tar per epoch, one sample per batch, one per image) are read too.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -43,25 +67,18 @@ import torch
 
 from edc.data.prepared import DatasetFacts, normalize
 from edc.errors import ArtifactError
-from edc.io import write_json
-from edc.plan import EpochPlan, augment, batches
+from edc.io import atomic_file
+from edc.plan import EpochPlan, augment, stored_epoch
 
-FORMAT = "edc-condensed/2"
-IMAGES_PER_SHARD = 10_000
+FORMAT = "edc-condensed/3"
+FORMAT_V2 = "edc-condensed/2"
+SHARD_BYTES = 64 * 2**20  # target size of a shard: large enough that framing is noise, small enough to stream
+CODECS = ("float16", "int8", "hard")
 
 
 def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _png(img_u8: torch.Tensor) -> bytes:
-    from PIL import Image
-
-    arr = img_u8.permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -72,77 +89,233 @@ def set_id(images_u8: torch.Tensor, labels: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
-def _tar_writer(path: Path):
+def uint_for(largest: int) -> np.dtype:
+    """The smallest unsigned integer type that holds 0..``largest``."""
+    for t in (np.uint8, np.uint16, np.uint32):
+        if largest <= np.iinfo(t).max:
+            return np.dtype(t)
+    return np.dtype(np.uint64)
+
+
+def int_for(values: np.ndarray) -> np.dtype:
+    """The smallest integer type that holds ``values`` (unsigned when none is negative)."""
+    lo, hi = int(values.min(initial=0)), int(values.max(initial=0))
+    if lo >= 0:
+        return uint_for(hi)
+    for t in (np.int8, np.int16, np.int32):
+        if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max:
+            return np.dtype(t)
+    return np.dtype(np.int64)
+
+
+# --- label codecs ----------------------------------------------------------------------------------
+
+def _quantise(values: np.ndarray) -> dict[str, np.ndarray]:
+    """8 bits per value with a per-row float16 offset and scale: value ~ offset + scale * q, q in
+    0..255, offset at or below the row's minimum and offset + 255 * scale at or above its maximum, so
+    every value is within scale / 2 of its decode (up to float32 rounding)."""
+    lo, hi = values.min(-1), values.max(-1)
+    offset = lo.astype(np.float16)
+    offset = np.where(offset.astype(np.float32) > lo, np.nextafter(offset, np.float16(-np.inf)), offset)
+    scale = ((hi - offset.astype(np.float32)) / 255).astype(np.float16)
+    short = offset.astype(np.float32) + 255 * scale.astype(np.float32) < hi
+    scale = np.where(short, np.nextafter(scale, np.float16(np.inf)), scale)
+    s32 = scale.astype(np.float32)[..., None]
+    q = np.where(s32 > 0, np.rint((values - offset.astype(np.float32)[..., None]) / np.where(s32 > 0, s32, 1)), 0)
+    return {"q": np.clip(q, 0, 255).astype(np.uint8), "scale": scale, "offset": offset}
+
+
+def encode_labels(logits: np.ndarray, codec: str, topk: int) -> dict[str, np.ndarray]:
+    """The arrays (by member name, without ``.npy``) that store float32 ``logits`` (..., K) under
+    ``codec`` (float16 | int8 | hard) keeping the ``topk`` largest per view (0 = all)."""
+    if codec == "hard":
+        return {}
+    out: dict[str, np.ndarray] = {}
+    values = logits.astype(np.float32)
+    if topk:
+        idx = np.argsort(-values, axis=-1, kind="stable")[..., :topk]
+        values = np.take_along_axis(values, idx, -1)
+        out["topi"] = idx.astype(uint_for(logits.shape[-1] - 1))
+    if codec == "int8":
+        out.update(_quantise(values))
+    else:
+        out["topv" if topk else "logits"] = values.astype(np.float16)
+    return out
+
+
+def decode_labels(arrays: dict[str, np.ndarray], codec: str, num_classes: int) -> np.ndarray | None:
+    """Dense float32 logits (..., K) from :func:`encode_labels`' arrays; classes outside a top-k get
+    -inf (probability 0 after softmax). None for hard labels."""
+    if codec == "hard":
+        return None
+    if codec == "int8":
+        values = arrays["offset"].astype(np.float32)[..., None] + \
+            arrays["scale"].astype(np.float32)[..., None] * arrays["q"].astype(np.float32)
+    else:
+        values = arrays["topv" if "topi" in arrays else "logits"].astype(np.float32)
+    if "topi" not in arrays:
+        return values
+    dense = np.full((*values.shape[:-1], num_classes), -np.inf, dtype=np.float32)
+    np.put_along_axis(dense, arrays["topi"].astype(np.int64), values, axis=-1)
+    return dense
+
+
+def label_members(codec: str, topk: int) -> tuple[str, ...]:
+    """The label arrays a shard holds under ``codec`` and ``topk``."""
+    if codec == "hard":
+        return ()
+    values = ("q", "scale", "offset") if codec == "int8" else ("topv",) if topk else ("logits",)
+    return (*values, "topi") if topk else values
+
+
+def view_bytes(meta: dict[str, Any]) -> int:
+    """Payload bytes of one stored view (plan row and labels) of a set described by ``meta``."""
+    k, topk, codec = meta["num_classes"], meta["topk"], meta.get("codec", "float16")
+    facts = meta["dataset"]
+    small = uint_for(max(facts["height"], facts["width"], meta["batch_size"])).itemsize
+    columns = 5 + 2 * (meta.get("aug") or {}).get("randaugment", 0) + (5 if meta["cutmix"] else 0)
+    plan = uint_for(meta["num_images"] - 1).itemsize + columns * small
+    width = topk or k
+    labels = {"hard": 0, "float16": 2 * width, "int8": width + 4}[codec]
+    return plan + labels + (uint_for(k - 1).itemsize * topk if topk and codec != "hard" else 0)
+
+
+def epochs_per_shard(meta: dict[str, Any], shard_bytes: int = SHARD_BYTES) -> int:
+    """How many stored epochs share a label shard: as many as fit ``shard_bytes``, at least one."""
+    per_epoch = max(view_bytes(meta) * meta["num_images"], 1)
+    return max(1, min(meta["stored_epochs"], shard_bytes // per_epoch))
+
+
+def label_shard_name(j: int) -> str:
+    return f"labels-{j:06d}.tar"
+
+
+def _tar_bytes(key: str, arrays: dict[str, np.ndarray]) -> bytes:
+    """One WebDataset sample ``key`` of .npy members as tar bytes: mtime 0, members in the given order,
+    and the end-of-archive blocks without tarfile's padding to a 10,240-byte record (readers do not
+    need it; at ipc 1 it would be most of the container)."""
     import webdataset as wds
 
-    return wds.TarWriter(str(path), encoder=False, mtime=0, user="edc", group="edc")
+    buf = io.BytesIO()
+    w = wds.TarWriter(buf, encoder=False, mtime=0, user="edc", group="edc")
+    w.write({"__key__": key, **{f"{name}.npy": _npy(a) for name, a in arrays.items()}})
+    end = w.tarstream.offset + 2 * tarfile.BLOCKSIZE
+    w.close()
+    return buf.getvalue()[:end]
 
 
-def epoch_shard_name(epoch: int) -> str:
-    return f"epoch-{epoch:04d}.tar"
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # a shard is complete or absent, also after a kill
 
 
 class CondensedWriter:
-    """Writes a condensed set: the images once, then one shard per epoch (call in epoch order)."""
+    """Writes a condensed set: the images at once, then the stored epochs' plans and labels (by
+    :meth:`write_epoch` in epoch order, or a whole label shard by :meth:`write_shard`), then meta.json
+    (:meth:`close`).
+
+    ``meta`` gives at least dataset, num_classes, epochs, batch_size, topk and cutmix; ``codec``
+    (default float16) and ``stored_epochs`` (default ``epochs``) choose the label storage."""
 
     def __init__(self, out: str | Path, images_u8: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any],
-                 write_images: bool = True):
+                 write_images: bool = True, shard_bytes: int = SHARD_BYTES):
         self.out = Path(out)
         self.sid = set_id(images_u8, labels)
-        self.meta = {**meta, "format": FORMAT, "set_id": self.sid, "num_images": len(labels), "epoch_shards": []}
-        self.meta["image_shards"] = []
-        for s, start in enumerate(range(0, len(labels), IMAGES_PER_SHARD)):
-            name = f"images-{s:06d}.tar"
-            self.meta["image_shards"].append(name)
-            if not write_images:  # another process writes them (torchrun ranks > 0 write epochs only)
-                continue
-            with _tar_writer(self.out / name) as w:
-                for i in range(start, min(start + IMAGES_PER_SHARD, len(labels))):
-                    w.write({"__key__": f"img{i:06d}", "png": _png(images_u8[i]), "cls": str(int(labels[i])).encode()})
+        n = len(labels)
+        self.meta = {"codec": "float16", "stored_epochs": meta["epochs"], **meta, "format": FORMAT,
+                     "set_id": self.sid, "num_images": n}
+        if self.meta["codec"] not in CODECS:
+            raise ValueError(f"codec must be one of {CODECS}, got {self.meta['codec']!r}")
+        if not 1 <= self.meta["stored_epochs"] <= self.meta["epochs"]:
+            raise ValueError(f"stored_epochs must be 1..epochs ({self.meta['epochs']}), "
+                             f"got {self.meta['stored_epochs']}")
+        self.meta["replay"] = "training epoch e replays stored epoch e % stored_epochs (views and labels)"
+        per = epochs_per_shard(self.meta, shard_bytes)
+        self.meta["epochs_per_shard"] = per
+        self.meta["batches_per_epoch"] = -(-n // self.meta["batch_size"])
+        self.meta["label_shards"] = [label_shard_name(j) for j in range(-(-self.meta["stored_epochs"] // per))]
+        per_image = max(int(np.prod(images_u8.shape[1:])), 1)
+        step = max(1, shard_bytes // per_image)
+        self.meta["image_shards"] = [f"images-{s:06d}.tar" for s in range(-(-n // step))]
+        self._pending: dict[int, tuple[EpochPlan, torch.Tensor | None]] = {}
+        if not write_images:  # another process writes them (torchrun ranks > 0 write labels only)
+            return
+        cls_type = uint_for(max(self.meta["num_classes"] - 1, 0))
+        for s, name in enumerate(self.meta["image_shards"]):
+            sl = slice(s * step, (s + 1) * step)
+            arrays = {"images": images_u8[sl].numpy().astype(np.uint8), "cls": labels[sl].numpy().astype(cls_type)}
+            _write_atomic(self.out / name, _tar_bytes(f"i{s * step:06d}", arrays))
 
-    def write_epoch(self, epoch: int, plan: EpochPlan, batch_size: int, logits: torch.Tensor, topk: int) -> None:
-        """``logits`` (N, K) are the teachers' mean logits in plan order (aligned with ``plan.order``)."""
-        name = epoch_shard_name(epoch)
-        tmp = self.out / f".{name}.tmp"
-        with _tar_writer(tmp) as w:
-            for j, (ids, crops, mix) in enumerate(batches(plan, batch_size)):
-                sample = {"__key__": f"b{j:05d}", "ids.npy": _npy(ids.numpy().astype(np.int32)),
-                          "crops.npy": _npy(crops.numpy().astype(np.int16))}
-                if mix is not None:
-                    sample["mix.npy"] = _npy(mix.numpy().astype(np.int16))
-                lg = logits[j * batch_size:(j + 1) * batch_size]
-                if topk:
-                    v, i = lg.topk(topk, dim=1)
-                    sample["topv.npy"] = _npy(v.numpy().astype(np.float16))
-                    sample["topi.npy"] = _npy(i.numpy().astype(np.int32))
-                else:
-                    sample["logits.npy"] = _npy(lg.numpy().astype(np.float16))
-                w.write(sample)
-        os.replace(tmp, self.out / name)  # a shard is complete or absent, also after a kill
-        self.meta["epoch_shards"].append(name)
+    def shard_epochs(self, j: int) -> range:
+        """The stored epochs label shard ``j`` holds."""
+        per = self.meta["epochs_per_shard"]
+        return range(j * per, min((j + 1) * per, self.meta["stored_epochs"]))
 
-    def keep_epoch(self, epoch: int) -> None:
-        """Count epoch ``epoch``'s shard, written by an earlier (interrupted) run, as part of the set."""
-        name = epoch_shard_name(epoch)
-        if not (self.out / name).is_file():
-            raise ArtifactError(f"{self.out / name}: missing from the checkpoint")
-        self.meta["epoch_shards"].append(name)
+    def write_shard(self, j: int, epochs: list[tuple[EpochPlan, torch.Tensor | None]]) -> None:
+        """Label shard ``j``: the plans of its stored epochs and the teachers' mean logits (N, K) on
+        each plan's views in plan order (None for hard labels)."""
+        meta = self.meta
+        if len(epochs) != len(self.shard_epochs(j)):
+            raise ValueError(f"label shard {j} holds {len(self.shard_epochs(j))} epochs, got {len(epochs)}")
+        arrays = {"ids": np.stack([p.order.numpy() for p, _ in epochs]).astype(uint_for(meta["num_images"] - 1)),
+                  "crops": np.stack([p.crops.numpy() for p, _ in epochs])}
+        if meta["cutmix"]:
+            arrays["mix"] = np.stack([p.mix.numpy() for p, _ in epochs])
+        for name in ("crops", "mix"):  # boxes, positions and RandAugment's signed bins: small integers
+            if name in arrays:
+                arrays[name] = arrays[name].astype(int_for(arrays[name]))
+        if meta["codec"] != "hard":
+            logits = np.stack([lg.float().numpy() for _, lg in epochs])
+            arrays.update(encode_labels(logits, meta["codec"], meta["topk"]))
+        _write_atomic(self.out / label_shard_name(j), _tar_bytes(f"e{self.shard_epochs(j).start:06d}", arrays))
+
+    def write_epoch(self, epoch: int, plan: EpochPlan, batch_size: int, logits: torch.Tensor | None,
+                    topk: int) -> None:
+        """Stored epoch ``epoch``: its plan and the teachers' mean logits (N, K) on its views in plan
+        order; the shard is written once all its epochs are in. ``batch_size`` and ``topk`` must be
+        meta.json's (they are the format's, checked here)."""
+        if batch_size != self.meta["batch_size"] or topk != self.meta["topk"]:
+            raise ValueError(f"batch_size {batch_size} / topk {topk} differ from the set's "
+                             f"{self.meta['batch_size']} / {self.meta['topk']}")
+        self._pending[epoch] = (plan, logits)
+        j = epoch // self.meta["epochs_per_shard"]
+        if all(e in self._pending for e in self.shard_epochs(j)):
+            self.write_shard(j, [self._pending.pop(e) for e in self.shard_epochs(j)])
 
     def close(self) -> None:
         """Write meta.json, with every shard's sha256 and size and the set's storage in bytes."""
-        shards = {}
-        for name in [*self.meta["image_shards"], *self.meta["epoch_shards"]]:
+        shards, payload = {}, {"images": 0, "labels": 0, "plan": 0}
+        for name in [*self.meta["image_shards"], *self.meta["label_shards"]]:
+            if not (self.out / name).is_file():
+                raise ArtifactError(f"{self.out / name}: missing (not written, or lost from the checkpoint)")
             data = (self.out / name).read_bytes()
             shards[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        images = sum(shards[n]["bytes"] for n in self.meta["image_shards"])
-        labels = sum(shards[n]["bytes"] for n in self.meta["epoch_shards"])
-        epochs = max(len(self.meta["epoch_shards"]), 1)
-        self.meta["batches_per_epoch"] = -(-self.meta["num_images"] // self.meta["batch_size"])
+            for key, member in _members(self.out / name, data).items():
+                for ext in member:
+                    kind = ("images" if name.startswith("images") else
+                            "plan" if ext in ("ids.npy", "crops.npy", "mix.npy") else "labels")
+                    payload[kind] += _array(self.out / name, key, member, ext).nbytes
         self.meta["shards"] = shards
-        self.meta["bytes"] = {"images": images, "soft_labels": labels, "total": images + labels,
-                              "soft_labels_per_image_epoch": round(labels / epochs / max(self.meta["num_images"], 1),
-                                                                   2)}
-        write_json(self.out / "meta.json", self.meta)
+        files = sum(s["bytes"] for s in shards.values())
+        size = 0
+        while True:  # meta.json counts in its own container bytes: grow the size until the text fits it
+            self.meta["bytes"] = storage(payload, files + size - sum(payload.values()),
+                                         self.meta["num_images"] * self.meta["epochs"])
+            text = json.dumps(self.meta, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n"
+            if len(text.encode()) <= size:
+                break
+            size = len(text.encode())
+        with atomic_file(self.out / "meta.json") as f:  # spaces before the final newline make up the size
+            f.write(text[:-1] + " " * (size - len(text.encode())) + "\n")
+
+
+def storage(payload: dict[str, int], container: int, image_epochs: int) -> dict[str, Any]:
+    """meta.json's ``bytes``: payload by kind, the container, the total, and each per image per
+    training epoch (``image_epochs`` = images x epochs)."""
+    out: dict[str, Any] = {**payload, "container": container, "total": sum(payload.values()) + container}
+    out["per_image_epoch"] = {k: round(v / max(image_epochs, 1), 3) for k, v in out.items()}
+    return out
 
 
 # --- reading ---------------------------------------------------------------------------------------
@@ -188,7 +361,7 @@ def _members(shard: str | Path, data: bytes) -> dict[str, dict[str, bytes]]:
     """{key: {extension: bytes}} of a tar shard's bytes; any tar damage is reported with the shard's name."""
     samples: dict[str, dict[str, bytes]] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tf:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:  # shards are never compressed
             for m in tf:
                 if not m.isfile():
                     continue
@@ -199,7 +372,7 @@ def _members(shard: str | Path, data: bytes) -> dict[str, dict[str, bytes]]:
                     raise tarfile.ReadError("unexpected end of data")
                 samples.setdefault(key, {})[ext] = blob
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ArtifactError(f"{shard}: truncated or corrupt shard ({exc})") from None
+        raise ArtifactError(f"{shard}: truncated or corrupt shard ({' '.join(str(exc).split())})") from None
     return samples
 
 
@@ -210,7 +383,7 @@ def _check_sha(shard: str | Path, name: str, data: bytes, meta: dict[str, Any]) 
                             f"differs from the one meta.json records for set {meta['set_id']})")
 
 
-def _array(shard: Path, key: str, member: dict[str, bytes], ext: str) -> np.ndarray:
+def _array(shard: str | Path, key: str, member: dict[str, bytes], ext: str) -> np.ndarray:
     if ext not in member:
         raise ArtifactError(f"{shard}: sample {key} lacks {ext}")
     try:
@@ -225,33 +398,44 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         meta = json.loads(read_bytes(path, "meta.json", f"; is {path} a condensed set written by the relabel stage?"))
     except ValueError as exc:
         raise ArtifactError(f"{where}: not JSON ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{where}: format {meta.get('format')!r}, this version reads {FORMAT!r} "
-                            f"(rerun relabel to rewrite the set)")
+    if meta.get("format") not in (FORMAT, FORMAT_V2):
+        raise ArtifactError(f"{where}: format {meta.get('format')!r}, this version reads {FORMAT!r} and "
+                            f"{FORMAT_V2!r} (rerun relabel to rewrite the set)")
+    if meta["format"] == FORMAT_V2:  # its labels are float16 or top-k float16, one stored epoch per epoch
+        meta = {**meta, "codec": "float16", "stored_epochs": meta["epochs"]}
     return meta
+
+
+def _shard(path: str | Path, meta: dict[str, Any], name: str, what: str = "") -> tuple[str | Path, dict]:
+    """(where, {key: {extension: bytes}}) of shard ``name``, checked against meta.json's sha256."""
+    shard = member_url(path, name)
+    data = read_bytes(path, name, what)
+    members = _members(shard, data)
+    _check_sha(shard, name, data, meta)
+    return shard, members
+
+
+def _single(shard: str | Path, members: dict[str, dict[str, bytes]]) -> tuple[str, dict[str, bytes]]:
+    if len(members) != 1:
+        raise ArtifactError(f"{shard}: {len(members)} samples, the format has one per shard")
+    return next(iter(members.items()))
 
 
 def read_images(path: str | Path, meta: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """All images (uint8 (N, C, H, W)) and hard labels of a condensed set, checked against meta.json."""
-    from PIL import Image
-
     facts = meta["dataset"]
-    images, labels = [], []
-    for name in meta["image_shards"]:
-        shard = member_url(path, name)
-        data = read_bytes(path, name)
-        members = _members(shard, data)
-        _check_sha(shard, name, data, meta)
-        for key, member in sorted(members.items()):
-            if "png" not in member or "cls" not in member:
-                raise ArtifactError(f"{shard}: sample {key} lacks its .png or .cls")
-            arr = np.asarray(Image.open(io.BytesIO(member["png"])))
-            images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-            labels.append(int(member["cls"]))
-    if len(images) != meta["num_images"]:
-        raise ArtifactError(f"{path}: {len(images)} images in the image shards, meta.json says {meta['num_images']}")
-    x = torch.from_numpy(np.stack(images))
-    y = torch.tensor(labels, dtype=torch.int64)
+    if meta["format"] == FORMAT_V2:
+        x, y = _read_images_v2(path, meta)
+    else:
+        images, labels = [], []
+        for name in meta["image_shards"]:
+            shard, members = _shard(path, meta, name)
+            key, member = _single(shard, members)
+            images.append(_array(shard, key, member, "images.npy"))
+            labels.append(_array(shard, key, member, "cls.npy").astype(np.int64))
+        x, y = torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+    if len(x) != meta["num_images"]:
+        raise ArtifactError(f"{path}: {len(x)} images in the image shards, meta.json says {meta['num_images']}")
     if tuple(x.shape[1:]) != (facts["channels"], facts["height"], facts["width"]):
         raise ArtifactError(f"{path}: images are {tuple(x.shape[1:])}, meta.json's dataset says "
                             f"{(facts['channels'], facts['height'], facts['width'])}")
@@ -260,10 +444,80 @@ def read_images(path: str | Path, meta: dict[str, Any]) -> tuple[torch.Tensor, t
     return x, y
 
 
-def read_epoch(path: str | Path, meta: dict[str, Any], epoch: int) -> list[dict[str, np.ndarray]]:
-    """The batches of one epoch: dicts with ids, crops, mix (or None) and dense float32 logits (B, K);
-    with top-k labels the classes outside the top k get -inf (probability 0 after softmax)."""
-    name = epoch_shard_name(epoch)
+def _read_images_v2(path: str | Path, meta: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    images, labels = [], []
+    for name in meta["image_shards"]:
+        shard, members = _shard(path, meta, name)
+        for key, member in sorted(members.items()):
+            if "png" not in member or "cls" not in member:
+                raise ArtifactError(f"{shard}: sample {key} lacks its .png or .cls")
+            arr = np.asarray(Image.open(io.BytesIO(member["png"])))
+            images.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+            labels.append(int(member["cls"]))
+    if not images:
+        return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+    return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+def _label_shard(path: str | Path, meta: dict[str, Any], j: int) -> dict[str, np.ndarray]:
+    """The arrays of label shard ``j``, checked. The last two read are kept (the epochs of a shard are
+    read one after the other), keyed by the set's meta.json and, for a local file, its size and time."""
+    src = member_url(path, meta["label_shards"][j])
+    stamp = None
+    if not is_url(src) and Path(src).is_file():
+        st = Path(src).stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+    return _read_label_shard(str(path), json.dumps(meta, sort_keys=True), j, stamp)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_label_shard(path: str, meta_json: str, j: int, stamp: tuple[int, int] | None) -> dict[str, np.ndarray]:
+    meta = json.loads(meta_json)
+    name = meta["label_shards"][j]
+    shard, members = _shard(path, meta, name, f" (one of the {len(meta['label_shards'])} label shards meta.json lists)")
+    key, member = _single(shard, members)
+    n = meta["num_images"]
+    held = len(range(j * meta["epochs_per_shard"], min((j + 1) * meta["epochs_per_shard"], meta["stored_epochs"])))
+    names = ["ids", "crops", *(["mix"] if meta["cutmix"] else []), *label_members(meta["codec"], meta["topk"])]
+    arrays = {m: _array(shard, key, member, f"{m}.npy") for m in names}
+    crops = arrays["crops"]
+    if arrays["ids"].shape != (held, n) or crops.ndim != 3 or crops.shape[:2] != (held, n) or crops.shape[2] < 5:
+        raise ArtifactError(f"{shard}: sample {key}: ids {arrays['ids'].shape} / crops {arrays['crops'].shape}, "
+                            f"meta.json says {held} epochs of {n} images")
+    if arrays["ids"].max(initial=0) >= n:
+        raise ArtifactError(f"{shard}: sample {key}: image ids beyond the set's {n} images")
+    return arrays
+
+
+def read_epoch(path: str | Path, meta: dict[str, Any], epoch: int) -> list[dict[str, np.ndarray | None]]:
+    """The batches of training epoch ``epoch``: dicts with ids, crops, mix (or None) and dense float32
+    logits (B, K), or None for a set of hard labels; with top-k labels the classes outside the top k
+    get -inf (probability 0 after softmax). The epoch replays stored epoch ``epoch % stored_epochs``."""
+    if not 0 <= epoch < meta["epochs"]:
+        raise ArtifactError(f"{path}: epoch {epoch}: meta.json lists {meta['epochs']} epochs")
+    if meta["format"] == FORMAT_V2:
+        return _read_epoch_v2(path, meta, epoch)
+    s = stored_epoch(epoch, meta["stored_epochs"])
+    j, r = divmod(s, meta["epochs_per_shard"])
+    arrays = _label_shard(path, meta, j)
+    k = meta["num_classes"]
+    labels = decode_labels({m: a[r] for m, a in arrays.items()}, meta["codec"], k)
+    if labels is not None and labels.shape != (meta["num_images"], k):
+        raise ArtifactError(f"{member_url(path, meta['label_shards'][j])}: labels {labels.shape} do not fit "
+                            f"{meta['num_images']} images of {k} classes")
+    bs, out = meta["batch_size"], []
+    for start in range(0, meta["num_images"], bs):
+        sl = slice(start, start + bs)
+        out.append({"ids": arrays["ids"][r, sl].astype(np.int64), "crops": arrays["crops"][r, sl].astype(np.int64),
+                    "mix": arrays["mix"][r, sl].astype(np.int64) if "mix" in arrays else None,
+                    "logits": None if labels is None else labels[sl]})
+    return out
+
+
+def _read_epoch_v2(path: str | Path, meta: dict[str, Any], epoch: int) -> list[dict[str, np.ndarray]]:
+    name = f"epoch-{epoch:04d}.tar"
     shard = member_url(path, name)
     data = read_bytes(path, name, f" (meta.json lists {meta['epochs']} epochs)")
     samples = _members(shard, data)
@@ -271,17 +525,12 @@ def read_epoch(path: str | Path, meta: dict[str, Any], epoch: int) -> list[dict[
         raise ArtifactError(f"{shard}: {len(samples)} batches, meta.json says {meta['batches_per_epoch']} per epoch "
                             f"(truncated?)")
     _check_sha(shard, name, data, meta)
-    k, topk = meta["num_classes"], meta["topk"]
-    out = []
+    k, out = meta["num_classes"], []
     for key in sorted(samples):
         m = samples[key]
         ids = _array(shard, key, m, "ids.npy").astype(np.int64)
-        if topk:
-            v, i = _array(shard, key, m, "topv.npy"), _array(shard, key, m, "topi.npy")
-            logits = np.full((len(ids), k), -np.inf, dtype=np.float32)
-            np.put_along_axis(logits, i.astype(np.int64), v.astype(np.float32), axis=1)
-        else:
-            logits = _array(shard, key, m, "logits.npy").astype(np.float32)
+        arrays = {ext[:-4]: _array(shard, key, m, ext) for ext in ("topv.npy", "topi.npy", "logits.npy") if ext in m}
+        logits = decode_labels(arrays, "float16", k)
         if logits.shape != (len(ids), k) or ids.min(initial=0) < 0 or ids.max(initial=0) >= meta["num_images"]:
             raise ArtifactError(f"{shard}: sample {key}: labels {logits.shape} or image ids do not fit "
                                 f"{meta['num_images']} images of {k} classes")
@@ -295,7 +544,8 @@ class CondensedDataset(torch.utils.data.IterableDataset):
     """Replays a condensed set's stored plan: iterating yields, epoch after epoch, batches of
     ``(images, targets, hard_labels)`` with images augmented exactly as when the labels were made and
     normalised with the dataset's mean/std. ``labels="soft"``: targets are the stored teacher logits
-    (B, K) float32; ``labels="hard"``: targets are the hard labels.
+    (B, K) float32; ``labels="hard"``: targets are the hard labels, as they are for every set stored
+    with hard labels (codec ``hard``: ``self.labels`` says which the targets are).
 
     The items are whole batches (the plan fixes them), so a DataLoader takes ``batch_size=None``.
     ``len()`` is the number of planned batches; under a DataLoader with ``num_workers=W``, worker w
@@ -305,8 +555,9 @@ class CondensedDataset(torch.utils.data.IterableDataset):
     def __init__(self, path: str | Path, labels: str = "soft"):
         if labels not in ("soft", "hard"):
             raise ValueError(f"labels must be 'soft' or 'hard', got {labels!r}")
-        self.path, self.labels = (path if is_url(path) else Path(path)), labels
+        self.path = path if is_url(path) else Path(path)
         self.meta = read_meta(path)
+        self.labels = "hard" if self.meta["codec"] == "hard" else labels  # nothing else is stored
         self.facts = DatasetFacts.from_dict(self.meta["dataset"])
         self.images_u8, self.hard = read_images(path, self.meta)
         self.images = normalize(self.images_u8, self.facts)
@@ -323,13 +574,18 @@ class CondensedDataset(torch.utils.data.IterableDataset):
     def batches_per_epoch(self) -> int:
         return (self.meta["num_images"] + self.batch_size - 1) // self.batch_size
 
+    @property
+    def stored_epochs(self) -> int:
+        """Epochs with their own views and labels; training epoch e replays e % stored_epochs."""
+        return self.meta["stored_epochs"]
+
     def __len__(self) -> int:
         return self.epochs * self.batches_per_epoch
 
     def _batch(self, b: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids = torch.from_numpy(b["ids"])
         mix = None if b["mix"] is None else torch.from_numpy(b["mix"])
-        x = augment(self.images[ids], torch.from_numpy(b["crops"]), mix)
+        x = augment(self.images[ids], torch.from_numpy(b["crops"]), mix, (self.facts.mean, self.facts.std))
         y = self.hard[ids]
         return x, (torch.from_numpy(b["logits"]) if self.labels == "soft" else y), y
 
@@ -359,11 +615,14 @@ def load_condensed(path: str | Path, labels: str = "soft") -> CondensedDataset:
 def mean_soft_logits(ds: CondensedDataset) -> torch.Tensor:
     """(N, K) float32: for each image, the mean of the stored teachers' logits over every planned view
     of it (all epochs; a CutMix view counts for the image that holds the box's outside). A per-image
-    summary for training without the plan; the plan's per-view labels are what post-evaluation uses."""
+    summary for training without the plan; the plan's per-view labels are what post-evaluation uses.
+    Each stored view counts once, however many training epochs replay it."""
+    if ds.meta["codec"] == "hard":
+        raise ArtifactError(f"{ds.path}: stores hard labels only (codec hard); there are no soft labels to average")
     k = ds.meta["num_classes"]
     total = torch.zeros(ds.meta["num_images"], k, dtype=torch.float64)
     count = torch.zeros(ds.meta["num_images"], dtype=torch.float64)
-    for e in range(ds.epochs):
+    for e in range(ds.stored_epochs):
         for b in read_epoch(ds.path, ds.meta, e):
             ids = torch.from_numpy(b["ids"])
             logits = torch.from_numpy(b["logits"]).double()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from edc.errors import EdcError
 
@@ -31,17 +33,18 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 def stage_params(p, stage: str) -> dict:
     """The values of :data:`STAGE_PARAMS` ``[stage]`` in params ``p``, nested as in params.yaml
     (``relabel.epochs`` -> ``{"relabel": {"epochs": ...}}``)."""
+    from edc.params import get_dotted
+
     full = p.model_dump()
     out: dict = {}
     for key in STAGE_PARAMS[stage]:
-        parts = key.split(".")
-        value = full
-        for part in parts:
-            value = value[part]
+        *head, last = key.split(".")
         node = out
-        for part in parts[:-1]:
+        for part in head:
             node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        node[last] = get_dotted(full, key, default=KeyError)
+        if node[last] is KeyError:  # a STAGE_PARAMS key the params model does not have: a bug here
+            raise KeyError(key)
     return out
 
 
@@ -58,14 +61,29 @@ def parser(stage: str, doc: str | None, paths: dict[str, str] | None = None,
     return ap
 
 
+def _params_differ_from_head() -> bool:
+    r = subprocess.run(["git", "show", "HEAD:./params.yaml"], capture_output=True)
+    here = Path("params.yaml")
+    return r.returncode == 0 and here.exists() and here.read_bytes() != r.stdout
+
+
 def restore_hint() -> str | None:
     """Under DVC (which sets ``DVC_STAGE``), the line that says how to get back the outputs DVC deleted
     before running the stage; None when the script runs alone (its outputs are then untouched)."""
     stage = os.environ.get("DVC_STAGE")
     if not stage:
         return None
-    return (f"dvc deleted the outputs of stage {stage} before running it; `dvc checkout {stage}` puts back the "
-            f"version dvc.lock records (this script replaces its outputs only when it succeeds)")
+    root = os.environ.get("DVC_ROOT")
+    if root and Path(root, ".dvc", "tmp") in Path.cwd().resolve().parents:
+        return ("this experiment ran in a temporary copy of the workspace (--queue, --temp): the workspace itself "
+                "is as it was")
+    where = "metrics and plots from git HEAD"
+    if os.environ.get("DVC_EXP_NAME"):
+        where += "; and params.yaml and dvc.lock as committed: `dvc exp run -S` left its values there"
+    elif _params_differ_from_head():
+        where += "; and params.yaml as committed, which differs: add --keep-params to keep your edits"
+    return (f"dvc deleted the outputs of stage {stage} before running it; `edc restore {stage}` puts back the "
+            f"version dvc.lock records (cached outputs by dvc checkout, {where})")
 
 
 def process_start() -> float | None:

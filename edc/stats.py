@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from edc.data import as_split
-from edc.data.augment import apply_crop_flip, sample_crop_flip
+from edc.data.augment import apply_view, sample_view
 from edc.errors import ArtifactError
 from edc.io import read_safetensors_metadata, save_safetensors
 from edc.runtime import model_device, progress
@@ -133,9 +133,9 @@ def collect_bn_stats(model: nn.Module, images, labels: torch.Tensor | None, num_
     """One eval-mode pass over (images, labels) tensors, or over ``images`` = a split read batch by
     batch (:class:`edc.data.SplitView`, ``labels`` None); returns {layer name: LayerStats} in model order.
 
-    With ``aug`` (a ``synth.aug`` section: ``scale_min``, ``flip``) every batch is seen ``draws`` times,
-    each time through a fresh draw of synthesis's random-resized-crop + flip
-    (:func:`edc.data.augment.sample_crop_flip`, from a generator seeded with ``seed``): the statistics
+    With ``aug`` (a ``synth.aug`` section) every batch is seen ``draws`` times, each time through a fresh
+    draw of synthesis's views (:func:`edc.data.augment.sample_view`: random-resized-crop + flip, or the
+    jitter, from a generator seeded with ``seed``): the statistics
     of the views synthesis shows the observers, so that real images are at the matching loss's minimum."""
     source = as_split(images, labels)
     layers = bn_layers(model)
@@ -165,7 +165,7 @@ def collect_bn_stats(model: nn.Module, images, labels: torch.Tensor | None, num_
                 model(xb.to(dev))
                 continue
             for _ in range(draws):
-                model(apply_crop_flip(xb, sample_crop_flip(len(xb), aug.scale_min, aug.flip, gen)).to(dev))
+                model(apply_view(xb, sample_view(len(xb), aug, gen)).to(dev))
     finally:
         for h in handles:
             h.remove()

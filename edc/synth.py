@@ -7,16 +7,19 @@ For a synthetic batch X with labels y and an observer phi, per BatchNorm layer l
 
 with |.| the L2 norm over channels, mu/var the mean and population variance over (images, H, W)
 (globally, and over the images of class c), targets from ``collect_stats``, and p(c) the share of
-class c in the batch (paper Eq. 5, with the brackets DESIGN.md gives). With ``class_var="within"``
+class c in the batch (paper Eq. 5; alpha weighs the global term against the per-class one). With ``class_var="within"``
 the per-class variance on both sides is instead the mean over the class's images of each image's
 spatial variance (the released EDC code's definition): the pooled variance less the spread between
 the images' means, which one image per class cannot have. The step minimises
 
-    ce_weight * CE(phi(A(X)), y) + r_bn * sum_l match_l + w_fr * L_FR
+    ce_weight * CE(phi(A(X)), y) + r_bn * sum_l w_l * match_l + w_fr * L_FR
 
 where L_FR is Eq. 7, ``KL(softmax(phi(A(X))/tau) || softmax(phi(A(X_ema))/tau))`` (mode "logits"),
-or Eq. 6, the matching loss of A(X) against the batch statistics of A(X_ema) (mode "stats"). A is a
-random-resized-crop + flip drawn per image, applied identically to X and X_ema; X_ema is updated
+or Eq. 6, the matching loss of A(X) against the batch statistics of A(X_ema) (mode "stats"); w_l is 1
+but for the first layer's ``first_layer_weight`` (SRe2L: 10). ``targets="running"`` replaces the global
+targets mu_l, var_l by the observer's BatchNorm running estimates (SRe2L). A is a
+random-resized-crop + flip drawn per image (or, ``aug.kind: jitter``, one random roll of the batch by
+up to ``aug.jitter`` pixels + flip, SRe2L's small-image recover), applied identically to X and X_ema; X_ema is updated
 after every step as ``beta * X_ema + (1 - beta) * X`` and never receives a gradient. One observer per
 iteration, round-robin; Adam (betas 0.5, 0.9) on the pixels with cosine decay; pixels clipped to
 the valid range after every step.
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edc.data.augment import apply_crop_flip, sample_crop_flip
+from edc.data.augment import apply_view, sample_view
 from edc.errors import EdcError
 from edc.io import atomic_file
 from edc.resume import run_units
@@ -64,9 +67,10 @@ class Target:
 
 class _ShiftedMoments(torch.autograd.Function):
     """(B, C, S) activations ``a`` and a shift ``s`` (C,) -> each image's channel means of (a - s) and
-    of (a - s)^2, both (B, C). The mean of squares is a squared vector norm (one read; a batched dot
-    product took 4x longer); the backward is one fused pass, ``g_mean / S + (a - s) * 2 g_sq / S``
-    (autograd's own took four, and an einsum's backward was a batch of tiny matrix products)."""
+    of (a - s)^2, both (B, C). The mean of squares is a squared vector norm (one read of ``a``, where a
+    batched dot product makes several); the backward is one fused pass,
+    ``g_mean / S + (a - s) * 2 g_sq / S``, where autograd's own makes four (and an einsum's backward
+    becomes a batch of tiny matrix products)."""
 
     @staticmethod
     def forward(ctx, flat: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,8 +102,8 @@ def channel_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """``x * weight[c] + bias[c]`` along dim 1 of ``x`` (N, C, ...), as a new tensor.
 
     It runs as an eval-mode ``batch_norm`` with mean 0, variance 1 and eps 0, whose kernel computes
-    exactly this; on the CPU it took half the time of ``torch.addcmul`` with broadcast (C,) operands
-    (whose per-element loop is not vectorised; 0.21 against 0.42 ms on a (100, 16, 784) input).
+    exactly this; on the CPU it is faster than ``torch.addcmul`` with broadcast (C,) operands, whose
+    per-element loop is not vectorised (docs/performance.md).
     With (1, B*C, S) rows it scales each image's channel by its own pair, as the moments' backward needs."""
     c = x.shape[1]
     unit = x.new_ones(c)
@@ -193,7 +197,7 @@ class Observer:
     (shifted by the target means), and the matching targets for each."""
 
     def __init__(self, name: str, model: nn.Module, stats: dict[str, LayerStats], layers: str = "sum",
-                 class_var: str = "pooled"):
+                 class_var: str = "pooled", first_layer_weight: float = 1.0, targets: str = "data"):
         self.name, self.model, self.layers, self.class_var = name, model.eval(), layers, class_var
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -204,7 +208,18 @@ class Observer:
         dev = model_device(model)
         dtype = next(model.parameters()).dtype  # float32, or float64 for exact checks
         self.targets = [Target.from_stats(s, dev, dtype) for s in stats.values()]
+        if targets == "running":
+            # SRe2L's global targets: what the observer's BatchNorm layers estimated during
+            # training (running_var as PyTorch keeps it), not an exact pass over the data.
+            running = [(modules[layer].running_mean, modules[layer].running_var) for layer in stats]
+            self.targets = [Target(m.to(dev, dtype), v.to(dev, dtype), t.class_mean, t.class_var, t.class_within_var)
+                            for (m, v), t in zip(running, self.targets)]
         self.fused = LayerTargets(self.targets)
+        # SRe2L (and the released EDC code) multiply the first hooked layer's term by 10
+        self.layer_weight = None
+        if first_layer_weight != 1.0:
+            self.layer_weight = torch.ones(len(self.targets), device=dev, dtype=dtype)
+            self.layer_weight[0] = first_layer_weight
         self._moments: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._folded = inference_copy(self.model)  # before the taps: the copy has the plain layers
         for layer, target in zip(stats, self.targets):
@@ -261,7 +276,7 @@ class Observer:
         """The sum (or mean, ``layers``) over layers of :func:`matching_loss`, computed for all layers at
         once, against the observer's targets or ``targets``."""
         return fused_matching(moments, y, self.fused, alpha, None if targets is None else LayerTargets(targets),
-                              self.layers, self.class_var)
+                              self.layers, self.class_var, self.layer_weight)
 
 
 class LayerTargets:
@@ -286,11 +301,16 @@ class LayerTargets:
         return torch.where(pos, sq, torch.ones_like(sq)).sqrt() * pos
 
 
+def _weighted(per_layer: torch.Tensor, layer_weight: torch.Tensor | None) -> torch.Tensor:
+    """(..., L) per-layer terms times the layers' weights (untouched when None: the same bytes as before)."""
+    return per_layer if layer_weight is None else per_layer * layer_weight
+
+
 def fused_matching(moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor, shifts: LayerTargets,
                    alpha: float, targets: LayerTargets | None = None, layers: str = "sum",
-                   class_var: str = "pooled") -> torch.Tensor:
-    """sum_l matching_loss(layer l's input, y, target l, alpha) (``layers="mean"``: divided by the number of
-    layers, the paper's Eq. 16), from each layer's per-image moments
+                   class_var: str = "pooled", layer_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_l w_l * matching_loss(layer l's input, y, target l, alpha) (``layers="mean"``: divided by the number
+    of layers, the paper's Eq. 16; ``layer_weight`` w (L,), all 1 when None), from each layer's per-image moments
     shifted by ``shifts.mean`` (:func:`image_moments`), against ``targets`` (default: ``shifts``);
     ``class_var`` "within" matches the per-class mean of the images' own variances (module doc).
     The groups' moments, the differences and the norms are computed once for all the layers'
@@ -302,7 +322,7 @@ def fused_matching(moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Te
                         shifts.mean, within=class_var == "within")
     loss = moments[0][0].new_zeros(())
     if alpha > 0:
-        loss = loss + alpha * (t.norms(got.mean - t.mean) + t.norms(got.var - t.var)).sum()
+        loss = loss + alpha * _weighted(t.norms(got.mean - t.mean) + t.norms(got.var - t.var), layer_weight).sum()
     if alpha < 1:
         p = onehot.mean(0)  # share of each class in the batch; 0 for absent classes
         if class_var == "within":
@@ -312,7 +332,7 @@ def fused_matching(moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Te
         else:
             var_diff = got.class_var - t.class_var
         per_class = t.norms(got.class_mean - t.class_mean) + t.norms(var_diff)  # (K, L)
-        loss = loss + (1 - alpha) * (p[:, None] * per_class).sum()
+        loss = loss + (1 - alpha) * _weighted(p[:, None] * per_class, layer_weight).sum()
     return loss / len(moments) if layers == "mean" else loss
 
 
@@ -349,7 +369,7 @@ def matching_report(images: torch.Tensor, labels: torch.Tensor, observers: list[
             for idx in batches:
                 x = images[idx]
                 if aug is not None:
-                    x = apply_crop_flip(x, sample_crop_flip(len(x), aug.scale_min, aug.flip, gen))
+                    x = apply_view(x, sample_view(len(x), aug, gen))
                 _, moments = obs.forward(x)
                 total += float(obs.matching(moments, labels[idx], alpha)) * len(idx)
         out[obs.name] = total / len(labels) / (draws if aug is not None else 1)
@@ -400,13 +420,13 @@ def synthesis_step(b: _BatchOptimisation, y: torch.Tensor, obs: Observer, cfg, a
     views = crops_per_image(y, cfg.class_views)
     x, x_ema = (b.x, b.x_ema) if views == 1 else (b.x.repeat(views, 1, 1, 1), b.x_ema.repeat(views, 1, 1, 1))
     y = y if views == 1 else y.repeat(views)
-    aug = sample_crop_flip(len(x), cfg.aug.scale_min, cfg.aug.flip, b.gen)
+    aug = sample_view(len(x), cfg.aug, b.gen)
     if use_ema and fr.mode == "logits":
-        logits_ema = obs.logits(apply_crop_flip(x_ema, aug))
+        logits_ema = obs.logits(apply_view(x_ema, aug))
     elif use_ema:
         with torch.no_grad():
-            _, inputs_ema = obs.forward(apply_crop_flip(x_ema, aug))
-    logits, inputs = obs.forward(apply_crop_flip(x, aug))
+            _, inputs_ema = obs.forward(apply_view(x_ema, aug))
+    logits, inputs = obs.forward(apply_view(x, aug))
     ce = F.cross_entropy(logits, y)
     bn = obs.matching(inputs, y, alpha)
     flat = b.x.new_zeros(())

@@ -55,8 +55,9 @@ class TrackingError(EdcError):
     """Logging the stage to MLflow failed."""
 
 
-def experiment_name() -> str:
-    """The MLflow experiment the stages log to and ``edc report`` reads."""
+def mlflow_experiment() -> str:
+    """The name of the MLflow experiment the stages log to and ``edc report`` reads (not a DVC
+    experiment's name: those are :func:`edc.presets.experiment_name`'s)."""
     return os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
 
 
@@ -175,8 +176,8 @@ def _git_commit(root: Path) -> str:
 class _Worker:
     """One thread that makes all of a stage's MLflow calls, in the order the stage asked for them.
 
-    Importing MLflow and opening its store took 2-4 s, and a metric write to SQLite about 10 ms: on
-    this thread they overlap the stage's own work instead of delaying its first batch. An error is
+    Importing MLflow and opening its store take seconds, and every metric write is an SQLite
+    transaction: on this thread they overlap the stage's own work instead of delaying its first batch. An error is
     kept (and the calls after it skipped) until :meth:`close` hands it back."""
 
     def __init__(self) -> None:
@@ -365,7 +366,7 @@ def stage_run(stage: str, params: Mapping[str, Any], seed: int | None = None,
         state["mlflow"] = mlflow
         mlflow.set_tracking_uri(uri)
         with _creation_lock(uri):  # the first process to touch a new store creates its tables; others wait
-            experiment = retry_locked(mlflow.set_experiment, experiment_name())
+            experiment = retry_locked(mlflow.set_experiment, mlflow_experiment())
         common = {"git.commit": _git_commit(project_root())}
         if exp_name:
             common["dvc.exp_name"] = exp_name

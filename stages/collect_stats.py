@@ -11,6 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edc.data import load_prepared
+from edc.data.augment import view_record
 from edc.io import atomic_dir, md5_file, write_json
 from edc.observers import load_observer, observer_names
 from edc.params import load_params
@@ -33,7 +34,7 @@ def main(argv=None) -> None:
     device = resolve_device(p.device)
     aug = p.synth.aug if p.stats.augment else None
     targets = {"augment": p.stats.augment, "draws": p.stats.draws if aug else 1,
-               "aug": aug.model_dump() if aug else None}
+               "aug": view_record(aug) if aug else None}
     with stage_run("collect_stats", stage_params(p, "collect_stats"), seed=p.seed) as run:
         data = load_prepared(args.data, p.workers)
         train = data.view("train")  # read batch by batch (memory-mapped arrays or decoded files)

@@ -102,7 +102,7 @@ def main(argv=None) -> None:
         run.artifact(args.metrics)
     for name, m in metrics.items():
         print(f"{name}: test accuracy {100 * m['acc_mean']:.2f} +- {100 * m['acc_std']:.2f}% over {cfg.seeds} seeds "
-              f"({cfg.labels} labels, {ds.epochs} epochs)")
+              f"({ds.labels} labels, {ds.epochs} epochs)")  # a set of hard labels trains on classes
 
 
 if __name__ == "__main__":

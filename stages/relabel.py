@@ -17,7 +17,8 @@ from edc.imageset import read_imageset
 from edc.io import write_json
 from edc.observers import load_observer
 from edc.params import load_params
-from edc.relabel import planned_epochs, relabel_set
+from edc.plan import planned_epochs, stored_epochs
+from edc.relabel import relabel_set
 from edc.resume import Checkpointer, fingerprint
 from edc.runtime import inference_copy, place, resolve_device
 from edc.stage import parser, stage_main, stage_params
@@ -47,34 +48,46 @@ def main(argv=None) -> None:
         images = normalize(images_u8, facts)
         device = resolve_device(p.device)
         # BatchNorm folded, channels-last: the teachers only run forward (edc.runtime.inference_copy)
-        teachers = [inference_copy(place(load_observer(args.observers, name)[0], device)) for name in cfg.teachers]
+        teachers = [] if cfg.codec == "hard" else [  # hard labels: only the plan is stored
+            inference_copy(place(load_observer(args.observers, name)[0], device)) for name in cfg.teachers]
         n, _, h, w = images.shape
         epochs = planned_epochs(cfg.epochs, cfg.min_steps, n, cfg.batch_size)
+        stored = stored_epochs(cfg.label_epochs, epochs)
         meta = {"dataset": facts.to_dict(), "class_names": facts.class_names, "num_classes": facts.num_classes,
-                "ipc": img_meta["ipc"], "teachers": cfg.teachers, "epochs": epochs, "batch_size": cfg.batch_size,
-                "topk": cfg.topk, "cutmix": cfg.cutmix, "aug": cfg.aug.model_dump(),
+                "ipc": img_meta["ipc"], "teachers": cfg.teachers, "epochs": epochs, "stored_epochs": stored,
+                "batch_size": cfg.batch_size, "codec": cfg.codec, "topk": cfg.topk, "cutmix": cfg.cutmix,
+                "aug": cfg.aug.model_dump(),
                 "params": {"seed": p.seed, "relabel": cfg.model_dump(), "synthesis": img_meta}}
         ckpt = Checkpointer(args.out, fingerprint("relabel", stage_params(p, "relabel"),
                                                   [args.data + "/facts.json", args.images,
                                                    *(Path(args.observers) / f"{t}.safetensors" for t in cfg.teachers)],
                                                   code=__file__))
 
-        published = relabel_set(images_u8, images, labels, teachers, cfg, p.seed, p.bf16, meta, world, ckpt, args.out)
+        published = relabel_set(images_u8, images, labels, teachers, cfg, p.seed, p.bf16, meta, world, ckpt, args.out,
+                                (facts.mean, facts.std))
         if published is None:  # ranks other than 0 under torchrun
             return
         set_meta, agree = published
-        # How often the teachers' top class is the image's own class on the augmented views.
+        # How often the teachers' top class is the image's own class on the stored augmented views
+        # (none are labelled when the set stores hard labels).
+        agreement = None if cfg.codec == "hard" else round(agree / (n * stored), 6)
         storage = set_meta["bytes"]
-        run.metrics({"teacher_agreement": agree / (n * epochs), **{f"bytes.{k}": v for k, v in storage.items()}})
+        run.metrics({**({} if agreement is None else {"teacher_agreement": agreement}),
+                     **{f"bytes.{k}": v for k, v in storage.items() if k != "per_image_epoch"},
+                     **{f"bytes_per_image_epoch.{k}": v for k, v in storage["per_image_epoch"].items()}})
         if args.report:
-            write_json(args.report, {"bytes": storage, "teacher_agreement": round(agree / (n * epochs), 6),
-                                     "images": n, "epochs": epochs})
+            write_json(args.report, {"bytes": storage, "images": n, "epochs": epochs, "stored_epochs": stored,
+                                     "codec": cfg.codec, "topk": cfg.topk,
+                                     **({} if agreement is None else {"teacher_agreement": agreement})})
         run.artifact(Path(args.out) / "meta.json", "condensed_set")  # the set's card
         run.dataset(args.out, f"condensed-ipc{p.ipc}", set_meta["set_id"], context="output")
-    print(f"relabel: {n} images x {epochs} epochs of soft labels from {', '.join(cfg.teachers)} -> {args.out} "
-          f"(teachers agree with the class on {100 * agree / (n * epochs):.1f}% of augmented views; "
-          f"{storage['images'] / 1e6:.2f} MB of images + {storage['soft_labels'] / 1e6:.2f} MB of soft labels, "
-          f"{storage['soft_labels_per_image_epoch']:.0f} bytes per image per epoch)")
+    per = storage["per_image_epoch"]
+    agreed = "" if agreement is None else f"teachers agree with the class on {100 * agreement:.1f}% of the views; "
+    print(f"relabel: {n} images x {epochs} epochs ({stored} stored, {cfg.codec}"
+          f"{f' top-{cfg.topk}' if cfg.topk else ''}) -> {args.out} ({agreed}{storage['images'] / 1e6:.3f} MB of "
+          f"images, {storage['labels'] / 1e6:.3f} MB of labels, {storage['plan'] / 1e6:.3f} MB of plan, "
+          f"{storage['container'] / 1e6:.3f} MB of container; labels {per['labels']:.2f} bytes per image per "
+          f"epoch)")
 
 
 if __name__ == "__main__":

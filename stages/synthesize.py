@@ -14,6 +14,7 @@ import csv
 
 from edc import distributed
 from edc.data import normalize, pixel_bounds, read_facts, to_uint8
+from edc.data.augment import view_record
 from edc.errors import ArtifactError
 from edc.imageset import read_imageset, save_comparison, write_imageset
 from edc.io import atomic_dir, atomic_file, md5_file, write_json
@@ -43,15 +44,15 @@ def load_matched_observer(observers_dir: str, stats_dir: str, name: str, device=
         raise ArtifactError(f"{stats_dir}/{name}.safetensors: statistics were collected from another checkpoint "
                             f"than {weights}; rerun collect_stats")
     made_with = (meta.get("targets") or {}).get("aug")
-    if aug is not None and made_with is not None and made_with != aug.model_dump():
+    if aug is not None and made_with is not None and made_with != view_record(aug):
         def fmt(d: dict) -> str:
             return ", ".join(f"{k}: {d[k]}" for k in sorted(d))
 
         raise ArtifactError(f"{stats_dir}/{name}.safetensors: targets collected under synth.aug {{{fmt(made_with)}}}, "
-                            f"but synth.aug is {{{fmt(aug.model_dump())}}}; rerun collect_stats (dvc repro)")
+                            f"but synth.aug is {{{fmt(view_record(aug))}}}; rerun collect_stats (dvc repro)")
     if cfg is None:
         return Observer(name, model, stats)
-    return Observer(name, model, stats, cfg.layers, cfg.class_var)
+    return Observer(name, model, stats, cfg.layers, cfg.class_var, cfg.first_layer_weight, cfg.targets)
 
 
 PATHS = {  # --NAME: help (all required)

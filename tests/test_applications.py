@@ -18,7 +18,7 @@ from edc.applications import (
     seen_test,
 )
 from edc.shards import load_condensed
-from tests.test_shards import teachers, write_set
+from tests.helpers import teachers, write_set
 
 
 def test_class_order_is_seeded_and_groups_cover_it():

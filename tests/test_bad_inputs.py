@@ -18,15 +18,13 @@ import pytest
 
 from edc.io import read_json, write_json
 from edc.stage import stage_main
-from tests.conftest import ARGS, make_cifar10, make_imagefolder, md5_tree, run_stages, tiny_params, write_yaml
-from tests.conftest import stage as stage_script
+from tests.helpers import ARGS, make_cifar10, make_imagefolder, md5_tree, run_stages, tiny_params, write_yaml
+from tests.helpers import stage as stage_script
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("finished")
-    run_stages(work, write_yaml(work / "params.yaml", tiny_params()))
-    return work
+def finished(tiny_workspace) -> Path:
+    return tiny_workspace
 
 
 def edit_params(work: Path, change: Callable[[dict], None]) -> None:
@@ -101,7 +99,7 @@ def shard_from_another_set(work: Path) -> None:
     p = tiny_params()
     p["seed"] = 7  # another split, other images: another condensed set
     run_stages(other, write_yaml(work / "other-params.yaml", p))
-    shutil.copy(other / "condensed/shards/epoch-0001.tar", work / "condensed/shards/epoch-0001.tar")
+    shutil.copy(other / "condensed/shards/labels-000000.tar", work / "condensed/shards/labels-000000.tar")
     shutil.rmtree(other)
     (work / "other-params.yaml").unlink()
 
@@ -132,7 +130,7 @@ def junk_in_tar(rel: str) -> Callable[[Path], None]:
     def apply(work: Path) -> None:
         f = work / rel
         with tarfile.open(f, "w") as tf:
-            tf.add(work / "params.yaml", arcname="b00000.ids.npy")
+            tf.add(work / "params.yaml", arcname="e000000.ids.npy")
     return apply
 
 
@@ -157,6 +155,9 @@ CASES = [
     ("stats-of-other-crops", "synthesize", set_key("synth.aug.scale_min", 0.3),
      "targets collected under synth.aug {flip: False, scale_min: 0.5}, but synth.aug is "
      "{flip: False, scale_min: 0.3}; rerun collect_stats"),
+    ("stats-of-crops-for-a-jitter", "synthesize", set_key("synth.aug.kind", "jitter"),
+     "targets collected under synth.aug {flip: False, scale_min: 0.5}, but synth.aug is "
+     "{flip: False, jitter: 4, kind: jitter, scale_min: 0.5}; rerun collect_stats"),
     ("rded-too-few-candidates", "init", set_key("init.candidates", 3),
      "init.candidates: must be >= ipc * init.factor^2"),
     # data
@@ -176,12 +177,13 @@ CASES = [
     ("prepared-file-missing", "init", lambda w: (w / "data/prepared/train_labels.npy").unlink(),
      "train_labels.npy: missing from the prepared dataset"),
     # artifacts
-    ("truncated-epoch-shard", "post_evaluate", truncate("condensed/shards/epoch-0000.tar", 0.1), "epoch-0000.tar: "),
-    ("missing-epoch-shard", "post_evaluate", lambda w: (w / "condensed/shards/epoch-0001.tar").unlink(),
-     "epoch-0001.tar: missing (meta.json lists 2 epochs)"),
+    ("truncated-label-shard", "post_evaluate", truncate("condensed/shards/labels-000000.tar", 0.1),
+     "labels-000000.tar: "),
+    ("missing-label-shard", "post_evaluate", lambda w: (w / "condensed/shards/labels-000000.tar").unlink(),
+     "labels-000000.tar: missing (one of the 1 label shards meta.json lists)"),
     ("shard-of-another-set", "post_evaluate", shard_from_another_set,
-     "epoch-0001.tar: belongs to another condensed set"),
-    ("junk-in-a-shard", "post_evaluate", junk_in_tar("condensed/shards/epoch-0000.tar"), "epoch-0000.tar: "),
+     "labels-000000.tar: belongs to another condensed set"),
+    ("junk-in-a-shard", "post_evaluate", junk_in_tar("condensed/shards/labels-000000.tar"), "labels-000000.tar: "),
     ("shards-of-another-dataset", "post_evaluate", shards_of_another_dataset,
      "condensed/shards/meta.json: made from cifar10 (10 classes), but the test split is mnist5k"),
     ("stats-of-another-checkpoint", "synthesize", stats_of_another_checkpoint,

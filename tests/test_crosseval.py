@@ -13,14 +13,13 @@ from edc.errors import EdcError
 from edc.export import export_imagefolder
 from edc.params import parse_params
 from edc.shards import load_condensed
-from tests.conftest import tiny_params
-from tests.test_shards import FACTS, teachers, write_set
+from tests.helpers import FACTS, teachers, tiny_params, toy_data, write_set
 
 
-def toy_data():
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(12, 3, 10, 10, generator=g)
-    return SimpleNamespace(facts=FACTS, has_val=False, view=lambda split: (x, torch.arange(12) % 4))
+def prepared():
+    """A prepared dataset of 12 toy images in the set's facts (4 classes, 3 x 10 x 10)."""
+    split = toy_data(12, seed=3, classes=4, channels=3, size=10)
+    return SimpleNamespace(facts=FACTS, has_val=False, view=lambda name: split)
 
 
 def params():
@@ -36,7 +35,7 @@ def test_sets_and_folders_across_architectures_soft_and_hard(tmp_path):
     assert is_imagefolder(tmp_path / "folder") and not is_imagefolder(tmp_path / "set")
     lines = []
     res = cross_evaluate([str(tmp_path / "set"), str(tmp_path / "folder")], ["student", "torchvision:resnet18"],
-                         ["soft", "hard"], params(), toy_data(), teachers(), torch.device("cpu"), say=lines.append)
+                         ["soft", "hard"], params(), prepared(), teachers(), torch.device("cpu"), say=lines.append)
     assert len(lines) == 2 * 2 * 2 * 2  # sets x archs x kinds x seeds
     js = results_json(res)
     for src in js:
@@ -73,12 +72,12 @@ def test_bad_input_is_named(tmp_path):
     write_set(tmp_path / "set", epochs=2)
     export_imagefolder(tmp_path / "set", tmp_path / "folder")
     with pytest.raises(EdcError, match="no stored soft labels; name --teachers"):
-        cross_evaluate([str(tmp_path / "folder")], ["student"], ["soft"], params(), toy_data(), None,
+        cross_evaluate([str(tmp_path / "folder")], ["student"], ["soft"], params(), prepared(), None,
                        torch.device("cpu"))
     with pytest.raises(EdcError, match="unknown architecture 'nope'"):
-        cross_evaluate([str(tmp_path / "set")], ["nope"], ["hard"], params(), toy_data(), None, torch.device("cpu"))
+        cross_evaluate([str(tmp_path / "set")], ["nope"], ["hard"], params(), prepared(), None, torch.device("cpu"))
     (tmp_path / "folder" / "zebra").mkdir()
     with pytest.raises(EdcError, match="zebra: not a class of toy"):
-        cross_evaluate([str(tmp_path / "folder")], ["student"], ["hard"], params(), toy_data(), None,
+        cross_evaluate([str(tmp_path / "folder")], ["student"], ["hard"], params(), prepared(), None,
                        torch.device("cpu"))
     assert class_index("003_x", ["a", "b", "c", "d"], 4) == 3 and class_index("b", ["a", "b"], 2) == 1

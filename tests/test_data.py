@@ -12,7 +12,7 @@ import pytest
 from edc.data import load_prepared, prepare, stratified_split
 from edc.errors import DataError
 from edc.params import DatasetParams
-from tests.conftest import make_cifar10, make_cifar100, make_imagefolder
+from tests.helpers import make_cifar10, make_cifar100, make_imagefolder
 
 
 def run_prepare(tmp_path, seed=0, **cfg):

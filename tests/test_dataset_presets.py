@@ -9,20 +9,20 @@ import pytest
 from edc.cli import main as edc_main
 from edc.errors import ParamsError
 from edc.io import read_json
-from edc.params import load_params, read_yaml
+from edc.params import get_dotted, load_params, read_yaml
 from edc.presets import DATASET_HELP, dataset_overrides
-from tests.conftest import ROOT, make_cifar10, run_stages, write_yaml
-from tests.test_presets import get
+from tests.helpers import ROOT, make_cifar10, run_stages, write_yaml
 
 
 @pytest.mark.parametrize("name", list(DATASET_HELP))
 def test_dataset_preset_applies_through_dvcs_parser_and_validates(tmp_path, monkeypatch, name):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "data dir/with 'quotes'").mkdir(parents=True)  # --root must exist
     edc_main(["exp", "dataset", name, "--root", "data dir/with 'quotes'", "--apply"])
     after, want = read_yaml("params.yaml"), dataset_overrides(name, str(tmp_path / "data dir/with 'quotes'"))
     for key, value in want.items():
-        assert get(after, key) == value, key
+        assert get_dotted(after, key) == value, key
     load_params("params.yaml")
     before = read_yaml(ROOT / "params.yaml")
     assert after["seed"] == before["seed"] and after["ipc"] == before["ipc"]  # untouched keys stay
@@ -44,6 +44,26 @@ def test_paper_tables_values():
     for v in (c10, c100, tiny, in1k):
         assert (v["alpha"], v["synth.flatness.beta"], v["synth.flatness.tau"], v["evaluate.ema_rate"]) == \
             (0.5, 0.99, 4.0, 0.99)
+        # the paper's synthesis, not the MNIST recipe of params.yaml: one crop per image, statistics of the
+        # original images, Table 4's flatness weight, the released code's matching weights
+        assert (v["synth.class_views"], v["stats.augment"], v["synth.flatness.weight"], v["synth.r_bn"],
+                v["synth.layers"], v["synth.first_layer_weight"], v["synth.class_var"]) == \
+            (1, False, 0.25, 0.01, "sum", 10.0, "pooled")
+    # RandAugment in post-evaluation where the paper's table lists it (Tables 7-10, not Table 6)
+    assert [v["relabel.aug.randaugment"] for v in (c10, c100, tiny, in1k)] == [2, 2, 2, 0]
+
+
+def test_a_dataset_preset_runs_edc_paper_on_that_dataset():
+    """The synthesis keys a dataset preset sets are edc-paper's (but its iterations and batches, which
+    the dataset's table sets): the two say the same thing about the method."""
+    from edc.presets import preset_overrides
+
+    paper = preset_overrides("edc-paper", load_params(ROOT / "params.yaml"))
+    for name in DATASET_HELP:
+        v = dataset_overrides(name, "/r")
+        shared = [k for k in v if k.startswith(("synth.", "stats.")) and k in paper
+                  and k not in ("synth.iterations", "synth.batch_size", "synth.observers", "synth.aug.flip")]
+        assert len(shared) >= 10 and {k: v[k] for k in shared} == {k: paper[k] for k in shared}, name
 
 
 def test_every_preset_file_is_listed_and_a_new_file_is_a_new_preset(tmp_path, monkeypatch):
@@ -70,6 +90,7 @@ def test_every_preset_file_is_listed_and_a_new_file_is_a_new_preset(tmp_path, mo
         presets.dataset_overrides("mnist", "/r")
 
 
+@pytest.mark.pipeline
 def test_cifar10_preset_runs_the_pipeline_end_to_end(tmp_path, monkeypatch):
     """The CIFAR-10 command on a root of standard CIFAR-10 python batches, epochs cut down by -S."""
     root = make_cifar10(tmp_path / "cifar", per_class=3)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import re
 import textwrap
-from pathlib import Path
 
 import pytest
 import yaml
 
 from edc.codedeps import closure, package_digest, uncovered
 from edc.resume import fingerprint
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, run
 
 
 def stage_scripts() -> dict[str, tuple[str, list[str]]]:
@@ -141,7 +139,6 @@ def test_a_stage_script_runs_the_edc_next_to_it(tmp_path):
     """A DVC experiment runs in a copy of the workspace; its stages must run the copy's edc (the one
     dvc.yaml hashed), not whatever an editable install points at."""
     import shutil
-    import subprocess
     import sys
 
     for item in ("edc", "stages"):
@@ -149,6 +146,5 @@ def test_a_stage_script_runs_the_edc_next_to_it(tmp_path):
     stage = tmp_path / "edc" / "stage.py"
     stage.write_text(stage.read_text().replace('description=(doc or "").strip().splitlines()[0])',
                                                'description="the copy\'s edc")'))
-    r = subprocess.run([sys.executable, str(tmp_path / "stages" / "prepare.py"), "--help"], capture_output=True,
-                       text=True, cwd=tmp_path, timeout=120)
+    r = run([sys.executable, str(tmp_path / "stages" / "prepare.py"), "--help"], cwd=tmp_path, timeout=120)
     assert r.returncode == 0 and "the copy's edc" in r.stdout, r.stdout + r.stderr

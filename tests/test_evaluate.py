@@ -13,8 +13,7 @@ from edc.evaluate import ema_decay, recompute_bn, student_loss, summarize, train
 from edc.params import parse_params
 from edc.schedules import cosine, lr_lambda, multistep, smoothing, ssrs
 from edc.shards import load_condensed
-from tests.conftest import tiny_params
-from tests.test_shards import FACTS, toy_images, write_set
+from tests.helpers import FACTS, tiny_params, toy_images, write_set
 
 
 def test_smoothing_schedule_formula():

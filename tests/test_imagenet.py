@@ -13,7 +13,7 @@ from edc.models import create_model
 from edc.models.imagenet import checkpoint_path, load_imagenet_weights
 from edc.observers import load_observer
 from edc.params import parse_params
-from tests.conftest import stage, tiny_params, write_yaml
+from tests.helpers import stage, tiny_params, write_yaml
 
 
 @pytest.fixture

@@ -11,20 +11,10 @@ from edc.errors import ArtifactError
 from edc.io import md5_file, read_json
 from edc.observers import load_observer, save_observer, train_observer
 from edc.params import parse_params
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params, toy_data
 
 FACTS = DatasetFacts(name="toy", channels=1, height=12, width=12, num_classes=3, class_names=["a", "b", "c"],
                      mean=[0.5], std=[0.25], counts={"train": [20, 20, 20], "test": [5, 5, 5]})
-
-
-def toy_data(n=60, seed=0):
-    """Three separable classes: a bright blob in a different corner per class, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    x = torch.randn(n, 1, 12, 12, generator=g) * 0.3
-    for c, (r, s) in enumerate([(0, 0), (0, 6), (6, 3)]):
-        x[y == c, :, r:r + 6, s:s + 6] += 2.0
-    return x, y
 
 
 def train_tiny(seed=0, epochs=8):

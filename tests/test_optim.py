@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from edc import runtime
+from tests.helpers import run
 
 
 def _net() -> nn.Module:
@@ -53,5 +53,5 @@ def test_a_training_step_does_not_import_torch_dynamo():
         "    o = O(m.parameters(), lr=0.1, **fused(m.parameters()))\n"
         "    o.zero_grad(); m(torch.randn(2, 1, 16, 16)).sum().backward(); o.step(); o.state_dict()\n"
         "print('torch._dynamo' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    r = run([sys.executable, "-c", code])
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 
 from edc.errors import ParamsError
 from edc.params import load_params, parse_params
-from tests.conftest import ROOT, write_yaml
+from tests.helpers import ROOT, run, write_yaml
 
 
 def problems(data: dict) -> list[str]:
@@ -61,6 +60,13 @@ def test_exponent_notation_is_a_float_as_dvc_reads_it(tmp_path):
     (lambda p: p["observers"]["models"][1].__setitem__("name", p["observers"]["models"][0]["name"]),
      "observers.models: observer names must be unique"),
     (lambda p: p.__setitem__("stats", 3), "stats: must be a mapping"),
+    (lambda p: p["relabel"].__setitem__("codec", "int4"),
+     "relabel.codec: must be one of 'float16', 'int8' or 'hard' (got 'int4')"),
+    (lambda p: p["relabel"].update(codec="hard", topk=3),
+     "relabel.topk: must be 0 with relabel.codec: hard (no logits are stored)"),
+    (lambda p: (p["relabel"].update(codec="hard"), p["evaluate"].update(loss="mse_ce")),
+     "evaluate.loss: mse_ce regresses logits; relabel.codec: hard stores none"),
+    (lambda p: p["relabel"].__setitem__("label_epochs", -1), "relabel.label_epochs: must be >= 0 (got -1)"),
 ])
 def test_each_problem_is_one_line_naming_the_key(default_params, mutate, expected):
     mutate(default_params)
@@ -83,8 +89,8 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     assert str(exc.value).startswith(f"{f}: YAML syntax error at line ")
 
 
-def _run_stage(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def _run_stage(*args):
+    return run([sys.executable, *args], timeout=300)
 
 
 @pytest.mark.parametrize("bad", ["unknown_key", "out_of_range", "wrong_type", "syntax", "missing_section"])

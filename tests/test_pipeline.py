@@ -7,10 +7,8 @@ import io
 import json
 import shutil
 import sqlite3
-import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +17,22 @@ import torch
 from edc.imageset import read_imageset
 from edc.io import md5_file, read_json
 from edc.stats import load_stats
-from tests.conftest import ROOT, make_dvc_repo, md5_tree, run_stages, sh, tiny_params, write_yaml
+from tests.helpers import (
+    APPS,
+    PIPELINE,
+    lock_outs,
+    make_dvc_repo,
+    md5_tree,
+    ran,
+    run,
+    run_stages,
+    sh,
+    sh_fails,
+    tiny_params,
+    write_yaml,
+)
+
+pytestmark = pytest.mark.pipeline
 
 
 def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
@@ -33,7 +46,7 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
     assert sorted(md5_tree(a)) == [
         "condensed/images/images.npy", "condensed/images/labels.npy", "condensed/images/meta.json",
         "condensed/init/images.npy", "condensed/init/labels.npy", "condensed/init/meta.json",
-        "condensed/shards/epoch-0000.tar", "condensed/shards/epoch-0001.tar", "condensed/shards/images-000000.tar",
+        "condensed/shards/images-000000.tar", "condensed/shards/labels-000000.tar",
         "condensed/shards/meta.json",
         "data/prepared/facts.json", "data/prepared/test_images.npy", "data/prepared/test_labels.npy",
         "data/prepared/train_images.npy", "data/prepared/train_labels.npy", "data/prepared/val_images.npy",
@@ -71,20 +84,50 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
     assert float(raw[-1].split(",")[1]) == metrics["raw_acc_mean"]
     stored = read_json(a / "reports/relabel.json")["bytes"]
     shards = a / "condensed/shards"
-    assert stored["total"] == sum(f.stat().st_size for f in shards.glob("*.tar"))
+    assert stored["total"] == sum(f.stat().st_size for f in shards.iterdir())
 
 
-def test_post_evaluate_names_a_bad_shard(tmp_path):
-    params = write_yaml(tmp_path / "params.yaml", tiny_params())
-    run_stages(tmp_path, params)
-    shard = tmp_path / "condensed/shards/epoch-0001.tar"
+def test_post_evaluate_names_a_bad_shard(tiny_workspace, tmp_path):
+    shutil.copytree(tiny_workspace, tmp_path, dirs_exist_ok=True)
+    params = tmp_path / "params.yaml"
+    shard = tmp_path / "condensed/shards/labels-000000.tar"
     shard.unlink()
-    r = subprocess.run([sys.executable, "stages/post_evaluate.py", "--params", str(params), "--data",
-                        str(tmp_path / "data/prepared"), "--shards", str(tmp_path / "condensed/shards"), "--metrics",
-                        str(tmp_path / "m.json"), "--curves", str(tmp_path / "curves")], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip() == f"{shard}: missing (meta.json lists 2 epochs)", r.stderr
+    r = run([sys.executable, "stages/post_evaluate.py", "--params", str(params), "--data",
+             str(tmp_path / "data/prepared"), "--shards", str(tmp_path / "condensed/shards"), "--metrics",
+             str(tmp_path / "m.json"), "--curves", str(tmp_path / "curves")], timeout=300)
+    said = f"{shard}: missing (one of the 1 label shards meta.json lists)"
+    assert r.returncode == 2 and r.stderr.strip() == said, r.stderr
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "curves").exists()
+
+
+@pytest.mark.parametrize("codec", ["int8", "hard"])
+def test_relabel_and_post_evaluate_with_a_compressed_codec(tmp_path, capsys, codec):
+    """relabel.codec int8 with one stored epoch of three, and hard: the stages store what params.yaml
+    asks, report it, and post_evaluate trains on it (classes for hard labels, without teachers)."""
+    p = tiny_params()
+    p["relabel"].update(codec=codec, epochs=3, label_epochs=1 if codec == "int8" else 0)
+    run_stages(tmp_path, write_yaml(tmp_path / "params.yaml", p))
+    report = read_json(tmp_path / "reports/relabel.json")
+    meta = read_json(tmp_path / "condensed/shards/meta.json")
+    assert meta["codec"] == report["codec"] == codec and meta["epochs"] == report["epochs"] == 3
+    assert report["stored_epochs"] == (1 if codec == "int8" else 3)
+    assert report["bytes"] == meta["bytes"]
+    assert report["bytes"]["labels"] == (20 * 1 * (10 + 4) if codec == "int8" else 0)
+    assert ("teacher_agreement" in report) == (codec != "hard")
+    import mlflow
+
+    from edc.tracking import mlflow_experiment, tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name(mlflow_experiment())
+    run = client.search_runs([exp.experiment_id], "tags.`edc.stage` = 'relabel'",
+                             order_by=["attributes.start_time DESC"])[0]
+    for kind in ("images", "labels", "plan", "container", "total"):
+        assert run.data.metrics[f"bytes.{kind}"] == report["bytes"][kind]
+        assert run.data.metrics[f"bytes_per_image_epoch.{kind}"] == report["bytes"]["per_image_epoch"][kind]
+    out = capsys.readouterr().out
+    assert f"({'hard' if codec == 'hard' else 'soft'} labels, 3 epochs)" in out, out
+    assert 0 <= read_json(tmp_path / "reports/metrics.json")["student"]["acc_mean"] <= 1
 
 
 def test_a_failing_stage_keeps_the_earlier_output(tmp_path, default_params):
@@ -93,28 +136,12 @@ def test_a_failing_stage_keeps_the_earlier_output(tmp_path, default_params):
     (out / "facts.json").write_text("earlier")
     default_params["dataset"].update(name="cifar10", root=str(tmp_path / "missing"))
     params = write_yaml(tmp_path / "params.yaml", default_params)
-    r = subprocess.run([sys.executable, "stages/prepare.py", "--params", str(params), "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = run([sys.executable, "stages/prepare.py", "--params", str(params), "--out", str(out)], timeout=300)
     assert r.returncode == 2 and r.stderr.strip().endswith("missing does not exist"), r.stderr
     assert (out / "facts.json").read_text() == "earlier" and len(list(tmp_path.iterdir())) == 2
 
 
 # --- through DVC ---------------------------------------------------------------------------------
-
-STAGES = ("prepare", "train_observers", "collect_stats", "init", "synthesize", "relabel", "post_evaluate")
-APPS = ("continual", "slimming")  # off by default: they run, write "enabled: false", and log nothing
-
-
-def ran(output: str) -> set[str]:
-    return {s for s in STAGES + APPS if f"Running stage '{s}'" in output}
-
-
-def lock_outs(repo: Path) -> dict[str, str]:
-    from ruamel.yaml import YAML
-
-    lock = YAML(typ="safe").load((repo / "dvc.lock").read_text())
-    return {f"{name}:{o['path']}": o["md5"] for name, s in lock["stages"].items() for o in s.get("outs", [])}
-
 
 @pytest.fixture(scope="module")
 def history(tmp_path_factory) -> SimpleNamespace:
@@ -168,7 +195,7 @@ def _run_of(h, stage_name: str, exp: str) -> str:
 @pytest.mark.slow
 @pytest.mark.xdist_group("dvc-history")
 def test_repro_runs_every_stage_once_then_nothing(history):
-    assert history.ran["repro"] == set(STAGES + APPS)
+    assert history.ran["repro"] == set(PIPELINE + APPS)
     assert {k for k in history.lock if not k.split(":")[1].startswith("reports")} == {
         "prepare:data/prepared", "train_observers:models/observers", "collect_stats:stats", "init:condensed/init",
         "synthesize:condensed/images", "relabel:condensed/shards"}
@@ -196,7 +223,7 @@ def test_a_fresh_clone_shows_the_committed_metrics_and_plots(history):
 @pytest.mark.xdist_group("dvc-history")
 def test_a_param_reruns_only_the_stages_that_read_it(history):
     # an observers param: everything but prepare
-    assert history.ran["two-epochs"] == set(STAGES + APPS) - {"prepare"}
+    assert history.ran["two-epochs"] == set(PIPELINE + APPS) - {"prepare"}
     assert history.read["two-epochs"]["training"]["epochs"] == 2
     # alpha: synthesize and what follows it, nothing upstream
     assert history.ran["alpha-quarter"] == {"synthesize", "relabel", "post_evaluate", *APPS}
@@ -224,7 +251,7 @@ def test_mlflow_holds_one_finished_run_per_stage_execution(history):
     """The default store under the repository root: one run per stage that ran (a run-cache restore
     logs nothing), tagged with its experiment, under one parent run per pipeline run."""
     runs = _stage_runs(history)
-    expected = list(STAGES) * 2 + [s for s in STAGES if s != "prepare"] + ["synthesize", "relabel", "post_evaluate",
+    expected = list(PIPELINE) * 2 + [s for s in PIPELINE if s != "prepare"] + ["synthesize", "relabel", "post_evaluate",
                                                                           "post_evaluate"]
     assert sorted(s for _, _, s in runs) == sorted(expected)
     assert {status for _, status, _ in runs} == {"FINISHED"}
@@ -275,8 +302,10 @@ def test_a_queued_sweep_loses_no_run_and_the_report_shows_it(history):
     lost, and `edc report` shows the numbers `dvc exp show` and MLflow hold for them."""
     repo, env = history.repo, history.env
     edc = [sys.executable, "-m", "edc.cli"]
+    # a sweep point is the edc preset, which pins the budget: shrunk back to the tiny workspace's by -S
     sh([*edc, "exp", "sweep", "zeta", "--values", "1.5", "2.5", "--queue", "-S", "synth.iterations=4",
-        "-S", "relabel.batch_size=8"], repo, env)
+        "-S", "relabel.batch_size=8", "-S", "relabel.epochs=2", "-S", "relabel.min_steps=0",
+        "-S", "evaluate.seeds=1", "-S", "evaluate.eval_every=1"], repo, env)
     sh(["dvc", "queue", "start", "-j", "2"], repo, env)
     deadline = time.monotonic() + 600
     while True:
@@ -315,7 +344,7 @@ def test_a_queued_sweep_loses_no_run_and_the_report_shows_it(history):
 def test_applications_and_a_failing_stage_under_dvc(dvc_repo):
     """Its own repository, so that pytest-xdist runs it beside the test above."""
     repo, env = dvc_repo
-    assert ran(sh(["dvc", "repro"], repo, env)) == set(STAGES + APPS)
+    assert ran(sh(["dvc", "repro"], repo, env)) == set(PIPELINE + APPS)
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "lock"], repo, env)
 
@@ -344,12 +373,11 @@ def test_applications_and_a_failing_stage_under_dvc(dvc_repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["relabel"]["teachers"] = ["nope"]
     write_yaml(repo / "params.yaml", params)
-    r = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode != 0
-    stage_lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip() and not ln.startswith("ERROR")]
-    assert "`dvc checkout relabel` puts back" in stage_lines[-1], r.stdout + r.stderr
+    out = sh_fails(["dvc", "repro"], repo, env)
+    stage_lines = [ln for ln in out.splitlines() if ln.strip() and not ln.startswith("ERROR")]
+    assert "`edc restore relabel` puts back" in stage_lines[-1], out
     assert not (repo / "condensed/shards").exists()
-    sh(["dvc", "checkout", "relabel"], repo, env)
+    sh(["edc", "restore", "relabel"], repo, env)
     from edc.shards import load_condensed
 
     assert len(list(load_condensed(repo / "condensed/shards").epoch(0))) > 0

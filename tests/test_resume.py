@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from edc.io import md5_file
+from edc.params import read_yaml
 from edc.resume import fingerprint, resume_dir
-from tests.conftest import ROOT, tiny_params, write_yaml
-from tests.test_bad_inputs import ARGS
-from tests.test_pipeline import md5_tree, run_stages
+from tests.helpers import md5_tree, run_stage, write_yaml
 
-# stage -> (inputs it reads from the workspace, outputs it writes); argv as in the bad-input catalogue
+# stage -> (inputs it reads from the workspace, outputs it writes); argv from dvc.yaml
 STAGES = {
     "synthesize": (["data/prepared", "condensed/init", "models/observers", "stats"],
                    ["condensed/images", "reports/synth.json", "reports/plots/synth_loss.csv",
@@ -28,22 +24,9 @@ STAGES = {
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory) -> Path:
-    """A workspace with every stage's output, from params long enough to be interrupted."""
-    work = tmp_path_factory.mktemp("resume")
-    p = tiny_params()
-    p["synth"]["iterations"] = 6
-    p["relabel"]["epochs"] = 4
-    p["evaluate"]["seeds"] = 2
-    params = write_yaml(work / "params.yaml", p)
-    run_stages(work, params)
-    return work
-
-
-def run_stage(work: Path, name: str, **env) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **env}
-    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{name}.py"), "--params", "params.yaml",
-                           *ARGS[name]], cwd=work, env=full_env, capture_output=True, text=True, timeout=600)
+def upstream(long_workspace) -> Path:
+    """The session's workspace with every stage's output, from params long enough to be interrupted."""
+    return long_workspace
 
 
 def workspace(upstream: Path, dest: Path, name: str) -> Path:
@@ -65,6 +48,7 @@ def outputs(work: Path, name: str) -> dict[str, str]:
     return out
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("name,crash_after", [("synthesize", 3), ("relabel", 2), ("post_evaluate", 3)])
 def test_a_killed_stage_resumes_to_the_same_bytes(upstream, tmp_path, name, crash_after):
     clean = workspace(upstream, tmp_path / "clean", name)
@@ -77,8 +61,8 @@ def test_a_killed_stage_resumes_to_the_same_bytes(upstream, tmp_path, name, cras
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
     # Killed: no output exists that DVC could take for a finished one; the checkpoint does.
     assert not any((work / item).exists() for item in STAGES[name][1])
-    # relabel keeps its finished epochs' shards; the others one state file
-    kept = "epoch-0000.tar" if name == "relabel" else "state.pt"
+    # relabel keeps its finished label shards; the others one state file
+    kept = "labels-000000.tar" if name == "relabel" else "state.pt"
     assert (resume_dir(work / STAGES[name][1][0]) / kept).is_file()
 
     r = run_stage(work, name, EDC_CHECKPOINT_SECONDS="0")
@@ -91,12 +75,12 @@ def test_a_killed_stage_resumes_to_the_same_bytes(upstream, tmp_path, name, cras
         assert sorted(x.name for x in (work / item).parent.iterdir() if x.name.startswith(".")) == []
 
 
+@pytest.mark.pipeline
 def test_a_checkpoint_of_other_params_is_discarded(upstream, tmp_path):
     work = workspace(upstream, tmp_path / "w", "relabel")
     r = run_stage(work, "relabel", EDC_CHECKPOINT_SECONDS="0", EDC_CRASH_AFTER_CHECKPOINTS="2")
     assert r.returncode == -signal.SIGKILL
-    p = tiny_params()
-    p["synth"]["iterations"], p["relabel"]["epochs"], p["evaluate"]["seeds"] = 6, 4, 2
+    p = read_yaml(upstream / "params.yaml")
     p["relabel"]["aug"]["scale_min"] = 0.3  # another plan: the saved epochs no longer belong to it
     write_yaml(work / "params.yaml", p)
     r = run_stage(work, "relabel")

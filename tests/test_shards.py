@@ -3,6 +3,7 @@ webdataset reads it."""
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import tarfile
@@ -15,42 +16,10 @@ from torch import nn
 from edc.data import DatasetFacts, normalize
 from edc.errors import ArtifactError
 from edc.io import md5_file
-from edc.plan import crop_resize
-from edc.relabel import augment, batches, make_plan, sample_boxes, teacher_logits
+from edc.plan import augment, batches, crop_resize, make_plan, sample_boxes
+from edc.relabel import teacher_logits
 from edc.shards import CondensedWriter, load_condensed, read_meta
-from tests.conftest import ROOT
-
-FACTS = DatasetFacts(name="toy", channels=3, height=10, width=10, num_classes=4, class_names=list("abcd"),
-                     mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3], counts={"train": [5] * 4, "test": [2] * 4})
-
-
-def teachers():
-    torch.manual_seed(0)
-    return [nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(6, 4)).eval() for _ in range(2)]
-
-
-def toy_images(n=10, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, 10, 10), generator=g, dtype=torch.uint8), torch.arange(n) % 4
-
-
-def write_set(out, epochs=3, batch_size=4, topk=0, cutmix=True, seed=0, images=None):
-    out.mkdir(parents=True, exist_ok=True)
-    u8, y = images if images is not None else toy_images()
-    x = normalize(u8, FACTS)
-    meta = {"dataset": FACTS.to_dict(), "class_names": FACTS.class_names, "num_classes": 4, "ipc": 2,
-            "teachers": ["t0", "t1"], "epochs": epochs, "batch_size": batch_size, "topk": topk, "cutmix": cutmix,
-            "aug": {"scale_min": 0.3, "flip": True}, "params": {}}
-    w = CondensedWriter(out, u8, y, meta)
-    plans = []
-    for e in range(epochs):
-        plan = make_plan(len(y), 10, 10, batch_size, 0.3, True, cutmix, torch.Generator().manual_seed(seed * 100 + e))
-        xa = torch.cat([augment(x[i], c, m) for i, c, m in batches(plan, batch_size)])
-        w.write_epoch(e, plan, batch_size, teacher_logits(teachers(), xa), topk)
-        plans.append((plan, xa))
-    w.close()
-    return plans
+from tests.helpers import FACTS, ROOT, teachers, toy_images, write_set
 
 
 def test_replayed_soft_labels_equal_the_teachers_on_the_fly(tmp_path):
@@ -90,35 +59,36 @@ def test_shards_are_byte_identical_on_rerun(tmp_path):
     write_set(tmp_path / "a")
     write_set(tmp_path / "b")
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == ["epoch-0000.tar", "epoch-0001.tar", "epoch-0002.tar", "images-000000.tar", "meta.json"]
+    assert names == ["images-000000.tar", "labels-000000.tar", "meta.json"]
     assert all(md5_file(tmp_path / "a" / n) == md5_file(tmp_path / "b" / n) for n in names)
-    with tarfile.open(tmp_path / "a" / "epoch-0000.tar") as tf:
-        members = tf.getmembers()
-    assert {m.mtime for m in members} == {0}
-    assert all(m.name.count(".") == 1 or m.name.endswith(".npy") and m.name.count(".") == 2 for m in members)
-    assert all("." not in m.name.split(".")[0] for m in members)  # keys have no dots
+    for name in names[:2]:
+        with tarfile.open(tmp_path / "a" / name) as tf:
+            members = tf.getmembers()
+        assert {m.mtime for m in members} == {0}
+        assert all(m.name.endswith(".npy") and m.name.count(".") == 2 for m in members)  # keys have no dots
 
 
 def test_bad_shards_are_named(tmp_path):
     write_set(tmp_path / "s")
     write_set(tmp_path / "other", seed=1, images=toy_images(seed=5))
     s = tmp_path / "s"
-    # truncated epoch shards: inside a sample, after a whole sample, in the tar's end padding
-    data = (s / "epoch-0001.tar").read_bytes()
-    for cut, said in ((700, r"truncated or corrupt shard"),
-                      (2048, r"1 batches, meta.json says 3 per epoch \(truncated"),
+    # truncated label shards: inside a member's header, inside an array, in the end-of-archive blocks
+    data = (s / "labels-000000.tar").read_bytes()
+    for cut, said in ((300, r"truncated or corrupt shard"), (700, r"truncated or corrupt shard"),
                       (len(data) - 512, r"altered or truncated")):
-        (s / "epoch-0001.tar").write_bytes(data[:cut])
-        with pytest.raises(ArtifactError, match=r"epoch-0001.tar: .*" + said):
+        (s / "labels-000000.tar").write_bytes(data[:cut])
+        with pytest.raises(ArtifactError, match=r"labels-000000.tar: .*" + said):
             list(load_condensed(s).epoch(1))
-    # an epoch shard from another condensed set
-    shutil.copy(tmp_path / "other" / "epoch-0002.tar", s / "epoch-0002.tar")
-    with pytest.raises(ArtifactError, match=r"epoch-0002.tar: belongs to another condensed set"):
+    # a label shard from another condensed set
+    shutil.copy(tmp_path / "other" / "labels-000000.tar", s / "labels-000000.tar")
+    with pytest.raises(ArtifactError, match=r"labels-000000.tar: belongs to another condensed set"):
         list(load_condensed(s).epoch(2))
-    # a missing epoch
-    (s / "epoch-0000.tar").unlink()
-    with pytest.raises(ArtifactError, match=r"epoch-0000.tar: missing \(meta.json lists 3 epochs\)"):
+    # a missing label shard, an epoch the set does not have
+    (s / "labels-000000.tar").unlink()
+    with pytest.raises(ArtifactError, match=r"labels-000000.tar: missing \(one of the 1 label shards meta"):
         list(load_condensed(s).epoch(0))
+    with pytest.raises(ArtifactError, match=r"epoch 3: meta.json lists 3 epochs"):
+        list(load_condensed(s).epoch(3))
     # image shard from another set
     shutil.copy(tmp_path / "other" / "images-000000.tar", s / "images-000000.tar")
     with pytest.raises(ArtifactError, match="images-000000.tar: belongs to another condensed set"):
@@ -173,17 +143,31 @@ def test_planned_crops_are_bilinear_samples_at_the_output_pixel_centres():
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
-def test_readme_example_reads_a_shard_with_plain_webdataset(tmp_path, monkeypatch):
-    """The README's example, run as written against a condensed set."""
-    write_set(tmp_path / "condensed" / "shards")
+def test_readme_example_reads_a_set_with_plain_webdataset(tmp_path, monkeypatch):
+    """The README's example, run as written against a condensed set of two label shards, gives the
+    project reader's images, views and labels."""
+    write_set(tmp_path / "condensed" / "shards", epochs=5, stored=3, shard_bytes=400)
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"<!-- webdataset-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
-    assert scope["images"].shape == (10, 10, 10, 3) and scope["images"].dtype == np.uint8
-    assert torch.allclose(scope["soft"].sum(1), torch.ones(len(scope["soft"])))
-    assert len(scope["hard"]) == 10 and scope["soft"].shape[1] == 4
+    ds = load_condensed(tmp_path / "condensed" / "shards")
+    assert len(ds.meta["label_shards"]) == 2
+    assert np.array_equal(scope["images"], ds.images_u8.numpy()) and np.array_equal(scope["hard"], ds.hard.numpy())
+    from edc.shards import read_epoch
+
+    for epoch in range(5):
+        e = epoch % 3
+        for b, start in zip(read_epoch(ds.path, ds.meta, epoch), range(0, 10, 4)):
+            assert np.array_equal(scope["ids"][e, start:start + 4], b["ids"])
+            assert np.array_equal(scope["crops"][e, start:start + 4], b["crops"])
+            assert np.array_equal(scope["logits"][e, start:start + 4].astype(np.float32), b["logits"])
+    # the loop's last batch: epoch 4 replays stored epoch 1, images 8 and 9
+    last = read_epoch(ds.path, ds.meta, 4)[-1]
+    assert np.array_equal(scope["batch_images"], ds.images_u8.numpy()[last["ids"]])
+    want = torch.softmax(torch.from_numpy(last["logits"]) / 4.0, 1).numpy()
+    np.testing.assert_allclose(scope["soft"], want, rtol=1e-5, atol=1e-6)
 
 
 def test_teacher_logits_are_the_mean_of_the_teachers_logits():
@@ -202,7 +186,7 @@ def test_cutmix_box_is_torchvisions():
     recomputed by hand from the same generator draws."""
     import math
 
-    from edc.relabel import cutmix_box
+    from edc.plan import cutmix_box
 
     for seed in range(20):
         g = torch.Generator().manual_seed(seed)
@@ -220,7 +204,7 @@ def test_cutmix_box_is_torchvisions():
 
 
 def test_planned_epochs_follow_min_steps():
-    from edc.relabel import planned_epochs
+    from edc.plan import planned_epochs
 
     assert planned_epochs(200, 1000, 10, 25) == 1000  # ipc 1, 10 classes: one step per epoch
     assert planned_epochs(200, 1000, 100, 25) == 250  # ipc 10: four steps per epoch
@@ -241,20 +225,65 @@ def test_a_dataloader_yields_every_planned_batch_once_in_order(tmp_path, workers
         assert torch.equal(x, wx) and torch.equal(t, wt) and torch.equal(y, wy)
 
 
-def test_a_plain_webdataset_pipeline_sees_batches_only(tmp_path):
-    import webdataset as wds
-
-    write_set(tmp_path / "s", epochs=3)
-    url = str(tmp_path / "s" / "epoch-{0000..0002}.tar")
-    keys = [b["__key__"] for b in wds.WebDataset(url, shardshuffle=False).decode()]
-    assert keys == ["b00000", "b00001", "b00002"] * 3
+def test_storage_is_counted_by_kind_and_adds_up_to_the_files(tmp_path):
+    """meta.json's bytes: the arrays of each kind (counted here from the shards' members), the
+    container as the rest of every file including meta.json itself, and per image per epoch."""
+    write_set(tmp_path / "s", epochs=6, stored=4, cutmix=True, topk=2, shard_bytes=400)
     meta = read_meta(tmp_path / "s")
-    assert meta["batches_per_epoch"] == 3 and set(meta["shards"]) == {
-        "images-000000.tar", "epoch-0000.tar", "epoch-0001.tar", "epoch-0002.tar"}
-    sizes = {n: (tmp_path / "s" / n).stat().st_size for n in meta["shards"]}
-    assert meta["bytes"]["images"] == sizes["images-000000.tar"]
-    assert meta["bytes"]["soft_labels"] == sum(v for n, v in sizes.items() if n.startswith("epoch"))
-    assert meta["bytes"]["soft_labels_per_image_epoch"] == round(meta["bytes"]["soft_labels"] / 3 / 10, 2)
+    assert meta["epochs_per_shard"] == 2 and meta["label_shards"] == ["labels-000000.tar", "labels-000001.tar"]
+    files = {n: (tmp_path / "s" / n).stat().st_size for n in [*meta["shards"], "meta.json"]}
+    want = {"images": 0, "labels": 0, "plan": 0}
+    for name in meta["shards"]:
+        with tarfile.open(tmp_path / "s" / name) as tf:
+            for m in tf.getmembers():
+                a = np.load(io.BytesIO(tf.extractfile(m).read()))
+                kind = "images" if name.startswith("images") else \
+                    "plan" if m.name.split(".")[1] in ("ids", "crops", "mix") else "labels"
+                want[kind] += a.size * a.itemsize
+    got = meta["bytes"]
+    assert {k: got[k] for k in want} == want
+    assert want["images"] == 10 * 3 * 10 * 10 + 10  # uint8 pixels and uint8 classes
+    assert want["labels"] == 4 * 10 * 2 * (2 + 1)  # 4 stored epochs x 10 views x top-2 float16 values + uint8 indices
+    assert want["plan"] == 4 * 10 * (1 + 5 + 5)  # uint8 ids, crops and CutMix rows
+    assert got["total"] == sum(files.values()) == sum(want.values()) + got["container"]
+    assert got["per_image_epoch"] == {k: round(got[k] / (10 * 6), 3) for k in ("images", "labels", "plan",
+                                                                               "container", "total")}
+
+
+@pytest.mark.parametrize("ipc", [1, 10])
+def test_container_is_at_most_5_percent_of_the_labels_with_default_sizes(tmp_path, default_params, ipc):
+    """A set of the default shape (MNIST 28 x 28 grey, 10 classes, params.yaml's relabel plan, float16
+    logits of every epoch) and a card as big as the relabel stage writes: the container (tar framing,
+    .npy headers, meta.json) is at most 5 % of the label payload."""
+    from edc.data import DatasetFacts as Facts
+    from edc.params import Params
+    from edc.plan import planned_epochs
+
+    cfg = Params.model_validate(default_params).relabel
+    n = 10 * ipc
+    epochs = planned_epochs(cfg.epochs, cfg.min_steps, n, cfg.batch_size)
+    facts = Facts(name="mnist5k", channels=1, height=28, width=28, num_classes=10,
+                  class_names=[str(i) for i in range(10)], mean=[0.13], std=[0.31],
+                  counts={"train": [400] * 10, "test": [100] * 10})
+    meta = {"dataset": facts.to_dict(), "class_names": facts.class_names, "num_classes": 10, "ipc": ipc,
+            "teachers": cfg.teachers, "epochs": epochs, "stored_epochs": epochs, "batch_size": cfg.batch_size,
+            "codec": cfg.codec, "topk": cfg.topk, "cutmix": cfg.cutmix, "aug": cfg.aug.model_dump(),
+            "params": {"seed": 0, "relabel": cfg.model_dump(), "synthesis": {  # as stages/synthesize.py writes it
+                "alpha": 0.5, "seed": 0, "params": default_params["synth"], "init": "rded", "dataset": "mnist5k",
+                "ipc": ipc, "matching": {t: {k: 0.123456 for k in ("matching_final", "matching_initial",
+                                                                   "plain_final", "plain_initial", "ratio")}
+                                         for t in cfg.teachers}}}}
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    w = CondensedWriter(tmp_path, u8, torch.arange(n) % 10, meta)
+    for e in range(epochs):
+        plan = make_plan(n, 28, 28, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, g)
+        w.write_epoch(e, plan, cfg.batch_size, torch.randn(n, 10, generator=g), cfg.topk)
+    w.close()
+    b = read_meta(tmp_path)["bytes"]
+    assert b["labels"] == n * epochs * 10 * 2
+    assert b["container"] <= 0.05 * b["labels"], b
+    print(f"ipc {ipc}: {b}")  # the figures docs/format.md quotes (pytest -s)
 
 
 def test_a_set_is_read_and_trained_from_over_http_and_pipe(tmp_path):
@@ -318,9 +347,9 @@ def test_map_style_images_with_torchvision_transforms(tmp_path):
     assert xb.shape == (4, 3, 10, 10) and yb.shape == (4,)
 
 
-def test_export_imagefolder_and_the_readme_training_loop(tmp_path, monkeypatch):
+def test_export_imagefolder_and_the_documented_training_loop(tmp_path, monkeypatch):
     """`edc export` writes a folder torchvision's ImageFolder reads in class order, with the soft
-    labels and the card; the README's loop trains on it as written."""
+    labels and the card; the loop in docs/format.md trains on it as written."""
     import csv
     import json
 
@@ -358,10 +387,203 @@ def test_export_imagefolder_and_the_readme_training_loop(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):  # a non-empty target is refused (one line, exit 2)
         cli(["export", str(out), str(folder)])
 
-    readme = (ROOT / "README.md").read_text()
-    code = re.search(r"<!-- imagefolder-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    doc = (ROOT / "docs/format.md").read_text()
+    code = re.search(r"<!-- imagefolder-example -->\s*```python\n(.*?)```", doc, re.S).group(1)
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(code, "docs/format.md", "exec"), scope)
     assert scope["data"].classes == ["000_zero", "001_one_1", "002_two", "003_three"]
     assert torch.isfinite(scope["loss"])
+
+
+def _stored_arrays(path) -> dict[str, np.ndarray]:
+    """Every label shard's arrays, read with tarfile and numpy alone, concatenated over the shards."""
+    meta = read_meta(path)
+    got: dict[str, list] = {}
+    for name in meta["label_shards"]:
+        with tarfile.open(path / name) as tf:
+            for m in tf.getmembers():
+                got.setdefault(m.name.split(".")[1], []).append(np.load(io.BytesIO(tf.extractfile(m).read())))
+    return {k: np.concatenate(v) for k, v in got.items()}
+
+
+def _brute_force_decode(a: dict[str, np.ndarray], k: int) -> np.ndarray:
+    """Dense float32 logits from the stored arrays, one view at a time, as the format's docstring says."""
+    epochs, n = a["ids"].shape
+    out = np.full((epochs, n, k), -np.inf, dtype=np.float32)
+    for e in range(epochs):
+        for v in range(n):
+            if "q" in a:
+                values = [float(a["offset"][e, v]) + float(a["scale"][e, v]) * int(q) for q in a["q"][e, v]]
+            else:
+                values = [float(x) for x in a["topv" if "topi" in a else "logits"][e, v]]
+            classes = [int(c) for c in a["topi"][e, v]] if "topi" in a else range(k)
+            for c, x in zip(classes, values):
+                out[e, v, c] = x
+    return out
+
+
+@pytest.mark.parametrize("codec, topk", [("float16", 0), ("float16", 2), ("int8", 0), ("int8", 3)])
+def test_label_codecs_decode_as_a_brute_force_reading_of_the_arrays(tmp_path, codec, topk):
+    """Each codec: the reader's labels are the brute-force decode of the stored arrays; those are the
+    teachers' logits on the replayed views to the codec's precision (float16 rounding; int8: within
+    half a step of the row's scale); top-k keeps the k largest with uint8 class indices."""
+    plans = write_set(tmp_path / "s", epochs=3, topk=topk, codec=codec, cutmix=False, shard_bytes=300)
+    ds = load_condensed(tmp_path / "s")
+    assert len(ds.meta["label_shards"]) > 1
+    a = _stored_arrays(tmp_path / "s")
+    want = _brute_force_decode(a, 4)
+    if topk:
+        assert a["topi"].dtype == np.uint8 and a["topi"].shape == (3, 10, topk)
+    if codec == "int8":
+        assert a["q"].dtype == np.uint8 and a["scale"].dtype == a["offset"].dtype == np.float16
+    for e in range(3):
+        got = list(ds.epoch(e))
+        stored = torch.cat([b[1] for b in got]).numpy()
+        np.testing.assert_array_equal(stored, want[e])
+        fresh = teacher_logits(teachers(), plans[e][1]).numpy()
+        top = np.argsort(-fresh, axis=1, kind="stable")[:, :topk or 4]
+        kept = np.take_along_axis(stored, top, 1)
+        assert np.isfinite(kept).all() and np.isinf(stored).sum() == 10 * (4 - (topk or 4))
+        exact = np.take_along_axis(fresh, top, 1)
+        if codec == "float16":
+            np.testing.assert_array_equal(kept, exact.astype(np.float16).astype(np.float32))
+        else:
+            step = a["scale"][e].astype(np.float32)[:, None]
+            assert (np.abs(kept - exact) <= step / 2 + 1e-5).all()
+            assert (np.abs(kept - exact) > 0).any()  # 8 bits do lose something
+
+
+def test_int8_rows_span_their_values_and_constant_rows_survive():
+    from edc.shards import decode_labels, encode_labels
+
+    logits = np.array([[[-3.2, 0.0, 7.7, 1.1], [2.5, 2.5, 2.5, 2.5], [1e-3, -1e-3, 0.0, 5e-4]]], dtype=np.float32)
+    enc = encode_labels(logits, "int8", 0)
+    assert enc["q"].min() == 0 and enc["q"][0, 0].max() == 255  # the row's range uses all 8 bits
+    dec = decode_labels(enc, "int8", 4)
+    assert (np.abs(dec - logits) <= enc["scale"].astype(np.float32)[..., None] / 2 + 1e-6).all()
+    assert dec[0, 1].tolist() == [2.5] * 4
+
+
+def test_fewer_stored_epochs_are_replayed_in_order_with_their_own_views(tmp_path):
+    """label_epochs: 7 training epochs over 3 stored ones. Epoch e replays stored epoch e % 3: the very
+    views its labels were computed on (the teachers, run again on the replayed views, give the stored
+    labels), and only 3 epochs' plans and labels are stored."""
+    write_set(tmp_path / "s", epochs=7, stored=3)
+    ds = load_condensed(tmp_path / "s")
+    assert ds.epochs == 7 and ds.stored_epochs == 3 and len(ds) == 7 * 3
+    assert _stored_arrays(tmp_path / "s")["ids"].shape == (3, 10)
+    t = teachers()
+    epochs = [list(ds.epoch(e)) for e in range(7)]
+    for e, got in enumerate(epochs):
+        x, stored = torch.cat([b[0] for b in got]), torch.cat([b[1] for b in got])
+        torch.testing.assert_close(stored, teacher_logits(t, x).half().float(), rtol=0, atol=0)
+        same = epochs[e % 3]
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, same))
+    assert not torch.equal(epochs[0][0][0], epochs[1][0][0])  # stored epochs differ from each other
+
+
+def test_relabel_stores_label_epochs_and_runs_teachers_on_them_only(tmp_path):
+    """relabel_set with label_epochs 2 of 5 epochs: the set stores 2 epochs, each epoch_plan_logits'
+    plan and logits for that epoch, and training epoch 4 replays epoch 0."""
+    from types import SimpleNamespace
+
+    from edc.distributed import World
+    from edc.relabel import epoch_plan_logits, relabel_set
+    from edc.resume import Checkpointer
+    from edc.shards import read_epoch
+
+    u8, y = toy_images()
+    x = normalize(u8, FACTS)
+    cfg = SimpleNamespace(batch_size=4, aug=SimpleNamespace(scale_min=0.3, flip=True), cutmix=False, codec="int8",
+                          topk=0, label_epochs=2, shard_bytes=2**20)
+    meta = {"dataset": FACTS.to_dict(), "class_names": FACTS.class_names, "num_classes": 4, "ipc": 2,
+            "teachers": ["t0", "t1"], "epochs": 5, "stored_epochs": 2, "batch_size": 4, "codec": "int8", "topk": 0,
+            "cutmix": False, "aug": {"scale_min": 0.3, "flip": True}, "params": {}}
+    out = tmp_path / "set"
+    ckpt = Checkpointer(out, "fp")
+    set_meta, _ = relabel_set(u8, x, y, teachers(), cfg, 0, False, meta, World(), ckpt, out)
+    assert set_meta["stored_epochs"] == 2 and set_meta["codec"] == "int8"
+    ds = load_condensed(out)
+    for e in (0, 1, 4):
+        plan, logits, _ = epoch_plan_logits(x, y, teachers(), cfg, 0, e % 2)
+        assert torch.equal(torch.cat([torch.from_numpy(b["ids"]) for b in read_epoch(ds.path, ds.meta, e)]),
+                           plan.order)
+        stored = torch.cat([b[1] for b in ds.epoch(e)])
+        assert (stored - logits).abs().max() < 0.1  # int8 of the same logits
+
+
+def test_hard_label_sets_store_the_plan_only(tmp_path):
+    from edc.shards import mean_soft_logits
+
+    write_set(tmp_path / "s", codec="hard")
+    a = _stored_arrays(tmp_path / "s")
+    assert set(a) == {"ids", "crops", "mix"}
+    meta = read_meta(tmp_path / "s")
+    assert meta["bytes"]["labels"] == 0
+    ds = load_condensed(tmp_path / "s")  # labels="soft" asked, hard is what there is
+    assert ds.labels == "hard"
+    x, target, hard = next(iter(ds))
+    assert torch.equal(target, hard)
+    write_set(tmp_path / "f")
+    assert torch.equal(x, next(iter(load_condensed(tmp_path / "f")))[0])  # the same plan as a set with soft labels
+    with pytest.raises(ArtifactError, match="stores hard labels only"):
+        mean_soft_logits(ds)
+
+
+def test_a_version_2_set_is_still_read(tmp_path):
+    """A set in the previous format (one tar per epoch, a sample per batch, a PNG per image), written
+    here as version 2 wrote it, gives its images, plan and top-k labels."""
+    import hashlib
+    import json
+
+    import webdataset as wds
+    from PIL import Image
+
+    u8, y = toy_images()
+    out = tmp_path / "v2"
+    out.mkdir()
+    g = torch.Generator().manual_seed(3)
+    plan = make_plan(10, 10, 10, 4, 0.3, True, False, g)
+    logits = torch.randn(10, 4, generator=g)
+
+    def tar(name, samples):
+        with wds.TarWriter(str(out / name), encoder=False, mtime=0) as w:
+            for s in samples:
+                w.write(s)
+
+    def png(img):
+        buf = io.BytesIO()
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def npy(a):
+        buf = io.BytesIO()
+        np.save(buf, a)
+        return buf.getvalue()
+
+    tar("images-000000.tar", [{"__key__": f"img{i:06d}", "png": png(u8[i]), "cls": str(int(y[i])).encode()}
+                              for i in range(10)])
+    top = logits.topk(2, dim=1)
+    tar("epoch-0000.tar", [{"__key__": f"b{j:05d}", "ids.npy": npy(ids.numpy().astype(np.int32)),
+                            "crops.npy": npy(crops.numpy().astype(np.int16)),
+                            "topv.npy": npy(top.values[j * 4:(j + 1) * 4].numpy().astype(np.float16)),
+                            "topi.npy": npy(top.indices[j * 4:(j + 1) * 4].numpy().astype(np.int32))}
+                           for j, (ids, crops, _) in enumerate(batches(plan, 4))])
+    from edc.shards import set_id
+
+    shards = {n: {"sha256": hashlib.sha256((out / n).read_bytes()).hexdigest(), "bytes": 0}
+              for n in ("images-000000.tar", "epoch-0000.tar")}
+    (out / "meta.json").write_text(json.dumps({
+        "format": "edc-condensed/2", "set_id": set_id(u8, y), "num_images": 10, "dataset": FACTS.to_dict(),
+        "class_names": FACTS.class_names, "num_classes": 4, "epochs": 1, "batch_size": 4, "batches_per_epoch": 3,
+        "topk": 2, "cutmix": False, "image_shards": ["images-000000.tar"], "epoch_shards": ["epoch-0000.tar"],
+        "shards": shards}))
+    ds = load_condensed(out)
+    assert torch.equal(ds.images_u8, u8) and torch.equal(ds.hard, y)
+    got = list(ds.epoch(0))
+    x = torch.cat([b[0] for b in got])
+    assert torch.equal(x, torch.cat([augment(ds.images[i], c, m) for i, c, m in batches(plan, 4)]))
+    stored = torch.cat([b[1] for b in got])
+    want = torch.full((10, 4), -torch.inf).scatter(1, top.indices, top.values.half().float())
+    assert torch.equal(stored, want)

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from edc.io import md5_file
 from edc.shards import load_condensed
-from tests.conftest import sh
-from tests.test_pipeline import lock_outs, ran
+from tests.helpers import lock_outs, ran, sh, sh_fails
 
-
-def sh_fails(cmd: list[str], cwd: Path, env: dict) -> str:
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode != 0, f"{' '.join(cmd)} should have failed:\n{r.stdout}\n{r.stderr}"
-    return r.stdout + r.stderr
+pytestmark = pytest.mark.pipeline
 
 
 @pytest.mark.slow

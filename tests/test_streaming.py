@@ -18,8 +18,7 @@ from edc.errors import DataError, ParamsError
 from edc.io import md5_file
 from edc.params import DatasetParams, load_params
 from edc.stats import collect_bn_stats
-from tests.conftest import make_imagefolder, tiny_params, write_yaml
-from tests.test_pipeline import run_stages
+from tests.helpers import make_imagefolder, run_stages, tiny_params, write_yaml
 
 SIZES = ((20, 14), (14, 20), (16, 16), (9, 30))  # (h, w): portrait, landscape, square, small
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edc.data.augment import Jitter, apply_crop_flip, apply_view, sample_crop_flip, sample_jitter, sample_view
 from edc.errors import EdcError
 from edc.params import parse_params
 from edc.stats import bn_layers, collect_bn_stats
@@ -14,7 +15,6 @@ from edc.synth import (
     LayerTargets,
     Observer,
     Target,
-    apply_crop_flip,
     batch_moments,
     channel_affine,
     ema_update,
@@ -24,10 +24,9 @@ from edc.synth import (
     matching_loss,
     matching_report,
     partition,
-    sample_crop_flip,
     synthesize,
 )
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 K = 3
 
@@ -370,7 +369,7 @@ def test_moments_gradient_matches_autograd_of_the_two_pass_formula():
 
 
 def reference_synthesis(start, labels, model, stats, cfg, alpha, seed, k=1):
-    """The synthesis objective and its optimiser written out from the paper and DESIGN.md, independently
+    """The synthesis objective and its optimiser written out from the paper (Eqs. 5-7 and 16), independently
     of edc.synth's loop: Adam (betas 0.5, 0.9) by hand at lr * cosine, the loss
     ``ce_weight * CE + r_bn * matching + w_fr * KL``, with matching the mean over layers (Eq. 16) of
     matching_loss on a plain model's BatchNorm inputs, clipping to [-4, 4], then
@@ -469,3 +468,124 @@ def test_statistics_under_the_synthesis_augmentation_are_those_of_the_augmented_
         torch.testing.assert_close(got[layer].class_mean, want[layer].class_mean, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got[layer].var, want[layer].var, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(got[layer].var, plain[layer].var)
+
+
+# --- SRe2L's recover: the jitter, the first layer's weight, the running statistics -------------------
+
+def hand_rolled(x: torch.Tensor, dy: int, dx: int, flip: torch.Tensor) -> torch.Tensor:
+    """out[b, :, i, j] = x[b, :, (i - dy) mod H, (j - dx) mod W], then mirrored where ``flip``: a roll by
+    index arithmetic, without torch.roll."""
+    h, w = x.shape[-2:]
+    rows = (torch.arange(h) - dy) % h
+    cols = (torch.arange(w) - dx) % w
+    out = x[:, :, rows][:, :, :, cols]
+    return torch.stack([o.flip(-1) if f else o for o, f in zip(out, flip)])
+
+
+def test_jitter_is_one_roll_of_the_batch_by_at_most_jitter_pixels():
+    x = torch.arange(2 * 1 * 5 * 7, dtype=torch.float32).reshape(2, 1, 5, 7)
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        t = sample_jitter(len(x), 3, True, gen)
+        seen.add((t.dy, t.dx))
+        torch.testing.assert_close(apply_view(x, t), hand_rolled(x, t.dy, t.dx, t.flip), rtol=0, atol=0)
+    shifts = {d for pair in seen for d in pair}
+    assert shifts == set(range(-3, 4))  # every shift in [-3, 3] along each axis, nothing beyond
+    assert apply_view(x, Jitter(0, 0, torch.zeros(2, dtype=torch.bool))).equal(x)
+
+
+def test_views_keep_the_crops_draws_and_dispatch_on_kind():
+    """kind crop draws exactly what sample_crop_flip draws (the default's bytes); kind jitter a roll."""
+    from types import SimpleNamespace
+
+    crop = sample_view(6, SimpleNamespace(kind="crop", scale_min=0.5, flip=True, jitter=4),
+                       torch.Generator().manual_seed(1))
+    want = sample_crop_flip(6, 0.5, True, torch.Generator().manual_seed(1))
+    assert all(torch.equal(getattr(crop, f), getattr(want, f)) for f in ("scale_w", "center_x", "flip"))
+    jit = sample_view(6, SimpleNamespace(kind="jitter", scale_min=0.5, flip=False, jitter=2),
+                      torch.Generator().manual_seed(1))
+    assert isinstance(jit, Jitter) and max(abs(jit.dy), abs(jit.dx)) <= 2 and not jit.flip.any()
+
+
+def test_synthesis_with_jitter_matches_rolled_views():
+    """A synthesis step under kind jitter shows the observer the batch rolled by the drawn shift: its
+    cross-entropy equals the model's on the hand-rolled images."""
+    x, y = real_like()
+    stats = collect_bn_stats(tiny_observer_model(0), x, y, K, batch_size=7)
+    cfg = synth_cfg(iterations=1, lr=0.0001, r_bn=0.0, ce_weight=1.0, class_views=1, flatness={"mode": "off"},
+                    aug={"kind": "jitter", "jitter": 4, "flip": False})
+    rows = []
+    start = x[:6].clone()
+    synthesize(start, y[:6], [Observer("tiny", tiny_observer_model(0), stats)], cfg, 1.0,
+               (torch.tensor(-9.0), torch.tensor(9.0)), lambda b: 5, rows.append)
+    t = sample_jitter(6, 4, False, torch.Generator().manual_seed(5))
+    idx = partition(y[:6], None)[0]
+    with torch.no_grad():
+        want = F.cross_entropy(tiny_observer_model(0)(hand_rolled(start[idx], t.dy, t.dx, t.flip)), y[:6][idx])
+    assert rows[0]["ce"] == pytest.approx(float(want), rel=1e-5)
+
+
+def brute_force_layers(x, y, model, targets, alpha, weights):
+    """sum_l w_l * Eq. 5 on the inputs of a plain model's BatchNorm layers (explicit loop)."""
+    taps = []
+    hooks = [bn.register_forward_pre_hook(lambda _m, inp: taps.append(inp[0])) for _, bn in bn_layers(model)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    return sum(w * brute_force_loss(a, y, t, alpha) for w, a, t in zip(weights, taps, targets))
+
+
+@pytest.mark.parametrize("layers", ["sum", "mean"])
+def test_first_layer_weight_multiplies_the_first_layers_term(layers):
+    x, y = real_like()
+    stats = collect_bn_stats(tiny_observer_model(0), x, y, K, batch_size=7)
+    for s in stats.values():  # off the data, so that both layers' terms are non-zero
+        s.var *= 2
+        s.class_mean += 0.2
+    obs = Observer("tiny", tiny_observer_model(0).double(), stats, layers, first_layer_weight=10.0)
+    _, mom = obs.forward(x[:9].double())
+    got = obs.matching(mom, y[:9], 0.4)
+    targets = [Target.from_stats(s, dtype=torch.float64) for s in stats.values()]
+    want = brute_force_layers(x[:9].double(), y[:9], tiny_observer_model(0).double(), targets, 0.4, [10.0, 1.0])
+    torch.testing.assert_close(got.double(), want / (2 if layers == "mean" else 1), rtol=1e-6, atol=1e-8)
+
+
+def test_running_targets_are_the_batchnorm_running_estimates():
+    """targets running: the global terms compare against each BatchNorm's running_mean / running_var (the
+    per-class targets stay the measured ones)."""
+    x, y = real_like()
+    model = tiny_observer_model(0)
+    with torch.no_grad():
+        for _, bn in bn_layers(model):  # running estimates unlike the data's statistics
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    stats = collect_bn_stats(model, x, y, K, batch_size=7)
+    obs = Observer("tiny", model.double(), stats, "sum", targets="running")
+    running = [(bn.running_mean.double(), bn.running_var.double()) for _, bn in bn_layers(model)]
+    targets = [Target(m, v, t.class_mean, t.class_var) for (m, v), t in
+               zip(running, (Target.from_stats(s, dtype=torch.float64) for s in stats.values()))]
+    _, mom = obs.forward(x[:9].double())
+    for alpha in (1.0, 0.3):
+        want = brute_force_layers(x[:9].double(), y[:9], model, targets, alpha, [1.0, 1.0])
+        torch.testing.assert_close(obs.matching(mom, y[:9], alpha).double(), want, rtol=1e-6, atol=1e-8)
+    data = Observer("tiny", model, stats, "sum")
+    assert not torch.allclose(data.targets[0].mean.double(), running[0][0])
+
+
+def test_statistics_under_jitter_are_those_of_the_rolled_views():
+    from types import SimpleNamespace
+
+    x, y = real_like(n=12)
+    aug = SimpleNamespace(kind="jitter", jitter=2, scale_min=0.5, flip=False)
+    model = tiny_observer_model(0)
+    got = collect_bn_stats(model, x, y, K, batch_size=6, aug=aug, draws=2, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    views = []
+    for i in range(0, 12, 6):
+        for _ in range(2):
+            t = sample_jitter(6, 2, False, gen)
+            views.append((hand_rolled(x[i:i + 6], t.dy, t.dx, t.flip), y[i:i + 6]))
+    want = collect_bn_stats(model, torch.cat([v for v, _ in views]), torch.cat([c for _, c in views]), K, 100)
+    for layer in want:
+        torch.testing.assert_close(got[layer].class_var, want[layer].class_var, rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ from edc.errors import EdcError
 from edc.io import md5_file
 from edc.params import read_yaml
 from edc.runtime import resolve_threads
-from tests.conftest import ARGS, PIPELINE, ROOT, md5_tree, run_stages, tiny_params, write_yaml
+from tests.helpers import ARGS, PIPELINE, ROOT, md5_tree, run_stages, tiny_params, write_yaml
 
 
 @pytest.mark.parametrize("env, cores, want", [
@@ -77,7 +77,7 @@ def test_edc_queue_start_gives_the_workers_their_share(monkeypatch, capsys):
     assert resolve_threads(env, 2) == 1
     with pytest.raises(SystemExit):
         cli.main(["queue", "start", "-j", "0"])
-    assert "must be a positive whole number (got '0')" in capsys.readouterr().err
+    assert "argument -j/--jobs: must be an integer >= 1 (got '0')" in capsys.readouterr().err
 
 
 # --- post_evaluate's seeds side by side ------------------------------------------------------------

@@ -17,9 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from edc.io import read_json
-from tests.conftest import ROOT, read_yaml, tiny_params, write_yaml
-from tests.test_bad_inputs import ARGS
-from tests.test_pipeline import md5_tree, run_stages
+from edc.params import read_yaml
+from tests.helpers import md5_tree, run, run_stage, write_yaml
 
 OUTPUTS = {"synthesize": ["condensed/images", "reports/synth.json", "reports/plots/synth_loss.csv",
                           "reports/synth_grid.png"],
@@ -27,22 +26,13 @@ OUTPUTS = {"synthesize": ["condensed/images", "reports/synth.json", "reports/plo
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("torchrun")
-    p = tiny_params()
-    p["synth"]["batch_size"] = 6  # 20 images -> 4 synthesis batches to deal out
-    p["relabel"]["epochs"] = 5
-    p["relabel"]["batch_size"] = 7  # 20 images -> batches of 7, 7, 6: uneven shares over 2 ranks
-    run_stages(work, write_yaml(work / "params.yaml", p))
-    return work
+def finished(long_workspace) -> Path:
+    """The session's long workspace: 4 synthesis batches and relabel batches of 7, 7, 6 to deal out."""
+    return long_workspace
 
 
 def launch(work: Path, stage: str, nproc: int, **env) -> subprocess.CompletedProcess:
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    "--nproc_per_node", str(nproc)]
-    r = subprocess.run([*launcher, str(ROOT / "stages" / f"{stage}.py"), "--params", "params.yaml", *ARGS[stage]],
-                       cwd=work, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True, text=True,
-                       timeout=600)
+    r = run_stage(work, stage, nproc, **{"OMP_NUM_THREADS": "1", **env})
     if not env:
         assert r.returncode == 0, r.stdout + r.stderr
     return r
@@ -74,6 +64,7 @@ def without_outputs(finished: Path, work: Path, stage: str) -> Path:
     return work
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("stage", ["synthesize", "relabel"])
 def test_two_ranks_write_what_one_process_writes(finished, one_process, tmp_path, stage):
     work = without_outputs(finished, tmp_path / "n2", stage)
@@ -82,9 +73,10 @@ def test_two_ranks_write_what_one_process_writes(finished, one_process, tmp_path
     assert not [x.name for x in (work / OUTPUTS[stage][0]).parent.iterdir() if x.name.startswith(".")]
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("stage", ["synthesize", "relabel"])
 def test_killed_ranks_resume_with_any_number_of_ranks(finished, one_process, tmp_path, stage):
-    """Both ranks are SIGKILLed after their first finished batch (synthesize) or epoch (relabel); a
+    """Both ranks are SIGKILLed after their first finished batch (synthesize) or label shard (relabel); a
     rerun with 2 ranks, or for relabel with 1 process, computes only the rest and writes the same bytes."""
     for nproc_after in (2, 1) if stage == "relabel" else (2,):
         work = without_outputs(finished, tmp_path / f"then{nproc_after}", stage)
@@ -93,9 +85,9 @@ def test_killed_ranks_resume_with_any_number_of_ranks(finished, one_process, tmp
         resume = work / OUTPUTS[stage][0]
         resume = resume.with_name(f".{resume.name}.resume")
         # A unit is finished when all its files are there: a rank that torchrun stopped when the other
-        # was killed may have left an epoch's shard without its agreement file (recomputed on resume).
+        # was killed may have left a label shard without its agreement file (recomputed on resume).
         kept = [f.name for f in resume.iterdir() if f.name.startswith("batch-")
-                or (f.name.startswith("epoch-") and (resume / f".agree-{f.name[6:10]}.json").is_file())]
+                or (f.name.startswith("labels-") and (resume / f".agree-{f.name[7:13]}.json").is_file())]
         assert kept and not (work / OUTPUTS[stage][0]).exists()
         r = launch(work, stage, nproc_after)
         assert f"{stage}: resuming with {len(kept)}/" in r.stdout, r.stdout
@@ -114,6 +106,7 @@ def fresh_copy(finished: Path, work: Path, outputs: list[str], **params) -> Path
     return work
 
 
+@pytest.mark.pipeline
 def test_observers_train_together_under_ddp(finished, tmp_path):
     flat = {"name": "flat", "arch": "convnet", "kwargs": {"width": 8, "depth": 2, "norm": "instance"}}
     tiny = read_yaml(finished / "params.yaml")["observers"]["models"][0]  # has BatchNorm
@@ -140,6 +133,7 @@ def test_observers_train_together_under_ddp(finished, tmp_path):
         set(load_file(str(runs[1] / "models/observers/tiny.safetensors")))
 
 
+@pytest.mark.pipeline
 def test_students_train_together_under_ddp(finished, tmp_path):
     out = ["reports/metrics.json", "reports/plots/evaluate"]
     runs = {}
@@ -152,7 +146,7 @@ def test_students_train_together_under_ddp(finished, tmp_path):
     assert sorted(one) == sorted(two) == ["student"]
     assert abs(one["student"]["acc_mean"] - two["student"]["acc_mean"]) <= 0.002
     c1, c2 = ((runs[n] / "reports/plots/evaluate/student-seed0.csv").read_text().splitlines() for n in (1, 2))
-    assert len(c1) == len(c2) == 1 + 5  # header + one row per epoch, written once
+    assert len(c1) == len(c2) == 1 + 5  # header + one row per relabel epoch (5), written once
     for a, b in zip(c1[1:], c2[1:]):
         loss1, loss2 = float(a.split(",")[1]), float(b.split(",")[1])
         assert loss2 == pytest.approx(loss1, rel=1e-4)
@@ -162,6 +156,7 @@ def test_only_rank_0_prints_unless_forced():
     code = ("from edc.distributed import print_on_rank0\n"
             "print_on_rank0(0); print('rank 0 speaks')\n"
             "print_on_rank0(1); print('hidden'); print('forced', force=True)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parents[1], check=True).stdout
+    r = run([sys.executable, "-c", code])
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
     assert out == "rank 0 speaks\nforced\n"

@@ -198,7 +198,7 @@ class MobileNetV2(nn.Module):
     """MobileNet-V2 (Sandler et al. 2018) as torchvision builds it: the same module names, parameter
     order and initialisation, so that a state dict moves between the two and a seed gives the same
     weights (a test compares them). Written here because importing torchvision imports torch._dynamo,
-    1.0-1.4 s of every stage's start-up that has a MobileNet-V2 observer."""
+    more than a second of the start-up of every stage that has a MobileNet-V2 observer."""
 
     CONV_BN = ()  # every convolution-BatchNorm pair is adjacent in a Sequential (edc.runtime.fold_conv_bn)
 
@@ -249,7 +249,7 @@ def shufflenet_v2(in_channels: int, num_classes: int, image_size: int, width_mul
     """torchvision's ShuffleNet-V2 (x0.5/1.0/1.5/2.0) with a stride-1 stem and no max-pool."""
     if width_mult not in _SHUFFLE_CHANNELS:
         raise ValueError(f"shufflenet_v2 width_mult must be one of {sorted(_SHUFFLE_CHANNELS)}, got {width_mult}")
-    from torchvision.models import ShuffleNetV2  # here: importing torchvision takes 1.4 s (torch._dynamo)
+    from torchvision.models import ShuffleNetV2  # here: importing torchvision imports torch._dynamo
 
     m = ShuffleNetV2([4, 8, 4], _SHUFFLE_CHANNELS[width_mult], num_classes=num_classes)
     m.conv1[0] = _restem(m.conv1[0], in_channels)
