@@ -93,7 +93,7 @@ def main(argv=None) -> None:
                                                       [args.shards, *split_files(args.data, "test"),
                                                        *split_files(args.data, "val")], code=__file__))
         metrics, curves = evaluate_students(cfg, p.zeta, ds, test, val, lambda *k: derive_seed(p.seed, "evaluate", *k),
-                                            ckpt, run, device, p.bf16, world)
+                                            ckpt, run, device, p.bf16, world, jobs=p.eval_jobs)
         if not world.main:
             return
         write_plots(args, cfg, curves, val is not None)
