@@ -11,6 +11,7 @@
     edc evaluate SET... --archs A...   students of any architecture on any sets, soft and hard labels
     edc smoke [--keep DIR]             the whole pipeline on tiny settings in a scratch copy (1-2 minutes)
     edc restore [STAGE...]             after a failed stage: the outputs dvc.lock records, params.yaml as committed
+    edc queue start -j N               `dvc queue start -j N` with the cores divided between the N workers
 
 A mistake on the command line ends in one line naming the option and what is wrong, exit status 2,
 before anything is written or launched: argparse's own errors (:class:`OneLineParser`), the type
@@ -241,8 +242,8 @@ def _launch(commands: list[tuple[str, list[str]]], args: argparse.Namespace) -> 
         if r.returncode != 0:
             raise EdcError(f"experiment {name} failed (exit status {r.returncode}); see the output above")
     if args.queue and not args.dry_run:
-        print("queued; run them with `dvc queue start` (one at a time: two torch jobs on the same cores slow each "
-              "other several-fold; -j N where each job has its own cores) and follow with `dvc queue status`")
+        print("queued; run them with `edc queue start -j N` (N side by side, the cores divided between them) and "
+              "follow with `dvc queue status`")
 
 
 def _trial_points(name: str, overrides: dict, args: argparse.Namespace) -> list[tuple[str, dict]]:
@@ -430,6 +431,23 @@ def _restore(args: argparse.Namespace) -> None:
     restore(args.stages, keep_params=args.keep_params)
 
 
+def _queue_start(args: argparse.Namespace) -> None:
+    import os
+
+    from edc.report import dvc_command
+    from edc.runtime import JOBS_ENV
+
+    # DVC's queue workers are processes started by this command, inheriting its environment; each
+    # stage they run gives torch (cores // EDC_JOBS) threads (edc.runtime.resolve_threads).
+    env = {**os.environ, JOBS_ENV: str(args.jobs)}
+    cmd = [dvc_command(), "queue", "start", "-j", str(args.jobs)]
+    print(f"$ {JOBS_ENV}={args.jobs} " + " ".join(cmd), flush=True)
+    r = subprocess.run(cmd, env=env)
+    if r.returncode != 0:
+        raise EdcError(f"dvc queue start failed (exit status {r.returncode}); see the output above")
+    print("workers already running keep the thread count they started with; `dvc queue stop` ends them")
+
+
 def _exp_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--ipc", type=positive_int, help="images per class (default: params.yaml's ipc)")
     sp.add_argument("--trials", type=positive_int, metavar="N",
@@ -527,6 +545,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     rs.add_argument("--keep-params", action="store_true",
                     help="keep params.yaml (and dvc.lock) as they are instead of putting back the committed ones")
     rs.set_defaults(fn=_restore)
+    q = sub.add_parser("queue", help="run queued experiments side by side, the cores divided between them")
+    qsub = q.add_subparsers(dest="queue_cmd", required=True)
+    qs = qsub.add_parser("start", help="`dvc queue start -j N` with EDC_JOBS=N: each experiment's stages use "
+                                       "cores // N torch threads")
+    qs.add_argument("-j", "--jobs", type=positive_int, default=1, help="experiments side by side (default 1)")
+    qs.set_defaults(fn=_queue_start)
     args = ap.parse_args(argv)
     try:
         args.fn(args)

@@ -272,15 +272,17 @@ def variant_sets(ds: CondensedDataset, variants: list[str]) -> dict[str, object]
 
 def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_for: Callable[..., int], ckpt, run,
                       device: torch.device, bf16: bool, world: World,
-                      variants: dict[str, object] | None = None) -> tuple[dict, dict[str, list[dict]]]:
+                      variants: dict[str, object] | None = None, jobs: int = 1) -> tuple[dict, dict[str, list[dict]]]:
     """Train and test every student of ``cfg`` (the ``evaluate`` params) with each of its seeds
     (``seed_for(student name, seed index)``), one nested MLflow run each under ``run``; then the same
     students and seeds on each set of ``variants`` (name -> set, :func:`variant_sets`), so that a
     variant's difference to the main result is paired seed by seed. ``ckpt`` keeps the finished ones
     and the current one's state, so an interrupted stage resumes exactly (rank 0 looks first and
-    discards a checkpoint of other inputs; the other ranks then read the same).
-    Returns (metrics per student, with ``variants: {name: metrics}`` when there are variants; curves
-    per "student-seed<i>" and "student-<variant>-seed<i>"); on ranks other than 0, empty."""
+    discards a checkpoint of other inputs; the other ranks then read the same). With ``jobs`` > 1,
+    the main evaluation's seeds not yet finished train first in that many processes side by side
+    (:func:`train_seeds_in_parallel`). Returns (metrics per student, with ``variants: {name: metrics}``
+    when there are variants; curves per "student-seed<i>" and "student-<variant>-seed<i>"); on ranks
+    other than 0, empty."""
     state = ckpt.load() if world.main else None
     world.barrier()
     if not world.main:
@@ -289,6 +291,7 @@ def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_fo
     if state["done"] or state["current"]:
         print(f"post_evaluate: resuming ({len(state['done'])} students/seeds finished; checkpoint in {ckpt.dir})",
               flush=True)
+    ahead = train_seeds_in_parallel(jobs, cfg, zeta, ds, test, val, seed_for, state, ckpt, device, bf16, world)
     metrics, curves = {}, {}
     for spec in cfg.students:
         for variant, vds in [(None, ds), *(variants or {}).items()]:
@@ -300,6 +303,9 @@ def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_fo
                 with run.child(title, tags) as seed_run:
                     if key in state["done"]:
                         res = StudentResult(**state["done"][key])
+                        if key in ahead:  # trained in another process: its curve reaches MLflow from here
+                            for row in res.curve:
+                                seed_run.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
                     else:
                         res = _train_seed(spec, cfg, zeta, vds, test, val, seed_for(spec.name, str(s)), key, state,
                                           ckpt, seed_run, device, bf16, world)
@@ -320,6 +326,75 @@ def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_fo
                 metrics[spec.name].setdefault("variants", {})[variant] = _student_metrics(
                     results, f"{spec.name}.{variant}", run)
     return metrics, curves
+
+
+def train_seeds_in_parallel(jobs: int, cfg, zeta: float, ds: CondensedDataset, test, val,
+                            seed_for: Callable[..., int], state: dict, ckpt, device: torch.device, bf16: bool,
+                            world: World) -> set[str]:
+    """Train the students' seeds not in ``state["done"]`` in ``jobs`` spawned processes side by side,
+    torch's threads divided between them (``eval_jobs``; 1: nothing happens here, the seeds train
+    one after another in this process). Each process trains one seed as :func:`train_student` does
+    alone (the same seed, data and thread count give the same bytes) and returns its result to this
+    one, which records it in ``state["done"]`` and saves the checkpoint at once; MLflow stays with
+    this process. A seed interrupted mid-way by a one-process run resumes from its checkpoint; seeds
+    running here are checkpointed only when finished. Returns the keys trained here."""
+    if jobs <= 1:
+        return set()
+    if world.size > 1:
+        from edc.errors import ParamsError
+
+        raise ParamsError("params.yaml", [f"eval_jobs: {jobs} trains seeds in parallel processes, but the launcher "
+                                          f"already runs {world.size} ranks; set eval_jobs: 1 with torchrun"])
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    todo = [(spec, f"{spec.name}/{s}", seed_for(spec.name, str(s))) for spec in cfg.students
+            for s in range(cfg.seeds) if f"{spec.name}/{s}" not in state["done"]]
+    if not todo:
+        return set()
+    threads = max(1, torch.get_num_threads() // jobs)
+    print(f"post_evaluate: {len(todo)} students/seeds, {min(jobs, len(todo))} at a time with {threads} thread(s) "
+          "each", flush=True)
+    current = state["current"] or {}
+    ctx = torch.multiprocessing.get_context("spawn")  # fork would copy this process's torch threads and MLflow
+    with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=ctx, initializer=_seed_process_start,
+                             initargs=(threads, os.getpid())) as pool:
+        futures = {pool.submit(_seed_process, spec, cfg, zeta, ds, test, val, seed,
+                               current if current.get("key") == key else None, device, bf16): key
+                   for spec, key, seed in todo}
+        for future in as_completed(futures):
+            key = futures[future]
+            state["done"][key] = future.result()
+            if current.get("key") == key:
+                state["current"] = None
+            if world.main:
+                ckpt.save(state)
+    return set(futures.values())
+
+
+def _seed_process_start(threads: int, parent: int) -> None:
+    """In each process of :func:`train_seeds_in_parallel`: its share of the threads, and an end when
+    the stage's process is gone (killed, it cannot tell the pool, whose processes would wait forever)."""
+    import os
+    import threading
+
+    from edc.runtime import configure_threads
+
+    configure_threads(threads)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _seed_process(spec, cfg, zeta, ds, test, val, seed: int, resume, device, bf16) -> dict:
+    """One student and seed in a process of :func:`train_seeds_in_parallel`: ``state["done"]``'s entry."""
+    res = train_student(spec, cfg, zeta, ds, test, seed, resume=resume, device=device, bf16=bf16, val=val)
+    return {"acc": res.acc, "raw_acc": res.raw_acc, "curve": res.curve, "seconds": res.seconds,
+            "val_acc": res.val_acc, "raw_val_acc": res.raw_val_acc}
 
 
 def _train_seed(spec, cfg, zeta, ds, test, val, seed: int, key: str, state: dict, ckpt, seed_run, device, bf16,

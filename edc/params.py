@@ -300,6 +300,9 @@ class Params(Section):
                                                   "teachers (never on the CPU, never for statistics)")
     workers: int = Field(default=4, ge=0, le=64, description="DataLoader processes decoding image files "
                                                             "(dataset.storage: files); speed only")
+    eval_jobs: int = Field(default=1, ge=1, le=64, description="post_evaluate's student seeds trained side by "
+                                                                "side, torch's threads divided between them; "
+                                                                "speed only")
     launcher: str = Field(default="python", min_length=1,
                           description="runs the training and synthesis stages, e.g. "
                                       "'torchrun --standalone --nproc_per_node 2'")

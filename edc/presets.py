@@ -34,7 +34,7 @@ from edc.params import Params, Section, read_yaml
 # (`edc exp dataset` chooses both), and whether a mirrored image keeps its class (digits no, CIFAR yes).
 # The applications (continual, slimming) are stages of their own that use a set, off by default.
 WORKSPACE_KEYS = (
-    "seed", "ipc", "trial", "device", "bf16", "workers", "launcher",
+    "seed", "ipc", "trial", "device", "bf16", "workers", "eval_jobs", "launcher",
     "dataset", "observers", "evaluate.students", "synth.aug.flip", "relabel.aug.flip",
     "continual", "slimming",
 )

@@ -6,6 +6,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -91,12 +92,48 @@ def restore_hint() -> str | None:
             f"version dvc.lock records (cached outputs by dvc checkout, {where})")
 
 
-def stage_main(fn: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
-    """Run a stage's ``main``; a user error prints its lines to stderr and exits 2, no traceback. Under
-    DVC, every failure ends with :func:`restore_hint`."""
-    hint = restore_hint()
+def process_start() -> float | None:
+    """When this process started (Unix time, from /proc; None elsewhere): its start-up and imports
+    end where :func:`stage_main` begins."""
     try:
+        from pathlib import Path
+
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def record_timing(path: str, entered: float) -> None:
+    """Append one JSON line to ``path`` (``EDC_TIMING_FILE``; benchmarks/overhead.py): this stage
+    process's start, the start of :func:`stage_main`, its end, and the seconds spent in compute loops
+    and waiting for MLflow (:data:`edc.tracking.stage_clock`). Never an output of the stage: timings
+    would change its bytes at every run."""
+    import json
+
+    from edc.tracking import stage_clock
+
+    line = {"stage": os.environ.get("DVC_STAGE") or os.path.basename(sys.argv[0]), "pid": os.getpid(),
+            "process_start": process_start(), "main_start": entered, "end": time.time(), **stage_clock}
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def stage_main(fn: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
+    """Run a stage's ``main`` with torch's thread count set (:func:`edc.runtime.configure_threads`); a
+    user error prints its lines to stderr and exits 2, no traceback. Under DVC, every failure ends with
+    :func:`restore_hint`."""
+    hint = restore_hint()
+    entered = time.time()
+    try:
+        from edc.runtime import configure_threads  # here: importing torch is the stage's business
+
+        configure_threads()  # EDC_THREADS / EDC_JOBS: side-by-side runs divide the cores
         fn(argv)
+        if os.environ.get("EDC_TIMING_FILE"):
+            record_timing(os.environ["EDC_TIMING_FILE"], entered)
     except EdcError as exc:
         for line in str(exc).splitlines():
             print(line, file=sys.stderr)

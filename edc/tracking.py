@@ -45,6 +45,10 @@ DEFAULT_EXPERIMENT = "edc"
 # thread imports MLflow and opens the store from then on, while the work computes, rather than while
 # the stage is still importing and reading its inputs.
 work_started = threading.Event()
+# Seconds this stage process spent in its compute loops (every loop run through
+# edc.runtime.progress, the outermost only) and waiting for MLflow at its end; written, with the
+# process's start-up, to EDC_TIMING_FILE by edc.stage.stage_main (benchmarks/overhead.py).
+stage_clock = {"loops": 0.0, "mlflow_wait": 0.0}
 
 
 class TrackingError(EdcError):
@@ -366,7 +370,10 @@ def stage_run(stage: str, params: Mapping[str, Any], seed: int | None = None,
         common = {"git.commit": _git_commit(project_root())}
         if exp_name:
             common["dvc.exp_name"] = exp_name
-        tags = {"edc.stage": stage, **common}
+        import torch  # loaded already: the stage's own
+
+        # The thread count can change a result's last bits (edc.runtime.configure_threads): record it.
+        tags = {"edc.stage": stage, "edc.threads": str(torch.get_num_threads()), **common}
         if seed is not None:
             tags["edc.seed"] = str(seed)
         client = mlflow.MlflowClient()
@@ -394,9 +401,11 @@ def stage_run(stage: str, params: Mapping[str, Any], seed: int | None = None,
         raise
     finally:
         work_started.set()  # a stage without a progress loop, or one that failed before it: log now
+        waited = time.perf_counter()
         run.flush()
         worker.submit(lambda: end(status))
         error = worker.close()
+        stage_clock["mlflow_wait"] += time.perf_counter() - waited
         if error is not None and not failed:
             raise TrackingError(f"MLflow tracking to {uri} failed: {type(error).__name__}: {error}") from error
         if error is not None:

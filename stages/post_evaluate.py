@@ -95,7 +95,8 @@ def main(argv=None) -> None:
                                                        *split_files(args.data, "val")], code=__file__))
         seed = trial_seed(p.seed, p.trial)
         metrics, curves = evaluate_students(cfg, p.zeta, ds, test, val, lambda *k: derive_seed(seed, "evaluate", *k),
-                                            ckpt, run, device, p.bf16, world, variant_sets(ds, cfg.variants))
+                                            ckpt, run, device, p.bf16, world, variant_sets(ds, cfg.variants),
+                                            jobs=p.eval_jobs)
         if not world.main:
             return
         write_plots(args, cfg, curves, val is not None)
