@@ -3,7 +3,7 @@
     edc check [--params params.yaml]   validate params.yaml (same checks as every stage)
     edc list                           datasets and architectures (with their keyword arguments)
     edc stats FILE                     summarise a statistics file written by collect_stats
-    edc exp preset NAME [--ipc N]      run one of the paper's methods as a DVC experiment
+    edc exp preset NAME [--ipc N]      run one of the paper's methods as a DVC experiment (--trials N: N of them)
     edc exp sweep NAME [--ipc N]       run a design-space sweep around the edc preset (--queue to queue it)
     edc report                         tables and plots of the experiments into reports/
     edc metrics [FILE]                 the students' test and validation accuracy (reports/metrics.json)
@@ -246,6 +246,15 @@ def _launch(commands: list[tuple[str, list[str]]], args: argparse.Namespace) -> 
               "follow with `dvc queue status`")
 
 
+def _trial_points(name: str, overrides: dict, args: argparse.Namespace) -> list[tuple[str, dict]]:
+    """One experiment, or with ``--trials N`` N of them: ``NAME-t0`` ... with ``trial`` 0 ... N-1."""
+    if args.trials is None:
+        return [(name, overrides)]
+    if any(extra.split("=", 1)[0] == "trial" for extra in args.set or []):
+        raise EdcError("--trials sets the param trial of each experiment; remove -S trial=...")
+    return [(f"{name}-t{k}", {**overrides, "trial": k}) for k in range(args.trials)]
+
+
 def _preset(args: argparse.Namespace) -> None:
     from edc.params import load_params
     from edc.presets import experiment_name, preset_overrides
@@ -254,7 +263,7 @@ def _preset(args: argparse.Namespace) -> None:
     ipc = p.ipc if args.ipc is None else args.ipc
     overrides = {"ipc": ipc, **preset_overrides(args.name, p)}
     name = args.exp_name or experiment_name(args.name, ipc)
-    _launch([(name, _dvc_exp_run(name, overrides, args))], args)
+    _launch([(n, _dvc_exp_run(n, o, args)) for n, o in _trial_points(name, overrides, args)], args)
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -275,7 +284,7 @@ def _sweep(args: argparse.Namespace) -> None:
             if point == base and not args.values:
                 print(f"{name}: the edc preset itself (edc-ipc{ipc}); run `edc exp preset edc` for it")
                 continue
-        commands.append((name, _dvc_exp_run(name, point, args)))
+        commands += [(n, _dvc_exp_run(n, o, args)) for n, o in _trial_points(name, point, args)]
     _launch(commands, args)
 
 
@@ -298,7 +307,7 @@ def _dataset(args: argparse.Namespace) -> None:
               "`dvc repro` runs them")
         return
     name = args.exp_name or f"{args.name}-paper"
-    _launch([(name, _dvc_exp_run(name, overrides, args))], args)
+    _launch([(n, _dvc_exp_run(n, o, args)) for n, o in _trial_points(name, overrides, args)], args)
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -441,6 +450,10 @@ def _queue_start(args: argparse.Namespace) -> None:
 
 def _exp_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--ipc", type=positive_int, help="images per class (default: params.yaml's ipc)")
+    sp.add_argument("--trials", type=positive_int, metavar="N",
+                    help="N trials of each experiment, NAME-t0 ... (params trial 0 ... N-1): the initial draw, "
+                         "synthesis, relabel plan and student seeds redrawn, the split, observers and statistics "
+                         "shared (change seed for those)")
     sp.add_argument("--queue", action="store_true", help="queue instead of running (then `dvc queue start`)")
     sp.add_argument("--replace", action="store_true", help="rerun experiments whose name exists already")
     sp.add_argument("--dry-run", action="store_true", help="print the dvc commands only")

@@ -12,8 +12,9 @@ random initial weights (``ema_rate ** steps``: 0.99^200 = 13 %). Only the parame
 the BatchNorm running statistics of the EMA model are recomputed from the condensed set's own planned
 batches before it is tested (:func:`recompute_bn`, as ``torch.optim.swa_utils.update_bn`` does for a
 loader), because averaged statistics match neither the averaged weights nor the data.
-The reported accuracy is the final model's top-1 on the test split: the test split never selects an
-epoch or a checkpoint (it is evaluated every ``eval_every`` epochs for the curves only).
+The reported accuracy is the final model's top-1 on the test split, scored once after the last epoch:
+the test split never selects an epoch or a checkpoint, and the curves (every ``eval_every`` epochs)
+show the validation split only.
 """
 
 from __future__ import annotations
@@ -122,13 +123,15 @@ class _Evaluated:
             self.ready = epoch
         return self.ema.module
 
-    def row(self, epoch: int, test, val) -> dict:
-        """Test (and validation) accuracy of the evaluated model, and of the raw weights beside an EMA."""
-        row = {"test_acc": accuracy(self.at(epoch), test)}
+    def row(self, epoch: int, val) -> dict:
+        """Validation accuracy of the evaluated model, and of the raw weights beside an EMA (none without
+        a validation split). The test split is not looked at during training: it is scored once, at
+        the end (:func:`_final`), so no curve of it can steer a choice."""
+        if val is None:
+            return {}
+        row = {"val_acc": accuracy(self.at(epoch), val)}
         if self.ema is not None:  # the raw weights beside the EMA: how much the average adds, epoch by epoch
-            row["raw_test_acc"] = accuracy(self.model, test)
-        if val is not None:
-            row["val_acc"] = accuracy(self.at(epoch), val)
+            row["raw_val_acc"] = accuracy(self.model, val)
         return row
 
 
@@ -177,7 +180,7 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
         loss_sum, n = world.all_sum(loss_sum, n)
         row = {"epoch": e + 1, "train_loss": loss_sum / n}
         if world.main and ((e + 1) % cfg.eval_every == 0 or e + 1 == ds.epochs):
-            row.update(evaluated.row(e + 1, test, val))
+            row.update(evaluated.row(e + 1, val))
         curve.append(row)
         if log is not None:
             log(row)
@@ -196,12 +199,12 @@ def _final(model: nn.Module, ema, final: nn.Module, curve: list[dict], epochs: i
     def measured(key: str, net: nn.Module, split) -> float:
         return last[key] if key in last else accuracy(net, split)
 
-    acc = measured("test_acc", final, test)
-    raw = measured("raw_test_acc", model, test) if ema is not None else acc
+    acc = accuracy(final, test)
+    raw = accuracy(model, test) if ema is not None else acc
     val_acc = raw_val = None
     if val is not None:
         val_acc = measured("val_acc", final, val)
-        raw_val = accuracy(model, val) if ema is not None else val_acc
+        raw_val = measured("raw_val_acc", model, val) if ema is not None else val_acc
     return StudentResult(acc, raw, curve, seconds, val_acc, raw_val)
 
 
@@ -211,16 +214,75 @@ def summarize(accs: list[float]) -> tuple[float, float]:
     return float(t.mean()), float(t.std()) if len(accs) > 1 else 0.0
 
 
+class UnaugmentedView:
+    """A condensed set without the students' augmentation (evaluation variant ``noaug``): the planned
+    batches (the same images in the same order, so the same steps) of the whole, un-cropped, un-mixed
+    images; with soft labels each image's target is its mean stored logits over all its planned views
+    (:func:`edc.shards.mean_soft_logits`), with hard labels its class."""
+
+    def __init__(self, ds: CondensedDataset):
+        from edc.shards import mean_soft_logits, read_epoch
+
+        self.set, self._read = ds, read_epoch
+        self.labels, self.facts, self.meta = ds.labels, ds.facts, ds.meta
+        self.epochs, self.batches_per_epoch = ds.epochs, ds.batches_per_epoch
+        self.soft = mean_soft_logits(ds) if ds.labels == "soft" else None
+
+    def epoch(self, e: int):
+        for b in self._read(self.set.path, self.meta, e):
+            ids = torch.from_numpy(b["ids"])
+            y = self.set.hard[ids]
+            yield self.set.images[ids], (self.soft[ids] if self.soft is not None else y), y
+
+
+class FullTrainSet:
+    """The whole train split in the shape of a condensed set's plan, with hard labels (the full-data
+    reference that HLR subtracts from): each epoch a fresh seeded order and one planned view per image
+    (``aug``: the ``relabel.aug`` crops, flips and RandAugment the sets' students see), in batches of
+    ``batch_size``, so a student trains on it exactly as on a set under the same recipe."""
+
+    labels = "hard"
+
+    def __init__(self, train, facts, batch_size: int, epochs: int, aug, seed: int):
+        self.train, self.facts, self.batch_size, self.epochs, self.aug, self.seed = \
+            train, facts, batch_size, epochs, aug, seed
+        self.batches_per_epoch = -(-len(train) // batch_size)
+
+    def epoch(self, e: int):
+        from edc.plan import augment, batches, make_plan
+        from edc.runtime import derive_seed
+
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "reference", str(e)))
+        plan = make_plan(len(self.train), self.facts.height, self.facts.width, self.batch_size, self.aug.scale_min,
+                         self.aug.flip, False, gen, self.aug.randaugment, self.aug.magnitude)
+        for ids, crops, _ in batches(plan, self.batch_size):
+            y = self.train.labels[ids]
+            yield augment(self.train.take(ids), crops, None, (self.facts.mean, self.facts.std)), y, y
+
+
+def variant_sets(ds: CondensedDataset, variants: list[str]) -> dict[str, object]:
+    """The sets each evaluation variant trains on: ``hard`` the planned views with class labels,
+    ``noaug`` :class:`UnaugmentedView`."""
+    from edc.shards import load_condensed
+
+    made = {"hard": lambda: load_condensed(ds.path, labels="hard"), "noaug": lambda: UnaugmentedView(ds)}
+    # Under evaluate.labels: hard the main evaluation is already the hard-label one.
+    return {v: made[v]() for v in variants if not (v == "hard" and ds.labels == "hard")}
+
+
 def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_for: Callable[..., int], ckpt, run,
                       device: torch.device, bf16: bool, world: World,
-                      jobs: int = 1) -> tuple[dict, dict[str, list[dict]]]:
+                      variants: dict[str, object] | None = None, jobs: int = 1) -> tuple[dict, dict[str, list[dict]]]:
     """Train and test every student of ``cfg`` (the ``evaluate`` params) with each of its seeds
-    (``seed_for(student name, seed index)``), one nested MLflow run each under ``run``. ``ckpt`` keeps
-    the finished ones and the current one's state, so an interrupted stage resumes exactly (rank 0
-    looks first and discards a checkpoint of other inputs; the other ranks then read the same).
-    With ``jobs`` > 1, the seeds not yet finished train first in that many processes side by side
-    (:func:`train_seeds_in_parallel`). Returns (metrics per student, curves per "student-seed<i>");
-    on ranks other than 0, empty."""
+    (``seed_for(student name, seed index)``), one nested MLflow run each under ``run``; then the same
+    students and seeds on each set of ``variants`` (name -> set, :func:`variant_sets`), so that a
+    variant's difference to the main result is paired seed by seed. ``ckpt`` keeps the finished ones
+    and the current one's state, so an interrupted stage resumes exactly (rank 0 looks first and
+    discards a checkpoint of other inputs; the other ranks then read the same). With ``jobs`` > 1,
+    the main evaluation's seeds not yet finished train first in that many processes side by side
+    (:func:`train_seeds_in_parallel`). Returns (metrics per student, with ``variants: {name: metrics}``
+    when there are variants; curves per "student-seed<i>" and "student-<variant>-seed<i>"); on ranks
+    other than 0, empty."""
     state = ckpt.load() if world.main else None
     world.barrier()
     if not world.main:
@@ -232,28 +294,37 @@ def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_fo
     ahead = train_seeds_in_parallel(jobs, cfg, zeta, ds, test, val, seed_for, state, ckpt, device, bf16, world)
     metrics, curves = {}, {}
     for spec in cfg.students:
-        results = []
-        for s in range(cfg.seeds):
-            key = f"{spec.name}/{s}"
-            with run.child(f"{spec.name} seed {s}", {"edc.student": spec.name, "edc.seed": str(s)}) as seed_run:
-                if key in state["done"]:
-                    res = StudentResult(**state["done"][key])
-                    if key in ahead:  # trained in another process: its curve reaches MLflow from here
-                        for row in res.curve:
-                            seed_run.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
-                else:
-                    res = _train_seed(spec, cfg, zeta, ds, test, val, seed_for(spec.name, str(s)), key, state, ckpt,
-                                      seed_run, device, bf16, world)
-                seed_run.metrics({"final_acc": res.acc, "raw_acc": res.raw_acc, "seconds": res.seconds,
-                                  **({"val_acc": res.val_acc} if res.val_acc is not None else {})})
-            if world.main:
-                results.append(res)
-                curves[f"{spec.name}-seed{s}"] = res.curve
-                on_val = f", validation {100 * res.val_acc:.2f}%" if res.val_acc is not None else ""
-                print(f"[{spec.name}] seed {s}: test accuracy {100 * res.acc:.2f}% (raw weights "
-                      f"{100 * res.raw_acc:.2f}%{on_val}, {res.seconds:.0f} s)", flush=True)
-        if world.main:
-            metrics[spec.name] = _student_metrics(results, spec.name, run)
+        for variant, vds in [(None, ds), *(variants or {}).items()]:
+            results = []
+            for s in range(cfg.seeds):
+                key = f"{spec.name}/{s}" if variant is None else f"{spec.name}/{variant}/{s}"
+                title = f"{spec.name} seed {s}" + ("" if variant is None else f" ({variant})")
+                tags = {"edc.student": spec.name, "edc.seed": str(s), **({"edc.variant": variant} if variant else {})}
+                with run.child(title, tags) as seed_run:
+                    if key in state["done"]:
+                        res = StudentResult(**state["done"][key])
+                        if key in ahead:  # trained in another process: its curve reaches MLflow from here
+                            for row in res.curve:
+                                seed_run.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+                    else:
+                        res = _train_seed(spec, cfg, zeta, vds, test, val, seed_for(spec.name, str(s)), key, state,
+                                          ckpt, seed_run, device, bf16, world)
+                    seed_run.metrics({"final_acc": res.acc, "raw_acc": res.raw_acc, "seconds": res.seconds,
+                                      **({"val_acc": res.val_acc} if res.val_acc is not None else {})})
+                if world.main:
+                    results.append(res)
+                    tag = "" if variant is None else f"-{variant}"
+                    curves[f"{spec.name}{tag}-seed{s}"] = res.curve
+                    on_val = f", validation {100 * res.val_acc:.2f}%" if res.val_acc is not None else ""
+                    print(f"[{spec.name}] {title[len(spec.name) + 1:]}: test accuracy {100 * res.acc:.2f}% "
+                          f"(raw weights {100 * res.raw_acc:.2f}%{on_val}, {res.seconds:.0f} s)", flush=True)
+            if not world.main:
+                continue
+            if variant is None:
+                metrics[spec.name] = _student_metrics(results, spec.name, run)
+            else:
+                metrics[spec.name].setdefault("variants", {})[variant] = _student_metrics(
+                    results, f"{spec.name}.{variant}", run)
     return metrics, curves
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from edc.data import DatasetFacts, as_split
 from edc.data.augment import shift_flip
 from edc.distributed import World
-from edc.errors import ArtifactError
+from edc.errors import ArtifactError, EdcError
 from edc.io import read_json, save_safetensors, write_json
 from edc.models import create_model
 from edc.runtime import SGD, AdamW, derive_seed, fused, model_device, place, progress, seed_everything
@@ -42,8 +42,11 @@ class TrainResult:
 
 
 def build(arch: str, kwargs: dict[str, Any], facts: DatasetFacts) -> nn.Module:
-    return create_model(arch, in_channels=facts.channels, num_classes=facts.num_classes,
-                        image_size=facts.image_size, **kwargs)
+    try:
+        return create_model(arch, in_channels=facts.channels, num_classes=facts.num_classes,
+                            image_size=facts.image_size, **kwargs)
+    except ValueError as exc:  # a shape the architecture cannot take (e.g. a ViT patch that does not tile)
+        raise EdcError(f"{arch} {kwargs or ''} on {facts.name} ({facts.image_size}px): {exc}") from None
 
 
 @torch.no_grad()

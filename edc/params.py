@@ -239,7 +239,17 @@ class EvaluateParams(Section):
     ema_rate: float = Field(default=0.99, ge=0, lt=1)
     ema_warmup: int = Field(default=10, ge=0, description="EMA decay after n updates: min(ema_rate, (1 + n) / "
                                                           "(ema_warmup + n)); 0 = constant ema_rate")
-    eval_every: int = Field(default=25, ge=1, description="epochs between test points on the curves")
+    eval_every: int = Field(default=25, ge=1, description="epochs between validation points on the curves")
+    variants: list[Literal["hard", "noaug"]] = Field(
+        default_factory=list, description="further evaluations of the same set beside the main one: hard = the "
+                                          "planned views with class labels; noaug = the un-augmented images")
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each variant at most once (got {v})")
+        return v
 
     @field_validator("milestones")
     @classmethod
@@ -247,6 +257,11 @@ class EvaluateParams(Section):
         if any(not 0 < m < 1 for m in v):
             raise ValueError(f"must be fractions of training in (0, 1) (got {v})")
         return v
+
+
+class ReferenceParams(Section):
+    enabled: bool = Field(default=False, description="run the reference stage (it writes an empty report when off)")
+    epochs: int = Field(default=20, ge=1, le=10_000, description="epochs over the whole train split per student")
 
 
 class ContinualParams(Section):
@@ -274,6 +289,9 @@ class SlimmingParams(Section):
 
 class Params(Section):
     seed: int = Field(ge=0, le=2**32 - 1)
+    trial: int = Field(default=0, ge=0, le=2**32 - 1,
+                       description="redraws the initial images, synthesis, the relabel plan and the student seeds; "
+                                   "the split, observers and statistics stay (they follow seed)")
     ipc: int = Field(ge=1, description="images per class of the condensed set")
     alpha: float = Field(ge=0, le=1, description="weight of global (Form 1) vs per-class (Form 2) matching")
     zeta: float = Field(gt=0, description="slowdown of the smoothing LR schedule in post-evaluation")
@@ -295,6 +313,7 @@ class Params(Section):
     synth: SynthParams
     relabel: RelabelParams
     evaluate: EvaluateParams
+    reference: ReferenceParams = Field(default_factory=ReferenceParams)
     continual: ContinualParams = Field(default_factory=ContinualParams)
     slimming: SlimmingParams = Field(default_factory=SlimmingParams)
 

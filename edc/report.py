@@ -5,6 +5,11 @@ Experiments are found by name (:func:`edc.presets.experiment_name`: ``edc-ipc10`
 occurs more than once, the newest wins. Accuracies are read from each experiment's
 ``reports/metrics.json`` as DVC stored it; the MLflow ``post_evaluate`` run tagged with the same
 ``dvc.exp_name`` must hold the same values, and a difference is printed and marked in the table.
+
+A preset's trials (``edc-ipc1-t0`` ...; the trial is the experiment's ``trial`` param) are gathered
+per method and ipc into the field's metrics (docs/metrics.md): accuracy with a 95 % t-interval over
+trials, IOR against random-soft paired by trial and protocol, HLR against the stage ``reference``,
+and accuracy with and without the students' augmentation.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from edc.presets import PRESET_HELP, SWEEPS, label, parse_name, preset_mismatch,
 
 METRICS_FILE = "reports/metrics.json"
 STORAGE_FILE = "reports/relabel.json"
+REFERENCE_FILE = "reports/reference.json"
+BASELINE = "random-soft"  # IOR's reference: the same number of random real images with the same soft labels
 
 
 @dataclass
@@ -40,10 +47,15 @@ class Experiment:
     relabel: dict[str, Any] | None = None  # the whole reports/relabel.json (images, epochs, codec, ...)
     continual: dict[str, Any] | None = None  # reports/continual.json when the stage ran enabled
     slimming: dict[str, Any] | None = None  # reports/slimming.json when the stage ran enabled
+    reference: dict[str, Any] | None = None  # reports/reference.json's students when the stage ran enabled
 
     @property
     def seeds(self) -> int:
         return max((len(m.get("seeds", {})) for m in self.metrics.values()), default=0)
+
+    @property
+    def trial(self) -> int:
+        return int(self.params.get("trial") or 0)
 
 
 def dvc_command() -> str:
@@ -91,10 +103,12 @@ def read_experiments(repo: str | Path = ".") -> dict[str, Experiment]:
                 return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else {}
 
             cont, slim = whole("reports/continual.json"), whole("reports/slimming.json")
+            ref = read(REFERENCE_FILE)
             e = Experiment(rev["name"], rev["rev"], data.get("timestamp") or "", params, metrics, storage=storage,
                            relabel=read(STORAGE_FILE) or None,
                            continual=cont if cont.get("enabled") else None,
-                           slimming=slim if slim.get("enabled") else None)
+                           slimming=slim if slim.get("enabled") else None,
+                           reference=ref.get("students") if ref.get("enabled") else None)
             if e.name not in found or e.timestamp > found[e.name].timestamp:
                 found[e.name] = e
     return found
@@ -409,6 +423,164 @@ def _line_plot(png: Path, md_dir: Path, title: str, xlabel: str,
     return [f"![{title}]({Path(os.path.relpath(png, md_dir)).as_posix()})", ""]
 
 
+# --- the field's metrics over trials (docs/metrics.md) -----------------------------------------------
+
+# The evaluation protocol: what a student's training on a set depends on besides the set and its
+# labels. IOR pairs a method with random-soft only where these are equal.
+PROTOCOL_KEYS = ("zeta", "evaluate", "relabel.teachers", "relabel.batch_size", "relabel.epochs", "relabel.min_steps",
+                 "relabel.aug", "relabel.cutmix")
+
+
+def t_interval(values: list[float]) -> tuple[float, float | None]:
+    """Mean of ``values`` and the half-width of its 95 % Student-t confidence interval,
+    t(0.975, n - 1) * s / sqrt(n) with s the sample standard deviation; None for fewer than two."""
+    from scipy.stats import t
+
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, None
+    s = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(t.ppf(0.975, n - 1)) * s / math.sqrt(n)
+
+
+def protocol(params: dict[str, Any]) -> str:
+    """The evaluation protocol of an experiment's params, as canonical JSON (labels and variants are
+    the method's and the report's, not the protocol's)."""
+    values = {k: get_dotted(params, k) for k in PROTOCOL_KEYS}
+    values["evaluate"] = {k: v for k, v in (values["evaluate"] or {}).items() if k not in ("labels", "variants")}
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+def method_trials(exps: dict[str, Experiment]) -> dict[tuple[str, int], dict[int, Experiment]]:
+    """{(preset, ipc): {trial: experiment}} over the presets' experiments (``edc-ipc1``, ``edc-ipc1-t3``),
+    the newest per trial; the trial is the experiment's ``trial`` param."""
+    out: dict[tuple[str, int], dict[int, Experiment]] = {}
+    for e in exps.values():
+        kind, value, ipc = parse_name(e.name)
+        if value is not None or kind not in PRESET_HELP:
+            continue
+        slot = out.setdefault((kind, ipc), {})
+        if e.trial not in slot or e.timestamp > slot[e.trial].timestamp:
+            slot[e.trial] = e
+    return out
+
+
+def hard_acc(e: Experiment, student: str) -> float | None:
+    """The set's accuracy with hard labels: the main result under evaluate.labels hard (or a set stored
+    with hard labels, relabel.codec hard), else the ``hard`` evaluation variant; None when neither ran."""
+    m = e.metrics.get(student) or {}
+    if get_dotted(e.params, "evaluate.labels") == "hard" or get_dotted(e.params, "relabel.codec") == "hard":
+        return m.get("acc_mean")
+    return ((m.get("variants") or {}).get("hard") or {}).get("acc_mean")
+
+
+def noaug_acc(e: Experiment, student: str) -> float | None:
+    m = e.metrics.get(student) or {}
+    return ((m.get("variants") or {}).get("noaug") or {}).get("acc_mean")
+
+
+@dataclass
+class Evidence:
+    """One (method, ipc, student) over its trials; accuracies as fractions, intervals as half-widths."""
+    trials: list[int]
+    seeds: int
+    acc: tuple[float, float | None]
+    ior: tuple[float, float | None] | None = None  # None: no random-soft trial under the same protocol
+    ior_trials: int = 0
+    hlr: tuple[float, float | None] | None = None
+    aug: tuple[float, float] | None = None  # (with, without) augmentation, means over the trials that have both
+    val: float | None = None
+
+
+def evidence(trials: dict[int, Experiment], base: dict[int, Experiment] | None, student: str) -> Evidence | None:
+    """The metrics of docs/metrics.md for one student over a method's ``trials`` ({trial: experiment}),
+    IOR against ``base`` (random-soft's trials at the same ipc)."""
+    have = {t: e for t, e in sorted(trials.items()) if student in e.metrics}
+    if not have:
+        return None
+    accs = {t: e.metrics[student]["acc_mean"] for t, e in have.items()}
+    out = Evidence(list(have), max(len(e.metrics[student].get("seeds", {})) for e in have.values()),
+                   t_interval(list(accs.values())))
+    vals = [e.metrics[student]["val_acc_mean"] for e in have.values() if "val_acc_mean" in e.metrics[student]]
+    out.val = math.fsum(vals) / len(vals) if len(vals) == len(have) else None
+    pairs = [accs[t] - b.metrics[student]["acc_mean"] for t, b in sorted((base or {}).items())
+             if t in have and student in b.metrics and protocol(b.params) == protocol(have[t].params)]
+    if pairs:
+        out.ior, out.ior_trials = t_interval(pairs), len(pairs)
+    hlr = [e.reference[student]["acc_mean"] - hard_acc(e, student) for e in have.values()
+           if e.reference and student in e.reference and hard_acc(e, student) is not None]
+    if hlr:
+        out.hlr = t_interval(hlr)
+    both = [(accs[t], noaug_acc(e, student)) for t, e in have.items() if noaug_acc(e, student) is not None]
+    if both:
+        out.aug = (math.fsum(a for a, _ in both) / len(both), math.fsum(b for _, b in both) / len(both))
+    return out
+
+
+def _ci(value: tuple[float, float | None] | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    mean, half = value
+    text = f"{100 * mean:+.2f}" if signed else f"{100 * mean:.2f}"
+    return text + (f" ± {100 * half:.2f}" if half is not None else " (1 trial)")
+
+
+def _unseen(e: Experiment, student: str) -> bool:
+    """Whether the student's architecture is none of the observers' (the set never saw its family)."""
+    arch = next((s.get("arch") for s in get_dotted(e.params, "evaluate.students") or [] if s.get("name") == student),
+                None)
+    return arch is not None and arch not in {m.get("arch") for m in get_dotted(e.params, "observers.models") or []}
+
+
+def _evidence_section(exps: dict[str, Experiment]) -> list[str]:
+    groups = method_trials(exps)
+    if not groups:
+        return []
+    out = ["## The field's metrics over trials (docs/metrics.md)", "",
+           "Per method, ipc and student: test accuracy, mean over trials (each trial's value is the mean over its "
+           "student seeds) ± the half-width of the 95 % t-interval; **IOR** = accuracy - random-soft's in the same "
+           "trial under the same protocol, mean ± 95 % interval over the paired trials; **HLR** = full-data "
+           "accuracy (stage reference) - the set's accuracy, hard labels both; accuracy with / without the "
+           "students' augmentation (evaluation variant noaug). `-`: not measured (IOR needs random-soft trials "
+           "under the same protocol, HLR reference.enabled and evaluate.variants hard, the pair variant noaug). "
+           "*unseen*: an architecture none of the observers has.", ""]
+    for ipc in sorted({ipc for _, ipc in groups}):
+        rows = []
+        for method in PRESET_HELP:
+            trials = groups.get((method, ipc))
+            if not trials:
+                continue
+            for student in _students(list(trials.values())):
+                ev = evidence(trials, groups.get((BASELINE, ipc)), student)
+                if ev is None:
+                    continue
+                first = trials[ev.trials[0]]
+                name = f"{student} *(unseen)*" if _unseen(first, student) else student
+                ior = "0 (the baseline)" if method == BASELINE else _ci(ev.ior, signed=True) + (
+                    f" ({ev.ior_trials} paired)" if ev.ior is not None and ev.ior_trials != len(ev.trials) else "")
+                aug = f"{100 * ev.aug[0]:.2f} / {100 * ev.aug[1]:.2f}" if ev.aug else "-"
+                val = f"{100 * ev.val:.2f}" if ev.val is not None else "-"
+                rows.append(f"| {method} | {name} | {','.join(map(str, ev.trials))} ({ev.seeds} seeds) | "
+                            f"{_ci(ev.acc)} | {ior} | {_ci(ev.hlr, signed=True)} | {aug} | {val} |")
+        if rows:
+            out += [f"### ipc {ipc}", "",
+                    "| method | student | trials (seeds each) | test acc (95 % CI) | IOR vs random-soft (95 % CI) | "
+                    "HLR (95 % CI) | acc with / without aug | val acc |",
+                    "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows, ""]
+    refs = {}
+    for trials in groups.values():
+        for e in trials.values():
+            for student, m in (e.reference or {}).items():
+                refs.setdefault((protocol(e.params), student), m)
+    if refs:
+        out += ["Full-data reference (whole train split, hard labels, stage reference): " + "; ".join(
+            f"{s} {100 * m['acc_mean']:.2f} ± {100 * m['acc_std']:.2f}" for (_, s), m in sorted(refs.items(),
+                                                                                            key=lambda kv: kv[0][1]))
+                + " (mean ± std over seeds).", ""]
+    return out
+
+
 def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Path = Path(".")) -> str:
     """The markdown report (to be saved in ``md_dir``); writes one plot per sweep into ``plots_dir``."""
     if not exps:
@@ -423,6 +595,7 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
            "mean accuracy of the raw weights of the same runs. `[val x]` is the evaluated model's mean accuracy "
            "on the validation split (dataset.val_size), the only number a sweep's choice looks at.", ""]
     ipcs = sorted({parse_name(e.name)[2] for e in ordered})
+    out += _evidence_section(exps)
     for ipc in ipcs:
         rows = [(m, exps.get(f"{m}-ipc{ipc}")) for m in PRESET_HELP]
         rows = [(m, e) for m, e in rows if e is not None]

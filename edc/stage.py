@@ -20,11 +20,17 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "prepare": ("seed", "dataset"),
     "train_observers": ("device", "bf16", "seed", "observers"),
     "collect_stats": ("device", "seed", "stats", "synth.aug"),
-    "init": ("device", "seed", "ipc", "init"),
-    "synthesize": ("device", "seed", "alpha", "synth"),
-    "relabel": ("device", "bf16", "seed", "relabel"),
-    "post_evaluate": ("device", "bf16", "seed", "zeta", "evaluate", "relabel.batch_size", "relabel.epochs",
+    "init": ("device", "seed", "trial", "ipc", "init"),
+    "synthesize": ("device", "seed", "trial", "alpha", "synth"),
+    "relabel": ("device", "bf16", "seed", "trial", "relabel"),
+    "post_evaluate": ("device", "bf16", "seed", "trial", "zeta", "evaluate", "relabel.batch_size", "relabel.epochs",
                       "relabel.min_steps"),
+    # The evaluation recipe without the keys only soft labels read (loss, temperature) and without
+    # labels, variants: one reference serves every method, ipc and trial evaluated under the recipe.
+    "reference": ("device", "bf16", "seed", "zeta", "evaluate.students", "evaluate.seeds", "evaluate.lr",
+                  "evaluate.weight_decay", "evaluate.schedule", "evaluate.milestones", "evaluate.gamma",
+                  "evaluate.ema", "evaluate.ema_rate", "evaluate.ema_warmup", "evaluate.eval_every",
+                  "relabel.batch_size", "relabel.aug", "reference"),
     "continual": ("device", "bf16", "seed", "zeta", "evaluate", "continual"),
     "slimming": ("device", "seed", "evaluate.temperature", "slimming"),
 }

@@ -18,7 +18,7 @@ from edc.init import noise_init, rded_init, real_init
 from edc.io import atomic_dir, atomic_file
 from edc.observers import load_observer
 from edc.params import load_params
-from edc.runtime import derive_seed, place, resolve_device, seed_everything
+from edc.runtime import derive_seed, place, resolve_device, seed_everything, trial_meta, trial_seed
 from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
 
@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     with stage_run("init", stage_params(p, "init"), seed=p.seed) as run:
         data = load_prepared(args.data, p.workers)
         k = data.facts.num_classes
-        gen = seed_everything(derive_seed(p.seed, "init"))
+        gen = seed_everything(derive_seed(trial_seed(p.seed, p.trial), "init"))
         if cfg.method == "noise":
             res = noise_init((data.facts.channels, data.facts.height, data.facts.width), k, p.ipc, gen)
         else:
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
         images = to_uint8(res.images, data.facts)
         with atomic_dir(args.out) as tmp:
             write_imageset(tmp, images, res.labels, {
-                "method": cfg.method, "ipc": p.ipc, "seed": p.seed, "params": cfg.model_dump(),
+                "method": cfg.method, "ipc": p.ipc, "seed": p.seed, **trial_meta(p.trial), "params": cfg.model_dump(),
                 "dataset": data.facts.name, "index": res.index,
             })
         with atomic_file(args.grid, "wb") as f:

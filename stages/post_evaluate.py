@@ -18,12 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edc import distributed
 from edc.data import load_prepared, split_files
 from edc.errors import ArtifactError
-from edc.evaluate import evaluate_students
+from edc.evaluate import evaluate_students, variant_sets
 from edc.io import write_curves, write_json
 from edc.params import load_params
 from edc.plan import planned_epochs
 from edc.resume import Checkpointer, fingerprint
-from edc.runtime import derive_seed, resolve_device
+from edc.runtime import derive_seed, resolve_device, trial_seed
 from edc.shards import load_condensed
 from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
@@ -35,7 +35,7 @@ PATHS = {  # --NAME: help (all required)
     "curves": "directory for per-student training curves (CSV)",
 }
 OPTIONAL = {
-    "accuracy": "directory of test-accuracy curves (EMA and raw weights) for DVC plots",
+    "accuracy": "directory of validation-accuracy curves (EMA and raw weights) for DVC plots",
 }
 
 
@@ -60,20 +60,21 @@ def check_plan(args, p, ds, data) -> None:
 
 
 def write_plots(args, cfg, curves: dict[str, list[dict]], has_val: bool) -> None:
-    """Training curves per student and seed; the test-accuracy curves (EMA and raw weights), one file
-    per line of the DVC plot."""
-    fields = ["epoch", "train_loss", "test_acc"] + (["raw_test_acc"] if cfg.ema else []) + \
-        (["val_acc"] if has_val else [])
+    """Training curves per student and seed; the validation-accuracy curves (EMA and raw weights), one
+    file per line of the DVC plot. No curve holds the test split: it is scored once, at the end."""
+    fields = ["epoch", "train_loss"] + (["val_acc"] + (["raw_val_acc"] if cfg.ema else []) if has_val else [])
     write_curves(args.curves, curves, fields)
-    if args.accuracy:  # one file per line of the DVC plot: student, seed, EMA or raw weights
+    # One file per line of the DVC plot (student, seed, EMA or raw weights); without a validation split
+    # (dataset.val_size 0) the files hold their header only.
+    if args.accuracy:
         acc = {}
         for name, rows in curves.items():
-            tested = [r for r in rows if "test_acc" in r]
+            scored = [r for r in rows if "val_acc" in r]
             acc[f"{name}-{'ema' if cfg.ema else 'model'}"] = [
-                {"epoch": r["epoch"], "test_acc": r["test_acc"]} for r in tested]
+                {"epoch": r["epoch"], "val_acc": r["val_acc"]} for r in scored]
             if cfg.ema:
-                acc[f"{name}-raw"] = [{"epoch": r["epoch"], "test_acc": r["raw_test_acc"]} for r in tested]
-        write_curves(args.accuracy, acc, ["epoch", "test_acc"])
+                acc[f"{name}-raw"] = [{"epoch": r["epoch"], "val_acc": r["raw_val_acc"]} for r in scored]
+        write_curves(args.accuracy, acc, ["epoch", "val_acc"])
 
 
 def main(argv=None) -> None:
@@ -92,8 +93,10 @@ def main(argv=None) -> None:
         ckpt = Checkpointer(args.metrics, fingerprint("post_evaluate", stage_params(p, "post_evaluate"),
                                                       [args.shards, *split_files(args.data, "test"),
                                                        *split_files(args.data, "val")], code=__file__))
-        metrics, curves = evaluate_students(cfg, p.zeta, ds, test, val, lambda *k: derive_seed(p.seed, "evaluate", *k),
-                                            ckpt, run, device, p.bf16, world, jobs=p.eval_jobs)
+        seed = trial_seed(p.seed, p.trial)
+        metrics, curves = evaluate_students(cfg, p.zeta, ds, test, val, lambda *k: derive_seed(seed, "evaluate", *k),
+                                            ckpt, run, device, p.bf16, world, variant_sets(ds, cfg.variants),
+                                            jobs=p.eval_jobs)
         if not world.main:
             return
         write_plots(args, cfg, curves, val is not None)
@@ -103,6 +106,8 @@ def main(argv=None) -> None:
     for name, m in metrics.items():
         print(f"{name}: test accuracy {100 * m['acc_mean']:.2f} +- {100 * m['acc_std']:.2f}% over {cfg.seeds} seeds "
               f"({ds.labels} labels, {ds.epochs} epochs)")  # a set of hard labels trains on classes
+        for variant, v in m.get("variants", {}).items():
+            print(f"{name} ({variant}): test accuracy {100 * v['acc_mean']:.2f} +- {100 * v['acc_std']:.2f}%")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from edc.params import load_params
 from edc.plan import planned_epochs, stored_epochs
 from edc.relabel import relabel_set
 from edc.resume import Checkpointer, fingerprint
-from edc.runtime import inference_copy, place, resolve_device
+from edc.runtime import inference_copy, place, resolve_device, trial_meta, trial_seed
 from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
 
@@ -57,14 +57,14 @@ def main(argv=None) -> None:
                 "ipc": img_meta["ipc"], "teachers": cfg.teachers, "epochs": epochs, "stored_epochs": stored,
                 "batch_size": cfg.batch_size, "codec": cfg.codec, "topk": cfg.topk, "cutmix": cfg.cutmix,
                 "aug": cfg.aug.model_dump(),
-                "params": {"seed": p.seed, "relabel": cfg.model_dump(), "synthesis": img_meta}}
+                "params": {"seed": p.seed, **trial_meta(p.trial), "relabel": cfg.model_dump(), "synthesis": img_meta}}
         ckpt = Checkpointer(args.out, fingerprint("relabel", stage_params(p, "relabel"),
                                                   [args.data + "/facts.json", args.images,
                                                    *(Path(args.observers) / f"{t}.safetensors" for t in cfg.teachers)],
                                                   code=__file__))
 
-        published = relabel_set(images_u8, images, labels, teachers, cfg, p.seed, p.bf16, meta, world, ckpt, args.out,
-                                (facts.mean, facts.std))
+        published = relabel_set(images_u8, images, labels, teachers, cfg, trial_seed(p.seed, p.trial), p.bf16, meta,
+                                world, ckpt, args.out, (facts.mean, facts.std))
         if published is None:  # ranks other than 0 under torchrun
             return
         set_meta, agree = published

@@ -21,7 +21,7 @@ from edc.io import atomic_dir, atomic_file, md5_file, write_json
 from edc.observers import load_observer
 from edc.params import load_params
 from edc.resume import Checkpointer, fingerprint
-from edc.runtime import derive_seed, place, resolve_device, seed_everything
+from edc.runtime import derive_seed, place, resolve_device, seed_everything, trial_meta, trial_seed
 from edc.stage import parser, stage_main, stage_params
 from edc.stats import load_stats
 from edc.synth import Observer, before_after, synthesize_set
@@ -105,24 +105,26 @@ def main(argv=None) -> None:
         images = normalize(init_u8, facts).to(device)  # synthesis stays fp32 on any device
         ydev = labels.to(device)
         observers = [load_matched_observer(args.observers, args.stats, name, device, cfg) for name in cfg.observers]
-        seed_everything(derive_seed(p.seed, "synthesize"))
+        seed = trial_seed(p.seed, p.trial)
+        seed_everything(derive_seed(seed, "synthesize"))
         rows: list[dict] = []
         log = iteration_logger(run, rows)
         ckpt = Checkpointer(args.out, fingerprint("synthesize", stage_params(p, "synthesize"),
                                                   [args.init, args.stats, *(Path(args.observers) / f"{n}.safetensors"
                                                                             for n in cfg.observers)], code=__file__))
         result = synthesize_set(images, ydev, observers, cfg, p.alpha, pixel_bounds(facts),
-                                lambda b: derive_seed(p.seed, "synthesize", str(b)), world, ckpt, log)
+                                lambda b: derive_seed(seed, "synthesize", str(b)), world, ckpt, log)
         if result is None:  # ranks other than 0 under torchrun
             return
         out_u8 = to_uint8(result.cpu(), facts)
         # Measured on what is saved (the images rounded to pixels), after the iterations so that the
         # first one is not kept waiting.
         report = before_after(images, normalize(out_u8, facts).to(device), ydev, observers, p.alpha, cfg,
-                              derive_seed(p.seed, "synthesize", "report"))
+                              derive_seed(seed, "synthesize", "report"))
         with atomic_dir(args.out) as tmp:
             write_imageset(tmp, out_u8, labels, {
-                "alpha": p.alpha, "seed": p.seed, "params": cfg.model_dump(), "init": init_meta["method"],
+                "alpha": p.alpha, "seed": p.seed, **trial_meta(p.trial), "params": cfg.model_dump(),
+                "init": init_meta["method"],
                 "dataset": facts.name, "ipc": init_meta["ipc"], "matching": report,
             })
         write_curve(args.curves, rows)

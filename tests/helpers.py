@@ -73,7 +73,7 @@ def stage_argv(name: str) -> list[str]:
     return cmd[script + 1:]
 
 
-ARGS = {name: stage_argv(name) for name in (*PIPELINE, "continual", "slimming")}
+ARGS = {name: stage_argv(name) for name in (*PIPELINE, "reference", "continual", "slimming")}
 
 
 def run_stages(work: Path, params: Path, stages=PIPELINE) -> None:
@@ -265,11 +265,12 @@ def make_dvc_repo(tmp_path: Path) -> tuple[Path, dict]:
 
 
 APPS = ("continual", "slimming")  # off by default: they run, write "enabled: false", and log nothing
+REFERENCE = "reference"  # HLR's full-data reference, off by default too; reads no set, only data and recipe
 
 
 def ran(output: str) -> set[str]:
     """The stages a DVC command's output says it ran."""
-    return {s for s in PIPELINE + APPS if f"Running stage '{s}'" in output}
+    return {s for s in (*PIPELINE, *APPS, REFERENCE) if f"Running stage '{s}'" in output}
 
 
 def lock_outs(repo: Path) -> dict[str, str]:

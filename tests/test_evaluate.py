@@ -65,10 +65,14 @@ def test_student_trains_from_shards_alone_and_is_seeded(tmp_path):
     cfg = parse_params(raw).evaluate
     test = (torch.randn(8, 3, 10, 10), torch.arange(8) % 4)
     spec = cfg.students[0]
-    a = train_student(spec, cfg, 2.0, ds, test, seed=3)
-    b = train_student(spec, cfg, 2.0, ds, test, seed=3)
+    val = (torch.randn(6, 3, 10, 10), torch.arange(6) % 4)
+    a = train_student(spec, cfg, 2.0, ds, test, seed=3, val=val)
+    b = train_student(spec, cfg, 2.0, ds, test, seed=3, val=val)
     assert a.acc == b.acc and a.curve == b.curve
-    assert [r["epoch"] for r in a.curve] == [1, 2, 3, 4] and [("test_acc" in r) for r in a.curve] == [0, 1, 0, 1]
+    # The curve scores the validation split only; the test split is scored once, after the last epoch.
+    assert [r["epoch"] for r in a.curve] == [1, 2, 3, 4] and [("val_acc" in r) for r in a.curve] == [0, 1, 0, 1]
+    assert not any(k.startswith("test") or "_test" in k for r in a.curve for k in r)
+    assert a.val_acc == a.curve[-1]["val_acc"] and 0 <= a.acc <= 1
     assert ds.facts == FACTS
 
 
@@ -92,8 +96,8 @@ def bn_student_run(tmp_path, warmup, rate=0.9, epochs=6, eval_every=100):
     cfg = parse_params(raw).evaluate
     states = []
     test = (torch.randn(8, 3, 10, 10), torch.arange(8) % 4)
-    res = train_student(cfg.students[0], cfg, 2.0, ds, test, seed=0,
-                        on_epoch=lambda snap: states.append(copy.deepcopy(snap())))
+    res = train_student(cfg.students[0], cfg, 2.0, ds, test, seed=0,  # the curve's points score val
+                        on_epoch=lambda snap: states.append(copy.deepcopy(snap())), val=test)
     return ds, states, res
 
 
@@ -139,3 +143,42 @@ def test_ema_batchnorm_statistics_are_recomputed_from_the_planned_batches(tmp_pa
             m.running_mean.fill_(7.0)
     assert recompute_bn(model, ds, torch.device("cpu")) == ds.epochs  # one batch per epoch, all six epochs
     torch.testing.assert_close(model.state_dict()[first_bn[len("module."):]], a.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_variants_retrain_the_same_seeds_on_hard_labels_and_on_the_unaugmented_images(tmp_path):
+    from edc.distributed import World
+    from edc.evaluate import UnaugmentedView, evaluate_students, variant_sets
+    from edc.resume import Checkpointer
+    from edc.shards import read_epoch
+    from edc.tracking import NullRun
+
+    write_set(tmp_path / "s", epochs=2, images=toy_images(n=16), cutmix=True)
+    ds = load_condensed(tmp_path / "s")
+    # brute force: each image's mean stored logits over every planned view (CutMix views count for the
+    # image whose id the batch holds)
+    views = [(int(i), torch.from_numpy(row)) for e in range(ds.epochs) for b in read_epoch(ds.path, ds.meta, e)
+             for i, row in zip(b["ids"], b["logits"])]
+    mean = torch.stack([torch.stack([v for i, v in views if i == n]).mean(0) for n in range(16)])
+    view = UnaugmentedView(ds)
+    for e in range(ds.epochs):
+        for (x, target, hard), b in zip(view.epoch(e), read_epoch(ds.path, ds.meta, e), strict=True):
+            ids = torch.from_numpy(b["ids"])  # the planned batches, in order: the same steps as the main run
+            assert torch.equal(x, ds.images[ids]) and torch.equal(hard, ds.hard[ids])
+            torch.testing.assert_close(target, mean[ids])
+    raw = tiny_params()
+    raw["evaluate"]["variants"] = ["hard", "noaug"]
+    cfg = parse_params(raw).evaluate
+    test = (torch.randn(8, 3, 10, 10), torch.arange(8) % 4)
+    metrics, curves = evaluate_students(cfg, 2.0, ds, test, None, lambda *k: 5, Checkpointer(tmp_path / "m.json", "x"),
+                                        NullRun(), torch.device("cpu"), False, World(), variant_sets(ds, cfg.variants))
+    got = metrics["student"]
+    assert set(got["variants"]) == {"hard", "noaug"} and set(curves) == {
+        "student-seed0", "student-hard-seed0", "student-noaug-seed0"}
+    spec = cfg.students[0]
+    assert got["acc_mean"] == pytest.approx(train_student(spec, cfg, 2.0, ds, test, seed=5).acc, abs=1e-6)
+    hard = train_student(spec, cfg, 2.0, load_condensed(tmp_path / "s", labels="hard"), test, seed=5)
+    assert got["variants"]["hard"]["acc_mean"] == pytest.approx(hard.acc, abs=1e-6)
+    noaug = train_student(spec, cfg, 2.0, view, test, seed=5)
+    assert got["variants"]["noaug"]["acc_mean"] == pytest.approx(noaug.acc, abs=1e-6)
+    # under evaluate.labels: hard the main evaluation is the hard-label one: no second copy of it
+    assert set(variant_sets(load_condensed(tmp_path / "s", labels="hard"), ["hard", "noaug"])) == {"noaug"}

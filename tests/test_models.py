@@ -109,3 +109,27 @@ def test_device_auto_is_the_cpu_here_and_cuda_without_a_gpu_is_a_clear_error(mon
     assert model.weight.is_contiguous()
     with autocast(torch.device("cpu"), True):
         assert model(torch.randn(1, 3, 5, 5)).dtype == torch.float32
+
+
+def test_vit_is_outside_the_observers_families_and_checks_its_shape():
+    """The unseen student: no BatchNorm for synthesis to have matched, no convolution after the patch
+    embedding; a patch that does not tile the image is named."""
+    model = create_model("vit", in_channels=1, num_classes=10, image_size=28)
+    assert not bn_layers(model) and sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 1
+    x = torch.randn(2, 1, 28, 28)
+    # the position embedding makes the patches' order matter: swapping two patches changes the output
+    y = x.clone()
+    y[:, :, :4, :4], y[:, :, :4, 4:8] = x[:, :, :4, 4:8], x[:, :, :4, :4]
+    assert not torch.allclose(model.eval()(x), model(y))
+    with pytest.raises(ValueError, match="patch 5 does not divide the 28px image"):
+        create_model("vit", in_channels=1, num_classes=10, image_size=28, patch=5)
+    # as a student of params.yaml: one line naming the architecture, its arguments and the data
+    from edc.data import DatasetFacts
+    from edc.errors import EdcError
+    from edc.observers import build
+
+    facts = DatasetFacts(name="toy", channels=3, height=32, width=32, num_classes=4, class_names=list("abcd"),
+                         mean=[0.5] * 3, std=[0.2] * 3, counts={"train": [5] * 4, "test": [2] * 4})
+    with pytest.raises(EdcError) as exc:
+        build("vit", {"patch": 7}, facts)
+    assert str(exc.value) == "vit {'patch': 7} on toy (32px): vit patch 7 does not divide the 32px image"

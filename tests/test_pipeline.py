@@ -20,6 +20,7 @@ from edc.stats import load_stats
 from tests.helpers import (
     APPS,
     PIPELINE,
+    REFERENCE,
     lock_outs,
     make_dvc_repo,
     md5_tree,
@@ -80,8 +81,10 @@ def test_stages_write_their_contracts_and_are_byte_deterministic(tmp_path):
     assert "val_acc" in (a / "reports/plots/evaluate/student-seed0.csv").read_text().splitlines()[0]
     ema = (a / "reports/plots/accuracy/student-seed0-ema.csv").read_text().splitlines()
     raw = (a / "reports/plots/accuracy/student-seed0-raw.csv").read_text().splitlines()
-    assert ema[0] == raw[0] == "epoch,test_acc" and len(ema) == len(raw) == 1 + 2  # eval_every 1, 2 epochs
-    assert float(raw[-1].split(",")[1]) == metrics["raw_acc_mean"]
+    # The curves show the validation split; the test split is scored once, at the end (metrics.json).
+    assert ema[0] == raw[0] == "epoch,val_acc" and len(ema) == len(raw) == 1 + 2  # eval_every 1, 2 epochs
+    assert float(raw[-1].split(",")[1]) == metrics["raw_val_acc_mean"]
+    assert not any("test" in f.read_text() for f in (a / "reports/plots").rglob("*.csv"))
     stored = read_json(a / "reports/relabel.json")["bytes"]
     shards = a / "condensed/shards"
     assert stored["total"] == sum(f.stat().st_size for f in shards.iterdir())
@@ -195,7 +198,7 @@ def _run_of(h, stage_name: str, exp: str) -> str:
 @pytest.mark.slow
 @pytest.mark.xdist_group("dvc-history")
 def test_repro_runs_every_stage_once_then_nothing(history):
-    assert history.ran["repro"] == set(PIPELINE + APPS)
+    assert history.ran["repro"] == {*PIPELINE, *APPS, REFERENCE}
     assert {k for k in history.lock if not k.split(":")[1].startswith("reports")} == {
         "prepare:data/prepared", "train_observers:models/observers", "collect_stats:stats", "init:condensed/init",
         "synthesize:condensed/images", "relabel:condensed/shards"}
@@ -228,8 +231,8 @@ def test_a_param_reruns_only_the_stages_that_read_it(history):
     # alpha: synthesize and what follows it, nothing upstream
     assert history.ran["alpha-quarter"] == {"synthesize", "relabel", "post_evaluate", *APPS}
     assert history.read["alpha-quarter"]["alpha"] == 0.25
-    # zeta: post_evaluate, and continual, which trains students with the same recipe
-    assert history.ran["zeta-one-half"] == {"post_evaluate", "continual"}
+    # zeta: post_evaluate, and continual and reference, which train students with the same recipe
+    assert history.ran["zeta-one-half"] == {"post_evaluate", "continual", REFERENCE}
 
 
 @pytest.mark.slow
@@ -344,7 +347,7 @@ def test_a_queued_sweep_loses_no_run_and_the_report_shows_it(history):
 def test_applications_and_a_failing_stage_under_dvc(dvc_repo):
     """Its own repository, so that pytest-xdist runs it beside the test above."""
     repo, env = dvc_repo
-    assert ran(sh(["dvc", "repro"], repo, env)) == set(PIPELINE + APPS)
+    assert ran(sh(["dvc", "repro"], repo, env)) == {*PIPELINE, *APPS, REFERENCE}
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "lock"], repo, env)
 

@@ -63,6 +63,9 @@ def edited(value, field):
         return value / 2 if value > 0 else 0.5
     if isinstance(value, list) and value and isinstance(value[0], str):
         return value[:1]
+    inner = get_args(args[0]) if args and get_origin(args[0]) is Literal else ()
+    if isinstance(value, list) and not value and inner:  # an empty list of choices (evaluate.variants)
+        return [inner[0]]
     if isinstance(value, list):
         return [0.5]
     raise AssertionError(f"no edit for {value!r}")
@@ -341,3 +344,32 @@ def test_a_sweep_winner_inside_the_seed_spread_is_called_noise(tmp_path):
     assert "(0.40 points) is less than the preset's seed spread on validation (0.60): noise" in zeta
     alpha = next(ln for ln in text.splitlines() if ln.startswith("Best on the validation split: **alpha"))
     assert "leads the edc preset's 0.5 by 3.30 points, more than its seed spread" in alpha
+
+
+def test_trials_are_named_experiments_with_the_trial_param(tmp_path, monkeypatch, capsys):
+    from edc.cli import main as edc_main
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    edc_main(["exp", "preset", "edc", "--ipc", "1", "--trials", "3", "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" -n ")[1].split()[0] for line in lines] == ["edc-ipc1-t0", "edc-ipc1-t1", "edc-ipc1-t2"]
+    assert [line.count("-S trial=") for line in lines] == [1, 1, 1]
+    assert all(f"-S trial={k}" in line for k, line in enumerate(lines))
+    # without --trials, one experiment as before, no trial key
+    edc_main(["exp", "preset", "edc", "--ipc", "1", "--dry-run"])
+    out = capsys.readouterr().out
+    assert " -n edc-ipc1 " in out and "trial" not in out
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as exc:
+            edc_main(["exp", "preset", "edc", "--trials", bad, "--dry-run"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "argument --trials: must be an integer" in err[-1] and err[-1].endswith(f"(got {bad!r})")
+    # a trial's name parses back to its preset and ipc (the trial itself is the experiment's param)
+    assert parse_name(experiment_name("random-soft", 1, trial=4)) == ("random-soft", None, 1)
+    assert parse_name(experiment_name("alpha", 10, 0.25, trial=0)) == ("alpha", "0.25", 10)
+    assert parse_name("edc-ipc1-tx") is None
+    with pytest.raises(SystemExit):
+        edc_main(["exp", "preset", "edc", "--trials", "2", "-S", "trial=3", "--dry-run"])
+    assert capsys.readouterr().err.strip() == "--trials sets the param trial of each experiment; remove -S trial=..."

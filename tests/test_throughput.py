@@ -128,7 +128,8 @@ def outputs(work: Path) -> dict[str, str]:
 
 
 def seed_runs(work: Path) -> dict[str, tuple[float, int]]:
-    """MLflow's child runs of the post_evaluate run: {run name: (final_acc, test_acc points logged)}."""
+    """MLflow's child runs of the post_evaluate run: {run name: (final_acc, curve points logged)} (the
+    curve's train_loss, one per epoch; the test split is scored once, at the end, and has no curve)."""
     db = sqlite3.connect(work / "mlflow.db")
     rows = db.execute("select r.name, r.run_uuid from runs r join tags t on t.run_uuid = r.run_uuid "
                       "and t.key = 'edc.student'").fetchall()
@@ -136,7 +137,7 @@ def seed_runs(work: Path) -> dict[str, tuple[float, int]]:
     for name, run in rows:
         (acc,) = db.execute("select value from latest_metrics where run_uuid = ? and key = 'final_acc'",
                             (run,)).fetchone()
-        (points,) = db.execute("select count(*) from metrics where run_uuid = ? and key = 'test_acc'",
+        (points,) = db.execute("select count(*) from metrics where run_uuid = ? and key = 'train_loss'",
                                (run,)).fetchone()
         out[name] = (acc, points)
     return out
@@ -153,7 +154,7 @@ def test_eval_jobs_2_gives_the_results_of_one_process_with_the_same_threads(shar
     assert outputs(tmp_path / "two") == outputs(tmp_path / "one")
     runs = seed_runs(tmp_path / "two")
     assert runs == seed_runs(tmp_path / "one") and sorted(runs) == ["student seed 0", "student seed 1"]
-    assert all(points == 6 for _, points in runs.values())  # eval_every 1: every epoch's point
+    assert all(points == 6 for _, points in runs.values())  # every epoch's point
 
 
 def test_a_killed_parallel_post_evaluate_keeps_its_finished_seeds(shards, tmp_path):

@@ -255,3 +255,38 @@ def shufflenet_v2(in_channels: int, num_classes: int, image_size: int, width_mul
     m.conv1[0] = _restem(m.conv1[0], in_channels)
     m.maxpool = nn.Identity()
     return m
+
+
+class ViT(nn.Module):
+    """A small vision transformer (Dosovitskiy et al. 2021) for small images: non-overlapping
+    ``patch`` x ``patch`` patches embedded by a strided convolution, a learned position embedding,
+    ``depth`` pre-norm encoder layers (torch's own, GELU MLP of ``mlp_ratio`` x ``dim``), the mean
+    token, LayerNorm, a linear head. No BatchNorm and no convolution hierarchy: a family none of the
+    convolutional observers shares, the project's unseen student."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, patch: int, dim: int, depth: int,
+                 heads: int, mlp_ratio: int):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"vit patch {patch} does not divide the {image_size}px image")
+        if dim % heads:
+            raise ValueError(f"vit dim {dim} is not a multiple of heads {heads}")
+        self.embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, (image_size // patch) ** 2, dim))
+        nn.init.trunc_normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, mlp_ratio * dim, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        # enable_nested_tensor only speeds up padded batches, which images never are
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.encoder(tokens).mean(1)))
+
+
+@register_model("vit")
+def vit(in_channels: int, num_classes: int, image_size: int, patch: int = 4, dim: int = 64, depth: int = 4,
+        heads: int = 4, mlp_ratio: int = 2) -> nn.Module:
+    return ViT(in_channels, num_classes, image_size, patch, dim, depth, heads, mlp_ratio)
