@@ -37,6 +37,9 @@ WORKSPACE_KEYS = (
     "seed", "ipc", "trial", "device", "bf16", "workers", "eval_jobs", "launcher",
     "dataset", "observers", "evaluate.students", "synth.aug.flip", "relabel.aug.flip",
     "continual", "slimming",
+    # measurements added beside a set's own (evaluation variants, HLR's full-data reference): they change
+    # neither the set nor its main evaluation, so the trial command may switch them on for any preset
+    "evaluate.variants", "reference",
 )
 
 # Observer lists resolved against the workspace's observers.models
