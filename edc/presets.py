@@ -72,8 +72,8 @@ METHOD_KEYS = pinned_keys()
 
 # --- the shared evaluation protocol (every method's row) -------------------------------------------
 PROTOCOL: dict[str, Any] = {
-    "relabel.teachers": ALL_OBSERVERS,   # DESIGN.md: the same teachers and stored labels for every row
-    "relabel.epochs": 200,               # the budget grows as ipc shrinks (DESIGN.md; the paper: 1000 at ipc 1)...
+    "relabel.teachers": ALL_OBSERVERS,   # the same teachers and stored labels for every row
+    "relabel.epochs": 200,               # the budget grows as ipc shrinks (the paper: 1000 epochs at ipc 1)...
     "relabel.min_steps": 1000,           # ...at least 1000 optimiser steps: ipc 1 1000 epochs, ipc 10 250
     "relabel.batch_size": 25,            # the paper's CIFAR-10 post-evaluation batch (Table 10)
     "relabel.topk": 0,                   # all logits stored

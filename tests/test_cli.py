@@ -121,13 +121,31 @@ CASES = [
     ("smoke-project-missing", ["smoke", "--project", "nope"], "argument --project: nope: no such file"),
     # restore (the scratch project is no git repository)
     ("restore-no-dvc-yaml", ["restore"], "edc restore: no dvc.yaml here"),
+    # trials (--trials, the trial key)
+    ("preset-trials-zero", ["exp", "preset", "edc", "--trials", "0"], "argument --trials: must be an integer >= 1"),
+    ("preset-trials-word", ["exp", "preset", "edc", "--trials", "five"], "argument --trials: must be an integer"),
+    ("sweep-trials-negative", ["exp", "sweep", "zeta", "--trials", "-1"], "argument --trials: must be an integer >= 1"),
+    ("preset-trials-and-trial", ["exp", "preset", "edc", "--dry-run", "--trials", "2", "-S", "trial=1"],
+     "--trials sets the param trial of each experiment"),
+    ("preset-set-trial-negative", ["exp", "preset", "edc", "--dry-run", "-S", "trial=-1"], "trial: must be >= 0"),
+    ("preset-set-variant-unknown", ["exp", "preset", "edc", "--dry-run", "-S", "evaluate.variants=[fuzzy]"],
+     "evaluate.variants[0]: must be one of 'hard' or 'noaug'"),
+    # label codecs and stored epochs
+    ("sweep-codec-unknown", ["exp", "sweep", "codec", "--dry-run", "--values", "int4"],
+     "relabel.codec: must be one of 'float16', 'int8' or 'hard' (got 'int4')"),
+    ("preset-set-label-epochs-negative", ["exp", "preset", "edc", "--dry-run", "-S", "relabel.label_epochs=-1"],
+     "relabel.label_epochs: must be >= 0 (got -1)"),
+    # side-by-side experiments
+    ("queue-jobs-zero", ["queue", "start", "-j", "0"], "argument -j/--jobs: must be an integer >= 1 (got '0')"),
+    ("queue-jobs-word", ["queue", "start", "-j", "x"], "argument -j/--jobs: must be an integer (got 'x')"),
 ]
 
 
 def test_the_catalogue_covers_every_command():
     names = {c[0] for c in CASES}
     assert len(names) == len(CASES)
-    commands = {"check", "stats", "preset", "sweep", "dataset", "report", "export", "evaluate", "smoke", "restore"}
+    commands = {"check", "stats", "preset", "sweep", "dataset", "report", "export", "evaluate", "smoke", "restore",
+                "queue"}
     assert commands <= {c[0].split("-")[0] for c in CASES}
 
 
