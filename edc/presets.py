@@ -76,7 +76,10 @@ PROTOCOL: dict[str, Any] = {
     "relabel.epochs": 200,               # the budget grows as ipc shrinks (the paper: 1000 epochs at ipc 1)...
     "relabel.min_steps": 1000,           # ...at least 1000 optimiser steps: ipc 1 1000 epochs, ipc 10 250
     "relabel.batch_size": 25,            # the paper's CIFAR-10 post-evaluation batch (Table 10)
-    "relabel.topk": 0,                   # all logits stored
+    "relabel.topk": 0,                   # all logits stored...
+    "relabel.codec": "float16",          # ...in float16...
+    "relabel.label_epochs": 0,           # ...for every epoch: 50 stored epochs passed at ipc 10 but cost 2-3
+                                         # validation points at ipc 1 (docs/format.md)
     "relabel.cutmix": False,
     "relabel.aug.scale_min": 0.08,       # the public CIFAR recipe's 0.08-1 views, chosen on validation at ipc 1
     "relabel.aug.randaugment": 0,        # off for every row (the paper's Tables 7-10 use it; the dataset presets
