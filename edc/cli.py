@@ -454,7 +454,7 @@ def _exp_args(sp: argparse.ArgumentParser) -> None:
                     help="N trials of each experiment, NAME-t0 ... (params trial 0 ... N-1): the initial draw, "
                          "synthesis, relabel plan and student seeds redrawn, the split, observers and statistics "
                          "shared (change seed for those)")
-    sp.add_argument("--queue", action="store_true", help="queue instead of running (then `dvc queue start`)")
+    sp.add_argument("--queue", action="store_true", help="queue instead of running (then `edc queue start -j N`)")
     sp.add_argument("--replace", action="store_true", help="rerun experiments whose name exists already")
     sp.add_argument("--dry-run", action="store_true", help="print the dvc commands only")
     sp.add_argument("-S", "--set", action="append", type=key_value, metavar="KEY=VALUE",
