@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edc.errors import ParamsError
-from edc.params import Params, Section, read_yaml
+from edc.params import Params, Section, get_dotted, read_yaml
 
 # What a preset leaves to the workspace: the seed and the set's size, the trial, the machine, and the
 # dataset with what belongs to it: the observers trained on it and the students sized for its images
@@ -254,14 +254,6 @@ def preset_overrides(name: str, p: Params) -> dict[str, Any]:
     return out
 
 
-def _dotted(params: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        if not isinstance(params, dict) or part not in params:
-            return "(absent)"
-        params = params[part]
-    return params
-
-
 def preset_mismatch(name: str, params: dict[str, Any]) -> list[str]:
     """``key: value (preset: value)`` for every pinned key where ``params`` (an experiment's params.yaml as
     a mapping) differs from preset ``name``'s value; [] when the experiment ran the preset as it stands
@@ -272,8 +264,8 @@ def preset_mismatch(name: str, params: dict[str, Any]) -> list[str]:
         want = preset_overrides(name, parse_params(params))
     except ParamsError as exc:
         return [f"params do not validate ({exc})"]
-    return [f"{key}: {_dotted(params, key)!r} (preset: {value!r})" for key, value in want.items()
-            if _dotted(params, key) != value]
+    return [f"{key}: {get_dotted(params, key, '(absent)')!r} (preset: {value!r})" for key, value in want.items()
+            if get_dotted(params, key, "(absent)") != value]
 
 
 @dataclass(frozen=True)

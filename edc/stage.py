@@ -96,8 +96,6 @@ def process_start() -> float | None:
     """When this process started (Unix time, from /proc; None elsewhere): its start-up and imports
     end where :func:`stage_main` begins."""
     try:
-        from pathlib import Path
-
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime"))
@@ -125,7 +123,6 @@ def stage_main(fn: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
     """Run a stage's ``main`` with torch's thread count set (:func:`edc.runtime.configure_threads`); a
     user error prints its lines to stderr and exits 2, no traceback. Under DVC, every failure ends with
     :func:`restore_hint`."""
-    hint = restore_hint()
     entered = time.time()
     try:
         from edc.runtime import configure_threads  # here: importing torch is the stage's business
@@ -137,16 +134,19 @@ def stage_main(fn: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
     except EdcError as exc:
         for line in str(exc).splitlines():
             print(line, file=sys.stderr)
+        hint = restore_hint()  # only a failure needs it (it asks git for params.yaml)
         if hint:
             print(hint, file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: no output of this stage was replaced; rerun `dvc repro` to finish (synthesize, relabel "
               "and post_evaluate resume from their last checkpoint)", file=sys.stderr)
+        hint = restore_hint()
         if hint:
             print(hint, file=sys.stderr)
         sys.exit(130)
     except Exception:
+        hint = restore_hint()
         if not hint:
             raise
         traceback.print_exc()
