@@ -37,9 +37,10 @@ WORKSPACE_KEYS = (
     "seed", "ipc", "trial", "device", "bf16", "workers", "eval_jobs", "launcher",
     "dataset", "observers", "evaluate.students", "synth.aug.flip", "relabel.aug.flip",
     "continual", "slimming",
-    # measurements added beside a set's own (evaluation variants, HLR's full-data reference): they change
-    # neither the set nor its main evaluation, so the trial command may switch them on for any preset
-    "evaluate.variants", "reference",
+    # measurements added beside a set's own (evaluation variants, HLR's full-data reference) and how many
+    # student seeds measure it: they change neither the set nor its recipe, so the trial command may set them
+    # for any preset (trials behind a results table use one seed each: the seed changes with the trial)
+    "evaluate.variants", "reference", "evaluate.seeds",
 )
 
 # Observer lists resolved against the workspace's observers.models
@@ -84,7 +85,6 @@ PROTOCOL: dict[str, Any] = {
     "relabel.aug.scale_min": 0.08,       # the public CIFAR recipe's 0.08-1 views, chosen on validation at ipc 1
     "relabel.aug.randaugment": 0,        # off for every row (the paper's Tables 7-10 use it; the dataset presets
     "relabel.aug.magnitude": 9,          # turn it on): the project's measurements ran without it
-    "evaluate.seeds": 3,
     "evaluate.labels": "soft",
     "evaluate.loss": "kl",
     "evaluate.temperature": 4.0,
