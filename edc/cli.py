@@ -354,9 +354,7 @@ def _results(args: argparse.Namespace) -> None:
     readme = Path(args.readme).read_text() if args.readme else None
     if readme is not None:
         headline_block(readme, args.readme)  # the markers, before anything is written
-    exps = read_experiments(".")
-    if args.commit:  # only the experiments that ran on these commits (a prefix of each baseline's hash)
-        exps = {n: e for n, e in exps.items() if any(e.baseline.startswith(rev) for rev in args.commit)}
+    exps = read_experiments(".", args.commit)
     if readme is not None and not headline(exps):
         raise EdcError(f"{args.readme}: no preset trials among the experiments for its headline (run e.g. "
                        "`edc exp preset edc --ipc 1 --trials 5` first, or pass --no-readme)")

@@ -71,13 +71,16 @@ def dvc_command() -> str:
     return found
 
 
-def read_experiments(repo: str | Path = ".") -> dict[str, Experiment]:
-    """Named experiments with post-evaluation metrics, newest per name."""
+def read_experiments(repo: str | Path = ".", commits: list[str] | None = None) -> dict[str, Experiment]:
+    """Named experiments with post-evaluation metrics, newest per name; with ``commits`` (hashes or their
+    first characters) only those that ran on one of them."""
     r = subprocess.run([dvc_command(), "exp", "show", "--json", "-A"], cwd=repo, capture_output=True, text=True)
     if r.returncode != 0:
         raise EdcError(f"dvc exp show failed:\n{r.stderr.strip()}")
     found: dict[str, Experiment] = {}
     for baseline in json.loads(r.stdout or "[]"):
+        if commits and not any((baseline.get("rev") or "").startswith(c) for c in commits):
+            continue
         for exp in baseline.get("experiments") or []:
             state = (exp.get("executor") or {}).get("state")
             if state not in (None, "success"):  # queued, running or failed: no metrics of its own
@@ -636,7 +639,9 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
             seeds = sorted({e.seeds for _, e in rows})
             out += [f"## Methods at ipc {ipc} (Table 1; {'/'.join(map(str, seeds))} seeds)", ""]
             out += _table("method", rows, students) + [""]
-            out += _preset_notes(rows)
+            # the evidence section notes the experiments it holds already
+            trials = method_trials(exps)
+            out += _preset_notes([(m, e) for m, e in rows if trials.get((m, ipc), {}).get(e.trial) is not e])
     for sweep, s in SWEEPS.items():
         for ipc in ipcs:
             if sweep == "ipc":
