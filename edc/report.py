@@ -238,7 +238,7 @@ def _sweep_points(sweep: str, ipc: int, exps: dict[str, Experiment]) -> list[tup
 
 
 @contextlib.contextmanager
-def _figure(path: Path, title: str, xlabel: str, legend_size: int = 8):
+def _figure(path: Path, title: str, xlabel: str, legend_size: int = 8, ylabel: str = "test accuracy (%)"):
     """An accuracy figure of the report: yields the axes, then labels, saves ``path`` and closes."""
     import matplotlib
 
@@ -249,7 +249,7 @@ def _figure(path: Path, title: str, xlabel: str, legend_size: int = 8):
     try:
         yield ax
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=legend_size)
@@ -563,7 +563,25 @@ def _unseen_line(groups: dict[tuple[str, int], dict[int, Experiment]]) -> str:
             f"the others ({', '.join(seen) or 'none'}) share one with an observer.")
 
 
-def _evidence_section(exps: dict[str, Experiment]) -> list[str]:
+def _ior_plot(png: Path, md_dir: Path, ipc: int,
+              points: dict[str, list[tuple[str, tuple[float, float | None]]]]) -> list[str]:
+    """IOR with its 95 % interval per method (a series) and student (the x axis), zero drawn: where a bar
+    crosses the line, the method is not shown to beat random-soft on that student."""
+    students = list(dict.fromkeys(s for pts in points.values() for s, _ in pts))
+    title = f"IOR vs random-soft at ipc {ipc}"
+    with _figure(png, title, "student", ylabel="IOR (points, 95 % interval)") as ax:
+        ax.axhline(0, color="black", linewidth=0.8)
+        width = 0.8 / max(len(points), 1)
+        for i, (method, pts) in enumerate(points.items()):
+            xs = [students.index(s) - 0.4 + width * (i + 0.5) for s, _ in pts]
+            ax.errorbar(xs, [100 * m for _, (m, _) in pts], yerr=[100 * (h or 0) for _, (_, h) in pts], marker="o",
+                        linestyle="none", capsize=3, label=method)
+        ax.set_xticks(range(len(students)), students)
+    return [f"![{title}]({Path(os.path.relpath(png, md_dir)).as_posix()})", ""]
+
+
+def _evidence_section(exps: dict[str, Experiment], plots_dir: Path | None = None,
+                      md_dir: Path = Path(".")) -> list[str]:
     groups = method_trials(exps)
     if not groups:
         return []
@@ -577,7 +595,7 @@ def _evidence_section(exps: dict[str, Experiment]) -> list[str]:
            "*unseen*: an architecture none of the observers has.", ""]
     out += [_unseen_line(groups), ""]
     for ipc in sorted({ipc for _, ipc in groups}):
-        rows = []
+        rows, iors = [], {}
         for method in PRESET_HELP:
             trials = groups.get((method, ipc))
             if not trials:
@@ -586,6 +604,8 @@ def _evidence_section(exps: dict[str, Experiment]) -> list[str]:
                 ev = evidence(trials, groups.get((BASELINE, ipc)), student)
                 if ev is None:
                     continue
+                if method != BASELINE and ev.ior is not None:
+                    iors.setdefault(method, []).append((student, ev.ior))
                 first = trials[ev.trials[0]]
                 name = f"{student} *(unseen)*" if _unseen(first, student) else student
                 ior = "0 (the baseline)" if method == BASELINE else _ci(ev.ior, signed=True) + (
@@ -602,6 +622,8 @@ def _evidence_section(exps: dict[str, Experiment]) -> list[str]:
             # a trial run with -S overrides of its preset's recipe must not pass for the preset
             out += _preset_notes([(method, e) for method in PRESET_HELP
                                   for _, e in sorted(groups.get((method, ipc), {}).items())])
+            if iors and plots_dir is not None:
+                out += _ior_plot(plots_dir / f"ior-ipc{ipc}.png", md_dir, ipc, iors)
     refs = {}
     for trials in groups.values():
         for e in trials.values():
@@ -631,7 +653,7 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
            "mean accuracy of the raw weights of the same runs. `[val x]` is the evaluated model's mean accuracy "
            "on the validation split (dataset.val_size), the only number a sweep's choice looks at.", ""]
     ipcs = sorted({parse_name(e.name)[2] for e in ordered})
-    out += _evidence_section(exps)
+    out += _evidence_section(exps, plots_dir, md_dir)
     for ipc in ipcs:
         rows = [(m, exps.get(f"{m}-ipc{ipc}")) for m in PRESET_HELP]
         rows = [(m, e) for m, e in rows if e is not None]

@@ -31,7 +31,8 @@ def test_the_page_and_readme_are_byte_identical_on_a_rerun_and_share_one_headlin
     plots = md5_tree(workspace / "docs/plots")
     _results(workspace, monkeypatch)
     assert (workspace / "docs/results.md").read_text() == page and (workspace / "README.md").read_text() == readme
-    assert md5_tree(workspace / "docs/plots") == plots
+    assert md5_tree(workspace / "docs/plots") == plots and sorted(plots) == ["ior-ipc1.png", "ior-ipc10.png"]
+    assert "![IOR vs random-soft at ipc 1](plots/ior-ipc1.png)" in page.splitlines()
     block = headline_block(page, "page")
     assert headline_block(readme, "README.md") == block
     # the rest of the README is the user's, untouched
