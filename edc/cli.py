@@ -333,7 +333,9 @@ def _report(args: argparse.Namespace) -> None:
     print(f"{out}: {len(exps)} experiments" + (f"; MLflow differs for {', '.join(differ)}" if differ else ""))
 
 
-RESULTS_DEFAULTS = {"out": "docs/results.md", "plots": "docs/plots", "readme": "README.md"}
+# The page's figures get their own folder: docs/plots holds the figures docs/findings.md shows, which a
+# rerun must not redraw from other experiments.
+RESULTS_DEFAULTS = {"out": "docs/results.md", "plots": "docs/plots/results", "readme": "README.md"}
 
 
 def _results_command(args: argparse.Namespace) -> str:

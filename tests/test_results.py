@@ -14,8 +14,7 @@ README = f"# A project\n\nIntro.\n\n{HEADLINE_START}\nold numbers\n{HEADLINE_END
 
 def _results(tmp_path, monkeypatch, *extra: str) -> None:
     monkeypatch.chdir(tmp_path)
-    main(["results", "--out", "docs/results.md", "--plots", "docs/plots", "--readme", "README.md", "--no-mlflow",
-          *extra])
+    main(["results", "--no-mlflow", *extra])  # the defaults: docs/results.md, docs/plots/results, README.md
 
 
 @pytest.fixture
@@ -28,11 +27,11 @@ def workspace(tmp_path, monkeypatch):
 def test_the_page_and_readme_are_byte_identical_on_a_rerun_and_share_one_headline(workspace, monkeypatch):
     _results(workspace, monkeypatch)
     page, readme = (workspace / "docs/results.md").read_text(), (workspace / "README.md").read_text()
-    plots = md5_tree(workspace / "docs/plots")
+    plots = md5_tree(workspace / "docs/plots/results")
     _results(workspace, monkeypatch)
     assert (workspace / "docs/results.md").read_text() == page and (workspace / "README.md").read_text() == readme
-    assert md5_tree(workspace / "docs/plots") == plots and sorted(plots) == ["ior-ipc1.png", "ior-ipc10.png"]
-    assert "![IOR vs random-soft at ipc 1](plots/ior-ipc1.png)" in page.splitlines()
+    assert md5_tree(workspace / "docs/plots/results") == plots and sorted(plots) == ["ior-ipc1.png", "ior-ipc10.png"]
+    assert "![IOR vs random-soft at ipc 1](plots/results/ior-ipc1.png)" in page.splitlines()
     block = headline_block(page, "page")
     assert headline_block(readme, "README.md") == block
     # the rest of the README is the user's, untouched
