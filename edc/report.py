@@ -525,7 +525,7 @@ def evidence(trials: dict[int, Experiment], base: dict[int, Experiment] | None, 
 
 
 def _trials_cell(ev: Evidence) -> str:
-    """How many trials, which, and the student seeds each: "3: 0,1,2 (1 seeds)"."""
+    """How many trials, which, and the student seeds each: "3: 0,1,2 (1 seed)"."""
     return f"{len(ev.trials)}: {','.join(map(str, ev.trials))} ({_seeds(ev.seeds)})"
 
 
@@ -654,6 +654,7 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
            "on the validation split (dataset.val_size), the only number a sweep's choice looks at.", ""]
     ipcs = sorted({parse_name(e.name)[2] for e in ordered})
     out += _evidence_section(exps, plots_dir, md_dir)
+    trials = method_trials(exps)
     for ipc in ipcs:
         rows = [(m, exps.get(f"{m}-ipc{ipc}")) for m in PRESET_HELP]
         rows = [(m, e) for m, e in rows if e is not None]
@@ -662,7 +663,6 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
             out += [f"## Methods at ipc {ipc} (Table 1; {'/'.join(map(str, seeds))} seeds)", ""]
             out += _table("method", rows, students) + [""]
             # the evidence section notes the experiments it holds already
-            trials = method_trials(exps)
             out += _preset_notes([(m, e) for m, e in rows if trials.get((m, ipc), {}).get(e.trial) is not e])
     for sweep, s in SWEEPS.items():
         for ipc in ipcs:
@@ -762,7 +762,7 @@ def headline(exps: dict[str, Experiment]) -> list[str]:
     ipc = min(i for _, i in groups)
     methods = [m for m in (*HEADLINE_FIRST, *(m for m in PRESET_HELP if m not in HEADLINE_FIRST))
                if (m, ipc) in groups]
-    ran = [e for m in methods for e in groups[m, ipc].values()]
+    ran = [e for m in methods for _, e in sorted(groups[m, ipc].items())]
     students = _students(ran)
     names = [f"{s} *(unseen)*" if any(_unseen(e, s) for e in ran if s in e.metrics) else s for s in students]
     out = [f"Test accuracy (%) at ipc {ipc}, mean ± 95 % interval over trials, and IOR, the paired gain over "
