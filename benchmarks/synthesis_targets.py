@@ -30,12 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine_line  # noqa: E402
 
 from edc.data import load_prepared  # noqa: E402
-from edc.data.augment import apply_crop_flip, sample_crop_flip  # noqa: E402
 from edc.init import real_init  # noqa: E402
 from edc.observers import load_observer, observer_names  # noqa: E402
 from edc.params import load_params  # noqa: E402
 from edc.stats import collect_bn_stats  # noqa: E402
 from edc.synth import Observer, partition  # noqa: E402
+from edc.synth_views import apply_crop_flip, sample_crop_flip  # noqa: E402
 
 
 @torch.no_grad()

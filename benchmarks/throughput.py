@@ -147,7 +147,7 @@ def loop_worker(threads: int, repo: str) -> None:
     from edc.data import load_prepared
     from edc.evaluate import train_student
     from edc.params import load_params
-    from edc.runtime import derive_seed
+    from edc.seeding import derive_seed
     from edc.shards import load_condensed
 
     p = load_params(Path(repo) / "params.yaml")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edc.runtime import AdamW, fused
+from edc.optim import AdamW, fused
 from edc.shards import CondensedDataset
 
 

@@ -30,7 +30,7 @@ from edc.errors import EdcError
 from edc.evaluate import summarize, train_student
 from edc.plan import planned_epochs
 from edc.relabel import epoch_plan_logits
-from edc.runtime import derive_seed
+from edc.seeding import derive_seed
 from edc.shards import CondensedDataset, CondensedWriter, is_url, load_condensed
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}

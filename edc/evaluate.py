@@ -30,8 +30,11 @@ from torch.optim.swa_utils import AveragedModel
 
 from edc.distributed import World
 from edc.observers import accuracy, build
-from edc.runtime import AdamW, fused, place, progress, seed_everything
+from edc.optim import AdamW, fused
+from edc.progress import progress
+from edc.runtime import place
 from edc.schedules import lr_lambda
+from edc.seeding import seed_everything
 from edc.shards import CondensedDataset
 from edc.training import TrainingState, train_step
 
@@ -250,7 +253,7 @@ class FullTrainSet:
 
     def epoch(self, e: int):
         from edc.plan import augment, batches, make_plan
-        from edc.runtime import derive_seed
+        from edc.seeding import derive_seed
 
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "reference", str(e)))
         plan = make_plan(len(self.train), self.facts.height, self.facts.width, self.batch_size, self.aug.scale_min,

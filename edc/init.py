@@ -29,7 +29,8 @@ from torch import nn
 from edc.data import as_split
 from edc.errors import DataError
 from edc.plan import crop_resize
-from edc.runtime import model_device, progress
+from edc.progress import progress
+from edc.runtime import model_device
 
 
 @dataclass

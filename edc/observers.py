@@ -28,8 +28,11 @@ from edc.distributed import World
 from edc.errors import ArtifactError, EdcError
 from edc.io import read_json, save_safetensors, write_json
 from edc.models import create_model
-from edc.runtime import SGD, AdamW, derive_seed, fused, model_device, place, progress, seed_everything
+from edc.optim import SGD, AdamW, fused
+from edc.progress import progress
+from edc.runtime import model_device, place
 from edc.schedules import lr_lambda
+from edc.seeding import derive_seed, seed_everything
 from edc.training import train_step
 
 

@@ -48,7 +48,7 @@ def epoch_plan_logits(images: torch.Tensor, labels: torch.Tensor, teachers: list
     teachers put in the image's own class. Without teachers the logits are None (a plan for hard
     labels). ``cfg``: the ``relabel`` params section; ``pixels``: the dataset's (mean, std), which
     RandAugment (``relabel.aug.randaugment``) needs."""
-    from edc.runtime import derive_seed
+    from edc.seeding import derive_seed
 
     n, _, h, w = images.shape
     gen = torch.Generator().manual_seed(derive_seed(seed, "relabel", str(epoch)))

@@ -32,7 +32,7 @@ import torch
 
 from edc.codedeps import package_digest
 from edc.io import hash_file
-from edc.runtime import progress
+from edc.progress import progress
 
 STATE = "state.pt"
 FINGERPRINT = "fingerprint.json"

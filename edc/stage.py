@@ -107,14 +107,15 @@ def process_start() -> float | None:
 def record_timing(path: str, entered: float) -> None:
     """Append one JSON line to ``path`` (``EDC_TIMING_FILE``; benchmarks/overhead.py): this stage
     process's start, the start of :func:`stage_main`, its end, and the seconds spent in compute loops
-    and waiting for MLflow (:data:`edc.tracking.stage_clock`). Never an output of the stage: timings
-    would change its bytes at every run."""
+    (:data:`edc.progress.clock`) and waiting for MLflow (:data:`edc.tracking.stage_clock`). Never an
+    output of the stage: timings would change its bytes at every run."""
     import json
 
+    from edc.progress import clock
     from edc.tracking import stage_clock
 
     line = {"stage": os.environ.get("DVC_STAGE") or os.path.basename(sys.argv[0]), "pid": os.getpid(),
-            "process_start": process_start(), "main_start": entered, "end": time.time(), **stage_clock}
+            "process_start": process_start(), "main_start": entered, "end": time.time(), **clock, **stage_clock}
     with open(path, "a") as f:
         f.write(json.dumps(line) + "\n")
 

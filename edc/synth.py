@@ -35,13 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edc.data.augment import apply_view, sample_view
 from edc.errors import EdcError
 from edc.io import atomic_file
+from edc.models.inference import inference_copy
+from edc.optim import Adam
+from edc.progress import progress
 from edc.resume import run_units
-from edc.runtime import Adam, inference_copy, model_device, progress
+from edc.runtime import model_device
 from edc.schedules import lr_lambda
 from edc.stats import LayerStats, bn_layers
+from edc.synth_views import apply_view, sample_view
 
 
 class SynthesisError(EdcError):
@@ -262,7 +265,7 @@ class Observer:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The logits alone, without gradient or moments (the flatness term's EMA images): the model
         with each BatchNorm folded into the convolution before it, in channels-last memory format
-        (:func:`edc.runtime.inference_copy`)."""
+        (:func:`edc.models.inference.inference_copy`)."""
         return self._folded(x.contiguous(memory_format=torch.channels_last))
 
     def batch_targets(self, moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor) -> list[Target]:

@@ -33,7 +33,7 @@ def run_steps(args, p, groups: list[list[int]], test, spec, device, run) -> tupl
     tested on their test images. Returns (one entry per kind and step, plot rows)."""
     from edc.applications import SeenClasses, seen_test
     from edc.evaluate import summarize, train_student
-    from edc.runtime import derive_seed
+    from edc.seeding import derive_seed
     from edc.shards import load_condensed
 
     cfg = p.continual
@@ -69,7 +69,8 @@ def main(argv=None) -> None:
         return
     from edc.applications import class_groups, class_order
     from edc.data import load_prepared
-    from edc.runtime import derive_seed, resolve_device
+    from edc.runtime import resolve_device
+    from edc.seeding import derive_seed
     from edc.tracking import stage_run
 
     device = resolve_device(p.device)

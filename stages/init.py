@@ -18,7 +18,8 @@ from edc.init import noise_init, rded_init, real_init
 from edc.io import atomic_dir, atomic_file
 from edc.observers import load_observer
 from edc.params import load_params
-from edc.runtime import derive_seed, place, resolve_device, seed_everything, trial_meta, trial_seed
+from edc.runtime import place, resolve_device
+from edc.seeding import derive_seed, seed_everything, trial_meta, trial_seed
 from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
 

@@ -23,7 +23,8 @@ from edc.io import write_curves, write_json
 from edc.params import load_params
 from edc.plan import planned_epochs
 from edc.resume import Checkpointer, fingerprint
-from edc.runtime import derive_seed, resolve_device, trial_seed
+from edc.runtime import resolve_device
+from edc.seeding import derive_seed, trial_seed
 from edc.shards import load_condensed
 from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run

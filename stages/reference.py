@@ -36,7 +36,8 @@ def main(argv=None) -> None:
     from edc.distributed import World
     from edc.evaluate import FullTrainSet, evaluate_students
     from edc.resume import Checkpointer, fingerprint
-    from edc.runtime import derive_seed, resolve_device
+    from edc.runtime import resolve_device
+    from edc.seeding import derive_seed
     from edc.tracking import stage_run
 
     device = resolve_device(p.device)

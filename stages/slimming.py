@@ -53,7 +53,8 @@ def main(argv=None) -> None:
     from edc.applications import prune, recover, sparsity
     from edc.data import load_prepared
     from edc.observers import accuracy, load_observer
-    from edc.runtime import derive_seed, place, resolve_device
+    from edc.runtime import place, resolve_device
+    from edc.seeding import derive_seed
     from edc.shards import load_condensed
     from edc.tracking import stage_run
 

@@ -14,17 +14,18 @@ import csv
 
 from edc import distributed
 from edc.data import normalize, pixel_bounds, read_facts, to_uint8
-from edc.data.augment import view_record
 from edc.errors import ArtifactError
 from edc.imageset import read_imageset, save_comparison, write_imageset
 from edc.io import atomic_dir, atomic_file, md5_file, write_json
 from edc.observers import load_observer
 from edc.params import load_params
 from edc.resume import Checkpointer, fingerprint
-from edc.runtime import derive_seed, place, resolve_device, seed_everything, trial_meta, trial_seed
+from edc.runtime import place, resolve_device
+from edc.seeding import derive_seed, seed_everything, trial_meta, trial_seed
 from edc.stage import parser, stage_main, stage_params
 from edc.stats import load_stats
 from edc.synth import Observer, before_after, synthesize_set
+from edc.synth_views import view_record
 from edc.tracking import stage_run
 
 CURVE_FIELDS = ["step", "batch", "iteration", "observer", "ce", "bn", "flat", "total", "lr"]

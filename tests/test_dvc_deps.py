@@ -82,12 +82,46 @@ def test_a_resume_fingerprint_changes_with_the_code(tmp_path):
 
 def test_the_format_imports_nothing_of_the_method():
     """Reading a condensed set (edc.shards, its plan replay in edc.plan) needs no method module."""
-    method = {"edc/relabel.py", "edc/synth.py", "edc/stats.py", "edc/init.py", "edc/evaluate.py",
-              "edc/observers.py", "edc/crosseval.py"}
+    method = {"edc/relabel.py", "edc/synth.py", "edc/synth_views.py", "edc/stats.py", "edc/init.py",
+              "edc/evaluate.py", "edc/observers.py", "edc/crosseval.py"}
     for module in ("edc/shards.py", "edc/plan.py"):
         got = {p.as_posix() for p in closure(module)}
         assert not got & method, f"{module} imports {sorted(got & method)}"
         assert not any(p.startswith("edc/models") for p in got), module
+
+
+# What the data and model packages may import: the project's plumbing, never tracking, the format or
+# the method, so that an edit above them reruns no stage that only reads data (prepare).
+BASE = {"edc/__init__.py", "edc/errors.py", "edc/io.py", "edc/seeding.py", "edc/progress.py"}
+
+
+def test_data_and_models_import_only_the_plumbing():
+    for folder in ("edc/data", "edc/models"):
+        for f in sorted((ROOT / folder).glob("*.py")):
+            got = {p.as_posix() for p in closure(f)}
+            outside = {p for p in got if not p.startswith(("edc/data/", "edc/models/"))} - BASE
+            assert not outside, f"{f.relative_to(ROOT)} imports {sorted(outside)}"
+
+
+def test_importing_data_and_models_loads_no_tracking():
+    """At run time too (what the static closure cannot see: a registry or plugin import)."""
+    import sys
+
+    code = ("import pkgutil, sys, importlib, edc.data, edc.models\n"
+            "for pkg in (edc.data, edc.models):\n"
+            "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+            "        importlib.import_module(f'{pkg.__name__}.{m.name}')\n"
+            "print(sorted(m for m in sys.modules if m == 'mlflow' or m.startswith(('edc.tracking', 'mlflow.'))))\n")
+    r = run([sys.executable, "-c", code], timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
+def test_prepare_does_not_rerun_for_method_code():
+    """An edit to activation fusion, the optimizers or synthesis's views leaves the prepared data cached."""
+    _, deps = stage_scripts()["prepare"]
+    for module in ("edc/models/inference.py", "edc/optim.py", "edc/synth_views.py", "edc/data/augment.py"):
+        assert not any(module == d or module.startswith(d.rstrip("/") + "/") for d in deps), module
 
 
 def test_each_stage_declares_its_params_once():

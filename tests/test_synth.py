@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edc.data.augment import Jitter, apply_crop_flip, apply_view, sample_crop_flip, sample_jitter, sample_view
 from edc.errors import EdcError
 from edc.params import parse_params
 from edc.stats import bn_layers, collect_bn_stats
@@ -26,6 +25,7 @@ from edc.synth import (
     partition,
     synthesize,
 )
+from edc.synth_views import Jitter, apply_crop_flip, apply_view, sample_crop_flip, sample_jitter, sample_view
 from tests.helpers import tiny_params
 
 K = 3
@@ -230,7 +230,7 @@ def test_observer_logits_fold_batchnorm_and_equal_the_model():
             bn.bias.copy_(torch.randn(bn.num_features, generator=g, dtype=torch.float64))
     x, y = real_like()
     obs = Observer("tiny", model, collect_bn_stats(model, x.double(), y, K, batch_size=7))
-    assert not bn_layers(obs._folded)  # edc.runtime.inference_copy
+    assert not bn_layers(obs._folded)  # edc.models.inference.inference_copy
     xr = x[:6].double().requires_grad_(True)
     got = obs.logits(xr)
     assert not got.requires_grad
@@ -263,7 +263,7 @@ def test_flatness_kl_formula_zero_at_equality_and_no_gradient_into_ema():
 def test_crop_flip_identity_and_flip():
     x = torch.randn(3, 2, 6, 6)
     ones, zeros = torch.ones(3), torch.zeros(3)
-    from edc.data.augment import CropFlip
+    from edc.synth_views import CropFlip
 
     torch.testing.assert_close(apply_crop_flip(x, CropFlip(ones, ones, zeros, zeros, zeros.bool())), x)
     torch.testing.assert_close(apply_crop_flip(x, CropFlip(ones, ones, zeros, zeros, ones.bool())), x.flip(-1))

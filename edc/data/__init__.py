@@ -18,7 +18,7 @@ from edc.data.prepared import (
 from edc.data.reading import Batches, PreparedDataset, SplitView, TensorSplit, as_split, load_prepared
 from edc.data.sources import Source, list_sources, read_source, register_source, stratified_split
 from edc.data.stream import prepare_files
-from edc.runtime import derive_seed
+from edc.seeding import derive_seed
 
 __all__ = ["Batches", "DatasetFacts", "PreparedDataset", "Source", "Split", "SplitView", "TensorSplit",
            "as_split", "list_sources", "load_prepared", "normalize", "pixel_bounds", "prepare", "read_facts",

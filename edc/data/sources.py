@@ -18,7 +18,7 @@ import numpy as np
 
 from edc.data.prepared import Split
 from edc.errors import DataError
-from edc.runtime import progress
+from edc.progress import progress
 
 Reader = Callable[..., "Source"]
 _SOURCES: dict[str, Reader] = {}

@@ -17,7 +17,8 @@ from edc.data.prepared import FORMAT, DatasetFacts, channel_moments, pixel_sums
 from edc.data.sources import folder_files, imagefolder_layout, load_image, stratified_split
 from edc.errors import DataError
 from edc.io import write_json
-from edc.runtime import derive_seed, progress
+from edc.progress import progress
+from edc.seeding import derive_seed
 
 
 class ImageFiles(Dataset):
