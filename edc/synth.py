@@ -23,6 +23,10 @@ up to ``aug.jitter`` pixels + flip, SRe2L's small-image recover), applied identi
 after every step as ``beta * X_ema + (1 - beta) * X`` and never receives a gradient. One observer per
 iteration, round-robin; Adam (betas 0.5, 0.9) on the pixels with cosine decay; pixels clipped to
 the valid range after every step.
+
+The matching loss below is fused for speed (each image's moments taken inside the BatchNorm layers,
+all layers at once, a hand-written backward); :mod:`edc.synth_reference` writes the same loss as the
+formulas read, and tests/test_synth.py holds the two equal, value and gradient to the pixels.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edc import synth_reference as reference
 from edc.errors import EdcError
 from edc.params import parse_params
 from edc.stats import bn_layers, collect_bn_stats
@@ -50,25 +51,12 @@ def real_like(n=30, seed=0):
 
 
 def brute_force_moments(a: torch.Tensor, sel: torch.Tensor):
-    vals = a[sel].transpose(0, 1).reshape(a.shape[1], -1).double()
-    return vals.mean(1), vals.var(1, unbiased=False)
+    return reference.moments(a.double(), sel)
 
 
 def class_term(a, sel, t: Target, c: int):
     m, v = brute_force_moments(a, sel)
     return torch.linalg.norm(m - t.class_mean[c].double()) + torch.linalg.norm(v - t.class_var[c].double())
-
-
-def brute_force_loss(a, y, t: Target, alpha):
-    """Eq. 5 written out with a loop over classes and explicit slicing."""
-    mean, var = brute_force_moments(a, torch.ones_like(y, dtype=torch.bool))
-    form1 = torch.linalg.norm(mean - t.mean.double()) + torch.linalg.norm(var - t.var.double())
-    form2 = torch.zeros((), dtype=torch.float64)
-    for c in range(t.class_mean.shape[0]):
-        sel = y == c
-        if sel.any():
-            form2 += sel.double().mean() * class_term(a, sel, t, c)
-    return alpha * form1 + (1 - alpha) * form2
 
 
 def random_target(c=4, k=K, seed=1):
@@ -78,13 +66,13 @@ def random_target(c=4, k=K, seed=1):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
-def test_matching_loss_equals_brute_force(alpha):
+def test_matching_loss_equals_the_reference(alpha):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(8, 4, 5, 5, generator=g) * 2 + 1
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])
     t = random_target()
-    torch.testing.assert_close(matching_loss(a, y, t, alpha).double(), brute_force_loss(a, y, t, alpha),
-                               rtol=1e-5, atol=1e-5)
+    want = reference.layer_matching(a.double(), y, t, alpha)
+    torch.testing.assert_close(matching_loss(a, y, t, alpha).double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_alpha_one_is_global_only_and_alpha_zero_is_per_class_only():
@@ -117,6 +105,7 @@ def test_within_class_variance_is_the_mean_of_the_images_own_variances():
                              + torch.linalg.norm(own - t.class_within_var[c].double()))
     got = fused_matching([image_moments(a, t.mean)], y, LayerTargets([t]), 0.0, class_var="within")
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reference.layer_matching(a.double(), y, t, 0.0, "within"), want, rtol=1e-12, atol=0)
     assert not torch.allclose(got, fused_matching([image_moments(a, t.mean)], y, LayerTargets([t]), 0.0))
     one = torch.tensor([0, 1, 2])
     pooled_target = Target(t.mean, t.var, t.class_mean, t.class_within_var, t.class_within_var)
@@ -170,12 +159,14 @@ def test_matching_loss_is_zero_when_the_batch_is_the_data_the_targets_came_from(
         assert float(obs.matching(inputs, y, alpha)) < 1e-4
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
-def test_observer_taps_equal_batchnorm_and_the_per_layer_loss(alpha):
-    """The observer's fused BatchNorm-with-moments layers and its all-layers-at-once matching give
-    the plain model's logits, and the sum over layers of matching_loss on the BatchNorm inputs (the
-    formula checked by brute force above), value and gradient, in float64. The targets are moved
-    off the data so that no term is zero."""
+@pytest.mark.parametrize("alpha, layers, class_var, first_layer_weight", [
+    (0.0, "sum", "pooled", 1.0), (0.3, "sum", "pooled", 1.0), (1.0, "sum", "pooled", 1.0),
+    (0.3, "mean", "within", 10.0)])
+def test_the_fused_loss_and_its_gradient_equal_the_plain_reference(alpha, layers, class_var, first_layer_weight):
+    """The observer's fused BatchNorm-with-moments layers and its all-layers-at-once matching give the
+    plain model's logits, and edc.synth_reference's loss on the model's own BatchNorm inputs (autograd
+    through the formulas as written), value and gradient to the pixels, in float64. The targets are
+    moved off the data so that no term is zero."""
     x, y = real_like()
     x = x.double()
     plain = tiny_observer_model(1).double()
@@ -183,17 +174,16 @@ def test_observer_taps_equal_batchnorm_and_the_per_layer_loss(alpha):
     for s in stats.values():
         s.class_mean += 0.1 * torch.randn_like(s.class_mean)
         s.var *= 1.5
-    obs = Observer("tiny", tiny_observer_model(1).double(), stats)
+        s.class_within_var *= 1.2
+    obs = Observer("tiny", tiny_observer_model(1).double(), stats, layers, class_var, first_layer_weight)
     # float64 targets for a tight check (Observer keeps float32 ones; the shift may be anything)
-    obs.targets = [Target(*(v.double() for v in (t.mean, t.var, t.class_mean, t.class_var))) for t in obs.targets]
+    obs.targets = [Target(*(v.double() for v in (t.mean, t.var, t.class_mean, t.class_var, t.class_within_var)))
+                   for t in obs.targets]
     obs.fused = LayerTargets(obs.targets)
-    taps = []
-    for _, bn in bn_layers(plain):
-        bn.register_forward_pre_hook(lambda _m, inp: taps.append(inp[0]))
     xa = x[:12].clone().requires_grad_(True)
     xb = x[:12].clone().requires_grad_(True)
-    logits_ref = plain(xa)
-    ref = sum(matching_loss(a, y[:12], t, alpha) for a, t in zip(taps, obs.targets))
+    logits_ref, inputs = reference.bn_inputs(plain, xa)
+    ref = reference.matching(inputs, y[:12], obs.targets, alpha, layers, class_var, [first_layer_weight, 1.0])
     logits, moments = obs.forward(xb)
     got = obs.matching(moments, y[:12], alpha)
     torch.testing.assert_close(logits, logits_ref, rtol=1e-10, atol=1e-10)
@@ -372,15 +362,12 @@ def reference_synthesis(start, labels, model, stats, cfg, alpha, seed, k=1):
     """The synthesis objective and its optimiser written out from the paper (Eqs. 5-7 and 16), independently
     of edc.synth's loop: Adam (betas 0.5, 0.9) by hand at lr * cosine, the loss
     ``ce_weight * CE + r_bn * matching + w_fr * KL``, with matching the mean over layers (Eq. 16) of
-    matching_loss on a plain model's BatchNorm inputs, clipping to [-4, 4], then
+    edc.synth_reference's loss on a plain model's BatchNorm inputs, clipping to [-4, 4], then
     x_ema <- beta * x_ema + (1 - beta) * x. Returns the images and the flatness value of every step."""
     import math
 
     fr = cfg.flatness
     targets = [Target.from_stats(s, dtype=start.dtype) for s in stats.values()]
-    taps: list[torch.Tensor] = []
-    for _, bn in bn_layers(model):
-        bn.register_forward_pre_hook(lambda _m, inp: taps.append(inp[0]))
     gen = torch.Generator().manual_seed(seed)
     x, x_ema = start.clone(), start.clone()
     m, v = torch.zeros_like(x), torch.zeros_like(x)
@@ -390,11 +377,10 @@ def reference_synthesis(start, labels, model, stats, cfg, alpha, seed, k=1):
         aug = sample_crop_flip(k * len(x), cfg.aug.scale_min, cfg.aug.flip, gen)
         with torch.no_grad():
             q = model(apply_crop_flip(torch.cat([x_ema] * k), aug))
-        taps.clear()
         xg = x.clone().requires_grad_(True)
-        logits = model(apply_crop_flip(torch.cat([xg] * k), aug))
+        logits, inputs = reference.bn_inputs(model, apply_crop_flip(torch.cat([xg] * k), aug))
         lk = torch.cat([labels] * k)
-        match = sum(matching_loss(a, lk, tg, alpha) for a, tg in zip(taps, targets)) / len(targets)
+        match = reference.matching(inputs, lk, targets, alpha, layers="mean")
         p_log, q_log = F.log_softmax(logits / fr.tau, 1), F.log_softmax(q / fr.tau, 1)
         flat = (p_log.exp() * (p_log - q_log)).sum(1).mean()
         loss = cfg.ce_weight * F.cross_entropy(logits, lk) + cfg.r_bn * match + fr.weight * flat
@@ -527,13 +513,8 @@ def test_synthesis_with_jitter_matches_rolled_views():
 
 
 def brute_force_layers(x, y, model, targets, alpha, weights):
-    """sum_l w_l * Eq. 5 on the inputs of a plain model's BatchNorm layers (explicit loop)."""
-    taps = []
-    hooks = [bn.register_forward_pre_hook(lambda _m, inp: taps.append(inp[0])) for _, bn in bn_layers(model)]
-    model(x)
-    for h in hooks:
-        h.remove()
-    return sum(w * brute_force_loss(a, y, t, alpha) for w, a, t in zip(weights, taps, targets))
+    """sum_l w_l * Eq. 5 on the inputs of a plain model's BatchNorm layers (edc.synth_reference)."""
+    return reference.matching(reference.bn_inputs(model, x)[1], y, targets, alpha, layer_weights=weights)
 
 
 @pytest.mark.parametrize("layers", ["sum", "mean"])
