@@ -27,7 +27,7 @@ import torch
 
 from edc.data import DatasetFacts, normalize
 from edc.errors import EdcError
-from edc.evaluate import summarize, train_student
+from edc.evaluate import Recipe, summarize, train_student
 from edc.plan import planned_epochs
 from edc.relabel import epoch_plan_logits
 from edc.seeding import derive_seed
@@ -108,7 +108,8 @@ def folder_as_set(path: str | Path, facts: DatasetFacts, relabel_cfg, teachers: 
     out.mkdir(parents=True, exist_ok=True)
     w = CondensedWriter(out, u8, y, meta)
     for e in range(epochs):
-        plan, logits, _ = epoch_plan_logits(x, y, teachers, relabel_cfg, seed, e, bf16, (facts.mean, facts.std))
+        plan, logits, _ = epoch_plan_logits(x, y, teachers, relabel_cfg, seed, e, bf16=bf16,
+                                            pixels=(facts.mean, facts.std))
         if logits is None:  # hard labels only: the plan's views, no teacher
             logits = torch.zeros(len(y), facts.num_classes)
         w.write_epoch(e, plan, relabel_cfg.batch_size, logits, 0)
@@ -139,6 +140,7 @@ def cross_evaluate(sets: list[str], archs: list[str], kinds: list[str], p, data,
     test = data.view("test")
     val = data.view("val") if data.has_val else None
     specs = [student_spec(a, list(p.evaluate.students)) for a in archs]
+    recipe = Recipe(p.evaluate, p.zeta, device, p.bf16)
     results: dict[str, dict[str, dict[str, Cell]]] = {}
     with tempfile.TemporaryDirectory(prefix="edc-evaluate-") as tmp:
         for i, src in enumerate(sets):
@@ -158,9 +160,8 @@ def cross_evaluate(sets: list[str], archs: list[str], kinds: list[str], p, data,
                 for spec in specs:
                     cell = results[src].setdefault(spec.name, {}).setdefault(kind, Cell([], []))
                     for s in range(p.evaluate.seeds):
-                        res = train_student(spec, p.evaluate, p.zeta, ds, test,
-                                            derive_seed(p.seed, "evaluate", spec.name, str(s)), device=device,
-                                            bf16=p.bf16, val=val)
+                        res = train_student(spec, recipe, ds, test, derive_seed(p.seed, "evaluate", spec.name, str(s)),
+                                            val=val)
                         cell.accs.append(res.acc)
                         if res.val_acc is not None:
                             cell.val_accs.append(res.val_acc)

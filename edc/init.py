@@ -28,6 +28,7 @@ from torch import nn
 
 from edc.data import as_split
 from edc.errors import DataError
+from edc.params import InitParams
 from edc.plan import crop_resize
 from edc.progress import progress
 from edc.runtime import model_device
@@ -104,10 +105,12 @@ def downsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
-def rded_init(images, labels: torch.Tensor | None, k: int, ipc: int, observers: list[nn.Module],
-              candidates: int, crops: int, factor: int, gen: torch.Generator, batch_size: int = 500,
-              scale_min: float = 1.0) -> InitResult:
-    """RDED (module docstring); ``images``: a tensor with ``labels``, or a SplitView read in chunks."""
+def rded_init(images, labels: torch.Tensor | None, observers: list[nn.Module], cfg: InitParams, *, k: int, ipc: int,
+              gen: torch.Generator) -> InitResult:
+    """RDED (module docstring) for ``k`` classes, ``ipc`` images each, under the ``init`` params ``cfg``;
+    ``images``: a tensor with ``labels``, or a SplitView read in chunks."""
+    candidates, crops, factor, batch_size, scale_min = cfg.candidates, cfg.crops, cfg.factor, cfg.batch_size, \
+        cfg.scale_min
     src_split = as_split(images, labels)
     y = src_split.labels
     f2 = factor * factor

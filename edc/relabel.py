@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edc.distributed import World
 from edc.io import publish_dir, read_json, write_json
+from edc.params import RelabelParams
 from edc.plan import EpochPlan, augment, batches, make_plan
-from edc.resume import run_units
+from edc.resume import Checkpointer, run_units
 from edc.shards import CondensedWriter, epochs_per_shard, label_shard_name
 
 
@@ -39,8 +41,8 @@ def teacher_logits(teachers: list[nn.Module], x: torch.Tensor, chunk: int = 512,
     return torch.cat(out)
 
 
-def epoch_plan_logits(images: torch.Tensor, labels: torch.Tensor, teachers: list[nn.Module] | None, cfg, seed: int,
-                      epoch: int, bf16: bool = False, pixels: tuple | None = None
+def epoch_plan_logits(images: torch.Tensor, labels: torch.Tensor, teachers: list[nn.Module] | None,
+                      cfg: RelabelParams, seed: int, epoch: int, *, bf16: bool = False, pixels: tuple | None = None
                       ) -> tuple[EpochPlan, torch.Tensor | None, int]:
     """Epoch ``epoch`` of a relabel plan for normalised ``images``: the plan (seeded by ``seed`` and
     the epoch alone, so any process can make any epoch), the teachers' mean logits on its augmented
@@ -62,9 +64,9 @@ def epoch_plan_logits(images: torch.Tensor, labels: torch.Tensor, teachers: list
 
 
 
-def relabel_set(images_u8: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, teachers: list[nn.Module], cfg,
-                seed: int, bf16: bool, meta: dict, world, ckpt, out: str | Path,
-                pixels: tuple | None = None) -> tuple[dict, int] | None:
+def relabel_set(images_u8: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, teachers: list[nn.Module],
+                cfg: RelabelParams, *, seed: int, bf16: bool, meta: dict, world: World, ckpt: Checkpointer,
+                out: str | Path, pixels: tuple | None = None) -> tuple[dict, int] | None:
     """Write the condensed set to ``out``: the images, and for every stored epoch (``meta["stored_epochs"]``
     of them) its plan and the teachers' labels (:func:`epoch_plan_logits`; ``pixels``: the dataset's
     (mean, std), for RandAugment), several epochs per label shard (:func:`edc.shards.epochs_per_shard`).
@@ -90,7 +92,7 @@ def relabel_set(images_u8: torch.Tensor, images: torch.Tensor, labels: torch.Ten
     def work(j: int) -> None:
         writer, done, agree = made[0], [], 0
         for e in writer.shard_epochs(j):
-            plan, logits, a = epoch_plan_logits(images, labels, teachers, cfg, seed, e, bf16, pixels)
+            plan, logits, a = epoch_plan_logits(images, labels, teachers, cfg, seed, e, bf16=bf16, pixels=pixels)
             done.append((plan, logits))
             agree += a
         writer.write_shard(j, done)

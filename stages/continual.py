@@ -32,7 +32,7 @@ def run_steps(args, p, groups: list[list[int]], test, spec, device, run) -> tupl
     """For each label kind and step: ``continual.seeds`` students trained on the classes seen so far,
     tested on their test images. Returns (one entry per kind and step, plot rows)."""
     from edc.applications import SeenClasses, seen_test
-    from edc.evaluate import summarize, train_student
+    from edc.evaluate import Recipe, summarize, train_student
     from edc.seeding import derive_seed
     from edc.shards import load_condensed
 
@@ -44,9 +44,8 @@ def run_steps(args, p, groups: list[list[int]], test, spec, device, run) -> tupl
             seen = [c for g in groups[:t + 1] for c in g]
             accs = []
             for s in range(cfg.seeds):
-                res = train_student(spec, p.evaluate, p.zeta, SeenClasses(ds, seen), seen_test(test, seen),
-                                    derive_seed(p.seed, "continual", kind, str(t), str(s)), device=device,
-                                    bf16=p.bf16)
+                res = train_student(spec, Recipe(p.evaluate, p.zeta, device, p.bf16), SeenClasses(ds, seen),
+                                    seen_test(test, seen), derive_seed(p.seed, "continual", kind, str(t), str(s)))
                 accs.append(res.acc)
             mean, std = summarize(accs)
             steps.append({"labels": kind, "step": t + 1, "classes_seen": len(seen), "classes": seen,

@@ -48,8 +48,7 @@ def main(argv=None) -> None:
             else:
                 device = resolve_device(p.device)
                 models = [place(load_observer(args.observers, name)[0], device) for name in cfg.observers]
-                res = rded_init(train, None, k, p.ipc, models, cfg.candidates, cfg.crops, cfg.factor, gen,
-                                cfg.batch_size, cfg.scale_min)
+                res = rded_init(train, None, models, cfg, k=k, ipc=p.ipc, gen=gen)
         images = to_uint8(res.images, data.facts)
         with atomic_dir(args.out) as tmp:
             write_imageset(tmp, images, res.labels, {

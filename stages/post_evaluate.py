@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edc import distributed
 from edc.data import load_prepared, split_files
 from edc.errors import ArtifactError
-from edc.evaluate import evaluate_students, variant_sets
+from edc.evaluate import Recipe, evaluate_students, variant_sets
 from edc.io import write_curves, write_json
 from edc.params import load_params
 from edc.plan import planned_epochs
@@ -95,9 +95,9 @@ def main(argv=None) -> None:
                                                       [args.shards, *split_files(args.data, "test"),
                                                        *split_files(args.data, "val")], code=__file__))
         seed = trial_seed(p.seed, p.trial)
-        metrics, curves = evaluate_students(cfg, p.zeta, ds, test, val, lambda *k: derive_seed(seed, "evaluate", *k),
-                                            ckpt, run, device, p.bf16, world, variant_sets(ds, cfg.variants),
-                                            jobs=p.eval_jobs)
+        metrics, curves = evaluate_students(Recipe(cfg, p.zeta, device, p.bf16, world), ds, test, val,
+                                            seed_for=lambda *k: derive_seed(seed, "evaluate", *k), ckpt=ckpt, run=run,
+                                            variants=variant_sets(ds, cfg.variants), jobs=p.eval_jobs)
         if not world.main:
             return
         write_plots(args, cfg, curves, val is not None)

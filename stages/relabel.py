@@ -65,8 +65,9 @@ def main(argv=None) -> None:
                                                    *(Path(args.observers) / f"{t}.safetensors" for t in cfg.teachers)],
                                                   code=__file__))
 
-        published = relabel_set(images_u8, images, labels, teachers, cfg, trial_seed(p.seed, p.trial), p.bf16, meta,
-                                world, ckpt, args.out, (facts.mean, facts.std))
+        published = relabel_set(images_u8, images, labels, teachers, cfg, seed=trial_seed(p.seed, p.trial),
+                                bf16=p.bf16, meta=meta, world=world, ckpt=ckpt, out=args.out,
+                                pixels=(facts.mean, facts.std))
         if published is None:  # ranks other than 0 under torchrun
             return
         set_meta, agree = published

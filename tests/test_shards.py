@@ -502,7 +502,8 @@ def test_relabel_stores_label_epochs_and_runs_teachers_on_them_only(tmp_path):
             "cutmix": False, "aug": {"scale_min": 0.3, "flip": True}, "params": {}}
     out = tmp_path / "set"
     ckpt = Checkpointer(out, "fp")
-    set_meta, _ = relabel_set(u8, x, y, teachers(), cfg, 0, False, meta, World(), ckpt, out)
+    set_meta, _ = relabel_set(u8, x, y, teachers(), cfg, seed=0, bf16=False, meta=meta, world=World(), ckpt=ckpt,
+                              out=out)
     assert set_meta["stored_epochs"] == 2 and set_meta["codec"] == "int8"
     ds = load_condensed(out)
     for e in (0, 1, 4):
