@@ -401,7 +401,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     params = {"sets": args.sets, "archs": args.archs, "labels": args.labels, "teachers": args.teachers or [],
               "seed": p.seed, "zeta": p.zeta, "evaluate": p.evaluate.model_dump(), "relabel": p.relabel.model_dump()}
     with stage_run("evaluate", params, seed=p.seed) as run:
-        res = cross_evaluate(args.sets, args.archs, args.labels, p, data, teachers, device, run)
+        res = cross_evaluate(args.sets, args.archs, args.labels, p, data, teachers=teachers, device=device, run=run)
         text = table(res, args.archs, args.labels)
         for src, row in results_json(res).items():
             for arch, kinds in row.items():

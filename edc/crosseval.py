@@ -94,7 +94,7 @@ def read_imagefolder(path: str | Path, facts: DatasetFacts) -> tuple[torch.Tenso
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
 
 
-def folder_as_set(path: str | Path, facts: DatasetFacts, relabel_cfg, teachers: list | None, seed: int,
+def folder_as_set(path: str | Path, facts: DatasetFacts, relabel_cfg, teachers: list | None, *, seed: int,
                   out: Path, bf16: bool = False) -> Path:
     """Write the image folder at ``path`` as a condensed set in ``out``: a plan made with the relabel
     params and the teachers' logits on it (zeros without teachers: hard labels only)."""
@@ -134,7 +134,7 @@ def student_spec(arch: str, students: list) -> SimpleNamespace:
     return SimpleNamespace(name=arch, arch=arch, kwargs={})
 
 
-def cross_evaluate(sets: list[str], archs: list[str], kinds: list[str], p, data, teachers: list | None,
+def cross_evaluate(sets: list[str], archs: list[str], kinds: list[str], p, data, *, teachers: list | None,
                    device: torch.device, run=None, say=print) -> dict[str, dict[str, dict[str, Cell]]]:
     """{set: {arch: {kind: Cell}}} for every set, architecture and label kind ("soft", "hard")."""
     test = data.view("test")
@@ -148,8 +148,8 @@ def cross_evaluate(sets: list[str], archs: list[str], kinds: list[str], p, data,
                 if "soft" in kinds and not teachers:
                     raise EdcError(f"{src}: an image folder has no stored soft labels; name --teachers "
                                    f"(observers) to label it, or use --labels hard")
-                path = folder_as_set(src, data.facts, p.relabel, teachers if "soft" in kinds else None, p.seed,
-                                     Path(tmp) / f"set{i}", p.bf16)
+                path = folder_as_set(src, data.facts, p.relabel, teachers if "soft" in kinds else None, seed=p.seed,
+                                     out=Path(tmp) / f"set{i}", bf16=p.bf16)
             else:
                 path = src
             results[src] = {}

@@ -187,7 +187,7 @@ def train_student(spec, recipe: Recipe, ds: CondensedDataset, test, seed: int, *
     for e in progress(range(first, ds.epochs), desc=f"{spec.name} seed {seed}", unit="epoch"):
         loss_sum, n = 0.0, 0
         for x, target, hard in ds.epoch(e):
-            step = train_step(net, opt, sched, world, device, bf16, x, (target, hard), loss_of)
+            step = train_step(net, opt, sched, x, (target, hard), loss_of, world=world, device=device, bf16=bf16)
             if ema is not None:
                 ema.update_parameters(model)
             if step.counts:
@@ -204,10 +204,11 @@ def train_student(spec, recipe: Recipe, ds: CondensedDataset, test, seed: int, *
             on_epoch(lambda e=e: state.state_dict(curve=curve, epoch=e + 1))
     if not world.main:
         return StudentResult(float("nan"), float("nan"), curve, time.perf_counter() - start)
-    return _final(model, ema, evaluated.at(ds.epochs), curve, ds.epochs, test, val, time.perf_counter() - start)
+    return _final(model, ema, evaluated.at(ds.epochs), curve, epochs=ds.epochs, test=test, val=val,
+                  seconds=time.perf_counter() - start)
 
 
-def _final(model: nn.Module, ema, final: nn.Module, curve: list[dict], epochs: int, test, val,
+def _final(model: nn.Module, ema, final: nn.Module, curve: list[dict], *, epochs: int, test, val,
            seconds: float) -> StudentResult:
     """The result after the last epoch, reusing that epoch's evaluation where the loop made it."""
     last = curve[-1] if curve and curve[-1]["epoch"] == epochs else {}
@@ -270,7 +271,8 @@ class FullTrainSet:
 
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "reference", str(e)))
         plan = make_plan(len(self.train), self.facts.height, self.facts.width, self.batch_size, self.aug.scale_min,
-                         self.aug.flip, False, gen, self.aug.randaugment, self.aug.magnitude)
+                         self.aug.flip, cutmix=False, gen=gen, randaugment=self.aug.randaugment,
+                         magnitude=self.aug.magnitude)
         for ids, crops, _ in batches(plan, self.batch_size):
             y = self.train.labels[ids]
             yield augment(self.train.take(ids), crops, None, (self.facts.mean, self.facts.std)), y, y

@@ -29,6 +29,7 @@ from edc.errors import ArtifactError, EdcError
 from edc.io import read_json, save_safetensors, write_json
 from edc.models import create_model
 from edc.optim import SGD, AdamW, fused
+from edc.params import ObserversParams
 from edc.progress import progress
 from edc.runtime import model_device, place
 from edc.schedules import lr_lambda
@@ -79,8 +80,8 @@ def imagenet_observer(spec, facts: DatasetFacts, test, device: torch.device | No
     return TrainResult(model, accuracy(model, test), [], time.perf_counter() - start)
 
 
-def train_observer(spec, cfg, facts: DatasetFacts, train, test, seed: int, device: torch.device | None = None,
-                   bf16: bool = False, world: World | None = None) -> TrainResult:
+def train_observer(spec, cfg: ObserversParams, facts: DatasetFacts, train, test, seed: int, *,
+                   device: torch.device | None = None, bf16: bool = False, world: World | None = None) -> TrainResult:
     """Train one observer (``spec``: ObserverSpec) with ``cfg`` (ObserversParams) on ``train``:
     normalised (images, labels) tensors or a SplitView read batch by batch in each epoch's order.
     The test split is used once, after the last epoch, to report accuracy (by rank 0 alone under
@@ -109,7 +110,8 @@ def train_observer(spec, cfg, facts: DatasetFacts, train, test, seed: int, devic
                        desc=f"{spec.name} epoch {epoch + 1}/{cfg.epochs}", unit="batch")
         for xb, yb in bar:
             xb = shift_flip(xb, cfg.augment.crop_padding, cfg.augment.flip, gen)  # the whole batch, every rank
-            step = train_step(net, opt, sched, world, device, bf16, xb, (yb,), F.cross_entropy)
+            step = train_step(net, opt, sched, xb, (yb,), F.cross_entropy, world=world, device=device,
+                              bf16=bf16)
             if step.counts:
                 (y,) = step.targets
                 loss_sum += float(step.loss) * len(y)

@@ -54,8 +54,8 @@ def epoch_plan_logits(images: torch.Tensor, labels: torch.Tensor, teachers: list
 
     n, _, h, w = images.shape
     gen = torch.Generator().manual_seed(derive_seed(seed, "relabel", str(epoch)))
-    plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, gen,
-                     getattr(cfg.aug, "randaugment", 0), getattr(cfg.aug, "magnitude", 9))
+    plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cutmix=cfg.cutmix, gen=gen,
+                     randaugment=getattr(cfg.aug, "randaugment", 0), magnitude=getattr(cfg.aug, "magnitude", 9))
     if not teachers:
         return plan, None, 0
     x = torch.cat([augment(images[ids], crops, mix, pixels) for ids, crops, mix in batches(plan, cfg.batch_size)])
@@ -101,7 +101,7 @@ def relabel_set(images_u8: torch.Tensor, images: torch.Tensor, labels: torch.Ten
     def is_done(j: int) -> bool:
         return agree_file(j).is_file() and (ckpt.dir / label_shard_name(j)).is_file()
 
-    if not run_units(ckpt, world, range(shards), is_done, work, "shards", "relabel", start):
+    if not run_units(ckpt, world, range(shards), is_done, work, what="shards", stage="relabel", start=start):
         return None
     writer = made[0]
     agree = sum(read_json(agree_file(j))["agree"] for j in range(shards))

@@ -129,7 +129,7 @@ class _Accumulator:
 
 @torch.no_grad()
 def collect_bn_stats(model: nn.Module, images, labels: torch.Tensor | None, num_classes: int,
-                     batch_size: int = 500, desc: str = "stats", aug=None, draws: int = 1,
+                     *, batch_size: int = 500, desc: str = "stats", aug=None, draws: int = 1,
                      seed: int = 0) -> dict[str, LayerStats]:
     """One eval-mode pass over (images, labels) tensors, or over ``images`` = a split read batch by
     batch (:class:`edc.data.SplitView`, ``labels`` None); returns {layer name: LayerStats} in model order.

@@ -67,7 +67,7 @@ def bn_inputs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[tor
     return logits, inputs
 
 
-def matching(inputs: list[torch.Tensor], y: torch.Tensor, targets: list, alpha: float, layers: str = "sum",
+def matching(inputs: list[torch.Tensor], y: torch.Tensor, targets: list, alpha: float, *, layers: str = "sum",
              class_var: str = "pooled", layer_weights: list[float] | None = None) -> torch.Tensor:
     """An observer's matching loss: sum_l w_l * :func:`layer_matching` over the layers' ``inputs`` and
     ``targets`` (w all 1 when None), divided by the number of layers for ``layers="mean"``."""

@@ -22,9 +22,8 @@ class Step:
     counts: bool  # whether the share enters the epoch's sums (World.counts)
 
 
-def train_step(net: nn.Module, opt: torch.optim.Optimizer, sched, world: World, device: torch.device, bf16: bool,
-               x: torch.Tensor, targets: tuple[torch.Tensor, ...],
-               loss_fn: Callable[..., torch.Tensor]) -> Step:
+def train_step(net: nn.Module, opt: torch.optim.Optimizer, sched, x: torch.Tensor, targets: tuple[torch.Tensor, ...],
+               loss_fn: Callable[..., torch.Tensor], *, world: World, device: torch.device, bf16: bool) -> Step:
     """One optimiser step on a batch: this rank's share of the rows (:meth:`World.part`; all of them in
     one process) to ``device``, forward under bf16 autocast where asked, ``loss_fn(out, *targets)``,
     the rank-weighted backward (:meth:`World.backward`), the optimiser and the LR schedule."""

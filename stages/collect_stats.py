@@ -49,8 +49,9 @@ def main(argv=None) -> None:
                           "synth.observers)", flush=True)
                     report[name] = {"layers": 0, "channels": 0, "running_mean_gap": 0.0}
                     continue
-                stats = collect_bn_stats(model, train, None, data.facts.num_classes, p.stats.batch_size, desc=name,
-                                         aug=aug, draws=p.stats.draws, seed=derive_seed(p.seed, "collect_stats", name))
+                stats = collect_bn_stats(model, train, None, data.facts.num_classes, batch_size=p.stats.batch_size,
+                                         desc=name, aug=aug, draws=p.stats.draws,
+                                         seed=derive_seed(p.seed, "collect_stats", name))
                 save_stats(Path(tmp) / f"{name}.safetensors", stats, {
                     "observer": name, "arch": spec["arch"], "num_classes": data.facts.num_classes, "targets": targets,
                     "images": len(train), "observer_md5": md5_file(Path(args.observers) / f"{name}.safetensors"),

@@ -28,7 +28,7 @@ PATHS = {  # --NAME: help (all required)
 }
 
 
-def run_steps(args, p, groups: list[list[int]], test, spec, device, run) -> tuple[list[dict], list[dict]]:
+def run_steps(args, p, groups: list[list[int]], test, spec, *, device, run) -> tuple[list[dict], list[dict]]:
     """For each label kind and step: ``continual.seeds`` students trained on the classes seen so far,
     tested on their test images. Returns (one entry per kind and step, plot rows)."""
     from edc.applications import SeenClasses, seen_test
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
         groups = class_groups(order, cfg.steps)
         test = data.normalized("test")
         spec = p.evaluate.students[0]
-        steps, rows = run_steps(args, p, groups, test, spec, device, run)
+        steps, rows = run_steps(args, p, groups, test, spec, device=device, run=run)
         merged: dict[int, dict] = {}
         for r in rows:
             merged.setdefault(r["classes_seen"], {"classes_seen": r["classes_seen"]}).update(r)

@@ -20,7 +20,7 @@ from edc.data import load_prepared, split_files
 from edc.errors import ArtifactError
 from edc.evaluate import Recipe, evaluate_students, variant_sets
 from edc.io import write_curves, write_json
-from edc.params import load_params
+from edc.params import EvaluateParams, load_params
 from edc.plan import planned_epochs
 from edc.resume import Checkpointer, fingerprint
 from edc.runtime import resolve_device
@@ -60,7 +60,7 @@ def check_plan(args, p, ds, data) -> None:
                                 f"{asked}; rerun relabel (dvc repro) to plan for it")
 
 
-def write_plots(args, cfg, curves: dict[str, list[dict]], has_val: bool) -> None:
+def write_plots(args, cfg: EvaluateParams, curves: dict[str, list[dict]], has_val: bool) -> None:
     """Training curves per student and seed; the validation-accuracy curves (EMA and raw weights), one
     file per line of the DVC plot. No curve holds the test split: it is scored once, at the end."""
     fields = ["epoch", "train_loss"] + (["val_acc"] + (["raw_val_acc"] if cfg.ema else []) if has_val else [])

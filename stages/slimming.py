@@ -71,8 +71,8 @@ def main(argv=None) -> None:
             for ratio in cfg.ratios:
                 pruned, masks = prune(teacher, kind, ratio)
                 before = accuracy(pruned, test)
-                recover(pruned, teacher, masks, kind, ds, cfg.epochs, cfg.lr, p.evaluate.temperature,
-                        derive_seed(p.seed, "slimming", kind, str(ratio)))
+                recover(pruned, teacher, masks, kind, ds, epochs=cfg.epochs, lr=cfg.lr,
+                        temperature=p.evaluate.temperature, seed=derive_seed(p.seed, "slimming", kind, str(ratio)))
                 after = accuracy(pruned, test)
                 row = rows.setdefault(ratio, {"ratio": ratio})
                 row.update({f"{kind}_before": round(before, 6), f"{kind}_after": round(after, 6),

@@ -32,10 +32,11 @@ def test_each_stage_lists_its_whole_import_closure(stage):
 
 def test_the_closure_follows_every_kind_of_import(tmp_path):
     """Absolute, `from pkg import module`, relative and function-level imports, with package inits;
-    nothing outside the package, and a cycle terminates."""
+    nothing outside the package, nothing only type checkers read, and a cycle terminates."""
     files = {
         "edc/__init__.py": "",
-        "edc/a.py": "import os\nfrom edc import b\n",
+        "edc/a.py": "import os\nfrom typing import TYPE_CHECKING\nfrom edc import b\nif TYPE_CHECKING:\n"
+                    "    from edc.unused import T\nelse:\n    T = None\n",
         "edc/b.py": "def f():\n    from .sub.c import g\n    return g\n",
         "edc/sub/__init__.py": "",
         "edc/sub/c.py": "import edc.d\nfrom ..a import x\ng = 1\n",

@@ -277,7 +277,7 @@ def test_container_is_at_most_5_percent_of_the_labels_with_default_sizes(tmp_pat
     u8 = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
     w = CondensedWriter(tmp_path, u8, torch.arange(n) % 10, meta)
     for e in range(epochs):
-        plan = make_plan(n, 28, 28, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, g)
+        plan = make_plan(n, 28, 28, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cutmix=cfg.cutmix, gen=g)
         w.write_epoch(e, plan, cfg.batch_size, torch.randn(n, 10, generator=g), cfg.topk)
     w.close()
     b = read_meta(tmp_path)["bytes"]
@@ -370,7 +370,7 @@ def test_export_imagefolder_and_the_documented_training_loop(tmp_path, monkeypat
             "aug": {"scale_min": 0.5, "flip": False}, "params": {}}
     w = CondensedWriter(out, u8, y, meta)
     for e in range(2):
-        plan = make_plan(8, 28, 28, 4, 0.5, False, False, torch.Generator().manual_seed(e))
+        plan = make_plan(8, 28, 28, 4, 0.5, False, cutmix=False, gen=torch.Generator().manual_seed(e))
         w.write_epoch(e, plan, 4, torch.randn(8, 4, generator=torch.Generator().manual_seed(e)), 0)
     w.close()
     cli(["export", str(out), str(tmp_path / "edc-set")])
@@ -486,17 +486,16 @@ def test_fewer_stored_epochs_are_replayed_in_order_with_their_own_views(tmp_path
 def test_relabel_stores_label_epochs_and_runs_teachers_on_them_only(tmp_path):
     """relabel_set with label_epochs 2 of 5 epochs: the set stores 2 epochs, each epoch_plan_logits'
     plan and logits for that epoch, and training epoch 4 replays epoch 0."""
-    from types import SimpleNamespace
-
     from edc.distributed import World
+    from edc.params import RelabelParams
     from edc.relabel import epoch_plan_logits, relabel_set
     from edc.resume import Checkpointer
     from edc.shards import read_epoch
 
     u8, y = toy_images()
     x = normalize(u8, FACTS)
-    cfg = SimpleNamespace(batch_size=4, aug=SimpleNamespace(scale_min=0.3, flip=True), cutmix=False, codec="int8",
-                          topk=0, label_epochs=2, shard_bytes=2**20)
+    cfg = RelabelParams(teachers=["t0", "t1"], epochs=5, batch_size=4, aug={"scale_min": 0.3, "flip": True},
+                        cutmix=False, codec="int8", topk=0, label_epochs=2, shard_bytes=2**20)
     meta = {"dataset": FACTS.to_dict(), "class_names": FACTS.class_names, "num_classes": 4, "ipc": 2,
             "teachers": ["t0", "t1"], "epochs": 5, "stored_epochs": 2, "batch_size": 4, "codec": "int8", "topk": 0,
             "cutmix": False, "aug": {"scale_min": 0.3, "flip": True}, "params": {}}
@@ -545,7 +544,7 @@ def test_a_version_2_set_is_still_read(tmp_path):
     out = tmp_path / "v2"
     out.mkdir()
     g = torch.Generator().manual_seed(3)
-    plan = make_plan(10, 10, 10, 4, 0.3, True, False, g)
+    plan = make_plan(10, 10, 10, 4, 0.3, True, cutmix=False, gen=g)
     logits = torch.randn(10, 4, generator=g)
 
     def tar(name, samples):

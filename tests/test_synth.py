@@ -9,7 +9,7 @@ from torch import nn
 
 from edc import synth_reference as reference
 from edc.errors import EdcError
-from edc.params import parse_params
+from edc.params import SynthAugParams, parse_params
 from edc.stats import bn_layers, collect_bn_stats
 from edc.synth import (
     LayerTargets,
@@ -175,7 +175,8 @@ def test_the_fused_loss_and_its_gradient_equal_the_plain_reference(alpha, layers
         s.class_mean += 0.1 * torch.randn_like(s.class_mean)
         s.var *= 1.5
         s.class_within_var *= 1.2
-    obs = Observer("tiny", tiny_observer_model(1).double(), stats, layers, class_var, first_layer_weight)
+    obs = Observer("tiny", tiny_observer_model(1).double(), stats, layers=layers, class_var=class_var,
+                   first_layer_weight=first_layer_weight)
     # float64 targets for a tight check (Observer keeps float32 ones; the shift may be anything)
     obs.targets = [Target(*(v.double() for v in (t.mean, t.var, t.class_mean, t.class_var, t.class_within_var)))
                    for t in obs.targets]
@@ -183,7 +184,8 @@ def test_the_fused_loss_and_its_gradient_equal_the_plain_reference(alpha, layers
     xa = x[:12].clone().requires_grad_(True)
     xb = x[:12].clone().requires_grad_(True)
     logits_ref, inputs = reference.bn_inputs(plain, xa)
-    ref = reference.matching(inputs, y[:12], obs.targets, alpha, layers, class_var, [first_layer_weight, 1.0])
+    ref = reference.matching(inputs, y[:12], obs.targets, alpha, layers=layers, class_var=class_var,
+                             layer_weights=[first_layer_weight, 1.0])
     logits, moments = obs.forward(xb)
     got = obs.matching(moments, y[:12], alpha)
     torch.testing.assert_close(logits, logits_ref, rtol=1e-10, atol=1e-10)
@@ -283,7 +285,7 @@ def run_synth(seed=0, **over):
     labels = torch.arange(K).repeat_interleave(2)
     rows = []
     out = synthesize(start, labels, [obs], synth_cfg(**over), 0.5, (torch.tensor(-4.0), torch.tensor(4.0)),
-                     lambda b: seed * 1000 + b, rows.append)
+                     seed_for=lambda b: seed * 1000 + b, log=rows.append)
     return start, labels, obs, out, rows
 
 
@@ -325,7 +327,7 @@ def test_round_robin_over_observers():
     observers[1].name = "other"
     rows = []
     synthesize(torch.randn(6, 1, 9, 9), torch.arange(K).repeat_interleave(2), observers, synth_cfg(iterations=5),
-               0.5, (torch.tensor(-4.0), torch.tensor(4.0)), lambda b: b, rows.append)
+               0.5, (torch.tensor(-4.0), torch.tensor(4.0)), seed_for=lambda b: b, log=rows.append)
     assert [r["observer"] for r in rows] == ["tiny", "other", "tiny", "other", "tiny"]
     assert bn_layers(observers[0].model)[0][1].training is False
 
@@ -412,9 +414,9 @@ def test_synthesis_steps_equal_the_reference_loop(class_views, views):
                     flatness={"mode": "logits", "weight": 3.0, "beta": 0.6, "tau": 0.5},
                     aug={"scale_min": 0.5, "flip": True})
     rows = []
-    obs = Observer("tiny", tiny_observer_model(0).double(), stats, cfg.layers)
-    got = synthesize(start, labels, [obs], cfg, 0.4, (torch.tensor(-4.0), torch.tensor(4.0)), lambda b: 11,
-                     rows.append)
+    obs = Observer("tiny", tiny_observer_model(0).double(), stats, layers=cfg.layers)
+    got = synthesize(start, labels, [obs], cfg, 0.4, (torch.tensor(-4.0), torch.tensor(4.0)), seed_for=lambda b: 11,
+                     log=rows.append)
     want, flats = reference_synthesis(start, labels, tiny_observer_model(0).double(), stats, cfg, 0.4, 11, views)
     assert flats[0] == 0.0 and min(flats[1:]) > 1e-6  # the flatness term is live after the first step
     torch.testing.assert_close([r["flat"] for r in rows], flats, rtol=1e-6, atol=1e-9)
@@ -426,8 +428,8 @@ def test_layer_mean_is_the_sum_over_the_number_of_layers():
     stats = collect_bn_stats(tiny_observer_model(0), x, y, K, batch_size=7)
     for s in stats.values():
         s.var *= 2
-    summed = Observer("tiny", tiny_observer_model(0), stats, "sum")
-    mean = Observer("tiny", tiny_observer_model(0), stats, "mean")
+    summed = Observer("tiny", tiny_observer_model(0), stats, layers="sum")
+    mean = Observer("tiny", tiny_observer_model(0), stats, layers="mean")
     _, mom = summed.forward(x[:9])
     total = summed.matching(mom, y[:9], 0.5)
     assert float(total) > 0
@@ -436,10 +438,9 @@ def test_layer_mean_is_the_sum_over_the_number_of_layers():
 
 def test_statistics_under_the_synthesis_augmentation_are_those_of_the_augmented_views():
     """collect_bn_stats(aug=...) equals the plain statistics of the views it draws (same generator)."""
-    from types import SimpleNamespace
 
     x, y = real_like(n=12)
-    aug = SimpleNamespace(scale_min=0.5, flip=True)
+    aug = SynthAugParams(scale_min=0.5, flip=True)
     model = tiny_observer_model(0)
     got = collect_bn_stats(model, x, y, K, batch_size=5, aug=aug, draws=2, seed=3)
     gen = torch.Generator().manual_seed(3)
@@ -483,13 +484,12 @@ def test_jitter_is_one_roll_of_the_batch_by_at_most_jitter_pixels():
 
 def test_views_keep_the_crops_draws_and_dispatch_on_kind():
     """kind crop draws exactly what sample_crop_flip draws (the default's bytes); kind jitter a roll."""
-    from types import SimpleNamespace
 
-    crop = sample_view(6, SimpleNamespace(kind="crop", scale_min=0.5, flip=True, jitter=4),
+    crop = sample_view(6, SynthAugParams(kind="crop", scale_min=0.5, flip=True, jitter=4),
                        torch.Generator().manual_seed(1))
     want = sample_crop_flip(6, 0.5, True, torch.Generator().manual_seed(1))
     assert all(torch.equal(getattr(crop, f), getattr(want, f)) for f in ("scale_w", "center_x", "flip"))
-    jit = sample_view(6, SimpleNamespace(kind="jitter", scale_min=0.5, flip=False, jitter=2),
+    jit = sample_view(6, SynthAugParams(kind="jitter", scale_min=0.5, flip=False, jitter=2),
                       torch.Generator().manual_seed(1))
     assert isinstance(jit, Jitter) and max(abs(jit.dy), abs(jit.dx)) <= 2 and not jit.flip.any()
 
@@ -504,7 +504,7 @@ def test_synthesis_with_jitter_matches_rolled_views():
     rows = []
     start = x[:6].clone()
     synthesize(start, y[:6], [Observer("tiny", tiny_observer_model(0), stats)], cfg, 1.0,
-               (torch.tensor(-9.0), torch.tensor(9.0)), lambda b: 5, rows.append)
+               (torch.tensor(-9.0), torch.tensor(9.0)), seed_for=lambda b: 5, log=rows.append)
     t = sample_jitter(6, 4, False, torch.Generator().manual_seed(5))
     idx = partition(y[:6], None)[0]
     with torch.no_grad():
@@ -524,7 +524,7 @@ def test_first_layer_weight_multiplies_the_first_layers_term(layers):
     for s in stats.values():  # off the data, so that both layers' terms are non-zero
         s.var *= 2
         s.class_mean += 0.2
-    obs = Observer("tiny", tiny_observer_model(0).double(), stats, layers, first_layer_weight=10.0)
+    obs = Observer("tiny", tiny_observer_model(0).double(), stats, layers=layers, first_layer_weight=10.0)
     _, mom = obs.forward(x[:9].double())
     got = obs.matching(mom, y[:9], 0.4)
     targets = [Target.from_stats(s, dtype=torch.float64) for s in stats.values()]
@@ -542,7 +542,7 @@ def test_running_targets_are_the_batchnorm_running_estimates():
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2)
     stats = collect_bn_stats(model, x, y, K, batch_size=7)
-    obs = Observer("tiny", model.double(), stats, "sum", targets="running")
+    obs = Observer("tiny", model.double(), stats, layers="sum", targets="running")
     running = [(bn.running_mean.double(), bn.running_var.double()) for _, bn in bn_layers(model)]
     targets = [Target(m, v, t.class_mean, t.class_var) for (m, v), t in
                zip(running, (Target.from_stats(s, dtype=torch.float64) for s in stats.values()))]
@@ -550,15 +550,14 @@ def test_running_targets_are_the_batchnorm_running_estimates():
     for alpha in (1.0, 0.3):
         want = brute_force_layers(x[:9].double(), y[:9], model, targets, alpha, [1.0, 1.0])
         torch.testing.assert_close(obs.matching(mom, y[:9], alpha).double(), want, rtol=1e-6, atol=1e-8)
-    data = Observer("tiny", model, stats, "sum")
+    data = Observer("tiny", model, stats, layers="sum")
     assert not torch.allclose(data.targets[0].mean.double(), running[0][0])
 
 
 def test_statistics_under_jitter_are_those_of_the_rolled_views():
-    from types import SimpleNamespace
 
     x, y = real_like(n=12)
-    aug = SimpleNamespace(kind="jitter", jitter=2, scale_min=0.5, flip=False)
+    aug = SynthAugParams(kind="jitter", jitter=2, scale_min=0.5, flip=False)
     model = tiny_observer_model(0)
     got = collect_bn_stats(model, x, y, K, batch_size=6, aug=aug, draws=2, seed=3)
     gen = torch.Generator().manual_seed(3)
@@ -567,6 +566,7 @@ def test_statistics_under_jitter_are_those_of_the_rolled_views():
         for _ in range(2):
             t = sample_jitter(6, 2, False, gen)
             views.append((hand_rolled(x[i:i + 6], t.dy, t.dx, t.flip), y[i:i + 6]))
-    want = collect_bn_stats(model, torch.cat([v for v, _ in views]), torch.cat([c for _, c in views]), K, 100)
+    want = collect_bn_stats(model, torch.cat([v for v, _ in views]), torch.cat([c for _, c in views]), K,
+                            batch_size=100)
     for layer in want:
         torch.testing.assert_close(got[layer].class_var, want[layer].class_var, rtol=1e-5, atol=1e-6)

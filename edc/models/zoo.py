@@ -32,7 +32,7 @@ class ConvNet(nn.Module):
 
     CONV_BN = ()  # every convolution-BatchNorm pair is adjacent in a Sequential (edc.models.inference.fold_conv_bn)
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int, depth: int,
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, *, width: int, depth: int,
                  norm: str, pool: str):
         super().__init__()
         if pool not in ("avg", "max"):
@@ -54,9 +54,9 @@ class ConvNet(nn.Module):
 
 
 @register_model("convnet")
-def convnet(in_channels: int, num_classes: int, image_size: int, width: int = 128, depth: int = 3,
+def convnet(in_channels: int, num_classes: int, image_size: int, *, width: int = 128, depth: int = 3,
             norm: str = "instance", pool: str = "avg") -> nn.Module:
-    return ConvNet(in_channels, num_classes, image_size, width, depth, norm, pool)
+    return ConvNet(in_channels, num_classes, image_size, width=width, depth=depth, norm=norm, pool=pool)
 
 
 class BasicBlock(nn.Module):
@@ -264,7 +264,7 @@ class ViT(nn.Module):
     token, LayerNorm, a linear head. No BatchNorm and no convolution hierarchy: a family none of the
     convolutional observers shares, the project's unseen student."""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, patch: int, dim: int, depth: int,
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, *, patch: int, dim: int, depth: int,
                  heads: int, mlp_ratio: int):
         super().__init__()
         if image_size % patch:
@@ -287,6 +287,7 @@ class ViT(nn.Module):
 
 
 @register_model("vit")
-def vit(in_channels: int, num_classes: int, image_size: int, patch: int = 4, dim: int = 64, depth: int = 4,
+def vit(in_channels: int, num_classes: int, image_size: int, *, patch: int = 4, dim: int = 64, depth: int = 4,
         heads: int = 4, mlp_ratio: int = 2) -> nn.Module:
-    return ViT(in_channels, num_classes, image_size, patch, dim, depth, heads, mlp_ratio)
+    return ViT(in_channels, num_classes, image_size, patch=patch, dim=dim, depth=depth, heads=heads,
+               mlp_ratio=mlp_ratio)
