@@ -57,14 +57,6 @@ def positive_int(text: str) -> int:
     return n
 
 
-def nonneg_int(text: str) -> int:
-    """An integer >= 0."""
-    n = _int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (got {text!r})")
-    return n
-
-
 def existing_path(text: str) -> str:
     """A file or directory that exists."""
     if not Path(text).expanduser().exists():

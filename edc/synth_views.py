@@ -74,7 +74,7 @@ def apply_jitter(x: torch.Tensor, t: Jitter) -> torch.Tensor:
 def sample_view(b: int, aug, gen: torch.Generator) -> CropFlip | Jitter:
     """One draw of the ``synth.aug`` views for ``b`` images: a crop (:func:`sample_crop_flip`, the same
     draws as before ``kind`` existed) or a jitter (:func:`sample_jitter`)."""
-    if getattr(aug, "kind", "crop") == "jitter":
+    if aug.kind == "jitter":
         return sample_jitter(b, aug.jitter, aug.flip, gen)
     return sample_crop_flip(b, aug.scale_min, aug.flip, gen)
 
