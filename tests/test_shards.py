@@ -18,7 +18,7 @@ from edc.errors import ArtifactError
 from edc.io import md5_file
 from edc.plan import augment, batches, crop_resize, make_plan, sample_boxes
 from edc.relabel import teacher_logits
-from edc.shards import CondensedWriter, load_condensed, read_meta
+from edc.shards import CondensedWriter, LabelLayout, load_condensed, read_meta
 from tests.helpers import FACTS, ROOT, teachers, toy_images, write_set
 
 
@@ -223,6 +223,19 @@ def test_a_dataloader_yields_every_planned_batch_once_in_order(tmp_path, workers
     assert len(got) == len(want) == 9
     for (x, t, y), (wx, wt, wy) in zip(got, want):
         assert torch.equal(x, wx) and torch.equal(t, wt) and torch.equal(y, wy)
+
+
+def test_label_layout_gives_each_shard_consecutive_epochs_and_the_last_one_the_rest(tmp_path):
+    layout = LabelLayout(stored_epochs=5, per_shard=2)
+    assert layout.shards == 3 and layout.names == ["labels-000000.tar", "labels-000001.tar", "labels-000002.tar"]
+    assert [list(layout.epochs(j)) for j in range(3)] == [[0, 1], [2, 3], [4]]
+    assert [layout.locate(e) for e in range(5)] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
+    assert LabelLayout(stored_epochs=4, per_shard=4).shards == 1
+    # a written set's meta.json describes the same layout: writer and reader agree
+    write_set(tmp_path / "s", epochs=6, stored=5, shard_bytes=400)
+    meta = read_meta(tmp_path / "s")
+    got = LabelLayout.of(meta)
+    assert meta["label_shards"] == got.names and got.stored_epochs == 5 and 1 <= got.per_shard < 5
 
 
 def test_storage_is_counted_by_kind_and_adds_up_to_the_files(tmp_path):
