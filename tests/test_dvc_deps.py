@@ -118,6 +118,37 @@ def test_importing_data_and_models_loads_no_tracking():
     assert r.stdout.strip() == "[]", r.stdout
 
 
+# The package's layers, lowest first: a module imports its own layer and those below, never above.
+LAYERS = [
+    ("plumbing", {"errors", "io", "seeding", "progress", "runtime", "codedeps", "distributed", "schedules",
+                  "randaugment", "optim", "training"}),
+    ("data, models and their configuration", {"data", "models", "params"}),
+    ("format", {"plan", "shards", "imageset", "export"}),
+    ("method", {"observers", "stats", "synth", "synth_views", "synth_reference", "init", "relabel", "evaluate",
+                "crosseval", "applications", "resume"}),
+    ("stages and the command line", {"tracking", "stage", "presets", "report", "restore", "summary", "smoke",
+                                     "cli"}),
+]
+
+
+def test_the_import_graph_runs_from_data_to_format_to_method_to_stages():
+    from edc.codedeps import imported_modules
+
+    def level(module: str) -> int:
+        found = [i for i, (_, names) in enumerate(LAYERS) if module.split(".")[1] in names]
+        assert found, f"{module}: a new module; give it its layer in LAYERS"
+        return found[0]
+
+    files = [f for f in (ROOT / "edc").rglob("*.py") if f.name != "__init__.py" or f.parent.name != "edc"]
+    for f in files:
+        rel = f.relative_to(ROOT).with_suffix("")
+        mod = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        here = level(mod)
+        for dep in imported_modules(f):
+            if dep != "edc" and level(dep) > here:
+                raise AssertionError(f"{mod} ({LAYERS[here][0]}) imports {dep} ({LAYERS[level(dep)][0]})")
+
+
 def test_prepare_does_not_rerun_for_method_code():
     """An edit to activation fusion, the optimizers or synthesis's views leaves the prepared data cached."""
     _, deps = stage_scripts()["prepare"]
