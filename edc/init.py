@@ -109,8 +109,7 @@ def rded_init(images, labels: torch.Tensor | None, observers: list[nn.Module], c
               gen: torch.Generator) -> InitResult:
     """RDED (module docstring) for ``k`` classes, ``ipc`` images each, under the ``init`` params ``cfg``;
     ``images``: a tensor with ``labels``, or a SplitView read in chunks."""
-    candidates, crops, factor, batch_size, scale_min = cfg.candidates, cfg.crops, cfg.factor, cfg.batch_size, \
-        cfg.scale_min
+    candidates, crops, factor = cfg.candidates, cfg.crops, cfg.factor
     src_split = as_split(images, labels)
     y = src_split.labels
     f2 = factor * factor
@@ -120,14 +119,14 @@ def rded_init(images, labels: torch.Tensor | None, observers: list[nn.Module], c
     first = src_split.take(src[0, :1])
     _, c, h, w = first.shape
     ch, cw = math.ceil(h / factor), math.ceil(w / factor)
-    boxes = crop_boxes(k * candidates * crops, h, w, scale_min, gen).view(k, candidates, crops, 4)
+    boxes = crop_boxes(k * candidates * crops, h, w, cfg.scale_min, gen).view(k, candidates, crops, 4)
     for m in observers:
         m.eval()
     scores = torch.empty(k, candidates, crops)
     rank = torch.empty(k, ipc * f2, dtype=torch.int64)  # (K, ipc*f2) candidates, best first
     crop_of = torch.empty(k, ipc * f2, dtype=torch.int64)
     tiles = torch.empty(k, ipc * f2, c, ch, cw)
-    per_chunk = max(1, batch_size // (candidates * crops))  # classes whose candidates are read at once
+    per_chunk = max(1, cfg.batch_size // (candidates * crops))  # classes whose candidates are read at once
     for c0 in progress(range(0, k, per_chunk), desc="scoring crops", unit="chunk"):
         c1 = min(k, c0 + per_chunk)
         nk = c1 - c0
@@ -140,7 +139,7 @@ def rded_init(images, labels: torch.Tensor | None, observers: list[nn.Module], c
         if not whole.all():
             patches = torch.where(whole[:, None, None, None], patches, crop_resize(patches, *b.T))
         cls = torch.arange(c0, c1).repeat_interleave(candidates * crops)
-        sc = crop_scores(patches, cls, observers, (h, w), batch_size).view(nk, candidates, crops)
+        sc = crop_scores(patches, cls, observers, (h, w), cfg.batch_size).view(nk, candidates, crops)
         best_crop = sc.argmin(2)  # (nk, P): each candidate's best crop
         best_score = sc.gather(2, best_crop[..., None]).squeeze(2)
         r = torch.argsort(best_score, dim=1, stable=True)[:, : ipc * f2]
