@@ -27,8 +27,12 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edc.errors import EdcError
+
+if TYPE_CHECKING:  # annotations only: each subcommand imports what it needs, so `edc --help` stays quick
+    from edc.params import Params
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -323,7 +327,7 @@ def _export(args: argparse.Namespace) -> None:
     print(f"{out}: image folder (one subfolder per class), labels.csv, soft_logits.npy, meta.json")
 
 
-def _check_archs(archs: list[str], p) -> None:
+def _check_archs(archs: list[str], p: Params) -> None:
     """Each of ``--archs`` names a student, a registry architecture or a torchvision model."""
     from edc.crosseval import student_spec
 

@@ -28,6 +28,7 @@ import torch
 from edc.data import DatasetFacts, normalize
 from edc.errors import EdcError
 from edc.evaluate import Recipe, summarize, train_student
+from edc.params import Params, RelabelParams
 from edc.plan import planned_epochs
 from edc.relabel import epoch_plan_logits
 from edc.seeding import derive_seed
@@ -94,8 +95,8 @@ def read_imagefolder(path: str | Path, facts: DatasetFacts) -> tuple[torch.Tenso
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
 
 
-def folder_as_set(path: str | Path, facts: DatasetFacts, relabel_cfg, teachers: list | None, *, seed: int,
-                  out: Path, bf16: bool = False) -> Path:
+def folder_as_set(path: str | Path, facts: DatasetFacts, relabel_cfg: RelabelParams, teachers: list | None, *,
+                  seed: int, out: Path, bf16: bool = False) -> Path:
     """Write the image folder at ``path`` as a condensed set in ``out``: a plan made with the relabel
     params and the teachers' logits on it (zeros without teachers: hard labels only)."""
     u8, y = read_imagefolder(path, facts)
@@ -134,7 +135,7 @@ def student_spec(arch: str, students: list) -> SimpleNamespace:
     return SimpleNamespace(name=arch, arch=arch, kwargs={})
 
 
-def cross_evaluate(sets: list[str], archs: list[str], kinds: list[str], p, data, *, teachers: list | None,
+def cross_evaluate(sets: list[str], archs: list[str], kinds: list[str], p: Params, data, *, teachers: list | None,
                    device: torch.device, run=None, say=print) -> dict[str, dict[str, dict[str, Cell]]]:
     """{set: {arch: {kind: Cell}}} for every set, architecture and label kind ("soft", "hard")."""
     test = data.view("test")

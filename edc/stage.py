@@ -10,8 +10,12 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edc.errors import EdcError
+
+if TYPE_CHECKING:  # annotations only: a stage imports the params model when it reads them
+    from edc.params import Params
 
 # The params each stage reads, declared once: dvc.yaml's `params:` must list exactly these
 # (tests/test_dvc_deps.py), and each stage logs them to MLflow and fingerprints its resume
@@ -36,7 +40,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 }
 
 
-def stage_params(p, stage: str) -> dict:
+def stage_params(p: Params, stage: str) -> dict:
     """The values of :data:`STAGE_PARAMS` ``[stage]`` in params ``p``, nested as in params.yaml
     (``relabel.epochs`` -> ``{"relabel": {"epochs": ...}}``)."""
     from edc.params import get_dotted

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edc.io import write_json
-from edc.params import load_params
+from edc.params import Params, load_params
 from edc.stage import parser, stage_main, stage_params
 
 PATHS = {  # --NAME: help (all required)
@@ -28,7 +28,7 @@ PATHS = {  # --NAME: help (all required)
 }
 
 
-def run_steps(args, p, groups: list[list[int]], test, spec, *, device, run) -> tuple[list[dict], list[dict]]:
+def run_steps(args, p: Params, groups: list[list[int]], test, spec, *, device, run) -> tuple[list[dict], list[dict]]:
     """For each label kind and step: ``continual.seeds`` students trained on the classes seen so far,
     tested on their test images. Returns (one entry per kind and step, plot rows)."""
     from edc.applications import SeenClasses, seen_test

@@ -20,7 +20,7 @@ from edc.data import load_prepared, split_files
 from edc.errors import ArtifactError
 from edc.evaluate import Recipe, evaluate_students, variant_sets
 from edc.io import write_curves, write_json
-from edc.params import EvaluateParams, load_params
+from edc.params import EvaluateParams, Params, load_params
 from edc.plan import planned_epochs
 from edc.resume import Checkpointer, fingerprint
 from edc.runtime import resolve_device
@@ -40,7 +40,7 @@ OPTIONAL = {
 }
 
 
-def check_plan(args, p, ds, data) -> None:
+def check_plan(args, p: Params, ds, data) -> None:
     """The set must come from this dataset, and its stored plan must be the one params.yaml asks for:
     the evaluation batch size and epoch count are the relabel plan's (the soft labels belong to those
     exact batches)."""
