@@ -20,7 +20,8 @@ from common import ROOT, machine_line, median_time, need, paired_ratios, paired_
 
 from edc.data import load_prepared, pixel_bounds  # noqa: E402
 from edc.evaluate import student_loss  # noqa: E402
-from edc.observers import build, load_observer  # noqa: E402
+from edc.models import build  # noqa: E402
+from edc.observers import load_observer  # noqa: E402
 from edc.params import load_params  # noqa: E402
 from edc.plan import augment  # noqa: E402
 from edc.relabel import teacher_logits  # noqa: E402

@@ -29,7 +29,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from edc.distributed import World
-from edc.observers import accuracy, build
+from edc.models import build
 from edc.optim import AdamW, fused
 from edc.params import EvaluateParams
 from edc.progress import progress
@@ -37,7 +37,7 @@ from edc.runtime import place
 from edc.schedules import lr_lambda
 from edc.seeding import seed_everything
 from edc.shards import CondensedDataset
-from edc.training import TrainingState, train_step
+from edc.training import TrainingState, accuracy, train_step
 
 
 @dataclass(frozen=True)

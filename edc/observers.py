@@ -25,16 +25,16 @@ from torch import nn
 from edc.data import DatasetFacts, as_split
 from edc.data.augment import shift_flip
 from edc.distributed import World
-from edc.errors import ArtifactError, EdcError
+from edc.errors import ArtifactError
 from edc.io import read_json, save_safetensors, write_json
-from edc.models import create_model
+from edc.models import build
 from edc.optim import SGD, AdamW, fused
 from edc.params import ObserversParams
 from edc.progress import progress
-from edc.runtime import model_device, place
+from edc.runtime import place
 from edc.schedules import lr_lambda
 from edc.seeding import derive_seed, seed_everything
-from edc.training import train_step
+from edc.training import accuracy, train_step
 
 
 @dataclass
@@ -43,27 +43,6 @@ class TrainResult:
     test_acc: float
     history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
     seconds: float = 0.0
-
-
-def build(arch: str, kwargs: dict[str, Any], facts: DatasetFacts) -> nn.Module:
-    try:
-        return create_model(arch, in_channels=facts.channels, num_classes=facts.num_classes,
-                            image_size=facts.image_size, **kwargs)
-    except ValueError as exc:  # a shape the architecture cannot take (e.g. a ViT patch that does not tile)
-        raise EdcError(f"{arch} {kwargs or ''} on {facts.name} ({facts.image_size}px): {exc}") from None
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, test, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in eval mode on ``test`` ((images, labels) tensors or a SplitView read batch
-    by batch); restores the model's previous mode."""
-    test = as_split(test)
-    was_training = model.training
-    model.eval()
-    dev = model_device(model)
-    correct = sum(int((model(x.to(dev)).argmax(1).cpu() == y).sum()) for x, y in test.batches(batch_size))
-    model.train(was_training)
-    return correct / len(test)
 
 
 def imagenet_observer(spec, facts: DatasetFacts, test, device: torch.device | None = None) -> TrainResult:

@@ -52,11 +52,12 @@ def main(argv=None) -> None:
         return
     from edc.applications import prune, recover, sparsity
     from edc.data import load_prepared
-    from edc.observers import accuracy, load_observer
+    from edc.observers import load_observer
     from edc.runtime import place, resolve_device
     from edc.seeding import derive_seed
     from edc.shards import load_condensed
     from edc.tracking import stage_run
+    from edc.training import accuracy
 
     device = resolve_device(p.device)
     name = cfg.model or p.observers.models[0].name

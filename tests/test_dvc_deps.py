@@ -121,11 +121,11 @@ def test_importing_data_and_models_loads_no_tracking():
 # The package's layers, lowest first: a module imports its own layer and those below, never above.
 LAYERS = [
     ("plumbing", {"errors", "io", "seeding", "progress", "runtime", "codedeps", "distributed", "schedules",
-                  "randaugment", "optim", "training"}),
+                  "randaugment", "optim"}),
     ("data, models and their configuration", {"data", "models", "params"}),
     ("format", {"plan", "shards", "imageset", "export"}),
-    ("method", {"observers", "stats", "synth", "synth_views", "synth_reference", "init", "relabel", "evaluate",
-                "crosseval", "applications", "resume"}),
+    ("method", {"training", "observers", "stats", "synth", "synth_views", "synth_reference", "init", "relabel",
+                "evaluate", "crosseval", "applications", "resume"}),
     ("stages and the command line", {"tracking", "stage", "presets", "report", "restore", "summary", "smoke",
                                      "cli"}),
 ]

@@ -122,7 +122,7 @@ def test_ema_batchnorm_statistics_are_recomputed_from_the_planned_batches(tmp_pa
     # evaluated at epochs 3 and 6: the snapshot after epoch 6 holds the statistics the test used
     ema_state = states[-1]["ema"]
     first_bn = [k for k in ema_state if k.endswith("running_mean")][0]
-    from edc.observers import build
+    from edc.models import build
 
     model = build("convnet", {"width": 8, "depth": 2, "norm": "batch"}, ds.facts)
     model.load_state_dict({k[len("module."):]: v for k, v in ema_state.items() if k.startswith("module.")})
