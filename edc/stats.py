@@ -43,6 +43,7 @@ from torch import nn
 from edc.data import as_split
 from edc.errors import ArtifactError
 from edc.io import read_safetensors_metadata, save_safetensors
+from edc.params import SynthAugParams
 from edc.progress import progress
 from edc.runtime import model_device
 from edc.synth_views import apply_view, sample_view
@@ -129,7 +130,8 @@ class _Accumulator:
 
 @torch.no_grad()
 def collect_bn_stats(model: nn.Module, images, labels: torch.Tensor | None, num_classes: int,
-                     *, batch_size: int = 500, desc: str = "stats", aug=None, draws: int = 1,
+                     *, batch_size: int = 500, desc: str = "stats",
+                     aug: SynthAugParams | None = None, draws: int = 1,
                      seed: int = 0) -> dict[str, LayerStats]:
     """One eval-mode pass over (images, labels) tensors, or over ``images`` = a split read batch by
     batch (:class:`edc.data.SplitView`, ``labels`` None); returns {layer name: LayerStats} in model order.

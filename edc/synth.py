@@ -43,7 +43,7 @@ from edc.errors import EdcError
 from edc.io import atomic_file
 from edc.models.inference import inference_copy
 from edc.optim import Adam
-from edc.params import SynthParams
+from edc.params import SynthAugParams, SynthParams
 from edc.progress import progress
 from edc.resume import run_units
 from edc.runtime import model_device
@@ -364,7 +364,8 @@ def synthesis_batches(labels: torch.Tensor, cfg: SynthParams) -> list[torch.Tens
 
 @torch.no_grad()
 def matching_report(images: torch.Tensor, labels: torch.Tensor, observers: list[Observer], alpha: float,
-                    batches: list[torch.Tensor], *, aug=None, draws: int = 8, seed: int = 0) -> dict[str, float]:
+                    batches: list[torch.Tensor], *, aug: SynthAugParams | None = None,
+                    draws: int = 8, seed: int = 0) -> dict[str, float]:
     """Each observer's matching loss (sum over layers), averaged over the synthesis batches (weighted
     by size). With ``aug`` (the ``synth.aug`` section) it is the mean over ``draws`` crop/flip draws
     from a generator seeded with ``seed`` (the same draws for any images): the quantity synthesis

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from edc.params import SynthAugParams
+
 
 @dataclass(frozen=True)
 class CropFlip:
@@ -71,7 +73,7 @@ def apply_jitter(x: torch.Tensor, t: Jitter) -> torch.Tensor:
     return x
 
 
-def sample_view(b: int, aug, gen: torch.Generator) -> CropFlip | Jitter:
+def sample_view(b: int, aug: SynthAugParams, gen: torch.Generator) -> CropFlip | Jitter:
     """One draw of the ``synth.aug`` views for ``b`` images: a crop (:func:`sample_crop_flip`, the same
     draws as before ``kind`` existed) or a jitter (:func:`sample_jitter`)."""
     if aug.kind == "jitter":
@@ -83,7 +85,7 @@ def apply_view(x: torch.Tensor, t: CropFlip | Jitter) -> torch.Tensor:
     return apply_jitter(x, t) if isinstance(t, Jitter) else apply_crop_flip(x, t)
 
 
-def view_record(aug) -> dict:
+def view_record(aug: SynthAugParams) -> dict:
     """The ``synth.aug`` settings a statistics file records: the crop's keys alone for ``kind: crop``, so
     that files made before ``kind`` existed still match."""
     d = aug.model_dump()
