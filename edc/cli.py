@@ -29,8 +29,12 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edc.errors import EdcError
+
+if TYPE_CHECKING:  # annotations only: each subcommand imports what it needs, so `edc --help` stays quick
+    from edc.params import Params
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -56,14 +60,6 @@ def positive_int(text: str) -> int:
     n = _int(text)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {text!r})")
-    return n
-
-
-def nonneg_int(text: str) -> int:
-    """An integer >= 0."""
-    n = _int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (got {text!r})")
     return n
 
 
@@ -380,7 +376,7 @@ def _export(args: argparse.Namespace) -> None:
     print(f"{out}: image folder (one subfolder per class), labels.csv, soft_logits.npy, meta.json")
 
 
-def _check_archs(archs: list[str], p) -> None:
+def _check_archs(archs: list[str], p: Params) -> None:
     """Each of ``--archs`` names a student, a registry architecture or a torchvision model."""
     from edc.crosseval import student_spec
 
@@ -450,7 +446,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     params = {"sets": args.sets, "archs": args.archs, "labels": args.labels, "teachers": args.teachers or [],
               "seed": p.seed, "zeta": p.zeta, "evaluate": p.evaluate.model_dump(), "relabel": p.relabel.model_dump()}
     with stage_run("evaluate", params, seed=p.seed) as run:
-        res = cross_evaluate(args.sets, args.archs, args.labels, p, data, teachers, device, run)
+        res = cross_evaluate(args.sets, args.archs, args.labels, p, data, teachers=teachers, device=device, run=run)
         text = table(res, args.archs, args.labels)
         for src, row in results_json(res).items():
             for arch, kinds in row.items():

@@ -228,7 +228,8 @@ def write_set(out, epochs=3, batch_size=4, topk=0, cutmix=True, seed=0, images=N
     w = CondensedWriter(out, u8, y, meta, shard_bytes=shard_bytes)
     plans = []
     for e in range(stored or epochs):
-        plan = make_plan(len(y), 10, 10, batch_size, 0.3, True, cutmix, torch.Generator().manual_seed(seed * 100 + e))
+        plan = make_plan(len(y), 10, 10, batch_size, 0.3, True, cutmix=cutmix,
+                         gen=torch.Generator().manual_seed(seed * 100 + e))
         xa = torch.cat([augment(x[i], c, m) for i, c, m in batches(plan, batch_size)])
         w.write_epoch(e, plan, batch_size, teacher_logits(teachers(), xa), topk)
         plans.append((plan, xa))

@@ -11,7 +11,7 @@ from edc.imageset import read_imageset
 from edc.io import read_json
 from edc.params import parse_params, read_yaml
 from edc.presets import preset_overrides
-from edc.runtime import derive_seed, trial_seed
+from edc.seeding import derive_seed, trial_seed
 from tests.helpers import ROOT, md5_tree, run_stages, tiny_params, write_yaml
 
 
