@@ -201,22 +201,24 @@ def test_a_run_beside_another_gives_the_results_it_gives_alone(shards, tmp_path)
     assert 0 < line["loops"] < line["end"] - line["main_start"] and line["mlflow_wait"] >= 0
 
 
-def test_each_stage_run_records_its_thread_count(tmp_path, monkeypatch):
+def test_each_stage_run_records_its_thread_count(_mlflow_store):
     """The thread count can change a result's last bits: MLflow keeps it with the stage's run."""
     import torch
 
     from edc import tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with tracking.stage_run("prepare", {"seed": 0}) as run:
             run.metrics({"x": 1.0})
+            run_id = run.run_id
     finally:
         torch.set_num_threads(before)
-    db = sqlite3.connect(tmp_path / "mlflow.db")
-    assert db.execute("select value from tags where key = 'edc.threads'").fetchall() == [("1",)]
+    # The session's store (creating one of its own would take seconds): this run's tag only.
+    db = sqlite3.connect(_mlflow_store.removeprefix("sqlite:///"))
+    assert db.execute("select value from tags where key = 'edc.threads' and run_uuid = ?",
+                      (run_id,)).fetchall() == [("1",)]
 
 
 def test_eval_jobs_with_torchrun_ranks_is_a_params_error():
