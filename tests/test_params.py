@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from edc.errors import ParamsError
-from edc.params import load_params, parse_params
+from edc.io import write_csv
+from edc.params import get_dotted, load_params, parse_params, set_dotted
 from tests.helpers import ROOT, run, write_yaml
 
 
@@ -126,3 +127,23 @@ def test_edc_check_reports_ok_and_problems(tmp_path, default_params):
     default_params["observers"]["epochs"] = 0
     r = _run_stage("-m", "edc.cli", "check", "--params", str(write_yaml(tmp_path / "p.yaml", default_params)))
     assert r.returncode == 2 and "observers.epochs: must be >= 1 (got 0)" in r.stderr
+
+
+def test_dotted_keys_read_and_write_the_nested_sections():
+    tree = {"relabel": {"epochs": 3, "aug": {"flip": True}}, "seed": 0}
+    assert get_dotted(tree, "relabel.aug.flip") is True and get_dotted(tree, "seed") == 0
+    assert get_dotted(tree, "relabel.nope", "absent") == "absent" and get_dotted(tree, "seed.x", 1) == 1
+    set_dotted(tree, "relabel.aug.flip", False)
+    set_dotted(tree, "synth.flatness.weight", 0.5)  # sections that are not there yet are created
+    set_dotted(tree, "seed", 4)
+    assert tree == {"relabel": {"epochs": 3, "aug": {"flip": False}}, "seed": 4,
+                    "synth": {"flatness": {"weight": 0.5}}}
+
+
+def test_write_csv_chooses_the_columns_and_rounds_floats_only_when_asked(tmp_path):
+    rows = [{"a": 1, "b": 1 / 3, "extra": "left out"}, {"a": 2, "b": 0.5}]
+    write_csv(tmp_path / "r.csv", rows, ["a", "b"])
+    assert (tmp_path / "r.csv").read_bytes() == b"a,b\r\n1,0.333333\r\n2,0.5\r\n"
+    write_csv(tmp_path / "r.csv", rows, ["b", "a"], digits=None)  # replaces the file whole
+    assert (tmp_path / "r.csv").read_bytes() == b"b,a\r\n0.3333333333333333,1\r\n0.5,2\r\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv"]  # no temporary left behind
