@@ -51,14 +51,22 @@ def _stage_threads(env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_a_stage_process_takes_its_share_of_the_cores():
+def test_a_stage_process_takes_its_share_of_the_cores(monkeypatch, capsys):
     cores = len(os.sched_getaffinity(0))
     for env, want in (({"EDC_JOBS": str(cores)}, 1), ({"EDC_THREADS": "3"}, 3), ({}, cores)):
         r = _stage_threads(env)
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == [str(want), "1"], env
-    bad = _stage_threads({"EDC_JOBS": "x"})
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+    # A bad setting stops stage_main before torch's threads are touched: this process can check it.
+    from edc.stage import stage_main
+
+    for name in ("EDC_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EDC_JOBS", "x")
+    ran = []
+    with pytest.raises(SystemExit) as bad:
+        stage_main(ran.append, [])
+    assert bad.value.code == 2 and not ran and capsys.readouterr().err.strip().splitlines() == [
         "environment variable EDC_JOBS: must be a positive whole number (got 'x')"]
 
 
