@@ -1,0 +1,176 @@
+"""Two queued experiments side by side (`edc queue start -j 2`), one of them killed mid-stage: the
+other loses nothing, and the killed one, queued again as docs/reliability.md says, gives the bytes
+of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+from edc.params import read_yaml
+from tests.helpers import PIPELINE, sh, write_yaml
+
+# Two points that differ in a relabel key: each experiment makes its own condensed set (relabel) and
+# trains its students on it (post_evaluate); everything upstream is the baseline's.
+POINTS = {"a": "relabel.aug.scale_min=0.25", "b": "relabel.aug.scale_min=0.5"}
+KILLED = "b"
+STAGES = ("relabel", "post_evaluate")
+
+
+def _stage_processes(repo: Path) -> dict[str, list[tuple[int, Path]]]:
+    """{experiment name: [(pid, working directory)]} of the stage scripts DVC runs for ``repo``'s
+    experiments (their working directories are the executors' copies under ``repo/.dvc/tmp/exps``)."""
+    found: dict[str, list[tuple[int, Path]]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cwd = Path(os.readlink(proc / "cwd"))
+            if repo / ".dvc" not in cwd.parents:
+                continue
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = dict(v.split(b"=", 1) for v in (proc / "environ").read_bytes().split(b"\0") if b"=" in v)
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        name = environ.get(b"DVC_EXP_NAME", b"").decode()
+        if name and any(a.startswith(b"stages/") for a in argv):
+            found.setdefault(name, []).append((int(proc.name), cwd))
+    return found
+
+
+def _queue(repo: Path, env: dict) -> list[tuple[str, str]]:
+    """(name, status) of each task `dvc queue status` lists."""
+    lines = sh(["dvc", "queue", "status"], repo, env).splitlines()
+    return [(cols[1], cols[-1]) for cols in (line.split() for line in lines[1:]) if len(cols) >= 4]
+
+
+def _wait_queue(repo: Path, env: dict, done, timeout_s: float = 600) -> list[tuple[str, str]]:
+    deadline = time.monotonic() + timeout_s
+    while not done(status := _queue(repo, env)):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    return status
+
+
+def _start_queue(repo: Path, env: dict, jobs: int, log: Path) -> None:
+    # The workers DVC spawns inherit this command's stdout: a pipe would keep it waiting until they exit.
+    with open(log, "a") as f:
+        subprocess.run([sys.executable, "-m", "edc.cli", "queue", "start", "-j", str(jobs)], cwd=repo, env=env,
+                       stdout=f, stderr=subprocess.STDOUT, check=True, timeout=120)
+
+
+def _shown(repo: Path, env: dict, name: str) -> dict:
+    """`dvc exp show`'s entry for the finished experiment ``name`` (a failed one of that name is listed too)."""
+    found = [exp["revs"][0] for baseline in json.loads(sh(["dvc", "exp", "show", "--json"], repo, env))
+             for exp in baseline.get("experiments") or [] if exp["revs"][0]["name"] == name
+             and not exp["revs"][0].get("error")]
+    assert len(found) == 1, f"dvc exp show lists {len(found)} finished experiments named {name}"
+    return found[0]
+
+
+def _outs(repo: Path, env: dict, rev: str) -> dict[str, tuple[str, int]]:
+    """{path: (md5, size)} of every output dvc.lock records at ``rev`` for the stages the points rerun:
+    the condensed set and the students' metrics and curves."""
+    lock = YAML(typ="safe").load(sh(["git", "show", f"{rev}:dvc.lock"], repo, env))
+    return {o["path"]: (o["md5"], o["size"]) for s in STAGES for o in lock["stages"][s]["outs"]}
+
+
+def _mlflow_status(repo: Path, name: str) -> dict[str, set[str]]:
+    """{stage (or "pipeline"): statuses} of experiment ``name``'s MLflow runs in the repository's store."""
+    db = sqlite3.connect(repo / "mlflow.db")
+    rows = db.execute("select coalesce(s.value, 'pipeline'), r.status from runs r join tags e on e.run_uuid = "
+                      "r.run_uuid and e.key = 'dvc.exp_name' left join tags s on s.run_uuid = r.run_uuid and "
+                      "s.key = 'edc.stage' where e.value = ?", (name,)).fetchall()
+    db.close()
+    out: dict[str, set[str]] = {}
+    for stage, status in rows:
+        out.setdefault(stage, set()).add(status)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.pipeline
+def test_killing_one_of_two_side_by_side_experiments_loses_nothing_of_the_other(dvc_repo):
+    repo, env = dvc_repo
+    # The seven stages only: the disabled applications' stub stages would add processes, not coverage.
+    dvc_yaml = read_yaml(repo / "dvc.yaml")
+    dvc_yaml["stages"] = {k: v for k, v in dvc_yaml["stages"].items() if k in PIPELINE}
+    apps = {"continual_accuracy", "slimming_accuracy"}
+    dvc_yaml["plots"] = [p for p in dvc_yaml.get("plots") or [] if not apps & set(p)]
+    write_yaml(repo / "dvc.yaml", dvc_yaml)
+    # A checkpoint at every epoch, so that the kill lands in a stage that has saved state.
+    env = {**env, "EDC_THREADS": "1", "EDC_CHECKPOINT_SECONDS": "0"}
+    sh(["dvc", "repro"], repo, env)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "baseline"], repo, env)
+    log = repo.parent / "queue.log"
+
+    for name, setting in POINTS.items():
+        sh(["dvc", "exp", "run", "--queue", "-n", name, "-S", setting], repo, env)
+    _start_queue(repo, env, 2, log)
+    killed_at, other_after, checked = None, False, time.monotonic()
+    deadline = time.monotonic() + 600
+    while not other_after:
+        assert time.monotonic() < deadline, _queue(repo, env)
+        running = _stage_processes(repo)
+        if killed_at is None and time.monotonic() - checked > 10:
+            assert (KILLED, "Success") not in _queue(repo, env), "the experiment to kill finished first"
+            checked = time.monotonic()
+        if killed_at is None:
+            for pid, cwd in running.get(KILLED, []):
+                if (cwd / "reports/.metrics.json.resume/state.pt").exists():  # inside post_evaluate, mid-way
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)  # the stage, DVC's executor and its queue worker
+                    killed_at = time.monotonic()
+                    break
+        elif "a" in running:
+            other_after = True  # a stage of the other ran after the kill: they did run side by side
+        elif ("a", "Success") in _queue(repo, env):
+            break
+        time.sleep(0.05)
+    assert killed_at is not None and other_after, "the other experiment had finished before the kill"
+
+    # (a), (b): the other finishes; DVC cannot tell a killed worker's task from a running one, so the
+    # killed one stays "Running" until `dvc queue kill` marks it failed.
+    status = _wait_queue(repo, env, lambda s: ("a", "Success") in s)
+    assert (KILLED, "Success") not in status, status
+    sh(["dvc", "queue", "kill", KILLED], repo, env)
+    assert (KILLED, "Failed") in _queue(repo, env)
+    a_shown = _shown(repo, env, "a")
+    side_by_side = _outs(repo, env, a_shown["rev"])
+    metrics = a_shown["data"]["metrics"]["reports/metrics.json"]["data"]
+    assert metrics == json.loads(sh(["git", "show", f"{a_shown['rev']}:reports/metrics.json"], repo, env))
+    assert _mlflow_status(repo, "a") == {s: {"FINISHED"} for s in (*STAGES, "pipeline")}
+
+    # (c): queued again with the same command and run, the killed one finishes.
+    sh(["dvc", "exp", "run", "--queue", "-n", KILLED, "-S", POINTS[KILLED]], repo, env)
+    _start_queue(repo, env, 1, log)
+    status = _wait_queue(repo, env, lambda s: not {"Queued", "Running"} & {st for _, st in s})
+    assert (KILLED, "Success") in status, status
+    rerun = _outs(repo, env, _shown(repo, env, KILLED)["rev"])
+    assert "FINISHED" in _mlflow_status(repo, KILLED)["post_evaluate"]
+    sh(["dvc", "queue", "stop"], repo, env)  # the idle worker, before the repository goes
+
+    # The same two experiments, each alone and uninterrupted, with the run-cache emptied so that
+    # DVC computes them instead of restoring the outputs computed above.
+    shutil.rmtree(repo / ".dvc/cache/runs")
+    alone = {}
+    for name, setting in POINTS.items():
+        sh(["dvc", "exp", "run", "--temp", "-n", f"{name}-alone", "-S", setting], repo, env)
+        alone[name] = _outs(repo, env, _shown(repo, env, f"{name}-alone")["rev"])
+    assert side_by_side == alone["a"]
+    assert rerun == alone[KILLED]
+    assert alone["a"] != alone[KILLED]  # two different sets: the comparisons above can tell them apart
+    # Every output of both is in the cache: applied, the workspace is what their dvc.lock records.
+    for name in POINTS:
+        sh(["dvc", "exp", "apply", name], repo, env)
+        assert "Data and pipelines are up to date." in sh(["dvc", "status"], repo, env), name
