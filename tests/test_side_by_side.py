@@ -1,6 +1,6 @@
 """Two queued experiments side by side (`edc queue start -j 2`), one of them killed mid-stage: the
 other loses nothing, and the killed one, queued again as docs/reliability.md says, gives the bytes
-of an uninterrupted run."""
+of an uninterrupted run; `edc queue start` marks failed a task killed with its worker."""
 
 from __future__ import annotations
 
@@ -48,10 +48,15 @@ def _stage_processes(repo: Path) -> dict[str, list[tuple[int, Path]]]:
     return found
 
 
+def _tasks(repo: Path, env: dict) -> list[tuple[str, str, str]]:
+    """(task id, name, status) of each task `dvc queue status` lists."""
+    lines = sh(["dvc", "queue", "status"], repo, env).splitlines()
+    return [(cols[0], cols[1], cols[-1]) for cols in (line.split() for line in lines[1:]) if len(cols) >= 4]
+
+
 def _queue(repo: Path, env: dict) -> list[tuple[str, str]]:
     """(name, status) of each task `dvc queue status` lists."""
-    lines = sh(["dvc", "queue", "status"], repo, env).splitlines()
-    return [(cols[1], cols[-1]) for cols in (line.split() for line in lines[1:]) if len(cols) >= 4]
+    return [(name, status) for _, name, status in _tasks(repo, env)]
 
 
 def _wait_queue(repo: Path, env: dict, done, timeout_s: float = 600) -> list[tuple[str, str]]:
@@ -139,24 +144,29 @@ def test_killing_one_of_two_side_by_side_experiments_loses_nothing_of_the_other(
         time.sleep(0.05)
     assert killed_at is not None and other_after, "the other experiment had finished before the kill"
 
-    # (a), (b): the other finishes; DVC cannot tell a killed worker's task from a running one, so the
-    # killed one stays "Running" until `dvc queue kill` marks it failed.
+    # (a), (b): the other finishes. The killed one's worker died with it, so DVC lists it as running.
     status = _wait_queue(repo, env, lambda s: ("a", "Success") in s)
-    assert (KILLED, "Success") not in status, status
-    sh(["dvc", "queue", "kill", KILLED], repo, env)
-    assert (KILLED, "Failed") in _queue(repo, env)
+    assert (KILLED, "Running") in status, status
     a_shown = _shown(repo, env, "a")
     side_by_side = _outs(repo, env, a_shown["rev"])
     metrics = a_shown["data"]["metrics"]["reports/metrics.json"]["data"]
     assert metrics == json.loads(sh(["git", "show", f"{a_shown['rev']}:reports/metrics.json"], repo, env))
     assert _mlflow_status(repo, "a") == {s: {"FINISHED"} for s in (*STAGES, "pipeline")}
 
-    # (c): queued again with the same command and run, the killed one finishes.
+    # (c): queued again with the same command; `edc queue start` marks the killed task failed and runs
+    # the new one, which finishes.
     sh(["dvc", "exp", "run", "--queue", "-n", KILLED, "-S", POINTS[KILLED]], repo, env)
     _start_queue(repo, env, 1, log)
+    assert "its process is gone (killed); marking it failed" in log.read_text()
     status = _wait_queue(repo, env, lambda s: not {"Queued", "Running"} & {st for _, st in s})
-    assert (KILLED, "Success") in status, status
-    rerun = _outs(repo, env, _shown(repo, env, KILLED)["rev"])
+    assert (KILLED, "Failed") in status and (KILLED, "Success") in status, status
+    rerun_rev = _shown(repo, env, KILLED)["rev"]
+    # The stage it finished before the kill comes back from the run-cache; the killed stage starts over.
+    (task,) = [t for t, name, st in _tasks(repo, env) if (name, st) == (KILLED, "Success")]
+    rerun_log = sh(["dvc", "queue", "logs", task], repo, env)
+    assert "Stage 'relabel' is cached - skipping run" in rerun_log, rerun_log
+    assert "Running stage 'post_evaluate'" in rerun_log, rerun_log
+    rerun = _outs(repo, env, rerun_rev)
     assert "FINISHED" in _mlflow_status(repo, KILLED)["post_evaluate"]
     sh(["dvc", "queue", "stop"], repo, env)  # the idle worker, before the repository goes
 
@@ -174,3 +184,32 @@ def test_killing_one_of_two_side_by_side_experiments_loses_nothing_of_the_other(
     for name in POINTS:
         sh(["dvc", "exp", "apply", name], repo, env)
         assert "Data and pipelines are up to date." in sh(["dvc", "status"], repo, env), name
+
+
+def test_edc_queue_start_marks_failed_a_task_killed_with_its_worker(tmp_path, monkeypatch, capsys):
+    """A task DVC records as running (no return code) whose process no longer exists is marked failed
+    by `dvc queue kill` before the workers start; a running, a finished and an already-failed one are
+    left alone."""
+    from edc import cli
+    from edc.dvcqueue import RUN_DIR, killed_tasks
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # reaped: its pid exists no more
+    records = {"a" * 40: {"pid": gone.pid, "returncode": None},  # killed with its worker
+               "b" * 40: {"pid": os.getpid(), "returncode": None},  # running
+               "c" * 40: {"pid": gone.pid, "returncode": 0},  # finished
+               "d" * 40: {"pid": gone.pid, "returncode": -1}}  # marked failed already
+    for task, record in records.items():
+        (tmp_path / RUN_DIR / task).mkdir(parents=True)
+        (tmp_path / RUN_DIR / task / f"{task}.json").write_text(json.dumps(record))
+    (tmp_path / RUN_DIR / ("e" * 40)).mkdir()  # a task being set up: no record yet
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)  # the project is the directory holding .dvc/
+    assert killed_tasks() == ["a" * 40]
+
+    seen = []
+    monkeypatch.setattr(cli.subprocess, "run", lambda cmd, env=None: seen.append(cmd[1:]) or
+                        subprocess.CompletedProcess(cmd, 0))
+    cli.main(["queue", "start", "-j", "1"])
+    assert seen == [["queue", "kill", "a" * 40], ["queue", "start", "-j", "1"]]
+    assert "aaaaaaa: listed as running, but its process is gone (killed); marking it failed" in capsys.readouterr().out
