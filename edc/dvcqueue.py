@@ -2,11 +2,11 @@
 
 DVC's queue worker runs each experiment as a ``dvc exp exec-run`` process and records it in
 ``.dvc/tmp/exps/run/<task>/<task>.json`` (``pid``; ``returncode`` null until the worker has waited
-for it). Killing an experiment's process group (``kill -9 -PGID``, an out-of-memory kill of the
-group) kills that worker too, so nothing ever records a return code, and ``dvc queue status`` lists
-the task as Running for good. Such a task is one whose ``returncode`` is null and whose ``pid`` no
-longer exists: while the worker lives, an exited process stays a zombie (it still exists) until the
-worker reaps it and writes the return code.
+for it). The experiment runs in its worker's process group, so killing that group (``kill -9 -PGID``)
+kills the worker too: nothing ever records a return code, and ``dvc queue status`` lists the task
+as Running for good. Such a task is one whose ``returncode`` is null and whose ``pid`` no longer
+exists: while the worker lives, an exited process stays a zombie (it still exists) until the worker
+reaps it and writes the return code.
 """
 
 from __future__ import annotations
