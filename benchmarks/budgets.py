@@ -54,7 +54,7 @@ def label_bytes(topk: int, n: int = 100, batch: int = 100, epochs: int = 2) -> f
                                                   "batch_size": batch, "topk": topk, "cutmix": False})
         gen = torch.Generator().manual_seed(0)
         for e in range(epochs):
-            plan = make_plan(n, 8, 8, batch, 0.5, False, False, gen)
+            plan = make_plan(n, 8, 8, batch, 0.5, False, cutmix=False, gen=gen)
             w.write_epoch(e, plan, batch, torch.randn(n, K), topk)
         w.close()
         size = sum(f.stat().st_size for f in Path(tmp).glob("labels-*.tar"))  # labels, plan and their framing

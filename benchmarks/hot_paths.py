@@ -20,7 +20,8 @@ from common import ROOT, machine_line, median_time, need, paired_ratios, paired_
 
 from edc.data import load_prepared, pixel_bounds  # noqa: E402
 from edc.evaluate import student_loss  # noqa: E402
-from edc.observers import build, load_observer  # noqa: E402
+from edc.models import build  # noqa: E402
+from edc.observers import load_observer  # noqa: E402
 from edc.params import load_params  # noqa: E402
 from edc.plan import augment  # noqa: E402
 from edc.relabel import teacher_logits  # noqa: E402
@@ -65,7 +66,7 @@ def stats_timings(model, x, y, k, batch_size, repeats, sub=400):
             for i in range(0, len(x), batch_size):
                 model(x[i:i + batch_size])
 
-    t_bare, t_ours = paired_times([bare, lambda: collect_bn_stats(model, x, y, k, batch_size)], repeats)
+    t_bare, t_ours = paired_times([bare, lambda: collect_bn_stats(model, x, y, k, batch_size=batch_size)], repeats)
     ratio = paired_ratios()[1]
     t_ref = median_time(lambda: per_sample_reference(model, x[:sub], y[:sub], k), max(1, repeats // 2))
     return t_bare, t_ours, t_ref * len(x) / sub, ratio
@@ -116,7 +117,7 @@ def bench_synth(p, data, repeats, iters=10):
             cfg = p.synth.model_copy(update={"iterations": iters, "observers": [name],
                                              "flatness": p.synth.flatness.model_copy(update={"mode": mode})})
             fns.append(lambda cfg=cfg, o=obs: synthesize(images, labels, [o], cfg, p.alpha, pixel_bounds(facts),
-                                                         lambda b: 0))
+                                                         seed_for=lambda b: 0))
         t_plain, t_limit, t_off, t_logits = (t / iters for t in paired_times(fns, repeats))
         _, r_limit, r_off, r_logits = paired_ratios()
         print(row(f"{name}: plain forward+backward", t_plain))

@@ -5,12 +5,12 @@
 Each stage runs as DVC runs it (its `cmd:` from dvc.yaml, `${launcher}` = this Python) in a scratch
 folder where its dvc.yaml dependencies are links to this checkout's files and its outputs are new,
 so nothing here is overwritten. With EDC_STARTUP_PROBE set, the stage's first progress loop prints
-the time and ends the process (edc/runtime.py): what is measured is imports, reading params and
+the time and ends the process (edc/progress.py): what is measured is imports, reading params and
 inputs, and opening the MLflow store where that is on the way. Rounds are paired (a bare
 `python -c "import torch"` then each stage), and the ratio's median (min-max) is printed.
 Target: each stage within 20 % of the bare import (<= 1.2x). A second reference row imports
 torch._dynamo as well, which torch's own optimizers import at their first step and torchvision at
-its import: what the stages avoid (edc.runtime's optimizers, our MobileNet-V2; tests/test_optim.py
+its import: what the stages avoid (edc.optim's optimizers, our MobileNet-V2; tests/test_optim.py
 pins it). Needs the outputs of `dvc repro`.
 """
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine_line, need  # noqa: E402
 
 from edc.params import read_yaml  # noqa: E402
-from edc.runtime import STARTUP_PROBE_ENV  # noqa: E402
+from edc.progress import STARTUP_PROBE_ENV  # noqa: E402
 
 DEFAULT_STAGES = ("train_observers", "collect_stats", "synthesize", "relabel", "post_evaluate")
 

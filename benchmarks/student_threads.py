@@ -27,9 +27,9 @@ def worker(threads: int, jobs: list[str]) -> None:
 
     torch.set_num_threads(threads)
     from edc.data import load_prepared
-    from edc.evaluate import train_student
+    from edc.evaluate import Recipe, train_student
     from edc.params import load_params
-    from edc.runtime import derive_seed
+    from edc.seeding import derive_seed
     from edc.shards import load_condensed
 
     p = load_params(ROOT / "params.yaml")
@@ -40,7 +40,7 @@ def worker(threads: int, jobs: list[str]) -> None:
     for job in jobs:
         name, s = job.split("/")
         t = time.perf_counter()
-        r = train_student(specs[name], p.evaluate, p.zeta, ds, data.view("test"),
+        r = train_student(specs[name], Recipe(p.evaluate, p.zeta), ds, data.view("test"),
                           derive_seed(p.seed, "evaluate", name, s), val=val)
         print(json.dumps({"job": job, "acc": r.acc, "seconds": time.perf_counter() - t}), flush=True)
 

@@ -65,7 +65,7 @@ def main() -> None:
         ent, agree, n = 0.0, 0, 0
         for d in range(16):
             plan = make_plan(len(x), x.shape[2], x.shape[3], len(x), p.relabel.aug.scale_min, p.relabel.aug.flip,
-                             False, torch.Generator().manual_seed(d))
+                             cutmix=False, gen=torch.Generator().manual_seed(d))
             views = augment(x[plan.order], plan.crops, None)
             probs = torch.softmax(teacher_logits(teachers, views) / p.evaluate.temperature, 1)
             ent += float(-(probs * probs.clamp_min(1e-12).log()).sum(1).sum())
@@ -87,7 +87,7 @@ def main() -> None:
     for lr, ce in [(lr, ce) for ce in args.ce for lr in args.lrs]:
         cfg = p.synth.model_copy(update={"lr": lr, "iterations": args.iterations, "ce_weight": ce})
         t0 = time.perf_counter()
-        out = synthesize(x0, init.labels, observers, cfg, p.alpha, pixel_bounds(facts), lambda b: 1000 + b)
+        out = synthesize(x0, init.labels, observers, cfg, p.alpha, pixel_bounds(facts), seed_for=lambda b: 1000 + b)
         seconds = time.perf_counter() - t0
         out_u8 = to_uint8(out, facts)
         d = (out_u8.float() - init_u8.float()).abs()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -30,12 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine_line  # noqa: E402
 
 from edc.data import load_prepared  # noqa: E402
-from edc.data.augment import apply_crop_flip, sample_crop_flip  # noqa: E402
 from edc.init import real_init  # noqa: E402
 from edc.observers import load_observer, observer_names  # noqa: E402
 from edc.params import load_params  # noqa: E402
 from edc.stats import collect_bn_stats  # noqa: E402
 from edc.synth import Observer, partition  # noqa: E402
+from edc.synth_views import apply_crop_flip, sample_crop_flip  # noqa: E402
 
 
 @torch.no_grad()
@@ -60,7 +59,7 @@ def main() -> None:
     data = load_prepared(ROOT / "data" / "prepared")
     tx, ty = data.normalized("train")
     k = data.facts.num_classes
-    aug = SimpleNamespace(scale_min=p.synth.aug.scale_min, flip=p.synth.aug.flip)
+    aug = p.synth.aug.model_copy(update={"kind": "crop"})
     real = real_init(tx, ty, k, args.per_class, torch.Generator().manual_seed(1))
     order = partition(real.labels, None)[0]
     x, y = real.images[order], real.labels[order]
@@ -69,12 +68,12 @@ def main() -> None:
           f" {'per layer: plain/plain':>22} {'crops/plain':>12} {'crops/crops':>12}")
     for name in observer_names(ROOT / "models" / "observers"):
         model, _ = load_observer(ROOT / "models" / "observers", name)
-        plain = collect_bn_stats(model, tx, ty, k, 500, desc=name)
-        crops = collect_bn_stats(model, tx, ty, k, 500, desc=name, aug=aug, draws=args.draws, seed=2)
+        plain = collect_bn_stats(model, tx, ty, k, batch_size=500, desc=name)
+        crops = collect_bn_stats(model, tx, ty, k, batch_size=500, desc=name, aug=aug, draws=args.draws, seed=2)
         row = []
         for layers in ("sum", "mean"):
-            o_plain = Observer(name, load_observer(ROOT / "models" / "observers", name)[0], plain, layers)
-            o_crops = Observer(name, load_observer(ROOT / "models" / "observers", name)[0], crops, layers)
+            o_plain = Observer(name, load_observer(ROOT / "models" / "observers", name)[0], plain, layers=layers)
+            o_crops = Observer(name, load_observer(ROOT / "models" / "observers", name)[0], crops, layers=layers)
             row += [loss(o_plain, x, y, None, 1), loss(o_plain, x, y, aug, args.draws),
                     loss(o_crops, x, y, aug, args.draws)]
         print(f"{name:<14} {len(plain):>6} | {row[0]:>12.3f} {row[1]:>12.3f} {row[2]:>12.3f} |"

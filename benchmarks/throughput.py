@@ -145,9 +145,9 @@ def loop_worker(threads: int, repo: str) -> None:
 
     configure_threads(threads)
     from edc.data import load_prepared
-    from edc.evaluate import train_student
+    from edc.evaluate import Recipe, train_student
     from edc.params import load_params
-    from edc.runtime import derive_seed
+    from edc.seeding import derive_seed
     from edc.shards import load_condensed
 
     p = load_params(Path(repo) / "params.yaml")
@@ -155,7 +155,8 @@ def loop_worker(threads: int, repo: str) -> None:
     data = load_prepared(str(Path(repo) / "data/prepared"), 0)
     spec = p.evaluate.students[0]
     t = time.perf_counter()
-    r = train_student(spec, p.evaluate, p.zeta, ds, data.view("test"), derive_seed(p.seed, "evaluate", spec.name, "0"))
+    r = train_student(spec, Recipe(p.evaluate, p.zeta), ds, data.view("test"),
+                      derive_seed(p.seed, "evaluate", spec.name, "0"))
     print(json.dumps({"seconds": time.perf_counter() - t, "acc": r.acc}), flush=True)
 
 

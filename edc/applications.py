@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edc.runtime import AdamW, fused
+from edc.optim import AdamW, fused
 from edc.shards import CondensedDataset
 
 
@@ -152,7 +152,7 @@ def sparsity(masks: dict[str, torch.Tensor]) -> float:
 
 
 def recover(pruned: nn.Module, teacher: nn.Module, masks: dict[str, torch.Tensor], kind: str,
-            ds: CondensedDataset, epochs: int, lr: float, temperature: float, seed: int) -> nn.Module:
+            ds: CondensedDataset, *, epochs: int, lr: float, temperature: float, seed: int) -> nn.Module:
     """Distil ``teacher`` into ``pruned`` on the set's stored plan (its first ``epochs`` epochs), the
     masks re-applied after every step; BatchNorm statistics are those of the training batches."""
     torch.manual_seed(seed)

@@ -6,6 +6,7 @@
     edc exp preset NAME [--ipc N]      run one of the paper's methods as a DVC experiment (--trials N: N of them)
     edc exp sweep NAME [--ipc N]       run a design-space sweep around the edc preset (--queue to queue it)
     edc report                         tables and plots of the experiments into reports/
+    edc results                        docs/results.md and README.md's headline from the trials (same bytes on a rerun)
     edc metrics [FILE]                 the students' test and validation accuracy (reports/metrics.json)
     edc export SET OUT                 a condensed set as an image folder (+ soft labels, card)
     edc evaluate SET... --archs A...   students of any architecture on any sets, soft and hard labels
@@ -22,13 +23,18 @@ against params.yaml and the files they name (``_check_*``).
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edc.errors import EdcError
+
+if TYPE_CHECKING:  # annotations only: each subcommand imports what it needs, so `edc --help` stays quick
+    from edc.params import Params
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -54,14 +60,6 @@ def positive_int(text: str) -> int:
     n = _int(text)
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1 (got {text!r})")
-    return n
-
-
-def nonneg_int(text: str) -> int:
-    """An integer >= 0."""
-    n = _int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (got {text!r})")
     return n
 
 
@@ -91,6 +89,13 @@ def new_dir(text: str) -> str:
     p = Path(text).expanduser()
     if p.exists() and (not p.is_dir() or any(p.iterdir())):
         raise argparse.ArgumentTypeError(f"{text}: exists and is not an empty directory; name a new one")
+    return text
+
+
+def _hex_prefix(text: str) -> str:
+    """A commit as a hash or its first characters (at least 4): what `dvc exp show` gives a baseline."""
+    if not re.fullmatch(r"[0-9a-f]{4,40}", text):
+        raise argparse.ArgumentTypeError(f"must be a commit hash, 4 to 40 hex digits (got {text!r})")
     return text
 
 
@@ -324,6 +329,46 @@ def _report(args: argparse.Namespace) -> None:
     print(f"{out}: {len(exps)} experiments" + (f"; MLflow differs for {', '.join(differ)}" if differ else ""))
 
 
+# The page's figures get their own folder: docs/plots holds the figures docs/findings.md shows, which a
+# rerun must not redraw from other experiments.
+RESULTS_DEFAULTS = {"out": "docs/results.md", "plots": "docs/plots/results", "readme": "README.md"}
+
+
+def _results_command(args: argparse.Namespace) -> str:
+    """The command line that makes this page again, as the page states it (defaults left out)."""
+    parts = ["edc results"]
+    for key in ("out", "plots", "readme"):
+        value = getattr(args, key)
+        if value is not None and value != RESULTS_DEFAULTS[key]:
+            parts.append(f"--{key} {shlex.quote(value)}")
+    parts += [f"--commit {shlex.quote(rev)}" for rev in args.commit or []]
+    return " ".join(parts + ["--no-readme"] * (args.readme is None) + ["--no-mlflow"] * args.no_mlflow)
+
+
+def _results(args: argparse.Namespace) -> None:
+    from edc.io import atomic_file
+    from edc.report import check_mlflow, headline, headline_block, read_experiments, results_page, with_headline
+
+    readme = Path(args.readme).read_text() if args.readme else None
+    if readme is not None:
+        headline_block(readme, args.readme)  # the markers, before anything is written
+    exps = read_experiments(".", args.commit)
+    if readme is not None and not headline(exps):
+        raise EdcError(f"{args.readme}: no preset trials among the experiments for its headline (run e.g. "
+                       "`edc exp preset edc --ipc 1 --trials 5` first, or pass --no-readme)")
+    if not args.no_mlflow:
+        check_mlflow(exps)
+    out = Path(args.out)
+    text = results_page(exps, Path(args.plots), out.parent, _results_command(args), args.readme)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as f:
+        f.write(text)
+    if readme is not None:
+        with atomic_file(args.readme) as f:
+            f.write(with_headline(readme, headline_block(text, str(out)), args.readme))
+    print(f"{out}: {len(exps)} experiments" + (f"; headline written into {args.readme}" if readme is not None else ""))
+
+
 def _export(args: argparse.Namespace) -> None:
     from edc.export import export_imagefolder
 
@@ -331,7 +376,7 @@ def _export(args: argparse.Namespace) -> None:
     print(f"{out}: image folder (one subfolder per class), labels.csv, soft_logits.npy, meta.json")
 
 
-def _check_archs(archs: list[str], p) -> None:
+def _check_archs(archs: list[str], p: Params) -> None:
     """Each of ``--archs`` names a student, a registry architecture or a torchvision model."""
     from edc.crosseval import student_spec
 
@@ -401,7 +446,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     params = {"sets": args.sets, "archs": args.archs, "labels": args.labels, "teachers": args.teachers or [],
               "seed": p.seed, "zeta": p.zeta, "evaluate": p.evaluate.model_dump(), "relabel": p.relabel.model_dump()}
     with stage_run("evaluate", params, seed=p.seed) as run:
-        res = cross_evaluate(args.sets, args.archs, args.labels, p, data, teachers, device, run)
+        res = cross_evaluate(args.sets, args.archs, args.labels, p, data, teachers=teachers, device=device, run=run)
         text = table(res, args.archs, args.labels)
         for src, row in results_json(res).items():
             for arch, kinds in row.items():
@@ -523,6 +568,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     r.add_argument("--plots", default="reports/plots/sweeps")
     r.add_argument("--no-mlflow", action="store_true", help="do not cross-check the accuracies with MLflow")
     r.set_defaults(fn=_report)
+    rp = sub.add_parser("results", help="the results page (docs/results.md, its plots) and README.md's headline "
+                                        "from the experiments' trials, byte-identical on a rerun")
+    rp.add_argument("--out", default=RESULTS_DEFAULTS["out"], type=new_file, help="the page (default: %(default)s)")
+    rp.add_argument("--plots", default=RESULTS_DEFAULTS["plots"], help="its figures (default: %(default)s)")
+    rm = rp.add_mutually_exclusive_group()
+    rm.add_argument("--readme", default=RESULTS_DEFAULTS["readme"], type=existing_file,
+                    help="the file whose block between the <!-- results-headline:start --> and <!-- "
+                         "results-headline:end --> lines gets the page's headline (default: %(default)s)")
+    rm.add_argument("--no-readme", dest="readme", action="store_const", const=None, help="write the page only")
+    rp.add_argument("--commit", action="append", metavar="REV", type=_hex_prefix,
+                    help="only the experiments that ran on this commit (its full or abbreviated hash; repeatable; "
+                         "default: every commit's)")
+    rp.add_argument("--no-mlflow", action="store_true", help="do not cross-check the accuracies with MLflow")
+    rp.set_defaults(fn=_results)
     mt = sub.add_parser("metrics", help="the students' test and validation accuracy as a short table")
     mt.add_argument("file", nargs="?", default="reports/metrics.json")
     mt.set_defaults(fn=_metrics)

@@ -3,7 +3,8 @@
 DVC reruns a stage when one of its ``deps:`` changes, so every module that can shape a stage's
 outputs must be listed there. This module computes that set from the source (``ast``, no import
 is executed), following ``import edc.x``, ``from edc.x import y``, relative imports and imports
-inside functions, and counting each package's ``__init__.py``. Two users:
+inside functions (not those under ``if TYPE_CHECKING:``, which never run), and counting each
+package's ``__init__.py``. Two users:
 
 - ``tests/test_dvc_deps.py`` checks dvc.yaml's ``deps:`` against each stage's closure, so the list
   cannot drift when a module gains an import;
@@ -36,6 +37,11 @@ def _module_name(path: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
     """``edc`` modules named by the imports of ``path`` (and their parent packages)."""
     tree = ast.parse(Path(path).read_text(), filename=str(path))
@@ -44,8 +50,13 @@ def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
         is_pkg = Path(path).name == "__init__.py"
     except ValueError:  # a script outside the tree: only absolute imports count
         here, is_pkg = "", False
+    # imports under `if TYPE_CHECKING:` never run (annotations only): they shape no output
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node.test)
+                   for child in node.body for n in ast.walk(child)}
     names: set[str] = set()
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

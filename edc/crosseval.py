@@ -27,10 +27,11 @@ import torch
 
 from edc.data import DatasetFacts, normalize
 from edc.errors import EdcError
-from edc.evaluate import summarize, train_student
+from edc.evaluate import Recipe, summarize, train_student
+from edc.params import Params, RelabelParams
 from edc.plan import planned_epochs
 from edc.relabel import epoch_plan_logits
-from edc.runtime import derive_seed
+from edc.seeding import derive_seed
 from edc.shards import CondensedDataset, CondensedWriter, is_url, load_condensed
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -94,8 +95,8 @@ def read_imagefolder(path: str | Path, facts: DatasetFacts) -> tuple[torch.Tenso
     return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
 
 
-def folder_as_set(path: str | Path, facts: DatasetFacts, relabel_cfg, teachers: list | None, seed: int,
-                  out: Path, bf16: bool = False) -> Path:
+def folder_as_set(path: str | Path, facts: DatasetFacts, relabel_cfg: RelabelParams, teachers: list | None, *,
+                  seed: int, out: Path, bf16: bool = False) -> Path:
     """Write the image folder at ``path`` as a condensed set in ``out``: a plan made with the relabel
     params and the teachers' logits on it (zeros without teachers: hard labels only)."""
     u8, y = read_imagefolder(path, facts)
@@ -108,7 +109,8 @@ def folder_as_set(path: str | Path, facts: DatasetFacts, relabel_cfg, teachers: 
     out.mkdir(parents=True, exist_ok=True)
     w = CondensedWriter(out, u8, y, meta)
     for e in range(epochs):
-        plan, logits, _ = epoch_plan_logits(x, y, teachers, relabel_cfg, seed, e, bf16, (facts.mean, facts.std))
+        plan, logits, _ = epoch_plan_logits(x, y, teachers, relabel_cfg, seed, e, bf16=bf16,
+                                            pixels=(facts.mean, facts.std))
         if logits is None:  # hard labels only: the plan's views, no teacher
             logits = torch.zeros(len(y), facts.num_classes)
         w.write_epoch(e, plan, relabel_cfg.batch_size, logits, 0)
@@ -133,12 +135,13 @@ def student_spec(arch: str, students: list) -> SimpleNamespace:
     return SimpleNamespace(name=arch, arch=arch, kwargs={})
 
 
-def cross_evaluate(sets: list[str], archs: list[str], kinds: list[str], p, data, teachers: list | None,
+def cross_evaluate(sets: list[str], archs: list[str], kinds: list[str], p: Params, data, *, teachers: list | None,
                    device: torch.device, run=None, say=print) -> dict[str, dict[str, dict[str, Cell]]]:
     """{set: {arch: {kind: Cell}}} for every set, architecture and label kind ("soft", "hard")."""
     test = data.view("test")
     val = data.view("val") if data.has_val else None
     specs = [student_spec(a, list(p.evaluate.students)) for a in archs]
+    recipe = Recipe(p.evaluate, p.zeta, device, p.bf16)
     results: dict[str, dict[str, dict[str, Cell]]] = {}
     with tempfile.TemporaryDirectory(prefix="edc-evaluate-") as tmp:
         for i, src in enumerate(sets):
@@ -146,8 +149,8 @@ def cross_evaluate(sets: list[str], archs: list[str], kinds: list[str], p, data,
                 if "soft" in kinds and not teachers:
                     raise EdcError(f"{src}: an image folder has no stored soft labels; name --teachers "
                                    f"(observers) to label it, or use --labels hard")
-                path = folder_as_set(src, data.facts, p.relabel, teachers if "soft" in kinds else None, p.seed,
-                                     Path(tmp) / f"set{i}", p.bf16)
+                path = folder_as_set(src, data.facts, p.relabel, teachers if "soft" in kinds else None, seed=p.seed,
+                                     out=Path(tmp) / f"set{i}", bf16=p.bf16)
             else:
                 path = src
             results[src] = {}
@@ -158,9 +161,8 @@ def cross_evaluate(sets: list[str], archs: list[str], kinds: list[str], p, data,
                 for spec in specs:
                     cell = results[src].setdefault(spec.name, {}).setdefault(kind, Cell([], []))
                     for s in range(p.evaluate.seeds):
-                        res = train_student(spec, p.evaluate, p.zeta, ds, test,
-                                            derive_seed(p.seed, "evaluate", spec.name, str(s)), device=device,
-                                            bf16=p.bf16, val=val)
+                        res = train_student(spec, recipe, ds, test, derive_seed(p.seed, "evaluate", spec.name, str(s)),
+                                            val=val)
                         cell.accs.append(res.acc)
                         if res.val_acc is not None:
                             cell.val_accs.append(res.val_acc)

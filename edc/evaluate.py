@@ -29,11 +29,28 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from edc.distributed import World
-from edc.observers import accuracy, build
-from edc.runtime import AdamW, fused, place, progress, seed_everything
+from edc.models import build
+from edc.optim import AdamW, fused
+from edc.params import EvaluateParams
+from edc.progress import progress
+from edc.runtime import place
 from edc.schedules import lr_lambda
+from edc.seeding import seed_everything
 from edc.shards import CondensedDataset
-from edc.training import TrainingState, train_step
+from edc.training import TrainingState, accuracy, train_step
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How every student of an evaluation trains: the ``evaluate`` params, the smoothing schedule's
+    ``zeta``, the device, bf16 autocast (CUDA only) and, under torchrun, the ranks that share each
+    batch (edc.distributed)."""
+
+    cfg: EvaluateParams
+    zeta: float
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    bf16: bool = False
+    world: World = field(default_factory=World)
 
 
 @dataclass
@@ -135,20 +152,19 @@ class _Evaluated:
         return row
 
 
-def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
-                  seed: int, log: Callable[[dict], None] | None = None, resume: dict | None = None,
-                  on_epoch: Callable[[Callable[[], dict]], None] | None = None, device: torch.device | None = None,
-                  bf16: bool = False, world: World | None = None, val=None) -> StudentResult:
-    """Train one student (``spec``: an ObserverSpec-like arch/kwargs) with the ``evaluate`` params;
-    ``test`` and ``val`` (optional): (images, labels) tensors or a SplitView.
+def train_student(spec, recipe: Recipe, ds: CondensedDataset, test, seed: int, *, val=None,
+                  log: Callable[[dict], None] | None = None, resume: dict | None = None,
+                  on_epoch: Callable[[Callable[[], dict]], None] | None = None) -> StudentResult:
+    """Train one student (``spec``: an ``evaluate.students`` entry or alike: name, arch, kwargs) under
+    ``recipe``; ``test`` and ``val`` (optional): (images, labels) tensors or a SplitView. ``log``
+    receives each epoch's curve row.
 
     ``on_epoch(snapshot)`` is called after every epoch; ``snapshot()`` returns the whole training
     state, which ``resume=`` continues from exactly (same weights, same result). Under torchrun
-    (``world``) the ranks share every planned batch through DistributedDataParallel (see
+    (``recipe.world``) the ranks share every planned batch through DistributedDataParallel (see
     edc.distributed); rank 0 alone evaluates, and the other ranks return NaN accuracies."""
-    world = world or World()
+    cfg, zeta, device, bf16, world = recipe.cfg, recipe.zeta, recipe.device, recipe.bf16, recipe.world
     seed_everything(seed)
-    device = device or torch.device("cpu")
     model = place(build(spec.arch, dict(spec.kwargs), ds.facts), device)
     net = world.wrap(model)
     opt = AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fused(model.parameters()))
@@ -171,7 +187,7 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
     for e in progress(range(first, ds.epochs), desc=f"{spec.name} seed {seed}", unit="epoch"):
         loss_sum, n = 0.0, 0
         for x, target, hard in ds.epoch(e):
-            step = train_step(net, opt, sched, world, device, bf16, x, (target, hard), loss_of)
+            step = train_step(net, opt, sched, x, (target, hard), loss_of, world=world, device=device, bf16=bf16)
             if ema is not None:
                 ema.update_parameters(model)
             if step.counts:
@@ -188,10 +204,11 @@ def train_student(spec, cfg, zeta: float, ds: CondensedDataset, test,
             on_epoch(lambda e=e: state.state_dict(curve=curve, epoch=e + 1))
     if not world.main:
         return StudentResult(float("nan"), float("nan"), curve, time.perf_counter() - start)
-    return _final(model, ema, evaluated.at(ds.epochs), curve, ds.epochs, test, val, time.perf_counter() - start)
+    return _final(model, ema, evaluated.at(ds.epochs), curve, epochs=ds.epochs, test=test, val=val,
+                  seconds=time.perf_counter() - start)
 
 
-def _final(model: nn.Module, ema, final: nn.Module, curve: list[dict], epochs: int, test, val,
+def _final(model: nn.Module, ema, final: nn.Module, curve: list[dict], *, epochs: int, test, val,
            seconds: float) -> StudentResult:
     """The result after the last epoch, reusing that epoch's evaluation where the loop made it."""
     last = curve[-1] if curve and curve[-1]["epoch"] == epochs else {}
@@ -250,11 +267,12 @@ class FullTrainSet:
 
     def epoch(self, e: int):
         from edc.plan import augment, batches, make_plan
-        from edc.runtime import derive_seed
+        from edc.seeding import derive_seed
 
         gen = torch.Generator().manual_seed(derive_seed(self.seed, "reference", str(e)))
         plan = make_plan(len(self.train), self.facts.height, self.facts.width, self.batch_size, self.aug.scale_min,
-                         self.aug.flip, False, gen, self.aug.randaugment, self.aug.magnitude)
+                         self.aug.flip, cutmix=False, gen=gen, randaugment=self.aug.randaugment,
+                         magnitude=self.aug.magnitude)
         for ids, crops, _ in batches(plan, self.batch_size):
             y = self.train.labels[ids]
             yield augment(self.train.take(ids), crops, None, (self.facts.mean, self.facts.std)), y, y
@@ -270,10 +288,9 @@ def variant_sets(ds: CondensedDataset, variants: list[str]) -> dict[str, object]
     return {v: made[v]() for v in variants if not (v == "hard" and ds.labels == "hard")}
 
 
-def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_for: Callable[..., int], ckpt, run,
-                      device: torch.device, bf16: bool, world: World,
+def evaluate_students(recipe: Recipe, ds: CondensedDataset, test, val, *, seed_for: Callable[..., int], ckpt, run,
                       variants: dict[str, object] | None = None, jobs: int = 1) -> tuple[dict, dict[str, list[dict]]]:
-    """Train and test every student of ``cfg`` (the ``evaluate`` params) with each of its seeds
+    """Train and test every student of ``recipe.cfg`` (the ``evaluate`` params) with each of its seeds
     (``seed_for(student name, seed index)``), one nested MLflow run each under ``run``; then the same
     students and seeds on each set of ``variants`` (name -> set, :func:`variant_sets`), so that a
     variant's difference to the main result is paired seed by seed. ``ckpt`` keeps the finished ones
@@ -283,6 +300,7 @@ def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_fo
     (:func:`train_seeds_in_parallel`). Returns (metrics per student, with ``variants: {name: metrics}``
     when there are variants; curves per "student-seed<i>" and "student-<variant>-seed<i>"); on ranks
     other than 0, empty."""
+    cfg, world = recipe.cfg, recipe.world
     state = ckpt.load() if world.main else None
     world.barrier()
     if not world.main:
@@ -291,7 +309,7 @@ def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_fo
     if state["done"] or state["current"]:
         print(f"post_evaluate: resuming ({len(state['done'])} students/seeds finished; checkpoint in {ckpt.dir})",
               flush=True)
-    ahead = train_seeds_in_parallel(jobs, cfg, zeta, ds, test, val, seed_for, state, ckpt, device, bf16, world)
+    ahead = train_seeds_in_parallel(jobs, recipe, ds, test, val, seed_for=seed_for, state=state, ckpt=ckpt)
     metrics, curves = {}, {}
     for spec in cfg.students:
         for variant, vds in [(None, ds), *(variants or {}).items()]:
@@ -307,8 +325,8 @@ def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_fo
                             for row in res.curve:
                                 seed_run.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
                     else:
-                        res = _train_seed(spec, cfg, zeta, vds, test, val, seed_for(spec.name, str(s)), key, state,
-                                          ckpt, seed_run, device, bf16, world)
+                        res = _train_seed(spec, recipe, vds, test, val, seed=seed_for(spec.name, str(s)), key=key,
+                                          state=state, ckpt=ckpt, seed_run=seed_run)
                     seed_run.metrics({"final_acc": res.acc, "raw_acc": res.raw_acc, "seconds": res.seconds,
                                       **({"val_acc": res.val_acc} if res.val_acc is not None else {})})
                 if world.main:
@@ -328,9 +346,8 @@ def evaluate_students(cfg, zeta: float, ds: CondensedDataset, test, val, seed_fo
     return metrics, curves
 
 
-def train_seeds_in_parallel(jobs: int, cfg, zeta: float, ds: CondensedDataset, test, val,
-                            seed_for: Callable[..., int], state: dict, ckpt, device: torch.device, bf16: bool,
-                            world: World) -> set[str]:
+def train_seeds_in_parallel(jobs: int, recipe: Recipe, ds: CondensedDataset, test, val, *,
+                            seed_for: Callable[..., int], state: dict, ckpt) -> set[str]:
     """Train the students' seeds not in ``state["done"]`` in ``jobs`` spawned processes side by side,
     torch's threads divided between them (``eval_jobs``; 1: nothing happens here, the seeds train
     one after another in this process). Each process trains one seed as :func:`train_student` does
@@ -338,6 +355,7 @@ def train_seeds_in_parallel(jobs: int, cfg, zeta: float, ds: CondensedDataset, t
     one, which records it in ``state["done"]`` and saves the checkpoint at once; MLflow stays with
     this process. A seed interrupted mid-way by a one-process run resumes from its checkpoint; seeds
     running here are checkpointed only when finished. Returns the keys trained here."""
+    cfg, world = recipe.cfg, recipe.world
     if jobs <= 1:
         return set()
     if world.size > 1:
@@ -359,8 +377,8 @@ def train_seeds_in_parallel(jobs: int, cfg, zeta: float, ds: CondensedDataset, t
     ctx = torch.multiprocessing.get_context("spawn")  # fork would copy this process's torch threads and MLflow
     with ProcessPoolExecutor(min(jobs, len(todo)), mp_context=ctx, initializer=_seed_process_start,
                              initargs=(threads, os.getpid())) as pool:
-        futures = {pool.submit(_seed_process, spec, cfg, zeta, ds, test, val, seed,
-                               current if current.get("key") == key else None, device, bf16): key
+        futures = {pool.submit(_seed_process, spec, recipe, ds, test, val, seed=seed,
+                               resume=current if current.get("key") == key else None): key
                    for spec, key, seed in todo}
         for future in as_completed(futures):
             key = futures[future]
@@ -390,25 +408,28 @@ def _seed_process_start(threads: int, parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _seed_process(spec, cfg, zeta, ds, test, val, seed: int, resume, device, bf16) -> dict:
+def _seed_process(spec, recipe: Recipe, ds: CondensedDataset, test, val, *, seed: int,
+                  resume: dict | None) -> dict:
     """One student and seed in a process of :func:`train_seeds_in_parallel`: ``state["done"]``'s entry."""
-    res = train_student(spec, cfg, zeta, ds, test, seed, resume=resume, device=device, bf16=bf16, val=val)
+    res = train_student(spec, recipe, ds, test, seed, val=val, resume=resume)
     return {"acc": res.acc, "raw_acc": res.raw_acc, "curve": res.curve, "seconds": res.seconds,
             "val_acc": res.val_acc, "raw_val_acc": res.raw_val_acc}
 
 
-def _train_seed(spec, cfg, zeta, ds, test, val, seed: int, key: str, state: dict, ckpt, seed_run, device, bf16,
-                world) -> StudentResult:
+def _train_seed(spec, recipe: Recipe, ds: CondensedDataset, test, val, *, seed: int, key: str,
+                state: dict, ckpt, seed_run) -> StudentResult:
     """One student and seed, resumed from ``state["current"]`` when it is this one; recorded in
     ``state["done"]`` and checkpointed."""
+    world = recipe.world
+
     def on_epoch(snapshot):
         if world.main:
             ckpt.maybe_save(lambda: {"done": state["done"], "current": {"key": key, **snapshot()}})
 
     current = state["current"] if (state["current"] or {}).get("key") == key else None
-    res = train_student(spec, cfg, zeta, ds, test, seed,
-                        lambda row: seed_run.metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
-                        current, on_epoch, device, bf16, world, val)
+    res = train_student(spec, recipe, ds, test, seed, val=val, resume=current, on_epoch=on_epoch,
+                        log=lambda row: seed_run.metrics({k: v for k, v in row.items() if k != "epoch"},
+                                                         step=row["epoch"]))
     state["done"][key] = {"acc": res.acc, "raw_acc": res.raw_acc, "curve": res.curve, "seconds": res.seconds,
                           "val_acc": res.val_acc, "raw_val_acc": res.raw_val_acc}
     state["current"] = None

@@ -55,7 +55,7 @@ def save_grid(path: str | Path, images_u8: torch.Tensor, labels: torch.Tensor, n
 
 
 def save_comparison(path, init_u8: torch.Tensor, out_u8: torch.Tensor, labels: torch.Tensor,
-                    class_names: list[str], per_class: int = 8, scale: int = 2, pad: int = 2) -> None:
+                    class_names: list[str], *, per_class: int = 8, scale: int = 2, pad: int = 2) -> None:
     """A PNG with one row per class: its name, then up to ``per_class`` initial images, a gap, and the
     same images after synthesis (each ``scale`` times enlarged): what synthesis changed, at a glance."""
     from PIL import Image, ImageDraw

@@ -28,8 +28,10 @@ from torch import nn
 
 from edc.data import as_split
 from edc.errors import DataError
+from edc.params import InitParams
 from edc.plan import crop_resize
-from edc.runtime import model_device, progress
+from edc.progress import progress
+from edc.runtime import model_device
 
 
 @dataclass
@@ -103,10 +105,11 @@ def downsample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
-def rded_init(images, labels: torch.Tensor | None, k: int, ipc: int, observers: list[nn.Module],
-              candidates: int, crops: int, factor: int, gen: torch.Generator, batch_size: int = 500,
-              scale_min: float = 1.0) -> InitResult:
-    """RDED (module docstring); ``images``: a tensor with ``labels``, or a SplitView read in chunks."""
+def rded_init(images, labels: torch.Tensor | None, observers: list[nn.Module], cfg: InitParams, *, k: int, ipc: int,
+              gen: torch.Generator) -> InitResult:
+    """RDED (module docstring) for ``k`` classes, ``ipc`` images each, under the ``init`` params ``cfg``;
+    ``images``: a tensor with ``labels``, or a SplitView read in chunks."""
+    candidates, crops, factor = cfg.candidates, cfg.crops, cfg.factor
     src_split = as_split(images, labels)
     y = src_split.labels
     f2 = factor * factor
@@ -116,14 +119,14 @@ def rded_init(images, labels: torch.Tensor | None, k: int, ipc: int, observers: 
     first = src_split.take(src[0, :1])
     _, c, h, w = first.shape
     ch, cw = math.ceil(h / factor), math.ceil(w / factor)
-    boxes = crop_boxes(k * candidates * crops, h, w, scale_min, gen).view(k, candidates, crops, 4)
+    boxes = crop_boxes(k * candidates * crops, h, w, cfg.scale_min, gen).view(k, candidates, crops, 4)
     for m in observers:
         m.eval()
     scores = torch.empty(k, candidates, crops)
     rank = torch.empty(k, ipc * f2, dtype=torch.int64)  # (K, ipc*f2) candidates, best first
     crop_of = torch.empty(k, ipc * f2, dtype=torch.int64)
     tiles = torch.empty(k, ipc * f2, c, ch, cw)
-    per_chunk = max(1, batch_size // (candidates * crops))  # classes whose candidates are read at once
+    per_chunk = max(1, cfg.batch_size // (candidates * crops))  # classes whose candidates are read at once
     for c0 in progress(range(0, k, per_chunk), desc="scoring crops", unit="chunk"):
         c1 = min(k, c0 + per_chunk)
         nk = c1 - c0
@@ -136,7 +139,7 @@ def rded_init(images, labels: torch.Tensor | None, k: int, ipc: int, observers: 
         if not whole.all():
             patches = torch.where(whole[:, None, None, None], patches, crop_resize(patches, *b.T))
         cls = torch.arange(c0, c1).repeat_interleave(candidates * crops)
-        sc = crop_scores(patches, cls, observers, (h, w), batch_size).view(nk, candidates, crops)
+        sc = crop_scores(patches, cls, observers, (h, w), cfg.batch_size).view(nk, candidates, crops)
         best_crop = sc.argmin(2)  # (nk, P): each candidate's best crop
         best_score = sc.gather(2, best_crop[..., None]).squeeze(2)
         r = torch.argsort(best_score, dim=1, stable=True)[:, : ipc * f2]

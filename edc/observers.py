@@ -25,12 +25,16 @@ from torch import nn
 from edc.data import DatasetFacts, as_split
 from edc.data.augment import shift_flip
 from edc.distributed import World
-from edc.errors import ArtifactError, EdcError
+from edc.errors import ArtifactError
 from edc.io import read_json, save_safetensors, write_json
-from edc.models import create_model
-from edc.runtime import SGD, AdamW, derive_seed, fused, model_device, place, progress, seed_everything
+from edc.models import build
+from edc.optim import SGD, AdamW, fused
+from edc.params import ObserversParams
+from edc.progress import progress
+from edc.runtime import place
 from edc.schedules import lr_lambda
-from edc.training import train_step
+from edc.seeding import derive_seed, seed_everything
+from edc.training import accuracy, train_step
 
 
 @dataclass
@@ -39,27 +43,6 @@ class TrainResult:
     test_acc: float
     history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
     seconds: float = 0.0
-
-
-def build(arch: str, kwargs: dict[str, Any], facts: DatasetFacts) -> nn.Module:
-    try:
-        return create_model(arch, in_channels=facts.channels, num_classes=facts.num_classes,
-                            image_size=facts.image_size, **kwargs)
-    except ValueError as exc:  # a shape the architecture cannot take (e.g. a ViT patch that does not tile)
-        raise EdcError(f"{arch} {kwargs or ''} on {facts.name} ({facts.image_size}px): {exc}") from None
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, test, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in eval mode on ``test`` ((images, labels) tensors or a SplitView read batch
-    by batch); restores the model's previous mode."""
-    test = as_split(test)
-    was_training = model.training
-    model.eval()
-    dev = model_device(model)
-    correct = sum(int((model(x.to(dev)).argmax(1).cpu() == y).sum()) for x, y in test.batches(batch_size))
-    model.train(was_training)
-    return correct / len(test)
 
 
 def imagenet_observer(spec, facts: DatasetFacts, test, device: torch.device | None = None) -> TrainResult:
@@ -76,8 +59,8 @@ def imagenet_observer(spec, facts: DatasetFacts, test, device: torch.device | No
     return TrainResult(model, accuracy(model, test), [], time.perf_counter() - start)
 
 
-def train_observer(spec, cfg, facts: DatasetFacts, train, test, seed: int, device: torch.device | None = None,
-                   bf16: bool = False, world: World | None = None) -> TrainResult:
+def train_observer(spec, cfg: ObserversParams, facts: DatasetFacts, train, test, seed: int, *,
+                   device: torch.device | None = None, bf16: bool = False, world: World | None = None) -> TrainResult:
     """Train one observer (``spec``: ObserverSpec) with ``cfg`` (ObserversParams) on ``train``:
     normalised (images, labels) tensors or a SplitView read batch by batch in each epoch's order.
     The test split is used once, after the last epoch, to report accuracy (by rank 0 alone under
@@ -106,7 +89,8 @@ def train_observer(spec, cfg, facts: DatasetFacts, train, test, seed: int, devic
                        desc=f"{spec.name} epoch {epoch + 1}/{cfg.epochs}", unit="batch")
         for xb, yb in bar:
             xb = shift_flip(xb, cfg.augment.crop_padding, cfg.augment.flip, gen)  # the whole batch, every rank
-            step = train_step(net, opt, sched, world, device, bf16, xb, (yb,), F.cross_entropy)
+            step = train_step(net, opt, sched, xb, (yb,), F.cross_entropy, world=world, device=device,
+                              bf16=bf16)
             if step.counts:
                 (y,) = step.targets
                 loss_sum += float(step.loss) * len(y)

@@ -55,7 +55,7 @@ def stored_epoch(epoch: int, stored: int) -> int:
 
 
 def sample_boxes(n: int, h: int, w: int, scale: tuple[float, float], gen: torch.Generator,
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
+                 *, ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
     """RandomResizedCrop's boxes for n images, vectorised: up to ``attempts`` draws of area fraction
     in ``scale`` and log-uniform aspect ratio, the first that fits; else the whole image (as
     torchvision's fallback does for ratios inside ``ratio``). Returns (n, 4) top, left, height, width."""
@@ -85,7 +85,7 @@ def cutmix_box(h: int, w: int, gen: torch.Generator, beta: float = 1.0) -> torch
     return torch.tensor([max(cx - hw, 0), max(cy - hh, 0), min(cx + hw, w), min(cy + hh, h)])
 
 
-def make_plan(n: int, h: int, w: int, batch_size: int, scale_min: float, flip: bool, cutmix: bool,
+def make_plan(n: int, h: int, w: int, batch_size: int, scale_min: float, flip: bool, *, cutmix: bool,
               gen: torch.Generator, randaugment: int = 0, magnitude: int = 9) -> EpochPlan:
     """One epoch's plan for n images of size (h, w); with ``randaugment`` operations per view, their
     draws (:func:`edc.randaugment.sample_ops`) are columns 5 onwards of the crops, drawn after

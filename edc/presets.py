@@ -68,9 +68,6 @@ def pinned_keys() -> tuple[str, ...]:
     return tuple(k for k, _ in _leaves(Params) if not _is_workspace(k))
 
 
-# Kept for callers of the earlier name: the keys any preset sets.
-METHOD_KEYS = pinned_keys()
-
 # --- the shared evaluation protocol (every method's row) -------------------------------------------
 PROTOCOL: dict[str, Any] = {
     "relabel.teachers": ALL_OBSERVERS,   # the same teachers and stored labels for every row
@@ -321,17 +318,15 @@ def label(v: Any) -> str:
     return format_value(v).strip("[]").replace(",", "+")
 
 
-def experiment_name(kind: str, ipc: int, value: Any = None, trial: int | None = None) -> str:
-    """``edc-ipc10`` for a preset; ``alpha-0.25-ipc10`` for a sweep point; ``edc-ipc1-t3`` for trial 3
-    of a preset (``edc exp preset edc --ipc 1 --trials 5``)."""
-    base = f"{kind}-{label(value)}-ipc{ipc}" if value is not None else f"{kind}-ipc{ipc}"
-    return base if trial is None else f"{base}-t{trial}"
+def experiment_name(kind: str, ipc: int, value: Any = None) -> str:
+    """``edc-ipc10`` for a preset; ``alpha-0.25-ipc10`` for a sweep point."""
+    return f"{kind}-{label(value)}-ipc{ipc}" if value is not None else f"{kind}-ipc{ipc}"
 
 
 def parse_name(name: str) -> tuple[str, str | None, int] | None:
     """Inverse of :func:`experiment_name`: (preset or sweep, value label or None, ipc), or None if the
-    name is not one this module makes. A trial suffix (``-t3``) is dropped: the trial an experiment
-    ran is its ``trial`` param."""
+    name is not one this module makes. A trial suffix (``-t3``, which ``edc exp preset --trials``
+    appends) is dropped: the trial an experiment ran is its ``trial`` param."""
     trial = re.fullmatch(r"(.*-ipc\d+)-t\d+", name)
     head, sep, ipc = (trial.group(1) if trial else name).rpartition("-ipc")
     if not sep or not ipc.isdigit():

@@ -6,7 +6,7 @@ teacher ensemble runs once on every planned batch, and its mean logits are store
 student replays the plan exactly and never runs a teacher.
 
 The plan itself (:class:`EpochPlan`, :func:`make_plan`, :func:`augment`, :func:`batches`) belongs to
-the format and lives in :mod:`edc.plan`; it is re-exported here for the method's callers.
+the format and lives in :mod:`edc.plan`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edc.distributed import World
 from edc.io import publish_dir, read_json, write_json
+from edc.params import RelabelParams
 from edc.plan import EpochPlan, augment, batches, make_plan
-from edc.resume import run_units
-from edc.shards import CondensedWriter, epochs_per_shard, label_shard_name
+from edc.resume import Checkpointer, run_units
+from edc.shards import CondensedWriter, LabelLayout
 
 
 @torch.no_grad()
@@ -39,8 +41,8 @@ def teacher_logits(teachers: list[nn.Module], x: torch.Tensor, chunk: int = 512,
     return torch.cat(out)
 
 
-def epoch_plan_logits(images: torch.Tensor, labels: torch.Tensor, teachers: list[nn.Module] | None, cfg, seed: int,
-                      epoch: int, bf16: bool = False, pixels: tuple | None = None
+def epoch_plan_logits(images: torch.Tensor, labels: torch.Tensor, teachers: list[nn.Module] | None,
+                      cfg: RelabelParams, seed: int, epoch: int, *, bf16: bool = False, pixels: tuple | None = None
                       ) -> tuple[EpochPlan, torch.Tensor | None, int]:
     """Epoch ``epoch`` of a relabel plan for normalised ``images``: the plan (seeded by ``seed`` and
     the epoch alone, so any process can make any epoch), the teachers' mean logits on its augmented
@@ -48,12 +50,12 @@ def epoch_plan_logits(images: torch.Tensor, labels: torch.Tensor, teachers: list
     teachers put in the image's own class. Without teachers the logits are None (a plan for hard
     labels). ``cfg``: the ``relabel`` params section; ``pixels``: the dataset's (mean, std), which
     RandAugment (``relabel.aug.randaugment``) needs."""
-    from edc.runtime import derive_seed
+    from edc.seeding import derive_seed
 
     n, _, h, w = images.shape
     gen = torch.Generator().manual_seed(derive_seed(seed, "relabel", str(epoch)))
-    plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, gen,
-                     getattr(cfg.aug, "randaugment", 0), getattr(cfg.aug, "magnitude", 9))
+    plan = make_plan(n, h, w, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cutmix=cfg.cutmix, gen=gen,
+                     randaugment=cfg.aug.randaugment, magnitude=cfg.aug.magnitude)
     if not teachers:
         return plan, None, 0
     x = torch.cat([augment(images[ids], crops, mix, pixels) for ids, crops, mix in batches(plan, cfg.batch_size)])
@@ -62,12 +64,12 @@ def epoch_plan_logits(images: torch.Tensor, labels: torch.Tensor, teachers: list
 
 
 
-def relabel_set(images_u8: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, teachers: list[nn.Module], cfg,
-                seed: int, bf16: bool, meta: dict, world, ckpt, out: str | Path,
-                pixels: tuple | None = None) -> tuple[dict, int] | None:
+def relabel_set(images_u8: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, teachers: list[nn.Module],
+                cfg: RelabelParams, *, seed: int, bf16: bool, meta: dict, world: World, ckpt: Checkpointer,
+                out: str | Path, pixels: tuple | None = None) -> tuple[dict, int] | None:
     """Write the condensed set to ``out``: the images, and for every stored epoch (``meta["stored_epochs"]``
     of them) its plan and the teachers' labels (:func:`epoch_plan_logits`; ``pixels``: the dataset's
-    (mean, std), for RandAugment), several epochs per label shard (:func:`edc.shards.epochs_per_shard`).
+    (mean, std), for RandAugment), several epochs per label shard (:class:`edc.shards.LabelLayout`).
 
     The set is built in ``ckpt``'s directory itself. Each finished label shard leaves its file and a
     small file with its agreement count there, and a rerun after an interruption, with any number of
@@ -75,8 +77,7 @@ def relabel_set(images_u8: torch.Tensor, images: torch.Tensor, labels: torch.Ten
     ranks (each plan is seeded by its epoch alone; :func:`edc.resume.run_units`); rank 0 writes the
     images and meta.json and publishes the set once every rank is done. Returns (the set's meta, how
     many stored views the teachers put in the image's own class) on rank 0, None on the others."""
-    probe = {**meta, "num_images": len(labels)}
-    shards = -(-meta["stored_epochs"] // epochs_per_shard(probe, cfg.shard_bytes))
+    layout = LabelLayout.plan({**meta, "num_images": len(labels)}, cfg.shard_bytes)
 
     def agree_file(j: int) -> Path:
         return ckpt.dir / f".agree-{j:06d}.json"
@@ -89,20 +90,20 @@ def relabel_set(images_u8: torch.Tensor, images: torch.Tensor, labels: torch.Ten
 
     def work(j: int) -> None:
         writer, done, agree = made[0], [], 0
-        for e in writer.shard_epochs(j):
-            plan, logits, a = epoch_plan_logits(images, labels, teachers, cfg, seed, e, bf16, pixels)
+        for e in writer.layout.epochs(j):
+            plan, logits, a = epoch_plan_logits(images, labels, teachers, cfg, seed, e, bf16=bf16, pixels=pixels)
             done.append((plan, logits))
             agree += a
         writer.write_shard(j, done)
         write_json(agree_file(j), {"agree": agree})
 
     def is_done(j: int) -> bool:
-        return agree_file(j).is_file() and (ckpt.dir / label_shard_name(j)).is_file()
+        return agree_file(j).is_file() and (ckpt.dir / layout.names[j]).is_file()
 
-    if not run_units(ckpt, world, range(shards), is_done, work, "shards", "relabel", start):
+    if not run_units(ckpt, world, range(layout.shards), is_done, work, what="shards", stage="relabel", start=start):
         return None
     writer = made[0]
-    agree = sum(read_json(agree_file(j))["agree"] for j in range(shards))
+    agree = sum(read_json(agree_file(j))["agree"] for j in range(layout.shards))
     writer.close()
     keep = {*writer.meta["image_shards"], *writer.meta["label_shards"], "meta.json"}
     for f in ckpt.dir.iterdir():  # the checkpoint's own files, and a shard a kill left half-written

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 from edc.errors import EdcError
 from edc.params import get_dotted, parse_params
-from edc.presets import PRESET_HELP, SWEEPS, label, parse_name, preset_mismatch, preset_overrides
+from edc.presets import PRESET_HELP, SWEEPS, format_value, label, parse_name, preset_mismatch, preset_overrides
 
 METRICS_FILE = "reports/metrics.json"
 STORAGE_FILE = "reports/relabel.json"
@@ -48,6 +49,7 @@ class Experiment:
     continual: dict[str, Any] | None = None  # reports/continual.json when the stage ran enabled
     slimming: dict[str, Any] | None = None  # reports/slimming.json when the stage ran enabled
     reference: dict[str, Any] | None = None  # reports/reference.json's students when the stage ran enabled
+    baseline: str = ""  # the commit the experiment ran on (its baseline rev in `dvc exp show`)
 
     @property
     def seeds(self) -> int:
@@ -69,13 +71,16 @@ def dvc_command() -> str:
     return found
 
 
-def read_experiments(repo: str | Path = ".") -> dict[str, Experiment]:
-    """Named experiments with post-evaluation metrics, newest per name."""
+def read_experiments(repo: str | Path = ".", commits: list[str] | None = None) -> dict[str, Experiment]:
+    """Named experiments with post-evaluation metrics, newest per name; with ``commits`` (hashes or their
+    first characters) only those that ran on one of them."""
     r = subprocess.run([dvc_command(), "exp", "show", "--json", "-A"], cwd=repo, capture_output=True, text=True)
     if r.returncode != 0:
         raise EdcError(f"dvc exp show failed:\n{r.stderr.strip()}")
     found: dict[str, Experiment] = {}
     for baseline in json.loads(r.stdout or "[]"):
+        if commits and not any((baseline.get("rev") or "").startswith(c) for c in commits):
+            continue
         for exp in baseline.get("experiments") or []:
             state = (exp.get("executor") or {}).get("state")
             if state not in (None, "success"):  # queued, running or failed: no metrics of its own
@@ -108,7 +113,8 @@ def read_experiments(repo: str | Path = ".") -> dict[str, Experiment]:
                            relabel=read(STORAGE_FILE) or None,
                            continual=cont if cont.get("enabled") else None,
                            slimming=slim if slim.get("enabled") else None,
-                           reference=ref.get("students") if ref.get("enabled") else None)
+                           reference=ref.get("students") if ref.get("enabled") else None,
+                           baseline=baseline.get("rev") or "")
             if e.name not in found or e.timestamp > found[e.name].timestamp:
                 found[e.name] = e
     return found
@@ -232,7 +238,7 @@ def _sweep_points(sweep: str, ipc: int, exps: dict[str, Experiment]) -> list[tup
 
 
 @contextlib.contextmanager
-def _figure(path: Path, title: str, xlabel: str, legend_size: int = 8):
+def _figure(path: Path, title: str, xlabel: str, legend_size: int = 8, ylabel: str = "test accuracy (%)"):
     """An accuracy figure of the report: yields the axes, then labels, saves ``path`` and closes."""
     import matplotlib
 
@@ -243,7 +249,7 @@ def _figure(path: Path, title: str, xlabel: str, legend_size: int = 8):
     try:
         yield ax
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=legend_size)
@@ -518,6 +524,15 @@ def evidence(trials: dict[int, Experiment], base: dict[int, Experiment] | None, 
     return out
 
 
+def _trials_cell(ev: Evidence) -> str:
+    """How many trials, which, and the student seeds each: "3: 0,1,2 (1 seed)"."""
+    return f"{len(ev.trials)}: {','.join(map(str, ev.trials))} ({_seeds(ev.seeds)})"
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" + ("s" if n != 1 else "")
+
+
 def _ci(value: tuple[float, float | None] | None, signed: bool = False) -> str:
     if value is None:
         return "-"
@@ -533,7 +548,40 @@ def _unseen(e: Experiment, student: str) -> bool:
     return arch is not None and arch not in {m.get("arch") for m in get_dotted(e.params, "observers.models") or []}
 
 
-def _evidence_section(exps: dict[str, Experiment]) -> list[str]:
+def _unseen_line(groups: dict[tuple[str, int], dict[int, Experiment]]) -> str:
+    """Which students the sets never saw (an architecture none of the observers has), in words."""
+    first: dict[str, Experiment] = {}
+    for key in sorted(groups):
+        for _, e in sorted(groups[key].items()):
+            for student in e.metrics:
+                first.setdefault(student, e)
+    unseen = [s for s, e in first.items() if _unseen(e, s)]
+    seen = [s for s in first if s not in unseen]
+    if not unseen:
+        return f"Every student ({', '.join(seen)}) shares an architecture with an observer: no student is unseen."
+    return (f"Unseen students (an architecture none of the observers has): {', '.join(unseen)}; "
+            f"the others ({', '.join(seen) or 'none'}) share one with an observer.")
+
+
+def _ior_plot(png: Path, md_dir: Path, ipc: int,
+              points: dict[str, list[tuple[str, tuple[float, float | None]]]]) -> list[str]:
+    """IOR with its 95 % interval per method (a series) and student (the x axis), zero drawn: where a bar
+    crosses the line, the method is not shown to beat random-soft on that student."""
+    students = list(dict.fromkeys(s for pts in points.values() for s, _ in pts))
+    title = f"IOR vs random-soft at ipc {ipc}"
+    with _figure(png, title, "student", ylabel="IOR (points, 95 % interval)") as ax:
+        ax.axhline(0, color="black", linewidth=0.8)
+        width = 0.8 / max(len(points), 1)
+        for i, (method, pts) in enumerate(points.items()):
+            xs = [students.index(s) - 0.4 + width * (i + 0.5) for s, _ in pts]
+            ax.errorbar(xs, [100 * m for _, (m, _) in pts], yerr=[100 * (h or 0) for _, (_, h) in pts], marker="o",
+                        linestyle="none", capsize=3, label=method)
+        ax.set_xticks(range(len(students)), students)
+    return [f"![{title}]({Path(os.path.relpath(png, md_dir)).as_posix()})", ""]
+
+
+def _evidence_section(exps: dict[str, Experiment], plots_dir: Path | None = None,
+                      md_dir: Path = Path(".")) -> list[str]:
     groups = method_trials(exps)
     if not groups:
         return []
@@ -545,8 +593,9 @@ def _evidence_section(exps: dict[str, Experiment]) -> list[str]:
            "students' augmentation (evaluation variant noaug). `-`: not measured (IOR needs random-soft trials "
            "under the same protocol, HLR reference.enabled and evaluate.variants hard, the pair variant noaug). "
            "*unseen*: an architecture none of the observers has.", ""]
+    out += [_unseen_line(groups), ""]
     for ipc in sorted({ipc for _, ipc in groups}):
-        rows = []
+        rows, iors = [], {}
         for method in PRESET_HELP:
             trials = groups.get((method, ipc))
             if not trials:
@@ -555,19 +604,26 @@ def _evidence_section(exps: dict[str, Experiment]) -> list[str]:
                 ev = evidence(trials, groups.get((BASELINE, ipc)), student)
                 if ev is None:
                     continue
+                if method != BASELINE and ev.ior is not None:
+                    iors.setdefault(method, []).append((student, ev.ior))
                 first = trials[ev.trials[0]]
                 name = f"{student} *(unseen)*" if _unseen(first, student) else student
                 ior = "0 (the baseline)" if method == BASELINE else _ci(ev.ior, signed=True) + (
                     f" ({ev.ior_trials} paired)" if ev.ior is not None and ev.ior_trials != len(ev.trials) else "")
                 aug = f"{100 * ev.aug[0]:.2f} / {100 * ev.aug[1]:.2f}" if ev.aug else "-"
                 val = f"{100 * ev.val:.2f}" if ev.val is not None else "-"
-                rows.append(f"| {method} | {name} | {','.join(map(str, ev.trials))} ({ev.seeds} seeds) | "
+                rows.append(f"| {method} | {name} | {_trials_cell(ev)} | "
                             f"{_ci(ev.acc)} | {ior} | {_ci(ev.hlr, signed=True)} | {aug} | {val} |")
         if rows:
             out += [f"### ipc {ipc}", "",
-                    "| method | student | trials (seeds each) | test acc (95 % CI) | IOR vs random-soft (95 % CI) | "
-                    "HLR (95 % CI) | acc with / without aug | val acc |",
+                    "| method | student | trials: which (seeds each) | test acc (95 % CI) | "
+                    "IOR vs random-soft (95 % CI) | HLR (95 % CI) | acc with / without aug | val acc |",
                     "| --- | --- | --- | --- | --- | --- | --- | --- |", *rows, ""]
+            # a trial run with -S overrides of its preset's recipe must not pass for the preset
+            out += _preset_notes([(method, e) for method in PRESET_HELP
+                                  for _, e in sorted(groups.get((method, ipc), {}).items())])
+            if iors and plots_dir is not None:
+                out += _ior_plot(plots_dir / f"ior-ipc{ipc}.png", md_dir, ipc, iors)
     refs = {}
     for trials in groups.values():
         for e in trials.values():
@@ -581,21 +637,24 @@ def _evidence_section(exps: dict[str, Experiment]) -> list[str]:
     return out
 
 
-def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Path = Path(".")) -> str:
-    """The markdown report (to be saved in ``md_dir``); writes one plot per sweep into ``plots_dir``."""
+def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Path = Path("."),
+                 head: list[str] | None = None) -> str:
+    """The markdown report (to be saved in ``md_dir``); writes one plot per sweep into ``plots_dir``.
+    ``head``: lines placed under the title (the results page's provenance and headline)."""
     if not exps:
         return ("# Results\n\nNo experiments found. Run a preset or a sweep first, e.g. `edc exp preset edc`, "
                 "`edc exp sweep alpha`.\n")
     ordered = sorted(exps.values(), key=lambda e: e.name)
     students = _students(ordered)
-    out = ["# Results", "",
+    out = ["# Results", "", *(head or []),
            "Test top-1 accuracy (%) of the students trained on each condensed set, mean ± std over seeds.",
            "Each row is a DVC experiment (`dvc exp show`); `(!)` marks a value MLflow disagrees with.",
            "With EMA evaluation (the edc preset) the evaluated model is the EMA of the weights; `(raw x)` is the "
            "mean accuracy of the raw weights of the same runs. `[val x]` is the evaluated model's mean accuracy "
            "on the validation split (dataset.val_size), the only number a sweep's choice looks at.", ""]
     ipcs = sorted({parse_name(e.name)[2] for e in ordered})
-    out += _evidence_section(exps)
+    out += _evidence_section(exps, plots_dir, md_dir)
+    trials = method_trials(exps)
     for ipc in ipcs:
         rows = [(m, exps.get(f"{m}-ipc{ipc}")) for m in PRESET_HELP]
         rows = [(m, e) for m, e in rows if e is not None]
@@ -603,7 +662,8 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
             seeds = sorted({e.seeds for _, e in rows})
             out += [f"## Methods at ipc {ipc} (Table 1; {'/'.join(map(str, seeds))} seeds)", ""]
             out += _table("method", rows, students) + [""]
-            out += _preset_notes(rows)
+            # the evidence section notes the experiments it holds already
+            out += _preset_notes([(m, e) for m, e in rows if trials.get((m, ipc), {}).get(e.trial) is not e])
     for sweep, s in SWEEPS.items():
         for ipc in ipcs:
             if sweep == "ipc":
@@ -637,3 +697,146 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
             run += " (differs)"
         out.append(f"| {e.name} | {e.rev[:7]} | {e.timestamp} | {run} |")
     return "\n".join(out) + "\n"
+
+
+# --- the results page (docs/results.md) and its headline, the same block in README.md ------------------
+
+HEADLINE_START = "<!-- results-headline:start -->"
+HEADLINE_END = "<!-- results-headline:end -->"
+HEADLINE_FIRST = ("edc", BASELINE)  # the headline's first rows; the other presets follow in PRESET_HELP's order
+MEASUREMENT_KEYS = ("evaluate.seeds", "evaluate.variants", "reference.enabled")  # what a trial measures besides a set
+
+
+def commits(exps: list[Experiment]) -> str:
+    """The commit(s) the experiments ran on, as a phrase: "commit `301afdb`", or with several "commits
+    `301afdb` (40 experiments), `9d8912f` (edc-ipc10)" (names where they are few)."""
+    by_commit: dict[str, list[str]] = {}
+    for e in exps:
+        by_commit.setdefault(e.baseline[:7] or "unknown", []).append(e.name)
+    if len(by_commit) == 1:
+        return f"commit `{next(iter(by_commit))}`"
+    parts = []
+    for rev, names in sorted(by_commit.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        parts.append(f"`{rev}` ({', '.join(sorted(names)) if len(names) <= 3 else f'{len(names)} experiments'})")
+    return "commits " + ", ".join(parts)
+
+
+def ior_verdict(ior: tuple[float, float | None] | None) -> str:
+    """Where IOR's 95 % interval lies against zero, judged on the values the tables print (percent, two
+    decimals) so that the words never contradict a row: "above zero", "below zero", "includes zero",
+    "one trial" (no interval) or "not measured"."""
+    if ior is None:
+        return "not measured"
+    mean, half = ior
+    if half is None:
+        return "one trial"
+    low, high = round(100 * mean, 2) - round(100 * half, 2), round(100 * mean, 2) + round(100 * half, 2)
+    return "above zero" if low > 0 else "below zero" if high < 0 else "includes zero"
+
+
+_VERDICT_WORDS = {  # verdict -> how the sentence says it, in this order
+    "above zero": "is above zero on {} (edc beats random-soft there)",
+    "includes zero": "includes zero on {} (no evidence that edc beats random-soft there)",
+    "below zero": "is below zero on {} (edc is worse than random-soft there)",
+    "one trial": "has no interval on {} (one paired trial)",
+    "not measured": "is not measured on {} (no random-soft trial under the same protocol)",
+}
+
+
+def ior_sentence(iors: dict[str, tuple[float, float | None] | None], ipc: int) -> str:
+    """One plain sentence on edc's IOR interval per student: where it includes zero, the README says so."""
+    by_verdict: dict[str, list[str]] = {}
+    for student, ior in iors.items():
+        by_verdict.setdefault(ior_verdict(ior), []).append(student)
+    parts = [words.format(", ".join(by_verdict[v])) for v, words in _VERDICT_WORDS.items() if v in by_verdict]
+    return f"At ipc {ipc}, edc's IOR interval " + "; it ".join(parts) + "."
+
+
+def headline(exps: dict[str, Experiment]) -> list[str]:
+    """The short table of the README and the results page: every preset's trials at the smallest ipc
+    (1 when present), per student test accuracy and IOR with their 95 % intervals, the commit(s) they
+    ran on, and the sentence on edc's IOR. Empty without trials."""
+    groups = method_trials(exps)
+    if not groups:
+        return []
+    ipc = min(i for _, i in groups)
+    methods = [m for m in (*HEADLINE_FIRST, *(m for m in PRESET_HELP if m not in HEADLINE_FIRST))
+               if (m, ipc) in groups]
+    ran = [e for m in methods for _, e in sorted(groups[m, ipc].items())]
+    students = _students(ran)
+    names = [f"{s} *(unseen)*" if any(_unseen(e, s) for e in ran if s in e.metrics) else s for s in students]
+    out = [f"Test accuracy (%) at ipc {ipc}, mean ± 95 % interval over trials, and IOR, the paired gain over "
+           f"random-soft in the same trial (± 95 % interval), on {commits(ran)}:", "",
+           "| method | trials | " + " | ".join(f"{n} | IOR {s}" for n, s in zip(names, students)) + " |",
+           "| --- | --- |" + " --- | --- |" * len(students)]
+    edc_ior: dict[str, tuple[float, float | None] | None] = {}
+    for method in methods:
+        cells, counts = [], set()
+        for student in students:
+            ev = evidence(groups[method, ipc], groups.get((BASELINE, ipc)), student)
+            if ev is None:
+                cells += ["-", "-"]
+                continue
+            counts.add(f"{len(ev.trials)} × {_seeds(ev.seeds)}")
+            cells += [_ci(ev.acc), "0 (baseline)" if method == BASELINE else _ci(ev.ior, signed=True)]
+            if method == "edc":
+                edc_ior[student] = ev.ior
+        out.append(f"| {method} | {' / '.join(sorted(counts))} | " + " | ".join(cells) + " |")
+    out += ["", ior_sentence(edc_ior, ipc) if edc_ior else f"No edc trials at ipc {ipc}: nothing to say about IOR."]
+    return out
+
+
+def headline_block(text: str, source: str) -> str:
+    """The lines between the headline markers of ``text`` (a file's content, named ``source`` in errors)."""
+    start, end = text.find(HEADLINE_START), text.find(HEADLINE_END)
+    if start < 0 or end < start or text.count(HEADLINE_START) != 1 or text.count(HEADLINE_END) != 1:
+        raise EdcError(f"{source}: needs one {HEADLINE_START} line and, after it, one {HEADLINE_END} line "
+                       "around the results headline")
+    return text[start + len(HEADLINE_START):end].strip("\n")
+
+
+def with_headline(text: str, block: str, source: str) -> str:
+    """``text`` with the lines between its headline markers replaced by ``block``."""
+    headline_block(text, source)  # the markers' check
+    start, end = text.index(HEADLINE_START) + len(HEADLINE_START), text.index(HEADLINE_END)
+    return text[:start] + "\n" + block + "\n" + text[end:]
+
+
+def _rerun_commands(exps: dict[str, Experiment]) -> list[str]:
+    """The commands that make the page's trials again on their commit: one `edc exp preset` per method
+    and ipc with its trial count and measurements, then the queue and the page."""
+    lines = []
+    for (method, ipc), trials in sorted(method_trials(exps).items(),
+                                        key=lambda kv: (kv[0][1], list(PRESET_HELP).index(kv[0][0]))):
+        first = trials[min(trials)]
+        sets = [f"-S {shlex.quote(f'{k}={format_value(get_dotted(first.params, k))}')}" for k in MEASUREMENT_KEYS
+                if get_dotted(first.params, k) is not None]
+        lines.append(f"edc exp preset {method} --ipc {ipc} --trials {max(trials) + 1} --queue " + " ".join(sets))
+    return lines
+
+
+def results_page(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Path, command: str,
+                 readme: str | None = None) -> str:
+    """docs/results.md: where the numbers come from (commits, the command that made the page, how to
+    rerun the experiments), the headline between its markers (the block the command also writes into
+    ``readme``), then :func:`build_report`'s sections."""
+    if not exps:
+        return build_report(exps, plots_dir, md_dir)
+    ordered = sorted(exps.values(), key=lambda e: e.name)
+    revs = sorted({e.baseline[:7] for e in ordered if e.baseline})
+    head = [f"Made by `{command}` from {len(ordered)} experiments of `dvc exp show -A`, which ran on "
+            f"{commits(ordered)}. That command rewrites the page whole; the same experiments give the same "
+            "bytes.", ""]
+    block = headline(exps)
+    if block:
+        note = [f"{readme} shows the same block, written by the same command.", ""] if readme else []
+        head += ["## Headline", "", *note, HEADLINE_START, *block, HEADLINE_END, ""]
+    rerun = _rerun_commands(exps)
+    if rerun:
+        checkout = [f"git checkout {revs[0]}"] if len(revs) == 1 else \
+            [f"# on each commit of the header ({', '.join(revs)}), the rows that ran there"]
+        head += ["## Rerunning the experiments", "",
+                 "The trials, on the commit they ran on (each trial redraws the initial images, synthesis, the relabel "
+                 "plan and the student seeds; docs/metrics.md):", "", "```bash", *checkout, *rerun,
+                 "edc queue start -j 2", command, "```", ""]
+    return build_report(exps, plots_dir, md_dir, head)

@@ -32,7 +32,7 @@ import torch
 
 from edc.codedeps import package_digest
 from edc.io import hash_file
-from edc.runtime import progress
+from edc.progress import progress
 
 STATE = "state.pt"
 FINGERPRINT = "fingerprint.json"
@@ -149,7 +149,7 @@ def finished_units(ckpt: Checkpointer, world, units: range, is_done: Callable[[i
 
 
 def run_units(ckpt: Checkpointer, world, units: range, is_done: Callable[[int], bool], work: Callable[[int], None],
-              what: str, stage: str, start: Callable[[], None] | None = None) -> bool:
+              *, what: str, stage: str, start: Callable[[], None] | None = None) -> bool:
     """Run the ``units`` (synthesis batches, relabel epochs) that ``is_done`` does not find finished in
     ``ckpt``'s directory (:func:`finished_units`), dealt out to the ranks round-robin; ``work(u)``
     leaves unit u's files there, and the checkpoint is marked after each. ``start()`` runs once the

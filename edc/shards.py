@@ -59,6 +59,7 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,42 @@ def label_shard_name(j: int) -> str:
     return f"labels-{j:06d}.tar"
 
 
+@dataclass(frozen=True)
+class LabelLayout:
+    """Which stored epochs each label shard holds: shard j (member :func:`label_shard_name` (j)) the
+    ``per_shard`` consecutive epochs from ``j * per_shard``, the last shard the rest. The writer, the
+    reader and the relabel stage's work units all take it from here."""
+
+    stored_epochs: int
+    per_shard: int
+
+    @classmethod
+    def plan(cls, meta: dict[str, Any], shard_bytes: int = SHARD_BYTES) -> LabelLayout:
+        """The layout a set described by ``meta`` is written with (:func:`epochs_per_shard`)."""
+        return cls(meta["stored_epochs"], epochs_per_shard(meta, shard_bytes))
+
+    @classmethod
+    def of(cls, meta: dict[str, Any]) -> LabelLayout:
+        """The layout of a written set, from its meta.json."""
+        return cls(meta["stored_epochs"], meta["epochs_per_shard"])
+
+    @property
+    def shards(self) -> int:
+        return -(-self.stored_epochs // self.per_shard)
+
+    @property
+    def names(self) -> list[str]:
+        return [label_shard_name(j) for j in range(self.shards)]
+
+    def epochs(self, j: int) -> range:
+        """The stored epochs label shard ``j`` holds."""
+        return range(j * self.per_shard, min((j + 1) * self.per_shard, self.stored_epochs))
+
+    def locate(self, stored_epoch: int) -> tuple[int, int]:
+        """(the shard that holds ``stored_epoch``, its row there)."""
+        return divmod(stored_epoch, self.per_shard)
+
+
 def _tar_bytes(key: str, arrays: dict[str, np.ndarray]) -> bytes:
     """One WebDataset sample ``key`` of .npy members as tar bytes: mtime 0, members in the given order,
     and the end-of-archive blocks without tarfile's padding to a 10,240-byte record (readers do not
@@ -231,10 +268,10 @@ class CondensedWriter:
             raise ValueError(f"stored_epochs must be 1..epochs ({self.meta['epochs']}), "
                              f"got {self.meta['stored_epochs']}")
         self.meta["replay"] = "training epoch e replays stored epoch e % stored_epochs (views and labels)"
-        per = epochs_per_shard(self.meta, shard_bytes)
-        self.meta["epochs_per_shard"] = per
+        self.layout = LabelLayout.plan(self.meta, shard_bytes)
+        self.meta["epochs_per_shard"] = self.layout.per_shard
         self.meta["batches_per_epoch"] = -(-n // self.meta["batch_size"])
-        self.meta["label_shards"] = [label_shard_name(j) for j in range(-(-self.meta["stored_epochs"] // per))]
+        self.meta["label_shards"] = self.layout.names
         per_image = max(int(np.prod(images_u8.shape[1:])), 1)
         step = max(1, shard_bytes // per_image)
         self.meta["image_shards"] = [f"images-{s:06d}.tar" for s in range(-(-n // step))]
@@ -247,17 +284,12 @@ class CondensedWriter:
             arrays = {"images": images_u8[sl].numpy().astype(np.uint8), "cls": labels[sl].numpy().astype(cls_type)}
             _write_atomic(self.out / name, _tar_bytes(f"i{s * step:06d}", arrays))
 
-    def shard_epochs(self, j: int) -> range:
-        """The stored epochs label shard ``j`` holds."""
-        per = self.meta["epochs_per_shard"]
-        return range(j * per, min((j + 1) * per, self.meta["stored_epochs"]))
-
     def write_shard(self, j: int, epochs: list[tuple[EpochPlan, torch.Tensor | None]]) -> None:
         """Label shard ``j``: the plans of its stored epochs and the teachers' mean logits (N, K) on
         each plan's views in plan order (None for hard labels)."""
         meta = self.meta
-        if len(epochs) != len(self.shard_epochs(j)):
-            raise ValueError(f"label shard {j} holds {len(self.shard_epochs(j))} epochs, got {len(epochs)}")
+        if len(epochs) != len(self.layout.epochs(j)):
+            raise ValueError(f"label shard {j} holds {len(self.layout.epochs(j))} epochs, got {len(epochs)}")
         arrays = {"ids": np.stack([p.order.numpy() for p, _ in epochs]).astype(uint_for(meta["num_images"] - 1)),
                   "crops": np.stack([p.crops.numpy() for p, _ in epochs])}
         if meta["cutmix"]:
@@ -268,7 +300,7 @@ class CondensedWriter:
         if meta["codec"] != "hard":
             logits = np.stack([lg.float().numpy() for _, lg in epochs])
             arrays.update(encode_labels(logits, meta["codec"], meta["topk"]))
-        _write_atomic(self.out / label_shard_name(j), _tar_bytes(f"e{self.shard_epochs(j).start:06d}", arrays))
+        _write_atomic(self.out / label_shard_name(j), _tar_bytes(f"e{self.layout.epochs(j).start:06d}", arrays))
 
     def write_epoch(self, epoch: int, plan: EpochPlan, batch_size: int, logits: torch.Tensor | None,
                     topk: int) -> None:
@@ -279,9 +311,9 @@ class CondensedWriter:
             raise ValueError(f"batch_size {batch_size} / topk {topk} differ from the set's "
                              f"{self.meta['batch_size']} / {self.meta['topk']}")
         self._pending[epoch] = (plan, logits)
-        j = epoch // self.meta["epochs_per_shard"]
-        if all(e in self._pending for e in self.shard_epochs(j)):
-            self.write_shard(j, [self._pending.pop(e) for e in self.shard_epochs(j)])
+        j, _ = self.layout.locate(epoch)
+        if all(e in self._pending for e in self.layout.epochs(j)):
+            self.write_shard(j, [self._pending.pop(e) for e in self.layout.epochs(j)])
 
     def close(self) -> None:
         """Write meta.json, with every shard's sha256 and size and the set's storage in bytes."""
@@ -479,7 +511,7 @@ def _read_label_shard(path: str, meta_json: str, j: int, stamp: tuple[int, int] 
     shard, members = _shard(path, meta, name, f" (one of the {len(meta['label_shards'])} label shards meta.json lists)")
     key, member = _single(shard, members)
     n = meta["num_images"]
-    held = len(range(j * meta["epochs_per_shard"], min((j + 1) * meta["epochs_per_shard"], meta["stored_epochs"])))
+    held = len(LabelLayout.of(meta).epochs(j))
     names = ["ids", "crops", *(["mix"] if meta["cutmix"] else []), *label_members(meta["codec"], meta["topk"])]
     arrays = {m: _array(shard, key, member, f"{m}.npy") for m in names}
     crops = arrays["crops"]
@@ -500,7 +532,7 @@ def read_epoch(path: str | Path, meta: dict[str, Any], epoch: int) -> list[dict[
     if meta["format"] == FORMAT_V2:
         return _read_epoch_v2(path, meta, epoch)
     s = stored_epoch(epoch, meta["stored_epochs"])
-    j, r = divmod(s, meta["epochs_per_shard"])
+    j, r = LabelLayout.of(meta).locate(s)
     arrays = _label_shard(path, meta, j)
     k = meta["num_classes"]
     labels = decode_labels({m: a[r] for m, a in arrays.items()}, meta["codec"], k)

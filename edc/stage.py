@@ -10,8 +10,12 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edc.errors import EdcError
+
+if TYPE_CHECKING:  # annotations only: a stage imports the params model when it reads them
+    from edc.params import Params
 
 # The params each stage reads, declared once: dvc.yaml's `params:` must list exactly these
 # (tests/test_dvc_deps.py), and each stage logs them to MLflow and fingerprints its resume
@@ -36,7 +40,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 }
 
 
-def stage_params(p, stage: str) -> dict:
+def stage_params(p: Params, stage: str) -> dict:
     """The values of :data:`STAGE_PARAMS` ``[stage]`` in params ``p``, nested as in params.yaml
     (``relabel.epochs`` -> ``{"relabel": {"epochs": ...}}``)."""
     from edc.params import get_dotted
@@ -107,14 +111,15 @@ def process_start() -> float | None:
 def record_timing(path: str, entered: float) -> None:
     """Append one JSON line to ``path`` (``EDC_TIMING_FILE``; benchmarks/overhead.py): this stage
     process's start, the start of :func:`stage_main`, its end, and the seconds spent in compute loops
-    and waiting for MLflow (:data:`edc.tracking.stage_clock`). Never an output of the stage: timings
-    would change its bytes at every run."""
+    (:data:`edc.progress.clock`) and waiting for MLflow (:data:`edc.tracking.stage_clock`). Never an
+    output of the stage: timings would change its bytes at every run."""
     import json
 
+    from edc.progress import clock
     from edc.tracking import stage_clock
 
     line = {"stage": os.environ.get("DVC_STAGE") or os.path.basename(sys.argv[0]), "pid": os.getpid(),
-            "process_start": process_start(), "main_start": entered, "end": time.time(), **stage_clock}
+            "process_start": process_start(), "main_start": entered, "end": time.time(), **clock, **stage_clock}
     with open(path, "a") as f:
         f.write(json.dumps(line) + "\n")
 

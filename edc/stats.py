@@ -41,10 +41,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from edc.data import as_split
-from edc.data.augment import apply_view, sample_view
 from edc.errors import ArtifactError
 from edc.io import read_safetensors_metadata, save_safetensors
-from edc.runtime import model_device, progress
+from edc.params import SynthAugParams
+from edc.progress import progress
+from edc.runtime import model_device
+from edc.synth_views import apply_view, sample_view
 
 FORMAT = "edc-stats/1"
 STAT_NAMES = ("mean", "var", "class_mean", "class_var", "class_count", "class_within_var")
@@ -128,13 +130,14 @@ class _Accumulator:
 
 @torch.no_grad()
 def collect_bn_stats(model: nn.Module, images, labels: torch.Tensor | None, num_classes: int,
-                     batch_size: int = 500, desc: str = "stats", aug=None, draws: int = 1,
+                     *, batch_size: int = 500, desc: str = "stats",
+                     aug: SynthAugParams | None = None, draws: int = 1,
                      seed: int = 0) -> dict[str, LayerStats]:
     """One eval-mode pass over (images, labels) tensors, or over ``images`` = a split read batch by
     batch (:class:`edc.data.SplitView`, ``labels`` None); returns {layer name: LayerStats} in model order.
 
     With ``aug`` (a ``synth.aug`` section) every batch is seen ``draws`` times, each time through a fresh
-    draw of synthesis's views (:func:`edc.data.augment.sample_view`: random-resized-crop + flip, or the
+    draw of synthesis's views (:func:`edc.synth_views.sample_view`: random-resized-crop + flip, or the
     jitter, from a generator seeded with ``seed``): the statistics
     of the views synthesis shows the observers, so that real images are at the matching loss's minimum."""
     source = as_split(images, labels)

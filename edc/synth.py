@@ -23,6 +23,10 @@ up to ``aug.jitter`` pixels + flip, SRe2L's small-image recover), applied identi
 after every step as ``beta * X_ema + (1 - beta) * X`` and never receives a gradient. One observer per
 iteration, round-robin; Adam (betas 0.5, 0.9) on the pixels with cosine decay; pixels clipped to
 the valid range after every step.
+
+The matching loss below is fused for speed (each image's moments taken inside the BatchNorm layers,
+all layers at once, a hand-written backward); :mod:`edc.synth_reference` writes the same loss as the
+formulas read, and tests/test_synth.py holds the two equal, value and gradient to the pixels.
 """
 
 from __future__ import annotations
@@ -35,13 +39,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edc.data.augment import apply_view, sample_view
 from edc.errors import EdcError
 from edc.io import atomic_file
+from edc.models.inference import inference_copy
+from edc.optim import Adam
+from edc.params import SynthAugParams, SynthParams
+from edc.progress import progress
 from edc.resume import run_units
-from edc.runtime import Adam, inference_copy, model_device, progress
+from edc.runtime import model_device
 from edc.schedules import lr_lambda
 from edc.stats import LayerStats, bn_layers
+from edc.synth_views import apply_view, sample_view
 
 
 class SynthesisError(EdcError):
@@ -196,7 +204,7 @@ class Observer:
     """An observer model whose matched BatchNorm layers also report their inputs' per-image moments
     (shifted by the target means), and the matching targets for each."""
 
-    def __init__(self, name: str, model: nn.Module, stats: dict[str, LayerStats], layers: str = "sum",
+    def __init__(self, name: str, model: nn.Module, stats: dict[str, LayerStats], *, layers: str = "sum",
                  class_var: str = "pooled", first_layer_weight: float = 1.0, targets: str = "data"):
         self.name, self.model, self.layers, self.class_var = name, model.eval(), layers, class_var
         for p in self.model.parameters():
@@ -262,7 +270,7 @@ class Observer:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The logits alone, without gradient or moments (the flatness term's EMA images): the model
         with each BatchNorm folded into the convolution before it, in channels-last memory format
-        (:func:`edc.runtime.inference_copy`)."""
+        (:func:`edc.models.inference.inference_copy`)."""
         return self._folded(x.contiguous(memory_format=torch.channels_last))
 
     def batch_targets(self, moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor) -> list[Target]:
@@ -275,8 +283,8 @@ class Observer:
                  targets: list[Target] | None = None) -> torch.Tensor:
         """The sum (or mean, ``layers``) over layers of :func:`matching_loss`, computed for all layers at
         once, against the observer's targets or ``targets``."""
-        return fused_matching(moments, y, self.fused, alpha, None if targets is None else LayerTargets(targets),
-                              self.layers, self.class_var, self.layer_weight)
+        return fused_matching(moments, y, self.fused, alpha, targets=None if targets is None else LayerTargets(targets),
+                              layers=self.layers, class_var=self.class_var, layer_weight=self.layer_weight)
 
 
 class LayerTargets:
@@ -307,7 +315,7 @@ def _weighted(per_layer: torch.Tensor, layer_weight: torch.Tensor | None) -> tor
 
 
 def fused_matching(moments: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor, shifts: LayerTargets,
-                   alpha: float, targets: LayerTargets | None = None, layers: str = "sum",
+                   alpha: float, *, targets: LayerTargets | None = None, layers: str = "sum",
                    class_var: str = "pooled", layer_weight: torch.Tensor | None = None) -> torch.Tensor:
     """sum_l w_l * matching_loss(layer l's input, y, target l, alpha) (``layers="mean"``: divided by the number
     of layers, the paper's Eq. 16; ``layer_weight`` w (L,), all 1 when None), from each layer's per-image moments
@@ -349,14 +357,15 @@ def partition(labels: torch.Tensor, batch_size: int | None) -> list[torch.Tensor
     return list(order.split(size))
 
 
-def synthesis_batches(labels: torch.Tensor, cfg) -> list[torch.Tensor]:
+def synthesis_batches(labels: torch.Tensor, cfg: SynthParams) -> list[torch.Tensor]:
     """The batches ``synth.batch_size`` asks for (:func:`partition`; "all" = one batch)."""
     return partition(labels.cpu(), None if cfg.batch_size == "all" else cfg.batch_size)
 
 
 @torch.no_grad()
 def matching_report(images: torch.Tensor, labels: torch.Tensor, observers: list[Observer], alpha: float,
-                    batches: list[torch.Tensor], aug=None, draws: int = 8, seed: int = 0) -> dict[str, float]:
+                    batches: list[torch.Tensor], *, aug: SynthAugParams | None = None,
+                    draws: int = 8, seed: int = 0) -> dict[str, float]:
     """Each observer's matching loss (sum over layers), averaged over the synthesis batches (weighted
     by size). With ``aug`` (the ``synth.aug`` section) it is the mean over ``draws`` crop/flip draws
     from a generator seeded with ``seed`` (the same draws for any images): the quantity synthesis
@@ -380,7 +389,7 @@ class _BatchOptimisation:
     """One synthesis batch's optimisation state: its pixels X, their EMA, Adam (betas 0.5, 0.9) with its
     LR schedule, and the batch's augmentation generator; saved and restored in one place."""
 
-    def __init__(self, images: torch.Tensor, cfg, seed: int):
+    def __init__(self, images: torch.Tensor, cfg: SynthParams, seed: int):
         self.gen = torch.Generator().manual_seed(seed)
         self.x = images.clone().requires_grad_(True)
         self.x_ema = self.x.detach().clone()
@@ -410,8 +419,8 @@ def crops_per_image(y: torch.Tensor, class_views: int) -> int:
     return max(1, -(-class_views // int(counts[counts > 0].min())))
 
 
-def synthesis_step(b: _BatchOptimisation, y: torch.Tensor, obs: Observer, cfg, alpha: float,
-                   bounds: tuple[torch.Tensor, torch.Tensor], at: str = "") -> dict[str, float]:
+def synthesis_step(b: _BatchOptimisation, y: torch.Tensor, obs: Observer, cfg: SynthParams, alpha: float,
+                   bounds: tuple[torch.Tensor, torch.Tensor], *, at: str = "") -> dict[str, float]:
     """One iteration on a batch (module doc): a crop/flip draw shared by X and its EMA, the loss, Adam,
     the schedule, clipping to ``bounds``, the EMA update. Returns the losses and the step's LR;
     :class:`SynthesisError` (naming ``at``) when the loss is not finite."""
@@ -451,8 +460,8 @@ def synthesis_step(b: _BatchOptimisation, y: torch.Tensor, obs: Observer, cfg, a
     return {"lr": lr, **{k: v.item() for k, v in losses.items()}}
 
 
-def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Observer], cfg, alpha: float,
-               bounds: tuple[torch.Tensor, torch.Tensor], seed_for: Callable[[int], int],
+def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Observer], cfg: SynthParams, alpha: float,
+               bounds: tuple[torch.Tensor, torch.Tensor], *, seed_for: Callable[[int], int],
                log: Callable[[dict], None] | None = None, ckpt=None, only: list[int] | None = None) -> torch.Tensor:
     """Optimise ``images`` (normalised, (N, C, H, W)) batch by batch; returns the synthesized images.
 
@@ -485,7 +494,7 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Obser
             it0 = state["it"]
         for it in progress(range(it0, cfg.iterations), desc=f"synthesize batch {bi + 1}/{len(batches)}", unit="it"):
             obs = observers[it % len(observers)]
-            losses = synthesis_step(b, labels[idx], obs, cfg, alpha, bounds, f"batch {bi}, iteration {it}")
+            losses = synthesis_step(b, labels[idx], obs, cfg, alpha, bounds, at=f"batch {bi}, iteration {it}")
             row = {"step": bi * cfg.iterations + it, "batch": bi, "iteration": it, "observer": obs.name, **losses}
             history.append(row)
             if log is not None:
@@ -497,9 +506,9 @@ def synthesize(images: torch.Tensor, labels: torch.Tensor, observers: list[Obser
     return out
 
 
-def synthesize_set(images: torch.Tensor, labels: torch.Tensor, observers: list[Observer], cfg, alpha: float,
-                   bounds: tuple[torch.Tensor, torch.Tensor], seed_for: Callable[[int], int], world, ckpt,
-                   log: Callable[[dict], None]) -> torch.Tensor | None:
+def synthesize_set(images: torch.Tensor, labels: torch.Tensor, observers: list[Observer], cfg: SynthParams,
+                   alpha: float, bounds: tuple[torch.Tensor, torch.Tensor], *, seed_for: Callable[[int], int],
+                   world, ckpt, log: Callable[[dict], None]) -> torch.Tensor | None:
     """Every synthesis batch of ``images``. In one process: :func:`synthesize`, resumable within a
     batch. Under torchrun: the batches dealt out to the ranks (:func:`edc.resume.run_units`), each
     finished one kept as a file in ``ckpt``'s directory, so that a rerun after an interruption, with
@@ -507,7 +516,7 @@ def synthesize_set(images: torch.Tensor, labels: torch.Tensor, observers: list[O
     depends on its index only). ``log`` gets every iteration's row, in step order. Returns the images
     on rank 0, None on the others."""
     if world.size == 1:
-        return synthesize(images, labels, observers, cfg, alpha, bounds, seed_for, log, ckpt)
+        return synthesize(images, labels, observers, cfg, alpha, bounds, seed_for=seed_for, log=log, ckpt=ckpt)
     batches = synthesis_batches(labels, cfg)
 
     def part_file(b: int) -> Path:
@@ -515,12 +524,12 @@ def synthesize_set(images: torch.Tensor, labels: torch.Tensor, observers: list[O
 
     def work(b: int) -> None:
         rows: list[dict] = []
-        result = synthesize(images, labels, observers, cfg, alpha, bounds, seed_for, rows.append, only=[b])
+        result = synthesize(images, labels, observers, cfg, alpha, bounds, seed_for=seed_for, log=rows.append, only=[b])
         with atomic_file(part_file(b), "wb") as f:
             torch.save({"images": result[batches[b]].cpu(), "rows": rows}, f)
 
-    if not run_units(ckpt, world, range(len(batches)), lambda b: part_file(b).is_file(), work, "batches",
-                     "synthesize"):
+    if not run_units(ckpt, world, range(len(batches)), lambda b: part_file(b).is_file(), work, what="batches",
+                     stage="synthesize"):
         return None
     result, merged = images.clone(), []
     for b in range(len(batches)):
@@ -533,14 +542,14 @@ def synthesize_set(images: torch.Tensor, labels: torch.Tensor, observers: list[O
 
 
 def before_after(initial: torch.Tensor, final: torch.Tensor, labels: torch.Tensor, observers: list[Observer],
-                 alpha: float, cfg, seed: int) -> dict[str, dict]:
+                 alpha: float, cfg: SynthParams, *, seed: int) -> dict[str, dict]:
     """The stage's report, per observer: the matching loss of the initial and of the final images under
     the synthesis augmentation (``matching_*``: seeded draws, what the objective minimises) and
     un-augmented (``plain_*``: views the crops never show the observers, so it need not fall)."""
     batches = synthesis_batches(labels, cfg)
 
     def measure(imgs):
-        return (matching_report(imgs, labels, observers, alpha, batches, cfg.aug, seed=seed),
+        return (matching_report(imgs, labels, observers, alpha, batches, aug=cfg.aug, seed=seed),
                 matching_report(imgs, labels, observers, alpha, batches))
 
     (before, plain_before), (after, plain_after) = measure(initial), measure(final)

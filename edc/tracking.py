@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edc.errors import EdcError
+from edc.progress import on_work_start
 
 T = TypeVar("T")
 
@@ -41,14 +42,15 @@ EXPERIMENT_ENV = "EDC_MLFLOW_EXPERIMENT"
 DEFAULT_EXPERIMENT = "edc"
 
 
-# Set by the first item of a stage's first progress loop (edc.runtime.progress): the stage's MLflow
-# thread imports MLflow and opens the store from then on, while the work computes, rather than while
-# the stage is still importing and reading its inputs.
+# Set by the first item of a stage's first progress loop (edc.progress.on_work_start): the stage's
+# MLflow thread imports MLflow and opens the store from then on, while the work computes, rather
+# than while the stage is still importing and reading its inputs.
 work_started = threading.Event()
-# Seconds this stage process spent in its compute loops (every loop run through
-# edc.runtime.progress, the outermost only) and waiting for MLflow at its end; written, with the
-# process's start-up, to EDC_TIMING_FILE by edc.stage.stage_main (benchmarks/overhead.py).
-stage_clock = {"loops": 0.0, "mlflow_wait": 0.0}
+on_work_start(work_started.set)
+# Seconds this stage process spent waiting for MLflow at its end; written, with its loops' time
+# (edc.progress.clock) and the process's start-up, to EDC_TIMING_FILE by edc.stage.stage_main
+# (benchmarks/overhead.py).
+stage_clock = {"mlflow_wait": 0.0}
 
 
 class TrackingError(EdcError):

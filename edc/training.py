@@ -1,4 +1,5 @@
-"""The training step observers and students share, and the state a training resumes from."""
+"""What observers' and students' training share: the step, the state a training resumes from, and
+the top-1 accuracy they report."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edc.data import as_split
 from edc.distributed import World
-from edc.runtime import autocast
+from edc.runtime import autocast, model_device
 
 
 @dataclass
@@ -22,9 +24,8 @@ class Step:
     counts: bool  # whether the share enters the epoch's sums (World.counts)
 
 
-def train_step(net: nn.Module, opt: torch.optim.Optimizer, sched, world: World, device: torch.device, bf16: bool,
-               x: torch.Tensor, targets: tuple[torch.Tensor, ...],
-               loss_fn: Callable[..., torch.Tensor]) -> Step:
+def train_step(net: nn.Module, opt: torch.optim.Optimizer, sched, x: torch.Tensor, targets: tuple[torch.Tensor, ...],
+               loss_fn: Callable[..., torch.Tensor], *, world: World, device: torch.device, bf16: bool) -> Step:
     """One optimiser step on a batch: this rank's share of the rows (:meth:`World.part`; all of them in
     one process) to ``device``, forward under bf16 autocast where asked, ``loss_fn(out, *targets)``,
     the rank-weighted backward (:meth:`World.backward`), the optimiser and the LR schedule."""
@@ -57,3 +58,16 @@ class TrainingState:
             v.load_state_dict(state[k])
         torch.set_rng_state(state["rng"])
         return {k: v for k, v in state.items() if k not in self.parts and k != "rng"}
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, test, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in eval mode on ``test`` ((images, labels) tensors or a SplitView read batch
+    by batch); restores the model's previous mode."""
+    test = as_split(test)
+    was_training = model.training
+    model.eval()
+    dev = model_device(model)
+    correct = sum(int((model(x.to(dev)).argmax(1).cpu() == y).sum()) for x, y in test.batches(batch_size))
+    model.train(was_training)
+    return correct / len(test)

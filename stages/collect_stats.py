@@ -11,13 +11,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edc.data import load_prepared
-from edc.data.augment import view_record
 from edc.io import atomic_dir, md5_file, write_json
 from edc.observers import load_observer, observer_names
 from edc.params import load_params
-from edc.runtime import derive_seed, place, resolve_device
+from edc.runtime import place, resolve_device
+from edc.seeding import derive_seed
 from edc.stage import parser, stage_main, stage_params
 from edc.stats import bn_layers, collect_bn_stats, save_stats
+from edc.synth_views import view_record
 from edc.tracking import stage_run
 
 PATHS = {  # --NAME: help (all required)
@@ -48,8 +49,9 @@ def main(argv=None) -> None:
                           "synth.observers)", flush=True)
                     report[name] = {"layers": 0, "channels": 0, "running_mean_gap": 0.0}
                     continue
-                stats = collect_bn_stats(model, train, None, data.facts.num_classes, p.stats.batch_size, desc=name,
-                                         aug=aug, draws=p.stats.draws, seed=derive_seed(p.seed, "collect_stats", name))
+                stats = collect_bn_stats(model, train, None, data.facts.num_classes, batch_size=p.stats.batch_size,
+                                         desc=name, aug=aug, draws=p.stats.draws,
+                                         seed=derive_seed(p.seed, "collect_stats", name))
                 save_stats(Path(tmp) / f"{name}.safetensors", stats, {
                     "observer": name, "arch": spec["arch"], "num_classes": data.facts.num_classes, "targets": targets,
                     "images": len(train), "observer_md5": md5_file(Path(args.observers) / f"{name}.safetensors"),

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edc.io import write_json
-from edc.params import load_params
+from edc.params import Params, load_params
 from edc.stage import parser, stage_main, stage_params
 
 PATHS = {  # --NAME: help (all required)
@@ -28,12 +28,12 @@ PATHS = {  # --NAME: help (all required)
 }
 
 
-def run_steps(args, p, groups: list[list[int]], test, spec, device, run) -> tuple[list[dict], list[dict]]:
+def run_steps(args, p: Params, groups: list[list[int]], test, spec, *, device, run) -> tuple[list[dict], list[dict]]:
     """For each label kind and step: ``continual.seeds`` students trained on the classes seen so far,
     tested on their test images. Returns (one entry per kind and step, plot rows)."""
     from edc.applications import SeenClasses, seen_test
-    from edc.evaluate import summarize, train_student
-    from edc.runtime import derive_seed
+    from edc.evaluate import Recipe, summarize, train_student
+    from edc.seeding import derive_seed
     from edc.shards import load_condensed
 
     cfg = p.continual
@@ -44,9 +44,8 @@ def run_steps(args, p, groups: list[list[int]], test, spec, device, run) -> tupl
             seen = [c for g in groups[:t + 1] for c in g]
             accs = []
             for s in range(cfg.seeds):
-                res = train_student(spec, p.evaluate, p.zeta, SeenClasses(ds, seen), seen_test(test, seen),
-                                    derive_seed(p.seed, "continual", kind, str(t), str(s)), device=device,
-                                    bf16=p.bf16)
+                res = train_student(spec, Recipe(p.evaluate, p.zeta, device, p.bf16), SeenClasses(ds, seen),
+                                    seen_test(test, seen), derive_seed(p.seed, "continual", kind, str(t), str(s)))
                 accs.append(res.acc)
             mean, std = summarize(accs)
             steps.append({"labels": kind, "step": t + 1, "classes_seen": len(seen), "classes": seen,
@@ -69,7 +68,8 @@ def main(argv=None) -> None:
         return
     from edc.applications import class_groups, class_order
     from edc.data import load_prepared
-    from edc.runtime import derive_seed, resolve_device
+    from edc.runtime import resolve_device
+    from edc.seeding import derive_seed
     from edc.tracking import stage_run
 
     device = resolve_device(p.device)
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
         groups = class_groups(order, cfg.steps)
         test = data.normalized("test")
         spec = p.evaluate.students[0]
-        steps, rows = run_steps(args, p, groups, test, spec, device, run)
+        steps, rows = run_steps(args, p, groups, test, spec, device=device, run=run)
         merged: dict[int, dict] = {}
         for r in rows:
             merged.setdefault(r["classes_seen"], {"classes_seen": r["classes_seen"]}).update(r)

@@ -18,7 +18,8 @@ from edc.init import noise_init, rded_init, real_init
 from edc.io import atomic_dir, atomic_file
 from edc.observers import load_observer
 from edc.params import load_params
-from edc.runtime import derive_seed, place, resolve_device, seed_everything, trial_meta, trial_seed
+from edc.runtime import place, resolve_device
+from edc.seeding import derive_seed, seed_everything, trial_meta, trial_seed
 from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
 
@@ -47,8 +48,7 @@ def main(argv=None) -> None:
             else:
                 device = resolve_device(p.device)
                 models = [place(load_observer(args.observers, name)[0], device) for name in cfg.observers]
-                res = rded_init(train, None, k, p.ipc, models, cfg.candidates, cfg.crops, cfg.factor, gen,
-                                cfg.batch_size, cfg.scale_min)
+                res = rded_init(train, None, models, cfg, k=k, ipc=p.ipc, gen=gen)
         images = to_uint8(res.images, data.facts)
         with atomic_dir(args.out) as tmp:
             write_imageset(tmp, images, res.labels, {

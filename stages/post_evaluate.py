@@ -18,12 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edc import distributed
 from edc.data import load_prepared, split_files
 from edc.errors import ArtifactError
-from edc.evaluate import evaluate_students, variant_sets
+from edc.evaluate import Recipe, evaluate_students, variant_sets
 from edc.io import write_curves, write_json
-from edc.params import load_params
+from edc.params import EvaluateParams, Params, load_params
 from edc.plan import planned_epochs
 from edc.resume import Checkpointer, fingerprint
-from edc.runtime import derive_seed, resolve_device, trial_seed
+from edc.runtime import resolve_device
+from edc.seeding import derive_seed, trial_seed
 from edc.shards import load_condensed
 from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
@@ -39,7 +40,7 @@ OPTIONAL = {
 }
 
 
-def check_plan(args, p, ds, data) -> None:
+def check_plan(args, p: Params, ds, data) -> None:
     """The set must come from this dataset, and its stored plan must be the one params.yaml asks for:
     the evaluation batch size and epoch count are the relabel plan's (the soft labels belong to those
     exact batches)."""
@@ -59,7 +60,7 @@ def check_plan(args, p, ds, data) -> None:
                                 f"{asked}; rerun relabel (dvc repro) to plan for it")
 
 
-def write_plots(args, cfg, curves: dict[str, list[dict]], has_val: bool) -> None:
+def write_plots(args, cfg: EvaluateParams, curves: dict[str, list[dict]], has_val: bool) -> None:
     """Training curves per student and seed; the validation-accuracy curves (EMA and raw weights), one
     file per line of the DVC plot. No curve holds the test split: it is scored once, at the end."""
     fields = ["epoch", "train_loss"] + (["val_acc"] + (["raw_val_acc"] if cfg.ema else []) if has_val else [])
@@ -94,9 +95,9 @@ def main(argv=None) -> None:
                                                       [args.shards, *split_files(args.data, "test"),
                                                        *split_files(args.data, "val")], code=__file__))
         seed = trial_seed(p.seed, p.trial)
-        metrics, curves = evaluate_students(cfg, p.zeta, ds, test, val, lambda *k: derive_seed(seed, "evaluate", *k),
-                                            ckpt, run, device, p.bf16, world, variant_sets(ds, cfg.variants),
-                                            jobs=p.eval_jobs)
+        metrics, curves = evaluate_students(Recipe(cfg, p.zeta, device, p.bf16, world), ds, test, val,
+                                            seed_for=lambda *k: derive_seed(seed, "evaluate", *k), ckpt=ckpt, run=run,
+                                            variants=variant_sets(ds, cfg.variants), jobs=p.eval_jobs)
         if not world.main:
             return
         write_plots(args, cfg, curves, val is not None)

@@ -33,10 +33,10 @@ def main(argv=None) -> None:
         print("reference: off (reference.enabled: false); set it to true and dvc repro to run it (HLR needs it)")
         return
     from edc.data import load_prepared, split_files
-    from edc.distributed import World
-    from edc.evaluate import FullTrainSet, evaluate_students
+    from edc.evaluate import FullTrainSet, Recipe, evaluate_students
     from edc.resume import Checkpointer, fingerprint
-    from edc.runtime import derive_seed, resolve_device
+    from edc.runtime import resolve_device
+    from edc.seeding import derive_seed
     from edc.tracking import stage_run
 
     device = resolve_device(p.device)
@@ -50,9 +50,8 @@ def main(argv=None) -> None:
                                                       code=__file__))
         # Hard labels, whatever evaluate.labels says: HLR compares hard-label accuracies.
         cfg = p.evaluate.model_copy(update={"labels": "hard", "variants": []})
-        students, _ = evaluate_students(cfg, p.zeta, train, data.view("test"), val,
-                                        lambda *k: derive_seed(p.seed, "reference", *k), ckpt, run, device, p.bf16,
-                                        World())
+        students, _ = evaluate_students(Recipe(cfg, p.zeta, device, p.bf16), train, data.view("test"), val,
+                                        seed_for=lambda *k: derive_seed(p.seed, "reference", *k), ckpt=ckpt, run=run)
         write_json(args.metrics, {"enabled": True, "epochs": p.reference.epochs, "images": len(train.train),
                                   "students": students})
         ckpt.clear()

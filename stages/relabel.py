@@ -15,12 +15,14 @@ from edc.data import normalize, read_facts
 from edc.errors import EdcError
 from edc.imageset import read_imageset
 from edc.io import write_json
+from edc.models.inference import inference_copy
 from edc.observers import load_observer
 from edc.params import load_params
 from edc.plan import planned_epochs, stored_epochs
 from edc.relabel import relabel_set
 from edc.resume import Checkpointer, fingerprint
-from edc.runtime import inference_copy, place, resolve_device, trial_meta, trial_seed
+from edc.runtime import place, resolve_device
+from edc.seeding import trial_meta, trial_seed
 from edc.stage import parser, stage_main, stage_params
 from edc.tracking import stage_run
 
@@ -47,7 +49,7 @@ def main(argv=None) -> None:
         images_u8, labels, img_meta = read_imageset(args.images)
         images = normalize(images_u8, facts)
         device = resolve_device(p.device)
-        # BatchNorm folded, channels-last: the teachers only run forward (edc.runtime.inference_copy)
+        # BatchNorm folded, channels-last: the teachers only run forward (edc.models.inference.inference_copy)
         teachers = [] if cfg.codec == "hard" else [  # hard labels: only the plan is stored
             inference_copy(place(load_observer(args.observers, name)[0], device)) for name in cfg.teachers]
         n, _, h, w = images.shape
@@ -63,8 +65,9 @@ def main(argv=None) -> None:
                                                    *(Path(args.observers) / f"{t}.safetensors" for t in cfg.teachers)],
                                                   code=__file__))
 
-        published = relabel_set(images_u8, images, labels, teachers, cfg, trial_seed(p.seed, p.trial), p.bf16, meta,
-                                world, ckpt, args.out, (facts.mean, facts.std))
+        published = relabel_set(images_u8, images, labels, teachers, cfg, seed=trial_seed(p.seed, p.trial),
+                                bf16=p.bf16, meta=meta, world=world, ckpt=ckpt, out=args.out,
+                                pixels=(facts.mean, facts.std))
         if published is None:  # ranks other than 0 under torchrun
             return
         set_meta, agree = published

@@ -52,10 +52,12 @@ def main(argv=None) -> None:
         return
     from edc.applications import prune, recover, sparsity
     from edc.data import load_prepared
-    from edc.observers import accuracy, load_observer
-    from edc.runtime import derive_seed, place, resolve_device
+    from edc.observers import load_observer
+    from edc.runtime import place, resolve_device
+    from edc.seeding import derive_seed
     from edc.shards import load_condensed
     from edc.tracking import stage_run
+    from edc.training import accuracy
 
     device = resolve_device(p.device)
     name = cfg.model or p.observers.models[0].name
@@ -70,8 +72,8 @@ def main(argv=None) -> None:
             for ratio in cfg.ratios:
                 pruned, masks = prune(teacher, kind, ratio)
                 before = accuracy(pruned, test)
-                recover(pruned, teacher, masks, kind, ds, cfg.epochs, cfg.lr, p.evaluate.temperature,
-                        derive_seed(p.seed, "slimming", kind, str(ratio)))
+                recover(pruned, teacher, masks, kind, ds, epochs=cfg.epochs, lr=cfg.lr,
+                        temperature=p.evaluate.temperature, seed=derive_seed(p.seed, "slimming", kind, str(ratio)))
                 after = accuracy(pruned, test)
                 row = rows.setdefault(ratio, {"ratio": ratio})
                 row.update({f"{kind}_before": round(before, 6), f"{kind}_after": round(after, 6),

@@ -14,23 +14,25 @@ import csv
 
 from edc import distributed
 from edc.data import normalize, pixel_bounds, read_facts, to_uint8
-from edc.data.augment import view_record
 from edc.errors import ArtifactError
 from edc.imageset import read_imageset, save_comparison, write_imageset
 from edc.io import atomic_dir, atomic_file, md5_file, write_json
 from edc.observers import load_observer
-from edc.params import load_params
+from edc.params import SynthParams, load_params
 from edc.resume import Checkpointer, fingerprint
-from edc.runtime import derive_seed, place, resolve_device, seed_everything, trial_meta, trial_seed
+from edc.runtime import place, resolve_device
+from edc.seeding import derive_seed, seed_everything, trial_meta, trial_seed
 from edc.stage import parser, stage_main, stage_params
 from edc.stats import load_stats
 from edc.synth import Observer, before_after, synthesize_set
+from edc.synth_views import view_record
 from edc.tracking import stage_run
 
 CURVE_FIELDS = ["step", "batch", "iteration", "observer", "ce", "bn", "flat", "total", "lr"]
 
 
-def load_matched_observer(observers_dir: str, stats_dir: str, name: str, device=None, cfg=None) -> Observer:
+def load_matched_observer(observers_dir: str, stats_dir: str, name: str, device=None,
+                          cfg: SynthParams | None = None) -> Observer:
     """Observer ``name`` with its statistics, matched as the ``synth`` section ``cfg`` says (``layers``,
     ``class_var``; without it: summed, pooled); ``cfg.aug`` must be the augmentation the statistics were
     collected under, if any (``stats.augment``)."""
@@ -52,7 +54,8 @@ def load_matched_observer(observers_dir: str, stats_dir: str, name: str, device=
                             f"but synth.aug is {{{fmt(view_record(aug))}}}; rerun collect_stats (dvc repro)")
     if cfg is None:
         return Observer(name, model, stats)
-    return Observer(name, model, stats, cfg.layers, cfg.class_var, cfg.first_layer_weight, cfg.targets)
+    return Observer(name, model, stats, layers=cfg.layers, class_var=cfg.class_var,
+                    first_layer_weight=cfg.first_layer_weight, targets=cfg.targets)
 
 
 PATHS = {  # --NAME: help (all required)
@@ -113,14 +116,15 @@ def main(argv=None) -> None:
                                                   [args.init, args.stats, *(Path(args.observers) / f"{n}.safetensors"
                                                                             for n in cfg.observers)], code=__file__))
         result = synthesize_set(images, ydev, observers, cfg, p.alpha, pixel_bounds(facts),
-                                lambda b: derive_seed(seed, "synthesize", str(b)), world, ckpt, log)
+                                seed_for=lambda b: derive_seed(seed, "synthesize", str(b)), world=world, ckpt=ckpt,
+                                log=log)
         if result is None:  # ranks other than 0 under torchrun
             return
         out_u8 = to_uint8(result.cpu(), facts)
         # Measured on what is saved (the images rounded to pixels), after the iterations so that the
         # first one is not kept waiting.
         report = before_after(images, normalize(out_u8, facts).to(device), ydev, observers, p.alpha, cfg,
-                              derive_seed(seed, "synthesize", "report"))
+                              seed=derive_seed(seed, "synthesize", "report"))
         with atomic_dir(args.out) as tmp:
             write_imageset(tmp, out_u8, labels, {
                 "alpha": p.alpha, "seed": p.seed, **trial_meta(p.trial), "params": cfg.model_dump(),

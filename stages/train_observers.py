@@ -51,7 +51,8 @@ def main(argv=None) -> None:
                         continue  # nothing to train
                     res = imagenet_observer(spec, data.facts, test, device)
                 else:
-                    res = train_observer(spec, cfg, data.facts, train, test, p.seed, device, p.bf16, world)
+                    res = train_observer(spec, cfg, data.facts, train, test, p.seed, device=device, bf16=p.bf16,
+                                         world=world)
                 if not world.main:
                     continue
                 save_observer(Path(tmp), spec.name, res.model, {

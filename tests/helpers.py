@@ -228,7 +228,8 @@ def write_set(out, epochs=3, batch_size=4, topk=0, cutmix=True, seed=0, images=N
     w = CondensedWriter(out, u8, y, meta, shard_bytes=shard_bytes)
     plans = []
     for e in range(stored or epochs):
-        plan = make_plan(len(y), 10, 10, batch_size, 0.3, True, cutmix, torch.Generator().manual_seed(seed * 100 + e))
+        plan = make_plan(len(y), 10, 10, batch_size, 0.3, True, cutmix=cutmix,
+                         gen=torch.Generator().manual_seed(seed * 100 + e))
         xa = torch.cat([augment(x[i], c, m) for i, c, m in batches(plan, batch_size)])
         w.write_epoch(e, plan, batch_size, teacher_logits(teachers(), xa), topk)
         plans.append((plan, xa))
@@ -279,3 +280,88 @@ def lock_outs(repo: Path) -> dict[str, str]:
 
     lock = YAML(typ="safe").load((repo / "dvc.lock").read_text())
     return {f"{name}:{o['path']}": o["md5"] for name, s in lock["stages"].items() for o in s.get("outs", [])}
+
+
+# --- `dvc exp show --json -A` as DVC prints it, for the report's tests ---------------------------------
+
+def preset_params(method: str, **dotted) -> dict:
+    """The repository's params.yaml with preset ``method``'s values and the ``dotted`` keys
+    (``{"evaluate.seeds": 1}``), as an experiment of that preset holds them."""
+    from edc.params import parse_params
+    from edc.presets import preset_overrides
+
+    raw = copy.deepcopy(read_yaml(ROOT / "params.yaml"))
+    for key, value in {**preset_overrides(method, parse_params(raw)), **dotted}.items():
+        node = raw
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = copy.deepcopy(value)
+    return raw
+
+
+def exp_show_entry(name: str, params: dict, metrics: dict, timestamp: str, reference: dict | None = None) -> dict:
+    """One finished experiment of a baseline's ``experiments`` list; ``reference`` is reports/reference.json's
+    students."""
+    files = {"reports/metrics.json": {"data": metrics}}
+    if reference is not None:
+        files["reports/reference.json"] = {"data": {"enabled": True, "students": reference}}
+    import hashlib
+
+    rev = {"rev": hashlib.sha1(name.encode()).hexdigest(), "name": name,
+           "data": {"timestamp": timestamp, "metrics": files, "params": {"params.yaml": {"data": params}}}}
+    return {"executor": {"state": "success"}, "name": name, "revs": [rev]}
+
+
+def trial_metrics(accs: dict[str, float], hard: float | None = None, noaug: float | None = None) -> dict:
+    """reports/metrics.json of a one-seed trial: per student its test accuracy, validation accuracy one point
+    below, and the ``hard`` / ``noaug`` variants that many points below (None: not run)."""
+    out = {}
+    for student, acc in accs.items():
+        m = {"acc_mean": acc, "acc_std": 0.0, "seeds": {"0": acc}, "val_acc_mean": acc - 0.01, "val_acc_std": 0.0}
+        variants = {k: {"acc_mean": acc - d} for k, d in (("hard", hard), ("noaug", noaug)) if d is not None}
+        out[student] = {**m, **({"variants": variants} if variants else {})}
+    return out
+
+
+def patch_exp_show(monkeypatch, baselines: list[dict]) -> None:
+    """`dvc exp show --json -A` prints ``baselines`` (``[{"rev": COMMIT, "experiments": [...]}]``)."""
+    import json
+
+    from edc import report
+
+    monkeypatch.setattr(report, "dvc_command", lambda: "dvc")
+    monkeypatch.setattr(report.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 0, json.dumps(baselines), ""))
+
+
+SYNTHETIC_COMMIT = "0" * 40  # no real commit: the synthetic trials below ran nowhere
+TRIAL_MEASUREMENTS = {"evaluate.seeds": 1, "evaluate.variants": ["hard", "noaug"], "reference.enabled": True}
+
+
+def synthetic_trials(commit: str = SYNTHETIC_COMMIT) -> list[dict]:
+    """`dvc exp show --json -A` of a made-up results run on ``commit``: at ipc 1, five one-seed trials of
+    edc and random-soft and three of rded; at ipc 10, three of edc and random-soft. edc's paired
+    differences to random-soft at ipc 1 are (percent) +2, +3, +1, +3, +1 on convnet (IOR +2.00 ± 1.24:
+    above zero), their negatives on resnet18 (below zero) and -1, +2, -1, +1, -1 on vit (+0.00 ± 1.76:
+    includes zero); t(0.975, 4) = 2.776445."""
+    accs = {
+        ("edc", 1): {"convnet": [.90, .92, .91, .93, .89], "resnet18": [.86, .85, .88, .85, .87],
+                     "vit": [.70, .72, .71, .73, .69]},
+        ("random-soft", 1): {"convnet": [.88, .89, .90, .90, .88], "resnet18": [.88, .88, .89, .88, .88],
+                             "vit": [.71, .70, .72, .72, .70]},
+        ("rded", 1): {"convnet": [.85, .86, .84], "resnet18": [.80, .82, .81], "vit": [.60, .61, .62]},
+        ("edc", 10): {"convnet": [.97, .98, .97], "resnet18": [.96, .96, .97], "vit": [.90, .91, .92]},
+        ("random-soft", 10): {"convnet": [.97, .97, .97], "resnet18": [.96, .95, .96], "vit": [.90, .90, .91]},
+    }
+    reference = {"convnet": {"acc_mean": .99, "acc_std": .001}, "resnet18": {"acc_mean": .985, "acc_std": .002},
+                 "vit": {"acc_mean": .97, "acc_std": .003}}
+    exps = []
+    for (method, ipc), per_student in accs.items():
+        for t in range(len(per_student["convnet"])):
+            params = preset_params(method, ipc=ipc, trial=t, **TRIAL_MEASUREMENTS)
+            metrics = trial_metrics({s: a[t] for s, a in per_student.items()}, hard=0.3, noaug=0.05)
+            exps.append(exp_show_entry(f"{method}-ipc{ipc}-t{t}", params, metrics,
+                                       f"2026-12-05T1{ipc % 10}:0{t}:00", reference))
+    return [{"rev": "workspace", "name": None, "experiments": None},
+            {"rev": commit, "name": "main", "experiments": exps}]

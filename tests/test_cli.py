@@ -82,6 +82,11 @@ CASES = [
      "-S values: zeta: must be a number"),
     # report
     ("report-out-a-folder", ["report", "--out", "full"], "argument --out: full: is a directory"),
+    ("results-out-a-folder", ["results", "--out", "full"], "argument --out: full: is a directory"),
+    ("results-readme-missing", ["results", "--readme", "nope.md"], "argument --readme: nope.md: no such file"),
+    ("results-readme-no-markers", ["results", "--readme", "notes.txt"],
+     "notes.txt: needs one <!-- results-headline:start --> line"),
+    ("results-commit-not-a-hash", ["results", "--commit", "main"], "argument --commit: must be a commit hash"),
     # export
     ("export-set-missing", ["export", "condensed/shards", "out"], "argument SET: condensed/shards: no such file"),
     ("export-not-a-set", ["export", "full", "out"], "argument SET: full: not a condensed set (no meta.json"),
@@ -145,7 +150,7 @@ def test_the_catalogue_covers_every_command():
     names = {c[0] for c in CASES}
     assert len(names) == len(CASES)
     commands = {"check", "stats", "preset", "sweep", "dataset", "report", "export", "evaluate", "smoke", "restore",
-                "queue"}
+                "queue", "results"}
     assert commands <= {c[0].split("-")[0] for c in CASES}
 
 
@@ -164,7 +169,6 @@ def test_a_command_line_mistake_is_one_line_exit_2_and_writes_nothing(project, c
 
 @pytest.mark.parametrize("fn,good,bad", [
     (cli.positive_int, [("1", 1), ("12", 12)], ["0", "-1", "1.0", "x", ""]),
-    (cli.nonneg_int, [("0", 0), ("7", 7)], ["-1", "0.5", "seven"]),
 ])
 def test_count_types(fn, good, bad):
     for text, value in good:

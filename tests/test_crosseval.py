@@ -35,7 +35,8 @@ def test_sets_and_folders_across_architectures_soft_and_hard(tmp_path):
     assert is_imagefolder(tmp_path / "folder") and not is_imagefolder(tmp_path / "set")
     lines = []
     res = cross_evaluate([str(tmp_path / "set"), str(tmp_path / "folder")], ["student", "torchvision:resnet18"],
-                         ["soft", "hard"], params(), prepared(), teachers(), torch.device("cpu"), say=lines.append)
+                         ["soft", "hard"], params(), prepared(), teachers=teachers(), device=torch.device("cpu"),
+                         say=lines.append)
     assert len(lines) == 2 * 2 * 2 * 2  # sets x archs x kinds x seeds
     js = results_json(res)
     for src in js:
@@ -53,7 +54,7 @@ def test_a_folder_gets_the_relabel_plan_and_the_teachers_labels(tmp_path):
     write_set(tmp_path / "set", epochs=2)
     export_imagefolder(tmp_path / "set", tmp_path / "folder")
     p = params()
-    out = folder_as_set(tmp_path / "folder", FACTS, p.relabel, teachers(), p.seed, tmp_path / "as-set")
+    out = folder_as_set(tmp_path / "folder", FACTS, p.relabel, teachers(), seed=p.seed, out=tmp_path / "as-set")
     ds = load_condensed(out)
     assert ds.epochs == 2 and ds.batch_size == 4 and len(ds.images_u8) == 10
     src = load_condensed(tmp_path / "set")
@@ -63,7 +64,7 @@ def test_a_folder_gets_the_relabel_plan_and_the_teachers_labels(tmp_path):
 
     for x, t, _ in ds.epoch(1):  # the stored labels are the teachers' logits on the planned views
         torch.testing.assert_close(t, teacher_logits(teachers(), x).half().float(), rtol=0, atol=0)
-    hard = load_condensed(folder_as_set(tmp_path / "folder", FACTS, p.relabel, None, p.seed, tmp_path / "h"),
+    hard = load_condensed(folder_as_set(tmp_path / "folder", FACTS, p.relabel, None, seed=p.seed, out=tmp_path / "h"),
                           labels="hard")
     assert sum(len(x) for x, _, _ in hard) == 20
 
@@ -72,12 +73,13 @@ def test_bad_input_is_named(tmp_path):
     write_set(tmp_path / "set", epochs=2)
     export_imagefolder(tmp_path / "set", tmp_path / "folder")
     with pytest.raises(EdcError, match="no stored soft labels; name --teachers"):
-        cross_evaluate([str(tmp_path / "folder")], ["student"], ["soft"], params(), prepared(), None,
-                       torch.device("cpu"))
+        cross_evaluate([str(tmp_path / "folder")], ["student"], ["soft"], params(), prepared(), teachers=None,
+                       device=torch.device("cpu"))
     with pytest.raises(EdcError, match="unknown architecture 'nope'"):
-        cross_evaluate([str(tmp_path / "set")], ["nope"], ["hard"], params(), prepared(), None, torch.device("cpu"))
+        cross_evaluate([str(tmp_path / "set")], ["nope"], ["hard"], params(), prepared(), teachers=None,
+                       device=torch.device("cpu"))
     (tmp_path / "folder" / "zebra").mkdir()
     with pytest.raises(EdcError, match="zebra: not a class of toy"):
-        cross_evaluate([str(tmp_path / "folder")], ["student"], ["hard"], params(), prepared(), None,
-                       torch.device("cpu"))
+        cross_evaluate([str(tmp_path / "folder")], ["student"], ["hard"], params(), prepared(), teachers=None,
+                       device=torch.device("cpu"))
     assert class_index("003_x", ["a", "b", "c", "d"], 4) == 3 and class_index("b", ["a", "b"], 2) == 1

@@ -32,10 +32,11 @@ def test_each_stage_lists_its_whole_import_closure(stage):
 
 def test_the_closure_follows_every_kind_of_import(tmp_path):
     """Absolute, `from pkg import module`, relative and function-level imports, with package inits;
-    nothing outside the package, and a cycle terminates."""
+    nothing outside the package, nothing only type checkers read, and a cycle terminates."""
     files = {
         "edc/__init__.py": "",
-        "edc/a.py": "import os\nfrom edc import b\n",
+        "edc/a.py": "import os\nfrom typing import TYPE_CHECKING\nfrom edc import b\nif TYPE_CHECKING:\n"
+                    "    from edc.unused import T\nelse:\n    T = None\n",
         "edc/b.py": "def f():\n    from .sub.c import g\n    return g\n",
         "edc/sub/__init__.py": "",
         "edc/sub/c.py": "import edc.d\nfrom ..a import x\ng = 1\n",
@@ -82,12 +83,77 @@ def test_a_resume_fingerprint_changes_with_the_code(tmp_path):
 
 def test_the_format_imports_nothing_of_the_method():
     """Reading a condensed set (edc.shards, its plan replay in edc.plan) needs no method module."""
-    method = {"edc/relabel.py", "edc/synth.py", "edc/stats.py", "edc/init.py", "edc/evaluate.py",
-              "edc/observers.py", "edc/crosseval.py"}
+    method = {"edc/relabel.py", "edc/synth.py", "edc/synth_views.py", "edc/stats.py", "edc/init.py",
+              "edc/evaluate.py", "edc/observers.py", "edc/crosseval.py"}
     for module in ("edc/shards.py", "edc/plan.py"):
         got = {p.as_posix() for p in closure(module)}
         assert not got & method, f"{module} imports {sorted(got & method)}"
         assert not any(p.startswith("edc/models") for p in got), module
+
+
+# What the data and model packages may import: the project's plumbing, never tracking, the format or
+# the method, so that an edit above them reruns no stage that only reads data (prepare).
+BASE = {"edc/__init__.py", "edc/errors.py", "edc/io.py", "edc/seeding.py", "edc/progress.py"}
+
+
+def test_data_and_models_import_only_the_plumbing():
+    for folder in ("edc/data", "edc/models"):
+        for f in sorted((ROOT / folder).glob("*.py")):
+            got = {p.as_posix() for p in closure(f)}
+            outside = {p for p in got if not p.startswith(("edc/data/", "edc/models/"))} - BASE
+            assert not outside, f"{f.relative_to(ROOT)} imports {sorted(outside)}"
+
+
+def test_importing_data_and_models_loads_no_tracking():
+    """At run time too (what the static closure cannot see: a registry or plugin import)."""
+    import sys
+
+    code = ("import pkgutil, sys, importlib, edc.data, edc.models\n"
+            "for pkg in (edc.data, edc.models):\n"
+            "    for m in pkgutil.iter_modules(pkg.__path__):\n"
+            "        importlib.import_module(f'{pkg.__name__}.{m.name}')\n"
+            "print(sorted(m for m in sys.modules if m == 'mlflow' or m.startswith(('edc.tracking', 'mlflow.'))))\n")
+    r = run([sys.executable, "-c", code], timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
+# The package's layers, lowest first: a module imports its own layer and those below, never above.
+LAYERS = [
+    ("plumbing", {"errors", "io", "seeding", "progress", "runtime", "codedeps", "distributed", "schedules",
+                  "randaugment", "optim"}),
+    ("data, models and their configuration", {"data", "models", "params"}),
+    ("format", {"plan", "shards", "imageset", "export"}),
+    ("method", {"training", "observers", "stats", "synth", "synth_views", "synth_reference", "init", "relabel",
+                "evaluate", "crosseval", "applications", "resume"}),
+    ("stages and the command line", {"tracking", "stage", "presets", "report", "restore", "summary", "smoke",
+                                     "cli"}),
+]
+
+
+def test_the_import_graph_runs_from_data_to_format_to_method_to_stages():
+    from edc.codedeps import imported_modules
+
+    def level(module: str) -> int:
+        found = [i for i, (_, names) in enumerate(LAYERS) if module.split(".")[1] in names]
+        assert found, f"{module}: a new module; give it its layer in LAYERS"
+        return found[0]
+
+    files = [f for f in (ROOT / "edc").rglob("*.py") if f.name != "__init__.py" or f.parent.name != "edc"]
+    for f in files:
+        rel = f.relative_to(ROOT).with_suffix("")
+        mod = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        here = level(mod)
+        for dep in imported_modules(f):
+            if dep != "edc" and level(dep) > here:
+                raise AssertionError(f"{mod} ({LAYERS[here][0]}) imports {dep} ({LAYERS[level(dep)][0]})")
+
+
+def test_prepare_does_not_rerun_for_method_code():
+    """An edit to activation fusion, the optimizers or synthesis's views leaves the prepared data cached."""
+    _, deps = stage_scripts()["prepare"]
+    for module in ("edc/models/inference.py", "edc/optim.py", "edc/synth_views.py", "edc/data/augment.py"):
+        assert not any(module == d or module.startswith(d.rstrip("/") + "/") for d in deps), module
 
 
 def test_each_stage_declares_its_params_once():

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edc.evaluate import ema_decay, recompute_bn, student_loss, summarize, train_student
+from edc.evaluate import Recipe, ema_decay, recompute_bn, student_loss, summarize, train_student
 from edc.params import parse_params
 from edc.schedules import cosine, lr_lambda, multistep, smoothing, ssrs
 from edc.shards import load_condensed
@@ -66,8 +66,8 @@ def test_student_trains_from_shards_alone_and_is_seeded(tmp_path):
     test = (torch.randn(8, 3, 10, 10), torch.arange(8) % 4)
     spec = cfg.students[0]
     val = (torch.randn(6, 3, 10, 10), torch.arange(6) % 4)
-    a = train_student(spec, cfg, 2.0, ds, test, seed=3, val=val)
-    b = train_student(spec, cfg, 2.0, ds, test, seed=3, val=val)
+    a = train_student(spec, Recipe(cfg, 2.0), ds, test, seed=3, val=val)
+    b = train_student(spec, Recipe(cfg, 2.0), ds, test, seed=3, val=val)
     assert a.acc == b.acc and a.curve == b.curve
     # The curve scores the validation split only; the test split is scored once, after the last epoch.
     assert [r["epoch"] for r in a.curve] == [1, 2, 3, 4] and [("val_acc" in r) for r in a.curve] == [0, 1, 0, 1]
@@ -96,7 +96,7 @@ def bn_student_run(tmp_path, warmup, rate=0.9, epochs=6, eval_every=100):
     cfg = parse_params(raw).evaluate
     states = []
     test = (torch.randn(8, 3, 10, 10), torch.arange(8) % 4)
-    res = train_student(cfg.students[0], cfg, 2.0, ds, test, seed=0,  # the curve's points score val
+    res = train_student(cfg.students[0], Recipe(cfg, 2.0), ds, test, seed=0,  # the curve's points score val
                         on_epoch=lambda snap: states.append(copy.deepcopy(snap())), val=test)
     return ds, states, res
 
@@ -122,7 +122,7 @@ def test_ema_batchnorm_statistics_are_recomputed_from_the_planned_batches(tmp_pa
     # evaluated at epochs 3 and 6: the snapshot after epoch 6 holds the statistics the test used
     ema_state = states[-1]["ema"]
     first_bn = [k for k in ema_state if k.endswith("running_mean")][0]
-    from edc.observers import build
+    from edc.models import build
 
     model = build("convnet", {"width": 8, "depth": 2, "norm": "batch"}, ds.facts)
     model.load_state_dict({k[len("module."):]: v for k, v in ema_state.items() if k.startswith("module.")})
@@ -169,16 +169,17 @@ def test_variants_retrain_the_same_seeds_on_hard_labels_and_on_the_unaugmented_i
     raw["evaluate"]["variants"] = ["hard", "noaug"]
     cfg = parse_params(raw).evaluate
     test = (torch.randn(8, 3, 10, 10), torch.arange(8) % 4)
-    metrics, curves = evaluate_students(cfg, 2.0, ds, test, None, lambda *k: 5, Checkpointer(tmp_path / "m.json", "x"),
-                                        NullRun(), torch.device("cpu"), False, World(), variant_sets(ds, cfg.variants))
+    metrics, curves = evaluate_students(Recipe(cfg, 2.0, torch.device("cpu"), False, World()), ds, test, None,
+                                        seed_for=lambda *k: 5, ckpt=Checkpointer(tmp_path / "m.json", "x"),
+                                        run=NullRun(), variants=variant_sets(ds, cfg.variants))
     got = metrics["student"]
     assert set(got["variants"]) == {"hard", "noaug"} and set(curves) == {
         "student-seed0", "student-hard-seed0", "student-noaug-seed0"}
     spec = cfg.students[0]
-    assert got["acc_mean"] == pytest.approx(train_student(spec, cfg, 2.0, ds, test, seed=5).acc, abs=1e-6)
-    hard = train_student(spec, cfg, 2.0, load_condensed(tmp_path / "s", labels="hard"), test, seed=5)
+    assert got["acc_mean"] == pytest.approx(train_student(spec, Recipe(cfg, 2.0), ds, test, seed=5).acc, abs=1e-6)
+    hard = train_student(spec, Recipe(cfg, 2.0), load_condensed(tmp_path / "s", labels="hard"), test, seed=5)
     assert got["variants"]["hard"]["acc_mean"] == pytest.approx(hard.acc, abs=1e-6)
-    noaug = train_student(spec, cfg, 2.0, view, test, seed=5)
+    noaug = train_student(spec, Recipe(cfg, 2.0), view, test, seed=5)
     assert got["variants"]["noaug"]["acc_mean"] == pytest.approx(noaug.acc, abs=1e-6)
     # under evaluate.labels: hard the main evaluation is the hard-label one: no second copy of it
     assert set(variant_sets(load_condensed(tmp_path / "s", labels="hard"), ["hard", "noaug"])) == {"noaug"}

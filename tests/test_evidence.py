@@ -11,7 +11,7 @@ from edc.imageset import read_imageset
 from edc.io import read_json
 from edc.params import parse_params, read_yaml
 from edc.presets import preset_overrides
-from edc.runtime import derive_seed, trial_seed
+from edc.seeding import derive_seed, trial_seed
 from tests.helpers import ROOT, md5_tree, run_stages, tiny_params, write_yaml
 
 
@@ -126,9 +126,9 @@ def test_accuracy_interval_ior_hlr_and_the_augmentation_pair_by_hand():
     assert ev.hlr[0] == pytest.approx(0.36) and ev.hlr[1] == pytest.approx(4.302653 * 0.02 / 3 ** 0.5)
     assert ev.aug == pytest.approx((0.82, 0.72))
     lines = build_report(_evidence_exps(), None).splitlines()
-    assert "| edc | convnet | 0,1,2 (2 seeds) | 82.00 ± 4.97 | +2.00 ± 4.30 | +36.00 ± 4.97 | 82.00 / 72.00 | - |" \
+    assert "| edc | convnet | 3: 0,1,2 (2 seeds) | 82.00 ± 4.97 | +2.00 ± 4.30 | +36.00 ± 4.97 | 82.00 / 72.00 | - |" \
         in lines
-    assert "| random-soft | convnet | 0,1,2 (2 seeds) | 80.00 ± 2.48 | 0 (the baseline) | - | - | - |" in lines
+    assert "| random-soft | convnet | 3: 0,1,2 (2 seeds) | 80.00 ± 2.48 | 0 (the baseline) | - | - | - |" in lines
     assert any(line.startswith("Full-data reference") and "convnet 98.00 ± 0.10" in line for line in lines)
 
 
@@ -186,7 +186,7 @@ def test_trials_of_edc_and_random_soft_give_the_fields_metrics_and_a_stable_repo
     sh([*edc, "report"], repo, env)
     assert (repo / "reports/results.md").read_text() == first
     rows = {ln.split(" | ")[0]: ln.split(" | ") for ln in first.splitlines() if ln.startswith("| ") and
-            len(ln.split(" | ")) == 8 and " | student | 0,1 (1 seeds) | " in ln}
+            len(ln.split(" | ")) == 8 and " | student | 2: 0,1 (1 seed) | " in ln}
     assert {"| edc", "| random-soft"} <= set(rows), first
     edc_row, soft_row = rows["| edc"], rows["| random-soft"]
     assert " ± " in edc_row[3] and " ± " in soft_row[3]

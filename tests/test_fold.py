@@ -8,10 +8,9 @@ import torch
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
-from edc import runtime
-from edc.models import create_model
+from edc.models import create_model, inference
+from edc.models.inference import fold_conv_bn, frozen_clone, inference_copy
 from edc.models.zoo import BasicBlock
-from edc.runtime import fold_conv_bn, frozen_clone, inference_copy
 from edc.stats import bn_layers
 
 DEFAULT_OBSERVERS = [("convnet", {"width": 16, "depth": 3, "norm": "batch"}), ("resnet18", {"width": 8}),
@@ -115,7 +114,7 @@ def test_frozen_clone_is_independent_of_its_model():
     assert seen == [1]
 
 
-ONEDNN = pytest.mark.skipif(runtime._CONV_POINTWISE is None, reason="this torch build has no oneDNN convolutions")
+ONEDNN = pytest.mark.skipif(inference._CONV_POINTWISE is None, reason="this torch build has no oneDNN convolutions")
 
 
 @ONEDNN
@@ -129,8 +128,8 @@ def test_activations_inside_the_convolutions_compute_the_same_function(arch, kwa
     m = trained_looking(arch, kwargs)
     fused = inference_copy(m)
     plain = fold_conv_bn(m).to(memory_format=torch.channels_last)
-    assert sum(isinstance(k, runtime.ConvAct) for k in fused.modules()) >= 3
-    assert not any(isinstance(k, runtime.ConvAct) for k in plain.modules())
+    assert sum(isinstance(k, inference.ConvAct) for k in fused.modules()) >= 3
+    assert not any(isinstance(k, inference.ConvAct) for k in plain.modules())
     x = torch.randn(6, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
@@ -146,7 +145,7 @@ def test_a_basic_block_sums_its_shortcut_inside_the_second_convolution(cin, stri
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2)
     fused = inference_copy(blk)
-    assert fused.fused and isinstance(fused.conv2, runtime.ConvAct) and fused.conv2.add
+    assert fused.fused and isinstance(fused.conv2, inference.ConvAct) and fused.conv2.add
     x = torch.randn(3, cin, 9, 9).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), fold_conv_bn(blk).to(memory_format=torch.channels_last)(x), rtol=1e-6,
@@ -161,14 +160,14 @@ def test_only_a_convolution_whose_output_reaches_the_activation_directly_is_fuse
     torch.manual_seed(2)
     seq = nn.Sequential(nn.Conv2d(2, 3, 3), nn.GroupNorm(3, 3), nn.ReLU(), nn.Conv2d(3, 3, 1), nn.Identity(),
                         nn.ReLU6())
-    runtime.fuse_activations(seq)
+    inference.fuse_activations(seq)
     assert type(seq[0]) is nn.Conv2d and type(seq[2]) is nn.ReLU  # a GroupNorm between
-    assert runtime._CONV_POINTWISE is None or (type(seq[3]) is runtime.ConvAct and seq[3].act == "hardtanh"
+    assert inference._CONV_POINTWISE is None or (type(seq[3]) is inference.ConvAct and seq[3].act == "hardtanh"
                                                and type(seq[5]) is nn.Identity)  # across a folded BatchNorm
-    unfolded = runtime.fuse_activations(frozen_clone(BasicBlock(3, 3, 1).eval()))
+    unfolded = inference.fuse_activations(frozen_clone(BasicBlock(3, 3, 1).eval()))
     assert not unfolded.fused and type(unfolded.conv1) is nn.Conv2d  # its BatchNorms are still there
     conv = nn.Conv2d(2, 3, 3, padding=1).double()
-    act = runtime.ConvAct(conv, "hardtanh", (0.0, 6.0), add=True)
+    act = inference.ConvAct(conv, "hardtanh", (0.0, 6.0), add=True)
     x, other = torch.randn(2, 2, 5, 5, dtype=torch.float64, requires_grad=True), torch.randn(2, 3, 5, 5).double()
     assert torch.equal(act(x, other), nn.functional.hardtanh(conv(x) + other, 0.0, 6.0))
     act(x, other).sum().backward()

@@ -9,6 +9,7 @@ from torch import nn
 
 from edc.errors import DataError
 from edc.init import noise_init, rded_init, real_init
+from edc.params import InitParams
 from edc.plan import crop_resize
 
 
@@ -19,6 +20,11 @@ class Brightness(nn.Module):
         h = x.shape[2]
         bands = x.mean(1).reshape(len(x), 2, h // 2, -1).mean((2, 3))  # (B, 2): top half, bottom half
         return bands * 4
+
+
+def rded(candidates: int, crops: int, factor: int, **kwargs) -> InitParams:
+    """The ``init`` params of an RDED draw (the observers' names are the stage's business)."""
+    return InitParams(method="rded", observers=["o"], candidates=candidates, crops=crops, factor=factor, **kwargs)
 
 
 def data(n_per_class=6, size=8, seed=0):
@@ -35,8 +41,8 @@ def test_rded_tiles_trace_back_to_their_source_crops_and_are_the_best(factor, sc
     x, y = data()
     obs = [Brightness()]
     ipc, cands, crops = 1, 4, 3
-    res = rded_init(x, y, 2, ipc, obs, cands, crops, factor, torch.Generator().manual_seed(1), batch_size=5,
-                    scale_min=scale_min)
+    res = rded_init(x, y, obs, rded(cands, crops, factor, batch_size=5, scale_min=scale_min), k=2, ipc=ipc,
+                    gen=torch.Generator().manual_seed(1))
     assert res.images.shape == (2 * ipc, 1, 8, 8) and res.labels.tolist() == [0, 1]
     side = 8 // factor
     for img, rec in zip(res.images, res.index):
@@ -72,7 +78,7 @@ def test_crop_boxes_follow_random_resized_crop():
 
 def test_rded_keeps_the_most_confident_images_with_factor_one():
     x, y = data(n_per_class=10)
-    res = rded_init(x, y, 2, 2, [Brightness()], 10, 1, 1, torch.Generator().manual_seed(0))
+    res = rded_init(x, y, [Brightness()], rded(10, 1, 1), k=2, ipc=2, gen=torch.Generator().manual_seed(0))
     scores = F.cross_entropy(Brightness()(x), y, reduction="none")
     for c in range(2):
         idx = torch.nonzero(y == c).flatten()
@@ -83,18 +89,18 @@ def test_rded_keeps_the_most_confident_images_with_factor_one():
 
 def test_rded_is_seeded_and_checks_it_has_enough_candidates():
     x, y = data()
-    a = rded_init(x, y, 2, 1, [Brightness()], 4, 3, 2, torch.Generator().manual_seed(7))
-    b = rded_init(x, y, 2, 1, [Brightness()], 4, 3, 2, torch.Generator().manual_seed(7))
+    a = rded_init(x, y, [Brightness()], rded(4, 3, 2), k=2, ipc=1, gen=torch.Generator().manual_seed(7))
+    b = rded_init(x, y, [Brightness()], rded(4, 3, 2), k=2, ipc=1, gen=torch.Generator().manual_seed(7))
     assert torch.equal(a.images, b.images) and a.index == b.index
     with pytest.raises(DataError, match=r"init.candidates: 3 candidates cannot fill ipc\*factor\^2 = 4"):
-        rded_init(x, y, 2, 1, [Brightness()], 3, 3, 2, torch.Generator())
+        rded_init(x, y, [Brightness()], rded(3, 3, 2), k=2, ipc=1, gen=torch.Generator())
     with pytest.raises(DataError, match="init.candidates: class 0 has 6 train images, 8 are needed"):
-        rded_init(x, y, 2, 2, [Brightness()], 8, 1, 2, torch.Generator())
+        rded_init(x, y, [Brightness()], rded(8, 1, 2), k=2, ipc=2, gen=torch.Generator())
 
 
 def test_stitching_trims_when_the_factor_does_not_divide_the_side():
     x, y = data(n_per_class=9, size=8)
-    res = rded_init(x, y, 2, 1, [Brightness()], 9, 2, 3, torch.Generator().manual_seed(0))
+    res = rded_init(x, y, [Brightness()], rded(9, 2, 3), k=2, ipc=1, gen=torch.Generator().manual_seed(0))
     assert res.images.shape[2:] == (8, 8)  # 3 x 3 tiles of 3 px, trimmed to 8
     src = res.index[0]["sources"][8]
     tile = F.interpolate(x[src][None], size=(3, 3), mode="bilinear", align_corners=False, antialias=True)

@@ -126,7 +126,7 @@ def test_vit_is_outside_the_observers_families_and_checks_its_shape():
     # as a student of params.yaml: one line naming the architecture, its arguments and the data
     from edc.data import DatasetFacts
     from edc.errors import EdcError
-    from edc.observers import build
+    from edc.models import build
 
     facts = DatasetFacts(name="toy", channels=3, height=32, width=32, num_classes=4, class_names=list("abcd"),
                          mean=[0.5] * 3, std=[0.2] * 3, counts={"train": [5] * 4, "test": [2] * 4})

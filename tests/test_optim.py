@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from edc import runtime
+from edc import optim
 from tests.helpers import run
 
 
@@ -26,7 +26,7 @@ def _net() -> nn.Module:
 def test_each_step_is_torchs_bit_for_bit_and_the_state_round_trips(name, kwargs):
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
     nets = [_net(), _net()]
-    opts = [getattr(runtime, name)(nets[0].parameters(), **kwargs),
+    opts = [getattr(optim, name)(nets[0].parameters(), **kwargs),
             getattr(torch.optim, name)(nets[1].parameters(), **kwargs)]
     assert isinstance(opts[0], getattr(torch.optim, name))
     for _ in range(4):
@@ -36,7 +36,7 @@ def test_each_step_is_torchs_bit_for_bit_and_the_state_round_trips(name, kwargs)
             opt.step()
     for p, q in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.equal(p, q)
-    resumed = getattr(runtime, name)(_net().parameters(), **kwargs)
+    resumed = getattr(optim, name)(_net().parameters(), **kwargs)
     resumed.load_state_dict(opts[0].state_dict())
     assert str(resumed.state_dict()) == str(opts[0].state_dict())
 
@@ -47,7 +47,7 @@ def test_a_training_step_does_not_import_torch_dynamo():
     code = (
         "import sys, torch\n"
         "from edc.models import create_model\n"
-        "from edc.runtime import SGD, Adam, AdamW, fused\n"
+        "from edc.optim import SGD, Adam, AdamW, fused\n"
         "m = create_model('mobilenet_v2', in_channels=1, num_classes=10, image_size=16, width_mult=0.5)\n"
         "for O in (SGD, Adam, AdamW):\n"
         "    o = O(m.parameters(), lr=0.1, **fused(m.parameters()))\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from edc.runtime import LineProgress, progress
+from edc.progress import LineProgress, progress
 
 
 def test_a_line_per_interval_with_done_total_and_time_left():
@@ -28,3 +28,29 @@ def test_without_a_terminal_progress_is_line_based(monkeypatch, capsys):
     assert isinstance(bar, LineProgress)
     list(bar)
     assert capsys.readouterr().err.splitlines()[-1].startswith("relabel: 3/3 epoch")
+
+
+def test_a_start_hook_runs_once_at_the_first_item_of_the_next_loop(monkeypatch):
+    from edc import progress as progress_module
+
+    monkeypatch.setattr(progress_module, "_start_hooks", [])
+    calls = []
+    progress_module.on_work_start(lambda: calls.append("started"))
+    loop = iter(progress(range(3), desc="x"))
+    assert calls == []  # reading inputs before the loop is not work yet
+    assert next(loop) == 0 and calls == ["started"]
+    assert list(loop) == [1, 2] and list(progress(range(2), desc="y")) == [0, 1]
+    assert calls == ["started"]
+
+
+def test_tracking_learns_from_the_first_progress_item_that_work_began():
+    """The stage's MLflow thread waits for it (edc.tracking.work_started); progress imports no tracking."""
+    import sys
+
+    from tests.helpers import run
+
+    code = ("from edc import tracking\nfrom edc.progress import progress\n"
+            "loop = iter(progress(range(2)))\nassert not tracking.work_started.is_set()\n"
+            "next(loop)\nassert tracking.work_started.is_set()\nprint('ok')\n")
+    r = run([sys.executable, "-c", code], timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from edc.data import DatasetFacts, normalize
+from edc.params import RelabelParams
 from edc.plan import augment, batches, make_plan
 from edc.randaugment import OPS, apply_ops, sample_ops
 from edc.relabel import epoch_plan_logits, teacher_logits
@@ -32,9 +32,9 @@ def teachers():
     return [nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))]
 
 
-def relabel_cfg(randaugment: int):
-    return SimpleNamespace(batch_size=4, cutmix=False, aug=SimpleNamespace(scale_min=0.5, flip=True,
-                                                                           randaugment=randaugment, magnitude=9))
+def relabel_cfg(randaugment: int) -> RelabelParams:
+    return RelabelParams(teachers=["t"], epochs=1, batch_size=4, cutmix=False,
+                         aug={"scale_min": 0.5, "flip": True, "randaugment": randaugment, "magnitude": 9})
 
 
 def test_a_stored_randaugment_view_replays_to_the_pixels_the_teachers_labelled(tmp_path):
@@ -99,8 +99,8 @@ def test_operations_use_torchvisions_randaugment_magnitudes():
 
 
 def test_plans_without_randaugment_are_unchanged_and_draws_come_last():
-    base = make_plan(9, 12, 12, 4, 0.5, True, True, torch.Generator().manual_seed(1))
-    with_ops = make_plan(9, 12, 12, 4, 0.5, True, True, torch.Generator().manual_seed(1), randaugment=3)
+    base = make_plan(9, 12, 12, 4, 0.5, True, cutmix=True, gen=torch.Generator().manual_seed(1))
+    with_ops = make_plan(9, 12, 12, 4, 0.5, True, cutmix=True, gen=torch.Generator().manual_seed(1), randaugment=3)
     assert base.crops.shape == (9, 5) and torch.equal(with_ops.crops[:, :5], base.crops)
     assert torch.equal(with_ops.order, base.order) and torch.equal(with_ops.mix, base.mix)
     ops = sample_ops(500, 2, 9, torch.Generator().manual_seed(0))

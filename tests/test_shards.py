@@ -18,7 +18,7 @@ from edc.errors import ArtifactError
 from edc.io import md5_file
 from edc.plan import augment, batches, crop_resize, make_plan, sample_boxes
 from edc.relabel import teacher_logits
-from edc.shards import CondensedWriter, load_condensed, read_meta
+from edc.shards import CondensedWriter, LabelLayout, load_condensed, read_meta
 from tests.helpers import FACTS, ROOT, teachers, toy_images, write_set
 
 
@@ -225,6 +225,19 @@ def test_a_dataloader_yields_every_planned_batch_once_in_order(tmp_path, workers
         assert torch.equal(x, wx) and torch.equal(t, wt) and torch.equal(y, wy)
 
 
+def test_label_layout_gives_each_shard_consecutive_epochs_and_the_last_one_the_rest(tmp_path):
+    layout = LabelLayout(stored_epochs=5, per_shard=2)
+    assert layout.shards == 3 and layout.names == ["labels-000000.tar", "labels-000001.tar", "labels-000002.tar"]
+    assert [list(layout.epochs(j)) for j in range(3)] == [[0, 1], [2, 3], [4]]
+    assert [layout.locate(e) for e in range(5)] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
+    assert LabelLayout(stored_epochs=4, per_shard=4).shards == 1
+    # a written set's meta.json describes the same layout: writer and reader agree
+    write_set(tmp_path / "s", epochs=6, stored=5, shard_bytes=400)
+    meta = read_meta(tmp_path / "s")
+    got = LabelLayout.of(meta)
+    assert meta["label_shards"] == got.names and got.stored_epochs == 5 and 1 <= got.per_shard < 5
+
+
 def test_storage_is_counted_by_kind_and_adds_up_to_the_files(tmp_path):
     """meta.json's bytes: the arrays of each kind (counted here from the shards' members), the
     container as the rest of every file including meta.json itself, and per image per epoch."""
@@ -277,7 +290,7 @@ def test_container_is_at_most_5_percent_of_the_labels_with_default_sizes(tmp_pat
     u8 = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
     w = CondensedWriter(tmp_path, u8, torch.arange(n) % 10, meta)
     for e in range(epochs):
-        plan = make_plan(n, 28, 28, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cfg.cutmix, g)
+        plan = make_plan(n, 28, 28, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cutmix=cfg.cutmix, gen=g)
         w.write_epoch(e, plan, cfg.batch_size, torch.randn(n, 10, generator=g), cfg.topk)
     w.close()
     b = read_meta(tmp_path)["bytes"]
@@ -370,7 +383,7 @@ def test_export_imagefolder_and_the_documented_training_loop(tmp_path, monkeypat
             "aug": {"scale_min": 0.5, "flip": False}, "params": {}}
     w = CondensedWriter(out, u8, y, meta)
     for e in range(2):
-        plan = make_plan(8, 28, 28, 4, 0.5, False, False, torch.Generator().manual_seed(e))
+        plan = make_plan(8, 28, 28, 4, 0.5, False, cutmix=False, gen=torch.Generator().manual_seed(e))
         w.write_epoch(e, plan, 4, torch.randn(8, 4, generator=torch.Generator().manual_seed(e)), 0)
     w.close()
     cli(["export", str(out), str(tmp_path / "edc-set")])
@@ -486,23 +499,23 @@ def test_fewer_stored_epochs_are_replayed_in_order_with_their_own_views(tmp_path
 def test_relabel_stores_label_epochs_and_runs_teachers_on_them_only(tmp_path):
     """relabel_set with label_epochs 2 of 5 epochs: the set stores 2 epochs, each epoch_plan_logits'
     plan and logits for that epoch, and training epoch 4 replays epoch 0."""
-    from types import SimpleNamespace
-
     from edc.distributed import World
+    from edc.params import RelabelParams
     from edc.relabel import epoch_plan_logits, relabel_set
     from edc.resume import Checkpointer
     from edc.shards import read_epoch
 
     u8, y = toy_images()
     x = normalize(u8, FACTS)
-    cfg = SimpleNamespace(batch_size=4, aug=SimpleNamespace(scale_min=0.3, flip=True), cutmix=False, codec="int8",
-                          topk=0, label_epochs=2, shard_bytes=2**20)
+    cfg = RelabelParams(teachers=["t0", "t1"], epochs=5, batch_size=4, aug={"scale_min": 0.3, "flip": True},
+                        cutmix=False, codec="int8", topk=0, label_epochs=2, shard_bytes=2**20)
     meta = {"dataset": FACTS.to_dict(), "class_names": FACTS.class_names, "num_classes": 4, "ipc": 2,
             "teachers": ["t0", "t1"], "epochs": 5, "stored_epochs": 2, "batch_size": 4, "codec": "int8", "topk": 0,
             "cutmix": False, "aug": {"scale_min": 0.3, "flip": True}, "params": {}}
     out = tmp_path / "set"
     ckpt = Checkpointer(out, "fp")
-    set_meta, _ = relabel_set(u8, x, y, teachers(), cfg, 0, False, meta, World(), ckpt, out)
+    set_meta, _ = relabel_set(u8, x, y, teachers(), cfg, seed=0, bf16=False, meta=meta, world=World(), ckpt=ckpt,
+                              out=out)
     assert set_meta["stored_epochs"] == 2 and set_meta["codec"] == "int8"
     ds = load_condensed(out)
     for e in (0, 1, 4):
@@ -544,7 +557,7 @@ def test_a_version_2_set_is_still_read(tmp_path):
     out = tmp_path / "v2"
     out.mkdir()
     g = torch.Generator().manual_seed(3)
-    plan = make_plan(10, 10, 10, 4, 0.3, True, False, g)
+    plan = make_plan(10, 10, 10, 4, 0.3, True, cutmix=False, gen=g)
     logits = torch.randn(10, 4, generator=g)
 
     def tar(name, samples):

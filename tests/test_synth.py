@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edc.data.augment import Jitter, apply_crop_flip, apply_view, sample_crop_flip, sample_jitter, sample_view
+from edc import synth_reference as reference
 from edc.errors import EdcError
-from edc.params import parse_params
+from edc.params import SynthAugParams, parse_params
 from edc.stats import bn_layers, collect_bn_stats
 from edc.synth import (
     LayerTargets,
@@ -26,6 +26,7 @@ from edc.synth import (
     partition,
     synthesize,
 )
+from edc.synth_views import Jitter, apply_crop_flip, apply_view, sample_crop_flip, sample_jitter, sample_view
 from tests.helpers import tiny_params
 
 K = 3
@@ -50,25 +51,12 @@ def real_like(n=30, seed=0):
 
 
 def brute_force_moments(a: torch.Tensor, sel: torch.Tensor):
-    vals = a[sel].transpose(0, 1).reshape(a.shape[1], -1).double()
-    return vals.mean(1), vals.var(1, unbiased=False)
+    return reference.moments(a.double(), sel)
 
 
 def class_term(a, sel, t: Target, c: int):
     m, v = brute_force_moments(a, sel)
     return torch.linalg.norm(m - t.class_mean[c].double()) + torch.linalg.norm(v - t.class_var[c].double())
-
-
-def brute_force_loss(a, y, t: Target, alpha):
-    """Eq. 5 written out with a loop over classes and explicit slicing."""
-    mean, var = brute_force_moments(a, torch.ones_like(y, dtype=torch.bool))
-    form1 = torch.linalg.norm(mean - t.mean.double()) + torch.linalg.norm(var - t.var.double())
-    form2 = torch.zeros((), dtype=torch.float64)
-    for c in range(t.class_mean.shape[0]):
-        sel = y == c
-        if sel.any():
-            form2 += sel.double().mean() * class_term(a, sel, t, c)
-    return alpha * form1 + (1 - alpha) * form2
 
 
 def random_target(c=4, k=K, seed=1):
@@ -78,13 +66,13 @@ def random_target(c=4, k=K, seed=1):
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
-def test_matching_loss_equals_brute_force(alpha):
+def test_matching_loss_equals_the_reference(alpha):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(8, 4, 5, 5, generator=g) * 2 + 1
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])
     t = random_target()
-    torch.testing.assert_close(matching_loss(a, y, t, alpha).double(), brute_force_loss(a, y, t, alpha),
-                               rtol=1e-5, atol=1e-5)
+    want = reference.layer_matching(a.double(), y, t, alpha)
+    torch.testing.assert_close(matching_loss(a, y, t, alpha).double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_alpha_one_is_global_only_and_alpha_zero_is_per_class_only():
@@ -117,6 +105,7 @@ def test_within_class_variance_is_the_mean_of_the_images_own_variances():
                              + torch.linalg.norm(own - t.class_within_var[c].double()))
     got = fused_matching([image_moments(a, t.mean)], y, LayerTargets([t]), 0.0, class_var="within")
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reference.layer_matching(a.double(), y, t, 0.0, "within"), want, rtol=1e-12, atol=0)
     assert not torch.allclose(got, fused_matching([image_moments(a, t.mean)], y, LayerTargets([t]), 0.0))
     one = torch.tensor([0, 1, 2])
     pooled_target = Target(t.mean, t.var, t.class_mean, t.class_within_var, t.class_within_var)
@@ -170,12 +159,14 @@ def test_matching_loss_is_zero_when_the_batch_is_the_data_the_targets_came_from(
         assert float(obs.matching(inputs, y, alpha)) < 1e-4
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
-def test_observer_taps_equal_batchnorm_and_the_per_layer_loss(alpha):
-    """The observer's fused BatchNorm-with-moments layers and its all-layers-at-once matching give
-    the plain model's logits, and the sum over layers of matching_loss on the BatchNorm inputs (the
-    formula checked by brute force above), value and gradient, in float64. The targets are moved
-    off the data so that no term is zero."""
+@pytest.mark.parametrize("alpha, layers, class_var, first_layer_weight", [
+    (0.0, "sum", "pooled", 1.0), (0.3, "sum", "pooled", 1.0), (1.0, "sum", "pooled", 1.0),
+    (0.3, "mean", "within", 10.0)])
+def test_the_fused_loss_and_its_gradient_equal_the_plain_reference(alpha, layers, class_var, first_layer_weight):
+    """The observer's fused BatchNorm-with-moments layers and its all-layers-at-once matching give the
+    plain model's logits, and edc.synth_reference's loss on the model's own BatchNorm inputs (autograd
+    through the formulas as written), value and gradient to the pixels, in float64. The targets are
+    moved off the data so that no term is zero."""
     x, y = real_like()
     x = x.double()
     plain = tiny_observer_model(1).double()
@@ -183,17 +174,18 @@ def test_observer_taps_equal_batchnorm_and_the_per_layer_loss(alpha):
     for s in stats.values():
         s.class_mean += 0.1 * torch.randn_like(s.class_mean)
         s.var *= 1.5
-    obs = Observer("tiny", tiny_observer_model(1).double(), stats)
+        s.class_within_var *= 1.2
+    obs = Observer("tiny", tiny_observer_model(1).double(), stats, layers=layers, class_var=class_var,
+                   first_layer_weight=first_layer_weight)
     # float64 targets for a tight check (Observer keeps float32 ones; the shift may be anything)
-    obs.targets = [Target(*(v.double() for v in (t.mean, t.var, t.class_mean, t.class_var))) for t in obs.targets]
+    obs.targets = [Target(*(v.double() for v in (t.mean, t.var, t.class_mean, t.class_var, t.class_within_var)))
+                   for t in obs.targets]
     obs.fused = LayerTargets(obs.targets)
-    taps = []
-    for _, bn in bn_layers(plain):
-        bn.register_forward_pre_hook(lambda _m, inp: taps.append(inp[0]))
     xa = x[:12].clone().requires_grad_(True)
     xb = x[:12].clone().requires_grad_(True)
-    logits_ref = plain(xa)
-    ref = sum(matching_loss(a, y[:12], t, alpha) for a, t in zip(taps, obs.targets))
+    logits_ref, inputs = reference.bn_inputs(plain, xa)
+    ref = reference.matching(inputs, y[:12], obs.targets, alpha, layers=layers, class_var=class_var,
+                             layer_weights=[first_layer_weight, 1.0])
     logits, moments = obs.forward(xb)
     got = obs.matching(moments, y[:12], alpha)
     torch.testing.assert_close(logits, logits_ref, rtol=1e-10, atol=1e-10)
@@ -230,7 +222,7 @@ def test_observer_logits_fold_batchnorm_and_equal_the_model():
             bn.bias.copy_(torch.randn(bn.num_features, generator=g, dtype=torch.float64))
     x, y = real_like()
     obs = Observer("tiny", model, collect_bn_stats(model, x.double(), y, K, batch_size=7))
-    assert not bn_layers(obs._folded)  # edc.runtime.inference_copy
+    assert not bn_layers(obs._folded)  # edc.models.inference.inference_copy
     xr = x[:6].double().requires_grad_(True)
     got = obs.logits(xr)
     assert not got.requires_grad
@@ -263,7 +255,7 @@ def test_flatness_kl_formula_zero_at_equality_and_no_gradient_into_ema():
 def test_crop_flip_identity_and_flip():
     x = torch.randn(3, 2, 6, 6)
     ones, zeros = torch.ones(3), torch.zeros(3)
-    from edc.data.augment import CropFlip
+    from edc.synth_views import CropFlip
 
     torch.testing.assert_close(apply_crop_flip(x, CropFlip(ones, ones, zeros, zeros, zeros.bool())), x)
     torch.testing.assert_close(apply_crop_flip(x, CropFlip(ones, ones, zeros, zeros, ones.bool())), x.flip(-1))
@@ -293,7 +285,7 @@ def run_synth(seed=0, **over):
     labels = torch.arange(K).repeat_interleave(2)
     rows = []
     out = synthesize(start, labels, [obs], synth_cfg(**over), 0.5, (torch.tensor(-4.0), torch.tensor(4.0)),
-                     lambda b: seed * 1000 + b, rows.append)
+                     seed_for=lambda b: seed * 1000 + b, log=rows.append)
     return start, labels, obs, out, rows
 
 
@@ -335,7 +327,7 @@ def test_round_robin_over_observers():
     observers[1].name = "other"
     rows = []
     synthesize(torch.randn(6, 1, 9, 9), torch.arange(K).repeat_interleave(2), observers, synth_cfg(iterations=5),
-               0.5, (torch.tensor(-4.0), torch.tensor(4.0)), lambda b: b, rows.append)
+               0.5, (torch.tensor(-4.0), torch.tensor(4.0)), seed_for=lambda b: b, log=rows.append)
     assert [r["observer"] for r in rows] == ["tiny", "other", "tiny", "other", "tiny"]
     assert bn_layers(observers[0].model)[0][1].training is False
 
@@ -372,15 +364,12 @@ def reference_synthesis(start, labels, model, stats, cfg, alpha, seed, k=1):
     """The synthesis objective and its optimiser written out from the paper (Eqs. 5-7 and 16), independently
     of edc.synth's loop: Adam (betas 0.5, 0.9) by hand at lr * cosine, the loss
     ``ce_weight * CE + r_bn * matching + w_fr * KL``, with matching the mean over layers (Eq. 16) of
-    matching_loss on a plain model's BatchNorm inputs, clipping to [-4, 4], then
+    edc.synth_reference's loss on a plain model's BatchNorm inputs, clipping to [-4, 4], then
     x_ema <- beta * x_ema + (1 - beta) * x. Returns the images and the flatness value of every step."""
     import math
 
     fr = cfg.flatness
     targets = [Target.from_stats(s, dtype=start.dtype) for s in stats.values()]
-    taps: list[torch.Tensor] = []
-    for _, bn in bn_layers(model):
-        bn.register_forward_pre_hook(lambda _m, inp: taps.append(inp[0]))
     gen = torch.Generator().manual_seed(seed)
     x, x_ema = start.clone(), start.clone()
     m, v = torch.zeros_like(x), torch.zeros_like(x)
@@ -390,11 +379,10 @@ def reference_synthesis(start, labels, model, stats, cfg, alpha, seed, k=1):
         aug = sample_crop_flip(k * len(x), cfg.aug.scale_min, cfg.aug.flip, gen)
         with torch.no_grad():
             q = model(apply_crop_flip(torch.cat([x_ema] * k), aug))
-        taps.clear()
         xg = x.clone().requires_grad_(True)
-        logits = model(apply_crop_flip(torch.cat([xg] * k), aug))
+        logits, inputs = reference.bn_inputs(model, apply_crop_flip(torch.cat([xg] * k), aug))
         lk = torch.cat([labels] * k)
-        match = sum(matching_loss(a, lk, tg, alpha) for a, tg in zip(taps, targets)) / len(targets)
+        match = reference.matching(inputs, lk, targets, alpha, layers="mean")
         p_log, q_log = F.log_softmax(logits / fr.tau, 1), F.log_softmax(q / fr.tau, 1)
         flat = (p_log.exp() * (p_log - q_log)).sum(1).mean()
         loss = cfg.ce_weight * F.cross_entropy(logits, lk) + cfg.r_bn * match + fr.weight * flat
@@ -426,9 +414,9 @@ def test_synthesis_steps_equal_the_reference_loop(class_views, views):
                     flatness={"mode": "logits", "weight": 3.0, "beta": 0.6, "tau": 0.5},
                     aug={"scale_min": 0.5, "flip": True})
     rows = []
-    obs = Observer("tiny", tiny_observer_model(0).double(), stats, cfg.layers)
-    got = synthesize(start, labels, [obs], cfg, 0.4, (torch.tensor(-4.0), torch.tensor(4.0)), lambda b: 11,
-                     rows.append)
+    obs = Observer("tiny", tiny_observer_model(0).double(), stats, layers=cfg.layers)
+    got = synthesize(start, labels, [obs], cfg, 0.4, (torch.tensor(-4.0), torch.tensor(4.0)), seed_for=lambda b: 11,
+                     log=rows.append)
     want, flats = reference_synthesis(start, labels, tiny_observer_model(0).double(), stats, cfg, 0.4, 11, views)
     assert flats[0] == 0.0 and min(flats[1:]) > 1e-6  # the flatness term is live after the first step
     torch.testing.assert_close([r["flat"] for r in rows], flats, rtol=1e-6, atol=1e-9)
@@ -440,8 +428,8 @@ def test_layer_mean_is_the_sum_over_the_number_of_layers():
     stats = collect_bn_stats(tiny_observer_model(0), x, y, K, batch_size=7)
     for s in stats.values():
         s.var *= 2
-    summed = Observer("tiny", tiny_observer_model(0), stats, "sum")
-    mean = Observer("tiny", tiny_observer_model(0), stats, "mean")
+    summed = Observer("tiny", tiny_observer_model(0), stats, layers="sum")
+    mean = Observer("tiny", tiny_observer_model(0), stats, layers="mean")
     _, mom = summed.forward(x[:9])
     total = summed.matching(mom, y[:9], 0.5)
     assert float(total) > 0
@@ -450,10 +438,9 @@ def test_layer_mean_is_the_sum_over_the_number_of_layers():
 
 def test_statistics_under_the_synthesis_augmentation_are_those_of_the_augmented_views():
     """collect_bn_stats(aug=...) equals the plain statistics of the views it draws (same generator)."""
-    from types import SimpleNamespace
 
     x, y = real_like(n=12)
-    aug = SimpleNamespace(scale_min=0.5, flip=True)
+    aug = SynthAugParams(scale_min=0.5, flip=True)
     model = tiny_observer_model(0)
     got = collect_bn_stats(model, x, y, K, batch_size=5, aug=aug, draws=2, seed=3)
     gen = torch.Generator().manual_seed(3)
@@ -497,13 +484,12 @@ def test_jitter_is_one_roll_of_the_batch_by_at_most_jitter_pixels():
 
 def test_views_keep_the_crops_draws_and_dispatch_on_kind():
     """kind crop draws exactly what sample_crop_flip draws (the default's bytes); kind jitter a roll."""
-    from types import SimpleNamespace
 
-    crop = sample_view(6, SimpleNamespace(kind="crop", scale_min=0.5, flip=True, jitter=4),
+    crop = sample_view(6, SynthAugParams(kind="crop", scale_min=0.5, flip=True, jitter=4),
                        torch.Generator().manual_seed(1))
     want = sample_crop_flip(6, 0.5, True, torch.Generator().manual_seed(1))
     assert all(torch.equal(getattr(crop, f), getattr(want, f)) for f in ("scale_w", "center_x", "flip"))
-    jit = sample_view(6, SimpleNamespace(kind="jitter", scale_min=0.5, flip=False, jitter=2),
+    jit = sample_view(6, SynthAugParams(kind="jitter", scale_min=0.5, flip=False, jitter=2),
                       torch.Generator().manual_seed(1))
     assert isinstance(jit, Jitter) and max(abs(jit.dy), abs(jit.dx)) <= 2 and not jit.flip.any()
 
@@ -518,7 +504,7 @@ def test_synthesis_with_jitter_matches_rolled_views():
     rows = []
     start = x[:6].clone()
     synthesize(start, y[:6], [Observer("tiny", tiny_observer_model(0), stats)], cfg, 1.0,
-               (torch.tensor(-9.0), torch.tensor(9.0)), lambda b: 5, rows.append)
+               (torch.tensor(-9.0), torch.tensor(9.0)), seed_for=lambda b: 5, log=rows.append)
     t = sample_jitter(6, 4, False, torch.Generator().manual_seed(5))
     idx = partition(y[:6], None)[0]
     with torch.no_grad():
@@ -527,13 +513,8 @@ def test_synthesis_with_jitter_matches_rolled_views():
 
 
 def brute_force_layers(x, y, model, targets, alpha, weights):
-    """sum_l w_l * Eq. 5 on the inputs of a plain model's BatchNorm layers (explicit loop)."""
-    taps = []
-    hooks = [bn.register_forward_pre_hook(lambda _m, inp: taps.append(inp[0])) for _, bn in bn_layers(model)]
-    model(x)
-    for h in hooks:
-        h.remove()
-    return sum(w * brute_force_loss(a, y, t, alpha) for w, a, t in zip(weights, taps, targets))
+    """sum_l w_l * Eq. 5 on the inputs of a plain model's BatchNorm layers (edc.synth_reference)."""
+    return reference.matching(reference.bn_inputs(model, x)[1], y, targets, alpha, layer_weights=weights)
 
 
 @pytest.mark.parametrize("layers", ["sum", "mean"])
@@ -543,7 +524,7 @@ def test_first_layer_weight_multiplies_the_first_layers_term(layers):
     for s in stats.values():  # off the data, so that both layers' terms are non-zero
         s.var *= 2
         s.class_mean += 0.2
-    obs = Observer("tiny", tiny_observer_model(0).double(), stats, layers, first_layer_weight=10.0)
+    obs = Observer("tiny", tiny_observer_model(0).double(), stats, layers=layers, first_layer_weight=10.0)
     _, mom = obs.forward(x[:9].double())
     got = obs.matching(mom, y[:9], 0.4)
     targets = [Target.from_stats(s, dtype=torch.float64) for s in stats.values()]
@@ -561,7 +542,7 @@ def test_running_targets_are_the_batchnorm_running_estimates():
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2)
     stats = collect_bn_stats(model, x, y, K, batch_size=7)
-    obs = Observer("tiny", model.double(), stats, "sum", targets="running")
+    obs = Observer("tiny", model.double(), stats, layers="sum", targets="running")
     running = [(bn.running_mean.double(), bn.running_var.double()) for _, bn in bn_layers(model)]
     targets = [Target(m, v, t.class_mean, t.class_var) for (m, v), t in
                zip(running, (Target.from_stats(s, dtype=torch.float64) for s in stats.values()))]
@@ -569,15 +550,14 @@ def test_running_targets_are_the_batchnorm_running_estimates():
     for alpha in (1.0, 0.3):
         want = brute_force_layers(x[:9].double(), y[:9], model, targets, alpha, [1.0, 1.0])
         torch.testing.assert_close(obs.matching(mom, y[:9], alpha).double(), want, rtol=1e-6, atol=1e-8)
-    data = Observer("tiny", model, stats, "sum")
+    data = Observer("tiny", model, stats, layers="sum")
     assert not torch.allclose(data.targets[0].mean.double(), running[0][0])
 
 
 def test_statistics_under_jitter_are_those_of_the_rolled_views():
-    from types import SimpleNamespace
 
     x, y = real_like(n=12)
-    aug = SimpleNamespace(kind="jitter", jitter=2, scale_min=0.5, flip=False)
+    aug = SynthAugParams(kind="jitter", jitter=2, scale_min=0.5, flip=False)
     model = tiny_observer_model(0)
     got = collect_bn_stats(model, x, y, K, batch_size=6, aug=aug, draws=2, seed=3)
     gen = torch.Generator().manual_seed(3)
@@ -586,6 +566,7 @@ def test_statistics_under_jitter_are_those_of_the_rolled_views():
         for _ in range(2):
             t = sample_jitter(6, 2, False, gen)
             views.append((hand_rolled(x[i:i + 6], t.dy, t.dx, t.flip), y[i:i + 6]))
-    want = collect_bn_stats(model, torch.cat([v for v, _ in views]), torch.cat([c for _, c in views]), K, 100)
+    want = collect_bn_stats(model, torch.cat([v for v, _ in views]), torch.cat([c for _, c in views]), K,
+                            batch_size=100)
     for layer in want:
         torch.testing.assert_close(got[layer].class_var, want[layer].class_var, rtol=1e-5, atol=1e-6)

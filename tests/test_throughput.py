@@ -213,13 +213,13 @@ def test_eval_jobs_with_torchrun_ranks_is_a_params_error():
     from types import SimpleNamespace
 
     from edc.errors import ParamsError
-    from edc.evaluate import train_seeds_in_parallel
+    from edc.evaluate import Recipe, train_seeds_in_parallel
     from edc.params import parse_params
 
     cfg = parse_params(tiny_params()).evaluate
     with pytest.raises(ParamsError, match="eval_jobs: 2 trains seeds in parallel processes, but the launcher "
                                           "already runs 2 ranks; set eval_jobs: 1 with torchrun"):
-        train_seeds_in_parallel(2, cfg, 2.0, None, None, None, lambda *k: 0, {"done": {}, "current": None}, None,
-                                None, False, SimpleNamespace(size=2, main=True))
-    assert train_seeds_in_parallel(1, cfg, 2.0, None, None, None, lambda *k: 0, {"done": {}, "current": None},
-                                   None, None, False, SimpleNamespace(size=2, main=True)) == set()
+        train_seeds_in_parallel(2, Recipe(cfg, 2.0, world=SimpleNamespace(size=2, main=True)), None, None, None,
+                                seed_for=lambda *k: 0, state={"done": {}, "current": None}, ckpt=None)
+    assert train_seeds_in_parallel(1, Recipe(cfg, 2.0, world=SimpleNamespace(size=2, main=True)), None, None, None,
+                                   seed_for=lambda *k: 0, state={"done": {}, "current": None}, ckpt=None) == set()

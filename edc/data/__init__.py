@@ -1,6 +1,9 @@
 """Datasets: source readers (registry), the prepared format, and batch augmentation."""
 
+from __future__ import annotations
+
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,14 +21,17 @@ from edc.data.prepared import (
 from edc.data.reading import Batches, PreparedDataset, SplitView, TensorSplit, as_split, load_prepared
 from edc.data.sources import Source, list_sources, read_source, register_source, stratified_split
 from edc.data.stream import prepare_files
-from edc.runtime import derive_seed
+from edc.seeding import derive_seed
+
+if TYPE_CHECKING:  # annotations only: the data package imports no configuration code
+    from edc.params import DatasetParams
 
 __all__ = ["Batches", "DatasetFacts", "PreparedDataset", "Source", "Split", "SplitView", "TensorSplit",
            "as_split", "list_sources", "load_prepared", "normalize", "pixel_bounds", "prepare", "read_facts",
            "read_source", "register_source", "split_files", "stratified_split", "to_uint8"]
 
 
-def prepare(cfg, seed: int, out, workers: int = 0) -> DatasetFacts:
+def prepare(cfg: DatasetParams, seed: int, out, workers: int = 0) -> DatasetFacts:
     """Read the source ``cfg`` names, measure its facts and write the prepared format into ``out``
     (``dataset.storage: files``: list an image folder's files instead of copying their pixels)."""
     if cfg.storage == "files":

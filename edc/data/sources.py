@@ -13,12 +13,16 @@ import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edc.data.prepared import Split
 from edc.errors import DataError
-from edc.runtime import progress
+from edc.progress import progress
+
+if TYPE_CHECKING:  # annotations only: the data package imports no configuration code
+    from edc.params import DatasetParams
 
 Reader = Callable[..., "Source"]
 _SOURCES: dict[str, Reader] = {}
@@ -43,7 +47,7 @@ def list_sources() -> list[str]:
     return sorted(_SOURCES)
 
 
-def read_source(cfg, seed: int) -> Source:
+def read_source(cfg: DatasetParams, seed: int) -> Source:
     """Read the dataset ``cfg`` (a DatasetParams) names and check what every dataset must satisfy."""
     if cfg.name not in _SOURCES:
         raise DataError(f"unknown dataset {cfg.name!r} (known: {', '.join(list_sources())})")
@@ -95,7 +99,7 @@ def _split(images: np.ndarray, labels: np.ndarray, idx: np.ndarray) -> Split:
     return Split(np.ascontiguousarray(images[idx]), labels[idx].astype(np.int64))
 
 
-def _root(cfg) -> Path:
+def _root(cfg: DatasetParams) -> Path:
     root = Path(cfg.root).expanduser()
     if not root.exists():
         raise DataError(f"dataset.root: {root} does not exist")
@@ -116,7 +120,7 @@ def mnist5k_file() -> Path:
 
 
 @register_source("mnist5k")
-def read_mnist5k(cfg, seed: int) -> Source:
+def read_mnist5k(cfg: DatasetParams, seed: int) -> Source:
     f = mnist5k_file()
     try:
         with gzip.open(f, "rt") as fh:
@@ -158,7 +162,7 @@ def _cifar_batch(f: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def _cifar_dir(cfg, folder: str) -> Path:
+def _cifar_dir(cfg: DatasetParams, folder: str) -> Path:
     root = _root(cfg)
     d = root / folder if (root / folder).is_dir() else root
     return d
@@ -171,7 +175,7 @@ def _names(d: dict, key: str, f: Path, k: int) -> list[str]:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
-def _cifar(cfg, folder: str, train_files: list[str], test_file: str, meta: str, label_key: str,
+def _cifar(cfg: DatasetParams, folder: str, train_files: list[str], test_file: str, *, meta: str, label_key: str,
            names_key: str, k: int) -> Source:
     d = _cifar_dir(cfg, folder)
     parts = [_cifar_batch(d / f, label_key) for f in train_files]
@@ -182,14 +186,15 @@ def _cifar(cfg, folder: str, train_files: list[str], test_file: str, meta: str, 
 
 
 @register_source("cifar10")
-def read_cifar10(cfg, seed: int) -> Source:
+def read_cifar10(cfg: DatasetParams, seed: int) -> Source:
     return _cifar(cfg, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
-                  "batches.meta", "labels", "label_names", 10)
+                  meta="batches.meta", label_key="labels", names_key="label_names", k=10)
 
 
 @register_source("cifar100")
-def read_cifar100(cfg, seed: int) -> Source:
-    return _cifar(cfg, "cifar-100-python", ["train"], "test", "meta", "fine_labels", "fine_label_names", 100)
+def read_cifar100(cfg: DatasetParams, seed: int) -> Source:
+    return _cifar(cfg, "cifar-100-python", ["train"], "test", meta="meta", label_key="fine_labels",
+                  names_key="fine_label_names", k=100)
 
 
 # --- imagefolder: root/train/<class>/*.png and root/val/<class>/*.png -----------------------------
@@ -271,7 +276,7 @@ class FolderLayout:
     mode: str  # PIL mode every image is converted to: 'L' or 'RGB'
 
 
-def imagefolder_layout(cfg) -> FolderLayout:
+def imagefolder_layout(cfg: DatasetParams) -> FolderLayout:
     """Where an image folder's splits and classes are: root/train/<class>/ and root/val/<class>/
     (or root/test/<class>/); classes are the train split's sub-folders, sorted."""
     root = _root(cfg)
@@ -290,7 +295,7 @@ def imagefolder_layout(cfg) -> FolderLayout:
 
 
 @register_source("imagefolder")
-def read_imagefolder(cfg, seed: int) -> Source:
+def read_imagefolder(cfg: DatasetParams, seed: int) -> Source:
     lay = imagefolder_layout(cfg)
     return Source(_folder_split(lay.train, lay.classes, cfg.image_size, lay.mode),
                   _folder_split(lay.test, lay.classes, cfg.image_size, lay.mode), lay.classes)
@@ -309,7 +314,7 @@ def _npz_images(x: np.ndarray, f: Path, key: str) -> np.ndarray:
 
 
 @register_source("npz")
-def read_npz(cfg, seed: int) -> Source:
+def read_npz(cfg: DatasetParams, seed: int) -> Source:
     f = _root(cfg)
     try:
         z = np.load(f, allow_pickle=False)

@@ -8,6 +8,7 @@ evaluation of an ImageNet-sized folder need memory for the batches in flight, no
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,7 +18,11 @@ from edc.data.prepared import FORMAT, DatasetFacts, channel_moments, pixel_sums
 from edc.data.sources import folder_files, imagefolder_layout, load_image, stratified_split
 from edc.errors import DataError
 from edc.io import write_json
-from edc.runtime import derive_seed, progress
+from edc.progress import progress
+from edc.seeding import derive_seed
+
+if TYPE_CHECKING:  # annotations only: the data package imports no configuration code
+    from edc.params import DatasetParams
 
 
 class ImageFiles(Dataset):
@@ -56,7 +61,7 @@ def decoded_batches(files: list[Path], order: torch.Tensor | None, channels: int
         yield images, pos
 
 
-def prepare_files(cfg, out: Path, workers: int = 0, seed: int = 0) -> DatasetFacts:
+def prepare_files(cfg: DatasetParams, out: Path, workers: int = 0, seed: int = 0) -> DatasetFacts:
     """``storage: files``: list an image folder's files, check every image decodes, and measure the
     train split's per-channel mean and std exactly (integer pixel sums) in one streamed pass."""
     if cfg.name != "imagefolder":

@@ -7,6 +7,6 @@ builder function in this package; no stage script changes.
 
 from edc.models import imagenet as _imagenet  # noqa: F401  (registers torchvision's ImageNet models)
 from edc.models import zoo as _zoo  # noqa: F401  (registers the architectures)
-from edc.models.registry import create_model, list_models, model_kwargs, register_model
+from edc.models.registry import build, create_model, list_models, model_kwargs, register_model
 
-__all__ = ["create_model", "list_models", "model_kwargs", "register_model"]
+__all__ = ["build", "create_model", "list_models", "model_kwargs", "register_model"]

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+from edc.errors import EdcError
+
+if TYPE_CHECKING:  # annotations only: models and data are peers
+    from edc.data.prepared import DatasetFacts
 
 # A builder takes (in_channels, num_classes, image_size, **arch_kwargs) and returns an nn.Module.
 Builder = Callable[..., nn.Module]
@@ -45,3 +51,12 @@ def create_model(arch: str, *, in_channels: int, num_classes: int, image_size: i
     if unknown:
         raise TypeError(f"{arch}: unknown argument(s) {unknown} (accepts: {sorted(allowed)})")
     return _REGISTRY[arch](in_channels=in_channels, num_classes=num_classes, image_size=image_size, **kwargs)
+
+
+def build(arch: str, kwargs: dict[str, Any], facts: DatasetFacts) -> nn.Module:
+    """``arch`` with ``kwargs`` for the images and classes of the dataset ``facts`` describes."""
+    try:
+        return create_model(arch, in_channels=facts.channels, num_classes=facts.num_classes,
+                            image_size=facts.image_size, **kwargs)
+    except ValueError as exc:  # a shape the architecture cannot take (e.g. a ViT patch that does not tile)
+        raise EdcError(f"{arch} {kwargs or ''} on {facts.name} ({facts.image_size}px): {exc}") from None

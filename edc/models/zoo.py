@@ -30,9 +30,9 @@ def _norm(kind: str, channels: int) -> nn.Module:
 class ConvNet(nn.Module):
     """``depth`` x [conv3x3(width) - norm - ReLU - pool2x2], then a linear classifier."""
 
-    CONV_BN = ()  # every convolution-BatchNorm pair is adjacent in a Sequential (edc.runtime.fold_conv_bn)
+    CONV_BN = ()  # every convolution-BatchNorm pair is adjacent in a Sequential (edc.models.inference.fold_conv_bn)
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int, depth: int,
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, *, width: int, depth: int,
                  norm: str, pool: str):
         super().__init__()
         if pool not in ("avg", "max"):
@@ -54,14 +54,14 @@ class ConvNet(nn.Module):
 
 
 @register_model("convnet")
-def convnet(in_channels: int, num_classes: int, image_size: int, width: int = 128, depth: int = 3,
+def convnet(in_channels: int, num_classes: int, image_size: int, *, width: int = 128, depth: int = 3,
             norm: str = "instance", pool: str = "avg") -> nn.Module:
-    return ConvNet(in_channels, num_classes, image_size, width, depth, norm, pool)
+    return ConvNet(in_channels, num_classes, image_size, width=width, depth=depth, norm=norm, pool=pool)
 
 
 class BasicBlock(nn.Module):
-    CONV_BN = (("conv1", "bn1"), ("conv2", "bn2"))  # as forward applies them (edc.runtime.fold_conv_bn)
-    # inference copies: the ReLUs, and the residual sum, inside the convolutions (edc.runtime.fuse_activations)
+    CONV_BN = (("conv1", "bn1"), ("conv2", "bn2"))  # as forward applies them (edc.models.inference.fold_conv_bn)
+    # inference copies: the ReLUs, and the residual sum, inside the convolutions (edc.models.inference.fuse_activations)
     FUSE_ACT = {"conv1": ("relu", False), "conv2": ("relu", True)}
     fused = False
 
@@ -86,7 +86,7 @@ class ResNet(nn.Module):
     """CIFAR-style ResNet: 3x3 stride-1 stem, no max-pool, four stages of basic blocks."""
 
     CONV_BN = (("conv1", "bn1"),)  # the blocks name theirs; the shortcut's pair is a Sequential
-    FUSE_ACT = {"conv1": ("relu", False)}  # inference copies (edc.runtime.fuse_activations)
+    FUSE_ACT = {"conv1": ("relu", False)}  # inference copies (edc.models.inference.fuse_activations)
     fused = False
 
     def __init__(self, in_channels: int, num_classes: int, blocks: list[int], width: int):
@@ -200,7 +200,7 @@ class MobileNetV2(nn.Module):
     weights (a test compares them). Written here because importing torchvision imports torch._dynamo,
     more than a second of the start-up of every stage that has a MobileNet-V2 observer."""
 
-    CONV_BN = ()  # every convolution-BatchNorm pair is adjacent in a Sequential (edc.runtime.fold_conv_bn)
+    CONV_BN = ()  # every convolution-BatchNorm pair is adjacent in a Sequential (edc.models.inference.fold_conv_bn)
 
     def __init__(self, num_classes: int, width_mult: float = 1.0, dropout: float = 0.2):
         super().__init__()
@@ -264,7 +264,7 @@ class ViT(nn.Module):
     token, LayerNorm, a linear head. No BatchNorm and no convolution hierarchy: a family none of the
     convolutional observers shares, the project's unseen student."""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, patch: int, dim: int, depth: int,
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, *, patch: int, dim: int, depth: int,
                  heads: int, mlp_ratio: int):
         super().__init__()
         if image_size % patch:
@@ -287,6 +287,7 @@ class ViT(nn.Module):
 
 
 @register_model("vit")
-def vit(in_channels: int, num_classes: int, image_size: int, patch: int = 4, dim: int = 64, depth: int = 4,
+def vit(in_channels: int, num_classes: int, image_size: int, *, patch: int = 4, dim: int = 64, depth: int = 4,
         heads: int = 4, mlp_ratio: int = 2) -> nn.Module:
-    return ViT(in_channels, num_classes, image_size, patch, dim, depth, heads, mlp_ratio)
+    return ViT(in_channels, num_classes, image_size, patch=patch, dim=dim, depth=depth, heads=heads,
+               mlp_ratio=mlp_ratio)
