@@ -476,12 +476,26 @@ def _restore(args: argparse.Namespace) -> None:
     restore(args.stages, keep_params=args.keep_params)
 
 
+def _fail_killed_tasks() -> None:
+    """Mark failed the queued experiments that were killed with their worker (edc.dvcqueue), which
+    `dvc queue status` would otherwise list as running for good."""
+    from edc.dvcqueue import killed_tasks
+    from edc.report import dvc_command
+    from edc.tracking import project_root
+
+    for task in killed_tasks(project_root()):
+        print(f"{task[:7]}: listed as running, but its process is gone (killed); marking it failed: "
+              f"$ dvc queue kill {task[:7]}", flush=True)
+        subprocess.run([dvc_command(), "queue", "kill", task])
+
+
 def _queue_start(args: argparse.Namespace) -> None:
     import os
 
     from edc.report import dvc_command
     from edc.runtime import JOBS_ENV
 
+    _fail_killed_tasks()
     # DVC's queue workers are processes started by this command, inheriting its environment; each
     # stage they run gives torch (cores // EDC_JOBS) threads (edc.runtime.resolve_threads).
     env = {**os.environ, JOBS_ENV: str(args.jobs)}
@@ -607,7 +621,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     q = sub.add_parser("queue", help="run queued experiments side by side, the cores divided between them")
     qsub = q.add_subparsers(dest="queue_cmd", required=True)
     qs = qsub.add_parser("start", help="`dvc queue start -j N` with EDC_JOBS=N: each experiment's stages use "
-                                       "cores // N torch threads")
+                                       "cores // N torch threads (a task killed with its worker is marked failed "
+                                       "first)")
     qs.add_argument("-j", "--jobs", type=positive_int, default=1, help="experiments side by side (default 1)")
     qs.set_defaults(fn=_queue_start)
     args = ap.parse_args(argv)

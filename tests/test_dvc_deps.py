@@ -127,7 +127,7 @@ LAYERS = [
     ("method", {"training", "observers", "stats", "synth", "synth_views", "synth_reference", "init", "relabel",
                 "evaluate", "crosseval", "applications", "resume"}),
     ("stages and the command line", {"tracking", "stage", "presets", "report", "restore", "summary", "smoke",
-                                     "cli"}),
+                                     "dvcqueue", "cli"}),
 ]
 
 

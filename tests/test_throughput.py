@@ -70,7 +70,7 @@ def test_a_stage_process_takes_its_share_of_the_cores(monkeypatch, capsys):
         "environment variable EDC_JOBS: must be a positive whole number (got 'x')"]
 
 
-def test_edc_queue_start_gives_the_workers_their_share(monkeypatch, capsys):
+def test_edc_queue_start_gives_the_workers_their_share(monkeypatch, capsys, tmp_path):
     """`edc queue start -j N` runs `dvc queue start -j N` with EDC_JOBS=N in the environment the
     workers inherit (DVC spawns them from that process with its environment)."""
     from edc import cli
@@ -79,6 +79,7 @@ def test_edc_queue_start_gives_the_workers_their_share(monkeypatch, capsys):
     monkeypatch.setattr(cli.subprocess, "run", lambda cmd, env: seen.append((cmd, env)) or
                         subprocess.CompletedProcess(cmd, 0))
     monkeypatch.delenv("EDC_JOBS", raising=False)
+    monkeypatch.chdir(tmp_path)  # no queue records here: no killed task to mark failed first
     cli.main(["queue", "start", "-j", "2"])
     (cmd, env), = seen
     assert cmd[1:] == ["queue", "start", "-j", "2"] and env["EDC_JOBS"] == "2"
