@@ -78,14 +78,14 @@ def remove_stale_temporaries(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file that replaces ``path`` when the block succeeds."""
+def atomic_file(path: str | Path, mode: str = "w", newline: str | None = None) -> Iterator[Any]:
+    """Open a temporary file that replaces ``path`` when the block succeeds (``newline`` as :func:`open`'s)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     tmp = _tmp_sibling(path)
     try:
-        with open(tmp, mode) as f:
+        with open(tmp, mode, newline=newline) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -105,16 +105,18 @@ def write_json(path: str | Path, obj: Any) -> None:
         f.write(dumps_json(obj))
 
 
-def write_csv(path: str | Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+def write_csv(path: str | Path, rows: list[dict[str, Any]], fields: list[str], digits: int | None = 6) -> None:
     """``rows`` as a CSV file with the header ``fields`` (they choose the columns: other keys are left
-    out), floats rounded to 6 digits so that the bytes do not follow float noise. Written in place:
-    callers write into an :func:`atomic_dir`."""
+    out), floats rounded to ``digits`` so that the bytes do not follow float noise (None: as they are).
+    The project's one CSV writer, every DVC plot and export table goes through it; the file is replaced
+    whole (:func:`atomic_file`)."""
     import csv
 
-    with open(path, "w", newline="") as f:
+    with atomic_file(path, "w", newline="") as f:  # newline="": the csv module writes its own line ends
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
-        w.writerows({k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in rows)
+        w.writerows({k: round(v, digits) if digits is not None and isinstance(v, float) else v for k, v in r.items()}
+                    for r in rows)
 
 
 def write_curves(directory: str | Path, curves: dict[str, list[dict[str, Any]]], fields: list[str]) -> None:

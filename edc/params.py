@@ -456,3 +456,12 @@ def get_dotted(tree: Any, key: str, default: Any = None) -> Any:
             return default
         tree = tree[part]
     return tree
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """``tree["relabel"]["epochs"] = value`` for the params key ``relabel.epochs``, creating the
+    sections on the way that ``tree`` lacks. The one writer of dotted params keys."""
+    *parents, last = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[last] = value

@@ -43,18 +43,15 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 def stage_params(p: Params, stage: str) -> dict:
     """The values of :data:`STAGE_PARAMS` ``[stage]`` in params ``p``, nested as in params.yaml
     (``relabel.epochs`` -> ``{"relabel": {"epochs": ...}}``)."""
-    from edc.params import get_dotted
+    from edc.params import get_dotted, set_dotted
 
     full = p.model_dump()
     out: dict = {}
     for key in STAGE_PARAMS[stage]:
-        *head, last = key.split(".")
-        node = out
-        for part in head:
-            node = node.setdefault(part, {})
-        node[last] = get_dotted(full, key, default=KeyError)
-        if node[last] is KeyError:  # a STAGE_PARAMS key the params model does not have: a bug here
+        value = get_dotted(full, key, default=KeyError)
+        if value is KeyError:  # a STAGE_PARAMS key the params model does not have: a bug here
             raise KeyError(key)
+        set_dotted(out, key, value)
     return out
 
 

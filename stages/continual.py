@@ -16,7 +16,7 @@ from pathlib import Path
 # would otherwise hand it the live workspace's code.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edc.io import write_json
+from edc.io import write_csv, write_json
 from edc.params import Params, load_params
 from edc.stage import parser, stage_main, stage_params
 
@@ -93,14 +93,7 @@ def main(argv=None) -> None:
 
 def write_curves_file(path: str, rows: list[dict], fields: list[str] | None = None) -> None:
     """One CSV (classes_seen, <labels>_acc ...) for `dvc plots`; a header only when the stage is off."""
-    import csv
-
-    from edc.io import atomic_file
-
-    with atomic_file(path, "w") as f:
-        w = csv.DictWriter(f, fieldnames=["classes_seen", *(fields or ["soft_acc", "hard_acc"])])
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(path, rows, ["classes_seen", *(fields or ["soft_acc", "hard_acc"])], digits=None)
 
 
 if __name__ == "__main__":

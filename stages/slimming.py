@@ -16,9 +16,7 @@ from pathlib import Path
 # would otherwise hand it the live workspace's code.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import csv
-
-from edc.io import atomic_file, write_json
+from edc.io import write_csv, write_json
 from edc.params import load_params
 from edc.stage import parser, stage_main, stage_params
 
@@ -26,10 +24,7 @@ FIELDS = ["sparsity", "bn_before", "bn_after", "magnitude_before", "magnitude_af
 
 
 def write_plot(path: str, rows: list[dict]) -> None:
-    with atomic_file(path, "w") as f:
-        w = csv.DictWriter(f, fieldnames=["ratio", *FIELDS], extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(path, rows, ["ratio", *FIELDS], digits=None)
 
 
 PATHS = {  # --NAME: help (all required)

@@ -10,13 +10,11 @@ from pathlib import Path
 # would otherwise hand it the live workspace's code.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import csv
-
 from edc import distributed
 from edc.data import normalize, pixel_bounds, read_facts, to_uint8
 from edc.errors import ArtifactError
 from edc.imageset import read_imageset, save_comparison, write_imageset
-from edc.io import atomic_dir, atomic_file, md5_file, write_json
+from edc.io import atomic_dir, atomic_file, md5_file, write_csv, write_json
 from edc.observers import load_observer
 from edc.params import SynthParams, load_params
 from edc.resume import Checkpointer, fingerprint
@@ -72,10 +70,7 @@ PATHS = {  # --NAME: help (all required)
 
 def write_curve(path: str, rows: list[dict]) -> None:
     """Per-iteration losses, CSV (a DVC plot)."""
-    with atomic_file(path, "w") as f:
-        w = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
-        w.writeheader()
-        w.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+    write_csv(path, rows, CURVE_FIELDS)
 
 
 def log_report(run, report: dict) -> None:

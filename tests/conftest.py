@@ -69,6 +69,12 @@ def long_workspace(tmp_path_factory) -> Path:
     return work
 
 
+def pytest_configure(config):
+    # pytest-xdist registers this marker; without it (`-p no:xdist`, one test file at a time) every
+    # grouped test would warn that the marker is unknown.
+    config.addinivalue_line("markers", "xdist_group(name): tests that share a worker under --dist loadgroup")
+
+
 def pytest_collection_modifyitems(config, items):
     """The slow end-to-end tests first, each in its own xdist group unless it names one (tests sharing
     a module fixture share a group, so one worker builds it): under `make test` (pytest-xdist, --dist

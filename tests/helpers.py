@@ -287,16 +287,12 @@ def lock_outs(repo: Path) -> dict[str, str]:
 def preset_params(method: str, **dotted) -> dict:
     """The repository's params.yaml with preset ``method``'s values and the ``dotted`` keys
     (``{"evaluate.seeds": 1}``), as an experiment of that preset holds them."""
-    from edc.params import parse_params
+    from edc.params import parse_params, set_dotted
     from edc.presets import preset_overrides
 
     raw = copy.deepcopy(read_yaml(ROOT / "params.yaml"))
     for key, value in {**preset_overrides(method, parse_params(raw)), **dotted}.items():
-        node = raw
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = copy.deepcopy(value)
+        set_dotted(raw, key, copy.deepcopy(value))
     return raw
 
 

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from edc.io import read_json, write_json
+from edc.params import set_dotted
 from edc.stage import stage_main
-from tests.helpers import ARGS, make_cifar10, make_imagefolder, md5_tree, run_stages, tiny_params, write_yaml
+from tests.helpers import ARGS, PIPELINE, make_cifar10, make_imagefolder, md5_tree, run_stages, tiny_params, write_yaml
 from tests.helpers import stage as stage_script
 
 
@@ -35,13 +36,7 @@ def edit_params(work: Path, change: Callable[[dict], None]) -> None:
 
 def set_key(dotted: str, value) -> Callable[[Path], None]:
     def apply(work: Path) -> None:
-        def change(p: dict) -> None:
-            *head, last = dotted.split(".")
-            d = p
-            for k in head:
-                d = d[k]
-            d[last] = value
-        edit_params(work, change)
+        edit_params(work, lambda p: set_dotted(p, dotted, value))
     return apply
 
 
@@ -98,7 +93,7 @@ def shard_from_another_set(work: Path) -> None:
     other = work / "other"
     p = tiny_params()
     p["seed"] = 7  # another split, other images: another condensed set
-    run_stages(other, write_yaml(work / "other-params.yaml", p))
+    run_stages(other, write_yaml(work / "other-params.yaml", p), PIPELINE[:-1])  # up to its label shards
     shutil.copy(other / "condensed/shards/labels-000000.tar", work / "condensed/shards/labels-000000.tar")
     shutil.rmtree(other)
     (work / "other-params.yaml").unlink()

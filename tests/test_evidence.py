@@ -9,7 +9,7 @@ import torch
 from edc.evaluate import FullTrainSet
 from edc.imageset import read_imageset
 from edc.io import read_json
-from edc.params import parse_params, read_yaml
+from edc.params import parse_params, read_yaml, set_dotted
 from edc.presets import preset_overrides
 from edc.seeding import derive_seed, trial_seed
 from tests.helpers import ROOT, md5_tree, run_stages, tiny_params, write_yaml
@@ -17,11 +17,7 @@ from tests.helpers import ROOT, md5_tree, run_stages, tiny_params, write_yaml
 
 def _with(raw: dict, overrides: dict) -> dict:
     for key, value in overrides.items():
-        node = raw
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[last] = value
+        set_dotted(raw, key, value)
     return raw
 
 

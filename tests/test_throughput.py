@@ -18,7 +18,7 @@ from edc.errors import EdcError
 from edc.io import md5_file
 from edc.params import read_yaml
 from edc.runtime import resolve_threads
-from tests.helpers import ARGS, PIPELINE, ROOT, md5_tree, run_stages, tiny_params, write_yaml
+from tests.helpers import ARGS, ROOT, md5_tree, tiny_params, write_yaml
 
 
 @pytest.mark.parametrize("env, cores, want", [
@@ -51,14 +51,22 @@ def _stage_threads(env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_a_stage_process_takes_its_share_of_the_cores():
+def test_a_stage_process_takes_its_share_of_the_cores(monkeypatch, capsys):
     cores = len(os.sched_getaffinity(0))
     for env, want in (({"EDC_JOBS": str(cores)}, 1), ({"EDC_THREADS": "3"}, 3), ({}, cores)):
         r = _stage_threads(env)
         assert r.returncode == 0, r.stderr
         assert r.stdout.split() == [str(want), "1"], env
-    bad = _stage_threads({"EDC_JOBS": "x"})
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+    # A bad setting stops stage_main before torch's threads are touched: this process can check it.
+    from edc.stage import stage_main
+
+    for name in ("EDC_THREADS", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("EDC_JOBS", "x")
+    ran = []
+    with pytest.raises(SystemExit) as bad:
+        stage_main(ran.append, [])
+    assert bad.value.code == 2 and not ran and capsys.readouterr().err.strip().splitlines() == [
         "environment variable EDC_JOBS: must be a positive whole number (got 'x')"]
 
 
@@ -82,19 +90,25 @@ def test_edc_queue_start_gives_the_workers_their_share(monkeypatch, capsys, tmp_
 
 
 # --- post_evaluate's seeds side by side ------------------------------------------------------------
+# The three tests below run the stage script as processes, seeds in spawned workers (a minute on two
+# cores): `pipeline` tests, outside the quick loop, which keeps the unit tests above and the last one.
 
 INPUTS = ("data/prepared", "condensed/shards")
 OUTPUTS = ("reports/metrics.json", "reports/plots/evaluate", "reports/plots/accuracy")
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """A workspace holding a tiny condensed set, whose post-evaluation trains two seeds."""
+def shards(long_workspace, tmp_path_factory) -> Path:
+    """post_evaluate's inputs from the session's long workspace (a tiny condensed set whose
+    post-evaluation trains two seeds), with an empty MLflow store that each run starts from a copy of:
+    creating a store's tables takes seconds, which every run would otherwise spend on its own."""
     work = tmp_path_factory.mktemp("throughput")
-    p = tiny_params()
-    p["relabel"]["epochs"] = 6
-    p["evaluate"]["seeds"] = 2
-    run_stages(work, write_yaml(work / "params.yaml", p), PIPELINE[:-1])
+    for item in INPUTS:
+        shutil.copytree(long_workspace / item, work / item)
+    shutil.copy(long_workspace / "params.yaml", work / "params.yaml")
+    import mlflow
+
+    mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}").search_experiments()  # creates the tables
     return work
 
 
@@ -105,6 +119,7 @@ def post_evaluate(shards: Path, dest: Path, eval_jobs: int, wait: bool = True, *
         dest.mkdir()
         for item in INPUTS:
             shutil.copytree(shards / item, dest / item)
+        shutil.copy(shards / "mlflow.db", dest / "mlflow.db")
     p = read_yaml(shards / "params.yaml")
     p["eval_jobs"] = eval_jobs
     write_yaml(dest / "params.yaml", p)
@@ -144,6 +159,7 @@ def seed_runs(work: Path) -> dict[str, tuple[float, int]]:
     return out
 
 
+@pytest.mark.pipeline
 def test_eval_jobs_2_gives_the_results_of_one_process_with_the_same_threads(shards, tmp_path):
     """eval_jobs 2 on 2 threads (one per seed) writes the bytes eval_jobs 1 writes on one thread,
     and MLflow holds each seed's run with its whole curve, logged by the stage's own process."""
@@ -155,9 +171,11 @@ def test_eval_jobs_2_gives_the_results_of_one_process_with_the_same_threads(shar
     assert outputs(tmp_path / "two") == outputs(tmp_path / "one")
     runs = seed_runs(tmp_path / "two")
     assert runs == seed_runs(tmp_path / "one") and sorted(runs) == ["student seed 0", "student seed 1"]
-    assert all(points == 6 for _, points in runs.values())  # every epoch's point
+    epochs = read_yaml(shards / "params.yaml")["relabel"]["epochs"]
+    assert epochs > 1 and all(points == epochs for _, points in runs.values())  # every epoch's point
 
 
+@pytest.mark.pipeline
 def test_a_killed_parallel_post_evaluate_keeps_its_finished_seeds(shards, tmp_path):
     want = post_evaluate(shards, tmp_path / "clean", 1, EDC_THREADS="1")
     assert want.returncode == 0, want.stderr
@@ -171,6 +189,7 @@ def test_a_killed_parallel_post_evaluate_keeps_its_finished_seeds(shards, tmp_pa
     assert outputs(work) == outputs(tmp_path / "clean")
 
 
+@pytest.mark.pipeline
 def test_a_run_beside_another_gives_the_results_it_gives_alone(shards, tmp_path):
     """The same post-evaluation with the same thread count, alone and while another process trains
     beside it: the same metrics, curves and plots (side by side changes timing, never results). One
@@ -191,22 +210,24 @@ def test_a_run_beside_another_gives_the_results_it_gives_alone(shards, tmp_path)
     assert 0 < line["loops"] < line["end"] - line["main_start"] and line["mlflow_wait"] >= 0
 
 
-def test_each_stage_run_records_its_thread_count(tmp_path, monkeypatch):
+def test_each_stage_run_records_its_thread_count(_mlflow_store):
     """The thread count can change a result's last bits: MLflow keeps it with the stage's run."""
     import torch
 
     from edc import tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with tracking.stage_run("prepare", {"seed": 0}) as run:
             run.metrics({"x": 1.0})
+            run_id = run.run_id
     finally:
         torch.set_num_threads(before)
-    db = sqlite3.connect(tmp_path / "mlflow.db")
-    assert db.execute("select value from tags where key = 'edc.threads'").fetchall() == [("1",)]
+    # The session's store (creating one of its own would take seconds): this run's tag only.
+    db = sqlite3.connect(_mlflow_store.removeprefix("sqlite:///"))
+    assert db.execute("select value from tags where key = 'edc.threads' and run_uuid = ?",
+                      (run_id,)).fetchall() == [("1",)]
 
 
 def test_eval_jobs_with_torchrun_ranks_is_a_params_error():
