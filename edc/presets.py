@@ -13,8 +13,8 @@ Every method is evaluated under one protocol (:data:`PROTOCOL`: the relabel plan
 the students' recipe, schedule, EMA and budget), so that two rows differ only in how their images
 were made. A method's own evaluation is a second, named preset (``sre2l-own-eval``).
 
-Each value below carries its source: a table of the EDC paper (/work/shared/paper/edc-paper.txt is
-the arXiv text), a public script, or the validation measurement that chose it (docs/presets.md).
+Each value below carries its source: a table of the EDC paper (Shao et al., "Elucidating the Design Space of
+Dataset Condensation", NeurIPS 2024), a public script, or the validation measurement that chose it (docs/presets.md).
 
 A sweep varies one design choice of the paper around the ``edc`` preset.
 """
@@ -86,7 +86,7 @@ PROTOCOL: dict[str, Any] = {
     "evaluate.loss": "kl",
     "evaluate.temperature": 4.0,
     "evaluate.lr": 0.001,                # AdamW 1e-3 (Tables 6-10)
-    "evaluate.weight_decay": 0.01,       # (the released code's AdamW, REFERENCE.md)
+    "evaluate.weight_decay": 0.01,       # (the released code's AdamW)
     "evaluate.schedule": "smoothing",    # smoothing LR (Tables 6-9)...
     "zeta": 2.0,                         # ...zeta 2
     "evaluate.milestones": [0.8, 0.9, 0.95],
@@ -135,7 +135,7 @@ EDC_PAPER: dict[str, Any] = {
     "synth.class_views": 1,              # one crop per image: the paper matches the batch it crops
     "stats.augment": False,              # statistics of the original images (Eq. 5, Definition B.1)
     "synth.flatness.weight": 0.25,       # Table 4's best (the tables print no weight)
-    # The paper prints no matching weight; these are the released code's (REFERENCE.md: r_bn 0.01 times
+    # The paper prints no matching weight; these are the released code's (r_bn 0.01 times
     # the sum over layers, the first hooked layer x10). The code sums where Eq. 16 averages, and 0.01
     # was set for the sum.
     "synth.r_bn": 0.01,
@@ -143,7 +143,7 @@ EDC_PAPER: dict[str, Any] = {
     "synth.first_layer_weight": 10.0,
 }
 
-# --- SRe2L's small-image recover (VILA-Lab/SRe2L small_dataset/recover_cifar.{py,sh}; REFERENCE.md) --
+# --- SRe2L's small-image recover (VILA-Lab/SRe2L small_dataset/recover_cifar.{py,sh}) --
 SRE2L: dict[str, Any] = {
     **EDC,
     "init.method": "noise",              # inputs = randn
@@ -189,7 +189,7 @@ RDED: dict[str, Any] = {
     "init.observers": ONE_OBSERVER,      # --arch-name: one model scores the patches
     "init.candidates": 300,              # --mipc 300: real images per class
     "init.crops": 5,                     # --num-crop 5: patches scored per image
-    "init.factor": 1,                    # --factor 1 on CIFAR: one patch per image (REFERENCE.md)
+    "init.factor": 1,                    # --factor 1 on CIFAR: one patch per image (RDED's CIFAR scripts)
     "init.scale_min": 0.08,              # --min-scale-crops 0.08 (RandomResizedCrop)
     "synth.iterations": 0,               # no optimisation
 }

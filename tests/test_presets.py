@@ -130,7 +130,7 @@ def test_every_method_row_is_evaluated_under_one_protocol():
 
 
 def test_sre2l_is_its_public_recover_script_value_by_value():
-    """VILA-Lab/SRe2L small_dataset/recover_cifar.{py,sh} (REFERENCE.md)."""
+    """VILA-Lab/SRe2L small_dataset/recover_cifar.{py,sh}."""
     p = load_params(ROOT / "params.yaml")
     v = preset_overrides("sre2l", p)
     script = {"init.method": "noise", "synth.iterations": 1000, "synth.lr": 0.25, "synth.lr_schedule": "cosine",
