@@ -808,10 +808,18 @@ def _rerun_commands(exps: dict[str, Experiment]) -> list[str]:
     lines = []
     for (method, ipc), trials in sorted(method_trials(exps).items(),
                                         key=lambda kv: (kv[0][1], list(PRESET_HELP).index(kv[0][0]))):
-        first = trials[min(trials)]
-        sets = [f"-S {shlex.quote(f'{k}={format_value(get_dotted(first.params, k))}')}" for k in MEASUREMENT_KEYS
-                if get_dotted(first.params, k) is not None]
-        lines.append(f"edc exp preset {method} --ipc {ipc} --trials {max(trials) + 1} --queue " + " ".join(sets))
+        def sets(e: Experiment) -> str:
+            return " ".join(f"-S {shlex.quote(f'{k}={format_value(get_dotted(e.params, k))}')}"
+                            for k in MEASUREMENT_KEYS if get_dotted(e.params, k) is not None)
+
+        first = sets(trials[min(trials)])
+        lines.append(f"edc exp preset {method} --ipc {ipc} --trials {max(trials) + 1} --queue {first}")
+        # trials measured otherwise (e.g. variants on some trials only): the queued command above measures
+        # them like the first; these lines say how they ran, so that a rerun can match the page
+        others = {t: sets(e) for t, e in sorted(trials.items()) if sets(e) != first}
+        for value in dict.fromkeys(others.values()):
+            which = ",".join(str(t) for t, v in others.items() if v == value)
+            lines.append(f"#   {method}-ipc{ipc} trials {which} ran with {value}")
     return lines
 
 

@@ -122,3 +122,22 @@ def test_readme_and_results_page_in_the_repository_show_the_same_headline():
     readme = headline_block((ROOT / "README.md").read_text(), "README.md")
     assert readme == page
     assert "| edc |" in page and "| random-soft |" in page and " on commit" in page and "edc's IOR interval" in page
+
+
+def test_the_rerun_commands_name_the_trials_measured_otherwise(tmp_path, monkeypatch):
+    """Variants on some trials only (the results run measured HLR on trials 0-2 of five): the page's rerun
+    lines say which trials ran with which measurements, so that a rerun can match the page."""
+    from edc.report import _rerun_commands, read_experiments
+
+    data = synthetic_trials()
+    for e in data[1]["experiments"]:
+        rev = e["revs"][0]
+        if rev["name"] in ("edc-ipc1-t3", "edc-ipc1-t4"):
+            rev["data"]["params"]["params.yaml"]["data"]["evaluate"]["variants"] = []
+    patch_exp_show(monkeypatch, data)
+    lines = _rerun_commands(read_experiments(tmp_path))
+    assert ("edc exp preset edc --ipc 1 --trials 5 --queue -S evaluate.seeds=1 -S 'evaluate.variants=[hard,noaug]' "
+            "-S reference.enabled=true") in lines
+    assert ("#   edc-ipc1 trials 3,4 ran with -S evaluate.seeds=1 -S 'evaluate.variants=[]' "
+            "-S reference.enabled=true") in lines
+    assert not any(ln.startswith("#   random-soft") for ln in lines)  # measured alike: no extra line
