@@ -219,7 +219,10 @@ class RelabelParams(Section):
                              description="target size of a label shard: it holds as many stored epochs as fit")
     label_epochs: int = Field(default=0, ge=0, le=100_000,
                               description="epochs of views and labels stored, replayed in order by the training "
-                                          "epochs (epoch e replays e % label_epochs); 0 = one per epoch")
+                                          "epochs (epoch e replays e % label_epochs); 0 = by label_views")
+    label_views: int = Field(default=0, ge=0, le=10**9,
+                             description="with label_epochs 0: store the epochs that give each class at least this "
+                                         "many labelled views, ceil(label_views / ipc) (0 = every epoch)")
     cutmix: bool = False
     aug: RelabelAugParams = Field(default_factory=RelabelAugParams)
 

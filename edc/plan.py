@@ -40,10 +40,19 @@ def planned_epochs(epochs: int, min_steps: int, num_images: int, batch_size: int
     return max(epochs, -(-min_steps // per_epoch))
 
 
-def stored_epochs(label_epochs: int, epochs: int) -> int:
-    """How many epochs of views and labels a set stores: ``label_epochs`` (0 = one per training
-    epoch), at most ``epochs``."""
-    return epochs if label_epochs == 0 else min(label_epochs, epochs)
+def stored_epochs(label_epochs: int, epochs: int, label_views: int = 0, ipc: int = 1) -> int:
+    """How many epochs of views and labels a set stores, at most ``epochs``: ``label_epochs`` when set;
+    else enough epochs for ``label_views`` labelled views per class, ``ceil(label_views / ipc)`` (an
+    epoch shows each of a class's ``ipc`` images once); else (both 0) one per training epoch.
+
+    A budget in views per class rather than in epochs is what one recipe needs across ipc: at ipc 1
+    each epoch holds one view per class and every stored epoch counts, at ipc 10 an epoch holds ten and
+    a fraction of the epochs gives the same views per class (docs/format.md)."""
+    if label_epochs:
+        return min(label_epochs, epochs)
+    if label_views:
+        return min(-(-label_views // max(ipc, 1)), epochs)
+    return epochs
 
 
 def stored_epoch(epoch: int, stored: int) -> int:

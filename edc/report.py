@@ -270,7 +270,7 @@ def _plot(path: Path, title: str, xlabel: str, points: list[tuple[str, Experimen
         ax.set_xticks(xs, [v for v, _ in points])
 
 
-STORAGE_SWEEPS = ("codec", "topk", "label_epochs")  # the sweeps that change how the labels are stored
+STORAGE_SWEEPS = ("codec", "topk", "label_epochs", "label_views")  # the sweeps that change how the labels are stored
 
 
 def _relabel_value(e: Experiment, key: str, default: Any) -> Any:

@@ -54,7 +54,7 @@ def main(argv=None) -> None:
             inference_copy(place(load_observer(args.observers, name)[0], device)) for name in cfg.teachers]
         n, _, h, w = images.shape
         epochs = planned_epochs(cfg.epochs, cfg.min_steps, n, cfg.batch_size)
-        stored = stored_epochs(cfg.label_epochs, epochs)
+        stored = stored_epochs(cfg.label_epochs, epochs, cfg.label_views, img_meta["ipc"])
         meta = {"dataset": facts.to_dict(), "class_names": facts.class_names, "num_classes": facts.num_classes,
                 "ipc": img_meta["ipc"], "teachers": cfg.teachers, "epochs": epochs, "stored_epochs": stored,
                 "batch_size": cfg.batch_size, "codec": cfg.codec, "topk": cfg.topk, "cutmix": cfg.cutmix,

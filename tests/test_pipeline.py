@@ -105,10 +105,11 @@ def test_post_evaluate_names_a_bad_shard(tiny_workspace, tmp_path):
 
 @pytest.mark.parametrize("codec", ["int8", "hard"])
 def test_relabel_and_post_evaluate_with_a_compressed_codec(tiny_workspace, tmp_path, capsys, codec):
-    """relabel.codec int8 with one stored epoch of three, and hard: the stages store what params.yaml
-    asks, report it, and post_evaluate trains on it (classes for hard labels, without teachers)."""
+    """relabel.codec int8 with one stored epoch of three (label_views 2 at ipc 2: one epoch's views), and
+    hard: the stages store what params.yaml asks, report it, and post_evaluate trains on it (classes for
+    hard labels, without teachers)."""
     p = tiny_params()
-    p["relabel"].update(codec=codec, epochs=3, label_epochs=1 if codec == "int8" else 0)
+    p["relabel"].update(codec=codec, epochs=3, label_epochs=0, label_views=2 if codec == "int8" else 0)
     # No stage before relabel reads relabel's keys (STAGE_PARAMS): the session's tiny workspace holds
     # their outputs for these params too, and only relabel and post_evaluate run again.
     shutil.copytree(tiny_workspace, tmp_path, dirs_exist_ok=True)

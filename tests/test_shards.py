@@ -496,6 +496,23 @@ def test_fewer_stored_epochs_are_replayed_in_order_with_their_own_views(tmp_path
     assert not torch.equal(epochs[0][0][0], epochs[1][0][0])  # stored epochs differ from each other
 
 
+@pytest.mark.parametrize(("label_epochs", "epochs", "label_views", "ipc", "stored"), [
+    (0, 1000, 1000, 1, 1000),  # ipc 1, the default budget: every epoch (one view per class each)
+    (0, 250, 1000, 10, 100),   # ipc 10: 100 epochs x 10 images = 1,000 views per class
+    (0, 200, 1000, 50, 20),
+    (0, 500, 1000, 3, 334),    # ceil(1000 / 3): at least the budget
+    (0, 250, 0, 10, 250),      # no budget: every epoch
+    (0, 30, 1000, 10, 30),     # never more than the training epochs
+    (0, 250, 1, 10, 1),        # at least one
+    (50, 250, 1000, 10, 50),   # label_epochs, when set, is the count
+    (50, 20, 1000, 10, 20),
+])
+def test_stored_epochs_give_each_class_label_views_views(label_epochs, epochs, label_views, ipc, stored):
+    from edc.plan import stored_epochs
+
+    assert stored_epochs(label_epochs, epochs, label_views, ipc) == stored
+
+
 def test_relabel_stores_label_epochs_and_runs_teachers_on_them_only(tmp_path):
     """relabel_set with label_epochs 2 of 5 epochs: the set stores 2 epochs, each epoch_plan_logits'
     plan and logits for that epoch, and training epoch 4 replays epoch 0."""
