@@ -278,12 +278,22 @@ def _relabel_value(e: Experiment, key: str, default: Any) -> Any:
 
 
 def _label_setting(e: Experiment) -> str:
-    """How an experiment stores its labels, in words: "float16", "int8 top-3, 10 stored epochs", "hard"."""
-    codec, topk, stored = (_relabel_value(e, "codec", "float16"), _relabel_value(e, "topk", 0),
-                           _relabel_value(e, "label_epochs", 0))
+    """How an experiment stores its labels, in words: "float16", "int8 top-3, 100 of 250 epochs stored",
+    "hard labels". The stored epochs come from the relabel report (what the rule gave at this ipc), else
+    from relabel.label_epochs."""
+    codec, topk = _relabel_value(e, "codec", "float16"), _relabel_value(e, "topk", 0)
+    if get_dotted(e.params, "evaluate.labels") == "hard" and codec != "hard":
+        return "hard labels (soft labels stored, not read)"
     if codec == "hard":
         return "hard labels"
-    return codec + (f" top-{topk}" if topk else "") + (f", {stored} stored epochs" if stored else "")
+    rel = e.relabel or {}
+    stored, epochs = rel.get("stored_epochs"), rel.get("epochs")
+    if stored and epochs:
+        part = f", {stored} of {epochs} epochs stored" if stored < epochs else ""
+    else:
+        le = _relabel_value(e, "label_epochs", 0)
+        part = f", {le} stored epochs" if le else ""
+    return codec + (f" top-{topk}" if topk else "") + part
 
 
 def _needed_bytes(e: Experiment) -> int:
@@ -295,20 +305,88 @@ def _needed_bytes(e: Experiment) -> int:
     return int(st["total"] - (labels if hard else 0))
 
 
-def storage_points(ipc: int, exps: dict[str, Experiment]) -> list[tuple[str, Experiment, int]]:
-    """(label storage, experiment, bytes a user must store) at ipc: the points of the codec, topk and
-    label_epochs sweeps, the edc preset, and the hard-label experiments (codec hard, or the labels
-    sweep's hard point, which needs the set less its soft labels), sorted by bytes."""
-    found: dict[str, Experiment] = {}
-    for sweep in STORAGE_SWEEPS:
-        for _, e in _sweep_points(sweep, ipc, exps):
-            found[e.name] = e
-    hard = exps.get(f"labels-hard-ipc{ipc}")
-    if hard is not None:
-        found[hard.name] = hard
-    points = [("hard labels" if get_dotted(e.params, "evaluate.labels") == "hard" else _label_setting(e), e,
-               _needed_bytes(e)) for e in found.values() if e.storage]
-    return sorted(points, key=lambda t: (t[2], t[1].name))
+@dataclass
+class StoragePoint:
+    """One way of storing the labels at one ipc, over the trials that ran it."""
+    title: str  # _label_setting's words
+    trials: list[Experiment]  # sorted by trial
+    bytes: int  # what a user stores, the mean over the trials (they differ by a few bytes of meta.json)
+
+    @property
+    def names(self) -> str:
+        names = [e.name for e in self.trials]
+        return names[0] if len(names) == 1 else f"{names[0]} ... ({len(names)} trials)"
+
+
+def _storage_experiments(ipc: int, exps: dict[str, Experiment]) -> list[Experiment]:
+    """The experiments of the storage curve at ipc: the codec, topk, label_epochs and label_views sweeps'
+    points, the edc preset's trials and the labels sweep's hard point, each with its relabel report."""
+    found = []
+    for e in exps.values():
+        kind, value, e_ipc = parse_name(e.name) or (None, None, None)
+        if e_ipc != ipc or not e.storage:
+            continue
+        if (kind in STORAGE_SWEEPS or (kind == "edc" and value is None)
+                or (kind == "labels" and value == "hard")):
+            found.append(e)
+    return found
+
+
+def storage_points(ipc: int, exps: dict[str, Experiment]) -> list[StoragePoint]:
+    """The label storages tried at ipc, each over its trials (experiments that store the labels the
+    same way, e.g. the edc preset's trials and the sweep point equal to it, are one point), sorted by
+    bytes."""
+    groups: dict[str, dict[int, Experiment]] = {}
+    for e in sorted(_storage_experiments(ipc, exps), key=lambda e: e.name):
+        slot = groups.setdefault(_label_setting(e), {})
+        if e.trial not in slot or e.timestamp > slot[e.trial].timestamp:  # the newest of a trial
+            slot[e.trial] = e
+    points = [StoragePoint(title, [t[k] for k in sorted(t)],
+                           round(math.fsum(_needed_bytes(e) for e in t.values()) / len(t)))
+              for title, t in groups.items()]
+    return sorted(points, key=lambda p: (p.bytes, p.title))
+
+
+def _over_trials(trials: list[Experiment], student: str, key: str = "acc_mean") -> tuple[float, float | None] | None:
+    values = [e.metrics[student][key] for e in trials if key in e.metrics.get(student, {})]
+    return t_interval(values) if values and len(values) == len(trials) else None
+
+
+def _sample_std(values: list[float]) -> float:
+    mean = math.fsum(values) / len(values)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+
+
+def within_validation_rule(point: StoragePoint, full: StoragePoint, students: list[str]) -> bool | None:
+    """The default's rule (docs/format.md): on every student, the point's mean validation accuracy is not
+    below float16 logits of every epoch by more than the standard deviation of that full point's
+    validation accuracy over its trials (seeds and draws together). None without validation accuracy."""
+    verdicts = []
+    for s in students:
+        mine, ref = _over_trials(point.trials, s, "val_acc_mean"), _over_trials(full.trials, s, "val_acc_mean")
+        if mine is None or ref is None:
+            continue
+        spread = _sample_std([e.metrics[s]["val_acc_mean"] for e in full.trials])
+        if len(full.trials) < 2:  # one trial: its seeds' spread
+            spread = full.trials[0].metrics[s].get("val_acc_std", 0.0)
+        verdicts.append(mine[0] >= ref[0] - spread - 1e-12)
+    return all(verdicts) if verdicts else None
+
+
+def _trials_acc(trials: list[Experiment], student: str) -> str:
+    """Test accuracy over trials, "91.76 ± 0.65" (95 % interval), or one trial's "90.00 (± 1.00 seeds)";
+    with the mean validation accuracy in brackets."""
+    acc = _over_trials(trials, student)
+    if acc is None:
+        return "-"
+    mean, half = acc
+    if half is None:
+        std = trials[0].metrics[student].get("acc_std")
+        cell = f"{100 * mean:.2f}" + (f" (1 trial, ± {100 * std:.2f} over seeds)" if std else " (1 trial)")
+    else:
+        cell = f"{100 * mean:.2f} ± {100 * half:.2f}"
+    val = _over_trials(trials, student, "val_acc_mean")
+    return cell + (f" [val {100 * val[0]:.2f}]" if val else "")
 
 
 def _image_cost(e: Experiment) -> float | None:
@@ -317,15 +395,18 @@ def _image_cost(e: Experiment) -> float | None:
     return st["images"] / n if n and "labels" in st else None
 
 
-def _equal_bytes_baseline(exps: dict[str, Experiment]) -> list[tuple[int, Experiment, int]]:
-    """(ipc, experiment, bytes) of the random-hard preset at every ipc it ran: random real images with
-    hard labels, whose storage is their images and classes."""
-    out = []
+def _equal_bytes_baseline(exps: dict[str, Experiment]) -> list[tuple[int, list[Experiment], int]]:
+    """(ipc, trials, bytes) of the random-hard preset at every ipc it ran: random real images with hard
+    labels, whose storage is their images and classes."""
+    by_ipc: dict[int, dict[int, Experiment]] = {}
     for e in exps.values():
-        kind, _, e_ipc = parse_name(e.name)
-        if kind == "random-hard" and e.storage and "labels" in e.storage:
-            out.append((e_ipc, e, int(e.storage["images"])))
-    return sorted(out, key=lambda t: t[0])
+        kind, value, e_ipc = parse_name(e.name) or (None, None, None)
+        if kind == "random-hard" and value is None and e.storage and "labels" in e.storage:
+            slot = by_ipc.setdefault(e_ipc, {})
+            if e.trial not in slot or e.timestamp > slot[e.trial].timestamp:
+                slot[e.trial] = e
+    return [(i, [t[k] for k in sorted(t)], round(math.fsum(int(e.storage["images"]) for e in t.values()) / len(t)))
+            for i, t in sorted(by_ipc.items())]
 
 
 def _storage_section(ipc: int, exps: dict[str, Experiment], students: list[str], plots_dir: Path | None,
@@ -333,46 +414,55 @@ def _storage_section(ipc: int, exps: dict[str, Experiment], students: list[str],
     points = storage_points(ipc, exps)
     if len(points) < 2:
         return []
-    cost = next((c for _, e, _ in points if (c := _image_cost(e))), None)
-    classes = next(((e.relabel or {}).get("images", 0) // ipc for _, e, _ in points if e.relabel), 0)
+    cost = next((c for p in points for e in p.trials if (c := _image_cost(e))), None)
+    classes = next(((e.relabel or {}).get("images", 0) // ipc for p in points for e in p.trials if e.relabel), 0)
+    full = next((p for p in points if p.title == "float16"), None)
     baseline = _equal_bytes_baseline(exps)
     out = [f"## Accuracy against storage at ipc {ipc} (float16 logits down to hard labels)", "",
            "Total bytes of each set as stored (images, labels, plan, container; `reports/relabel.json`); "
-           "labels: the label arrays alone per image per training epoch. *Real images at equal bytes*: how "
-           "many random real images with hard labels the same bytes hold"
-           + (f" ({cost:.0f} bytes each)" if cost else "") + "; the random-hard preset's rows below give "
-           "their accuracy.", "",
-           "| labels | stored MB | label bytes per image per epoch | real images at equal bytes | "
-           + " | ".join(students) + " | experiment |",
-           "| --- | --- | --- | --- | " + " | ".join("---" for _ in students) + " | --- |"]
-    for title, e, total in points:
-        st = e.storage
-        per = 0 if title == "hard labels" else st.get("per_image_epoch", {}).get(
+           "labels: the label arrays alone per image per training epoch. Test accuracy, mean ± 95 % interval over "
+           "the trials, [mean validation accuracy]. *Real images at equal bytes*: how many random real images "
+           "with hard labels the same bytes hold" + (f" ({cost:.0f} bytes each)" if cost else "")
+           + "; the random-hard preset's rows below give their accuracy. *Rule*: the point's mean validation accuracy "
+           "is not below that of float16 logits of every epoch by more than the float16 point's standard deviation "
+           "over its trials, on every student (how the default was chosen; docs/format.md).", "",
+           "| labels | trials | stored MB | label bytes per image per epoch | real images at equal bytes | "
+           + " | ".join(students) + " | rule | experiments |",
+           "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in students) + " | --- | --- |"]
+    for p in points:
+        st = p.trials[0].storage
+        per = 0 if p.title.startswith("hard labels") else st.get("per_image_epoch", {}).get(
             "labels", st.get("soft_labels_per_image_epoch", 0))
-        real = f"{int(total // cost)}" + (f" (ipc {total / cost / classes:.1f})" if classes else "") if cost else "-"
-        out.append(f"| {title} | {total / 1e6:.3f} | {per:.2f} | {real} | "
-                   + " | ".join(_cell(e, s) for s in students) + f" | {e.name} |")
-    for b_ipc, e, total in baseline:
-        out.append(f"| random real images, hard labels, ipc {b_ipc} | {total / 1e6:.3f} | 0.00 | "
-                   f"{(e.relabel or {}).get('images', '-')} | " + " | ".join(_cell(e, s) for s in students)
-                   + f" | {e.name} |")
+        real = f"{int(p.bytes // cost)}" + (f" (ipc {p.bytes / cost / classes:.1f})" if classes else "") \
+            if cost else "-"
+        rule = "-" if full is None or p is full else {True: "yes", False: "no", None: "-"}[
+            within_validation_rule(p, full, students)]
+        out.append(f"| {p.title} | {len(p.trials)} | {p.bytes / 1e6:.3f} | {per:.2f} | {real} | "
+                   + " | ".join(_trials_acc(p.trials, s) for s in students) + f" | {rule} | {p.names} |")
+    for b_ipc, trials, total in baseline:
+        out.append(f"| random real images, hard labels, ipc {b_ipc} | {len(trials)} | {total / 1e6:.3f} | 0.00 | "
+                   f"{(trials[0].relabel or {}).get('images', '-')} | "
+                   + " | ".join(_trials_acc(trials, s) for s in students) + " | - | "
+                   + StoragePoint("", trials, total).names + " |")
     out.append("")
     if plots_dir is not None:
         png = plots_dir / f"storage-ipc{ipc}.png"
         with _figure(png, f"accuracy against storage, ipc {ipc}", "stored MB (log)", legend_size=6) as ax:
             for s in students:  # points only: settings of different kinds, no curve between them
-                pts = [(t / 1e6, e.metrics[s]) for _, e, t in points if s in e.metrics]
-                ax.errorbar([x for x, _ in pts], [100 * m["acc_mean"] for _, m in pts],
-                            yerr=[100 * m["acc_std"] for _, m in pts], marker="o", linestyle="none", capsize=3,
+                pts = [(p.bytes / 1e6, acc) for p in points if (acc := _over_trials(p.trials, s))]
+                ax.errorbar([x for x, _ in pts], [100 * m for _, (m, _) in pts],
+                            yerr=[100 * (h or 0.0) for _, (_, h) in pts], marker="o", linestyle="none", capsize=3,
                             label=s)
-                real = [(t / 1e6, e.metrics[s]) for _, e, t in baseline if s in e.metrics]
+                real = [(t / 1e6, acc) for i, trials, t in baseline if (acc := _over_trials(trials, s))]
                 if real:
-                    ipcs = "/".join(str(i) for i, e, _ in baseline if s in e.metrics)
-                    ax.errorbar([x for x, _ in real], [100 * m["acc_mean"] for _, m in real],
-                                yerr=[100 * m["acc_std"] for _, m in real], marker="s", linestyle="--", capsize=3,
-                                label=f"{s}: real images, hard labels (random-hard, ipc {ipcs})")
-            for title, e, total in points:
-                ax.annotate(title, (total / 1e6, 100 * next(iter(e.metrics.values()))["acc_mean"]), fontsize=6)
+                    ipcs = "/".join(str(i) for i, trials, _ in baseline if _over_trials(trials, s))
+                    ax.errorbar([x for x, _ in real], [100 * m for _, (m, _) in real],
+                                yerr=[100 * (h or 0.0) for _, (_, h) in real], marker="s", linestyle="--",
+                                capsize=3, label=f"{s}: real images, hard labels (random-hard, ipc {ipcs})")
+            for p in points:
+                first = next((a for s in students if (a := _over_trials(p.trials, s))), None)
+                if first:
+                    ax.annotate(p.title, (p.bytes / 1e6, 100 * first[0]), fontsize=6)
             ax.set_xscale("log")
         out += [f"![accuracy against storage at ipc {ipc}]({Path(os.path.relpath(png, md_dir)).as_posix()})", ""]
     return out
@@ -665,6 +755,8 @@ def build_report(exps: dict[str, Experiment], plots_dir: Path | None, md_dir: Pa
             # the evidence section notes the experiments it holds already
             out += _preset_notes([(m, e) for m, e in rows if trials.get((m, ipc), {}).get(e.trial) is not e])
     for sweep, s in SWEEPS.items():
+        if sweep in STORAGE_SWEEPS:  # their own section, over trials (_storage_section)
+            continue
         for ipc in ipcs:
             if sweep == "ipc":
                 points = [(str(i), exps[f"edc-ipc{i}"]) for i in ipcs if f"edc-ipc{i}" in exps]
