@@ -84,3 +84,27 @@ def test_no_stage_imports_torchvision_dynamo_or_mlflow_on_its_way_in():
     r = run([sys.executable, "-c", code], env={"PYTHONPATH": str(ROOT)}, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {name: [] for name in sorted(ARGS)}
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("reference", "enabled", "yes"), ("reference", "enabeld", True), ("continual", "seeds", 0),
+    ("slimming", "criteria", ["bn", "size"]), ("slimming", None, 5)])
+def test_a_section_read_alone_reports_a_problem_as_the_whole_file_does(tmp_path, section, key, value):
+    """load_section (what an optional stage reads first) names the same key with the same words as
+    load_params; the section's defaults stand where the file leaves it out."""
+    from edc.params import Params, ParamsError, load_params, load_section
+
+    raw = read_yaml(ROOT / "params.yaml")
+    if key is None:
+        raw[section] = value
+    else:
+        raw[section][key] = value
+    f = write_yaml(tmp_path / "params.yaml", raw)
+    with pytest.raises(ParamsError) as whole:
+        load_params(f)
+    with pytest.raises(ParamsError) as alone:
+        load_section(f, section)
+    assert str(alone.value) == str(whole.value) and str(alone.value).startswith(f"{f}: {section}")
+    del raw[section]
+    default = Params.model_fields[section].default_factory()
+    assert load_section(write_yaml(tmp_path / "without.yaml", raw), section) == default
