@@ -36,8 +36,8 @@ def sample_ops(n: int, num_ops: int, magnitude: int, gen: torch.Generator) -> to
 
 def _one(img: torch.Tensor, op: str, m: int) -> torch.Tensor:
     """One operation at signed bin ``m`` on a (C, H, W) uint8 image."""
-    # Imported here, not at the top: torchvision's import costs a stage about a second (it loads
-    # torch._dynamo), and every stage that reads a plan imports this module, RandAugment on or off.
+    # Imported here, not at the top: every stage that reads a plan imports this module, RandAugment on
+    # or off, and torchvision's import (which loads torch._dynamo) is a large part of a stage's start-up.
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 

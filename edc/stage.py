@@ -129,7 +129,7 @@ def stage_main(fn: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
 
     ``threads=False`` is for a stage that may be off (``reference.enabled``, ``continual.enabled``,
     ``slimming.enabled``): its ``main`` calls ``configure_threads`` itself once it knows it computes,
-    so that, off, it writes its placeholder outputs without importing torch (a second of start-up)."""
+    so that, off, it writes its placeholder outputs without importing torch."""
     entered = time.time()
     try:
         if threads:
