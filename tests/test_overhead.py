@@ -1,6 +1,7 @@
-"""What a stage process loads before its work: every second here is paid by every stage of every
-`dvc repro` (benchmarks/overhead.py). A stage that is off writes its placeholder outputs without
-torch; no stage imports torchvision (and with it torch._dynamo) or MLflow on its way in."""
+"""The pipeline's own overhead (benchmarks/overhead.py). What a stage process loads before its work,
+paid by every stage of every `dvc repro`: a stage that is off writes its placeholder outputs without
+torch; no stage imports torchvision (and with it torch._dynamo) or MLflow on its way in. And what the
+benchmark counts as compute: an evaluation pass, once."""
 
 from __future__ import annotations
 
@@ -108,3 +109,32 @@ def test_a_section_read_alone_reports_a_problem_as_the_whole_file_does(tmp_path,
     del raw[section]
     default = Params.model_fields[section].default_factory()
     assert load_section(write_yaml(tmp_path / "without.yaml", raw), section) == default
+
+
+def test_an_evaluation_pass_counts_as_compute_once(monkeypatch):
+    """Under EDC_TIMING_FILE a test-split pass (accuracy) adds its time to the compute clock; inside a
+    loop that reports progress (a validation point each epoch) the loop counts it, and it adds nothing."""
+    import time
+
+    import torch
+    from torch import nn
+
+    from edc import progress
+    from edc.training import accuracy
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)
+            return torch.zeros(len(x), 2)
+
+    split = (torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.int64))
+    monkeypatch.setenv("EDC_TIMING_FILE", "unused")
+    monkeypatch.setitem(progress.clock, "loops", 0.0)
+    assert accuracy(Slow(), split, batch_size=2) == 1.0
+    alone = progress.clock["loops"]
+    assert 0.1 <= alone < 1.0  # two batches of 0.05 s
+    start = time.perf_counter()
+    for _ in progress.progress(range(1)):
+        accuracy(Slow(), split, batch_size=2)
+    inside = time.perf_counter() - start
+    assert alone + 0.1 <= progress.clock["loops"] <= alone + inside
