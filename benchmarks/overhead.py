@@ -8,9 +8,10 @@ process: reading inputs, building models, resume fingerprints, writing outputs).
 Each stage process appends its timings to the file ``EDC_TIMING_FILE`` names (edc.stage.record_timing;
 never to an output): when it started, when ``stage_main`` began (start-up and imports end there),
 its end, the seconds inside its compute loops (every loop that reports progress, the outermost
-only) and the seconds it waited for MLflow at its end. DVC's own time is the wall time outside the
-stage processes. Run from the repository root after `make repro`, with a clean workspace: the
-forced run rewrites every output with the same bytes and logs its runs to the project's MLflow store.
+only, and the evaluation passes: edc.progress.clocked) and the seconds it waited for MLflow at its
+end. DVC's own time is the wall time outside the stage processes. Run from the repository root
+after `make repro`, with a clean workspace: the forced run rewrites every output with the same
+bytes and logs its runs to the project's MLflow store.
 """
 
 from __future__ import annotations

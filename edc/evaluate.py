@@ -32,7 +32,7 @@ from edc.distributed import World
 from edc.models import build
 from edc.optim import AdamW, fused
 from edc.params import EvaluateParams
-from edc.progress import progress
+from edc.progress import clocked, progress
 from edc.runtime import place
 from edc.schedules import lr_lambda
 from edc.seeding import seed_everything
@@ -115,7 +115,7 @@ def recompute_bn(model: nn.Module, ds: CondensedDataset, device: torch.device, u
     upto = ds.epochs if upto is None else upto
     first = max(0, upto - -(-min_batches // ds.batches_per_epoch))
     used = 0
-    for e in range(first, upto):
+    for e in clocked(range(first, upto)):
         for x, _, _ in ds.epoch(e):
             model(x.to(device))
             used += 1

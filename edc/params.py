@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -449,6 +450,22 @@ def read_yaml(path: str | Path) -> Any:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     return parse_params(read_yaml(path), str(path))
+
+
+def load_section(path: str | Path, section: str) -> Section:
+    """Section ``section`` of the params file alone (its defaults where absent), checked as
+    :func:`load_params` checks it, problems named by their dotted keys. What a stage that may be off
+    reads first: the whole file's checks build the model registry, and with it import torch, which
+    an idle stage should not pay for (the stages that read the other sections check them)."""
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise ParamsError(str(path), [f"top level must be a mapping of keys, got {type(data).__name__}"])
+    field = Params.model_fields[section]
+    only = create_model(f"Only_{section}", __base__=Section, **{section: (field.annotation, field)})
+    try:
+        return getattr(only.model_validate({k: v for k, v in data.items() if k == section}), section)
+    except ValidationError as exc:
+        raise ParamsError(str(path), _problems(exc)) from None
 
 
 def get_dotted(tree: Any, key: str, default: Any = None) -> Any:

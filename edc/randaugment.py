@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 
 OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
        "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
@@ -38,6 +36,11 @@ def sample_ops(n: int, num_ops: int, magnitude: int, gen: torch.Generator) -> to
 
 def _one(img: torch.Tensor, op: str, m: int) -> torch.Tensor:
     """One operation at signed bin ``m`` on a (C, H, W) uint8 image."""
+    # Imported here, not at the top: every stage that reads a plan imports this module, RandAugment on
+    # or off, and torchvision's import (which loads torch._dynamo) is a large part of a stage's start-up.
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
     frac = abs(m) / (BINS - 1)
     sign = -1.0 if m < 0 else 1.0
     h, w = img.shape[-2:]

@@ -121,15 +121,21 @@ def record_timing(path: str, entered: float) -> None:
         f.write(json.dumps(line) + "\n")
 
 
-def stage_main(fn: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> None:
+def stage_main(fn: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None, *,
+               threads: bool = True) -> None:
     """Run a stage's ``main`` with torch's thread count set (:func:`edc.runtime.configure_threads`); a
     user error prints its lines to stderr and exits 2, no traceback. Under DVC, every failure ends with
-    :func:`restore_hint`."""
+    :func:`restore_hint`.
+
+    ``threads=False`` is for a stage that may be off (``reference.enabled``, ``continual.enabled``,
+    ``slimming.enabled``): its ``main`` calls ``configure_threads`` itself once it knows it computes,
+    so that, off, it writes its placeholder outputs without importing torch."""
     entered = time.time()
     try:
-        from edc.runtime import configure_threads  # here: importing torch is the stage's business
+        if threads:
+            from edc.runtime import configure_threads  # here: importing torch is the stage's business
 
-        configure_threads()  # EDC_THREADS / EDC_JOBS: side-by-side runs divide the cores
+            configure_threads()  # EDC_THREADS / EDC_JOBS: side-by-side runs divide the cores
         fn(argv)
         if os.environ.get("EDC_TIMING_FILE"):
             record_timing(os.environ["EDC_TIMING_FILE"], entered)

@@ -11,6 +11,7 @@ from torch import nn
 
 from edc.data import as_split
 from edc.distributed import World
+from edc.progress import clocked
 from edc.runtime import autocast, model_device
 
 
@@ -68,6 +69,6 @@ def accuracy(model: nn.Module, test, batch_size: int = 1000) -> float:
     was_training = model.training
     model.eval()
     dev = model_device(model)
-    correct = sum(int((model(x.to(dev)).argmax(1).cpu() == y).sum()) for x, y in test.batches(batch_size))
+    correct = sum(int((model(x.to(dev)).argmax(1).cpu() == y).sum()) for x, y in clocked(test.batches(batch_size)))
     model.train(was_training)
     return correct / len(test)

@@ -3,7 +3,7 @@
 Classes arrive in ``continual.steps`` groups in a seeded order; at each step a student is trained
 from the condensed images of the classes seen so far (soft labels restricted to them, and hard
 labels) with the post-evaluation recipe, and tested on the test images of those classes. Off by
-default (``continual.enabled``): then it writes a report saying so, without loading torch's models.
+default (``continual.enabled``): then it writes a report saying so, without importing torch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edc.io import write_csv, write_json
-from edc.params import Params, load_params
+from edc.params import Params, load_params, load_section
 from edc.stage import parser, stage_main, stage_params
 
 PATHS = {  # --NAME: help (all required)
@@ -59,19 +59,20 @@ def run_steps(args, p: Params, groups: list[list[int]], test, spec, *, device, r
 
 def main(argv=None) -> None:
     args = parser("continual", __doc__, PATHS).parse_args(argv)
-    p = load_params(args.params)
-    cfg = p.continual
-    if not cfg.enabled:
+    if not load_section(args.params, "continual").enabled:  # off: its placeholders, without torch
         write_json(args.metrics, {"enabled": False})
         write_curves_file(args.plot, [])
         print("continual: off (continual.enabled: false); set it to true and dvc repro to run it")
         return
+    p = load_params(args.params)
+    cfg = p.continual
     from edc.applications import class_groups, class_order
     from edc.data import load_prepared
-    from edc.runtime import resolve_device
+    from edc.runtime import configure_threads, resolve_device
     from edc.seeding import derive_seed
     from edc.tracking import stage_run
 
+    configure_threads()  # stage_main(threads=False) left it to here: off, the stage never imports torch
     device = resolve_device(p.device)
     with stage_run("continual", stage_params(p, "continual"), seed=p.seed) as run:
         data = load_prepared(args.data, p.workers)
@@ -97,4 +98,4 @@ def write_curves_file(path: str, rows: list[dict], fields: list[str] | None = No
 
 
 if __name__ == "__main__":
-    stage_main(main)
+    stage_main(main, threads=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edc.io import write_csv, write_json
-from edc.params import load_params
+from edc.params import load_params, load_section
 from edc.stage import parser, stage_main, stage_params
 
 FIELDS = ["sparsity", "bn_before", "bn_after", "magnitude_before", "magnitude_after"]
@@ -38,22 +38,23 @@ PATHS = {  # --NAME: help (all required)
 
 def main(argv=None) -> None:
     args = parser("slimming", __doc__, PATHS).parse_args(argv)
-    p = load_params(args.params)
-    cfg = p.slimming
-    if not cfg.enabled:
+    if not load_section(args.params, "slimming").enabled:  # off: its placeholders, without torch
         write_json(args.metrics, {"enabled": False})
         write_plot(args.plot, [])
         print("slimming: off (slimming.enabled: false); set it to true and dvc repro to run it")
         return
+    p = load_params(args.params)
+    cfg = p.slimming
     from edc.applications import prune, recover, sparsity
     from edc.data import load_prepared
     from edc.observers import load_observer
-    from edc.runtime import place, resolve_device
+    from edc.runtime import configure_threads, place, resolve_device
     from edc.seeding import derive_seed
     from edc.shards import load_condensed
     from edc.tracking import stage_run
     from edc.training import accuracy
 
+    configure_threads()  # stage_main(threads=False) left it to here: off, the stage never imports torch
     device = resolve_device(p.device)
     name = cfg.model or p.observers.models[0].name
     with stage_run("slimming", stage_params(p, "slimming"), seed=p.seed) as run:
@@ -85,4 +86,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    stage_main(main)
+    stage_main(main, threads=False)

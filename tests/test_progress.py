@@ -23,6 +23,11 @@ def test_quiet_when_the_loop_is_shorter_than_the_interval():
 
 
 def test_without_a_terminal_progress_is_line_based(monkeypatch, capsys):
+    from edc import progress as progress_module
+
+    # No start hook waiting (an earlier test in this process may have imported edc.tracking, which
+    # registers one): with one, the bar comes wrapped in the hook's announcer.
+    monkeypatch.setattr(progress_module, "_start_hooks", [])
     monkeypatch.setenv("EDC_PROGRESS_SECONDS", "0")
     bar = progress(range(3), desc="relabel", unit="epoch")  # pytest's stderr is not a terminal
     assert isinstance(bar, LineProgress)
