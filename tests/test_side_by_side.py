@@ -307,13 +307,12 @@ def test_a_queue_stop_sent_to_idle_workers_does_not_stop_the_next_start(dvc_repo
         for name in names:
             sh(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"a={name}"], repo, env)
         _start_queue(repo, env, 2, log)
-
-        def done(status):  # drained, or stuck: tasks queued and no worker left to take them
-            return not {"Queued", "Running"} & {st for _, st in status} or "Worker status: 0 active, 0 idle" in \
-                sh(["dvc", "queue", "status"], repo, env) and ("Running" not in {st for _, st in status})
-        status = _wait_queue(repo, env, done, timeout_s=300)
-        _wait_queue(repo, env, lambda s: "Worker status: 0 active, 0 idle" in sh(["dvc", "queue", "status"], repo, env),
-                    timeout_s=120)  # the workers idle out (DVC's 10 s)
+        # Before the fix, two of four stayed Queued with no worker left: this wait ran out.
+        status = _wait_queue(repo, env, lambda s: not {"Queued", "Running"} & {st for _, st in s}, timeout_s=300)
+        deadline = time.monotonic() + 120
+        while "Worker status: 0 active, 0 idle" not in sh(["dvc", "queue", "status"], repo, env):
+            assert time.monotonic() < deadline, "the workers did not idle out"  # DVC's idle timeout is 10 s
+            time.sleep(2)
         return status
 
     assert sorted(run(["1", "2"])) == [("1", "Success"), ("2", "Success")]
