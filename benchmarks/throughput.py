@@ -139,6 +139,18 @@ def covered(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def side_by_side(intervals: list[tuple[float, float]]) -> float:
+    """Seconds during which at least two of ``intervals`` are open: with ``-j 2``, the share of the
+    wall the workers really ran together (a worker stopped early runs the rest one at a time)."""
+    events = sorted([(lo, 1) for lo, _ in intervals] + [(hi, -1) for _, hi in intervals])
+    total, open_, since = 0.0, 0, 0.0
+    for t, step in events:
+        if open_ >= 2:
+            total += t - since
+        open_, since = open_ + step, t
+    return total
+
+
 def loop_worker(threads: int, repo: str) -> None:
     """One copy of the training loop: the first student, seed 0, as post_evaluate trains it."""
     from edc.runtime import configure_threads
@@ -215,7 +227,7 @@ def main() -> None:
                   f"each {statistics.median(each):.1f} s (min {min(each):.1f}, max {max(each):.1f}); stages ran "
                   f"with {'/'.join(sorted(threads))} torch thread(s); no stage running for "
                   f"{wall - covered(intervals):.1f} s of the wall (DVC's queue: workers, workspace copies, "
-                  "commits)", flush=True)
+                  f"commits); two or more experiments running for {side_by_side(intervals):.1f} s", flush=True)
         gain = results[1] / results[args.jobs]
         print(f"side by side (-j {args.jobs}) over one at a time: {gain:.2f}x experiments per hour   goal >= 1.4x")
         lim = limit(repo, env, 1 if args.quick else args.rounds)

@@ -489,6 +489,20 @@ def _fail_killed_tasks() -> None:
         subprocess.run([dvc_command(), "queue", "kill", task])
 
 
+def _drop_stale_control_messages() -> None:
+    """Delete the control messages left for queue workers that are gone (edc.dvcqueue): a `dvc queue
+    stop` among them would make the new worker of that number exit after its first experiment."""
+    from edc.dvcqueue import stale_control_messages
+    from edc.tracking import project_root
+
+    stale = stale_control_messages(project_root())
+    for msg in stale:
+        msg.unlink(missing_ok=True)
+    if stale:
+        print(f"dropped {len(stale)} control message(s) (`dvc queue stop`, `dvc queue status`) left for workers "
+              "that are gone", flush=True)
+
+
 def _queue_start(args: argparse.Namespace) -> None:
     import os
 
@@ -496,6 +510,7 @@ def _queue_start(args: argparse.Namespace) -> None:
     from edc.runtime import JOBS_ENV
 
     _fail_killed_tasks()
+    _drop_stale_control_messages()
     # DVC's queue workers are processes started by this command, inheriting its environment; each
     # stage they run gives torch (cores // EDC_JOBS) threads (edc.runtime.resolve_threads).
     env = {**os.environ, JOBS_ENV: str(args.jobs)}
@@ -622,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     qsub = q.add_subparsers(dest="queue_cmd", required=True)
     qs = qsub.add_parser("start", help="`dvc queue start -j N` with EDC_JOBS=N: each experiment's stages use "
                                        "cores // N torch threads (a task killed with its worker is marked failed "
-                                       "first)")
+                                       "first, and control messages left for workers that are gone dropped)")
     qs.add_argument("-j", "--jobs", type=positive_int, default=1, help="experiments side by side (default 1)")
     qs.set_defaults(fn=_queue_start)
     args = ap.parse_args(argv)

@@ -245,3 +245,79 @@ def test_edc_queue_start_marks_failed_a_task_killed_with_its_worker(tmp_path, mo
     cli.main(["queue", "start", "-j", "1"])
     assert seen == [["queue", "kill", "a" * 40], ["queue", "start", "-j", "1"]]
     assert "aaaaaaa: listed as running, but its process is gone (killed); marking it failed" in capsys.readouterr().out
+
+
+def _broker_message(celery: Path, queue: str, n: int) -> Path:
+    msg = celery / "broker" / "in" / f"{n:08d}_{n:08x}-0000.{queue}.msg"
+    msg.parent.mkdir(parents=True, exist_ok=True)
+    msg.write_text("{}")
+    return msg
+
+
+def test_edc_queue_start_drops_control_messages_left_for_workers_that_are_gone(tmp_path, monkeypatch, capsys):
+    """The broker's control messages for a worker number whose process is gone (exited, killed, or
+    never recorded) are deleted before the workers start; a running worker's, and the queued
+    experiments' task messages, stay."""
+    from edc import cli
+    from edc.dvcqueue import CELERY_DIR, stale_control_messages
+
+    celery = tmp_path / CELERY_DIR
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    workers = {1: {"pid": os.getpid(), "returncode": None},  # running
+               2: {"pid": gone.pid, "returncode": 0},  # idled out
+               3: {"pid": gone.pid, "returncode": None}}  # killed
+    celery.mkdir(parents=True)
+    for num, record in workers.items():
+        (celery / f"dvc-exp-worker-{num}.json").write_text(json.dumps(record))
+    keep = [_broker_message(celery, "dvc-exp-4091e2-1@localhost.celery.pidbox", 1),
+            _broker_message(celery, "celery", 2)]  # a queued experiment
+    stale = [_broker_message(celery, f"dvc-exp-4091e2-{num}@localhost.celery.pidbox", 10 + num) for num in (2, 3, 11)]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert stale_control_messages(tmp_path) == stale
+
+    seen = []
+    monkeypatch.setattr(cli.subprocess, "run", lambda cmd, env=None: seen.append(cmd[1:]) or
+                        subprocess.CompletedProcess(cmd, 0))
+    cli.main(["queue", "start", "-j", "2"])
+    assert seen == [["queue", "start", "-j", "2"]]
+    assert sorted((celery / "broker" / "in").iterdir()) == sorted(keep)
+    assert "dropped 3 control message(s)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_queue_stop_sent_to_idle_workers_does_not_stop_the_next_start(dvc_repo):
+    """`dvc queue stop` after the workers idled out leaves a shutdown in each worker's control queue
+    (edc.dvcqueue); `edc queue start -j 2` drops it, so both new workers keep taking experiments until
+    the queue is empty (before, each ran one and exited, and the rest stayed queued for good)."""
+    from edc.dvcqueue import stale_control_messages
+
+    repo, env = dvc_repo
+    write_yaml(repo / "dvc.yaml", {"stages": {"write": {
+        "cmd": "python -c \"import yaml; open('out.txt', 'w').write(str(yaml.safe_load(open('params.yaml'))['a']))\"",
+        "params": ["a"], "outs": ["out.txt"]}}})
+    write_yaml(repo / "params.yaml", {"a": 0})
+    sh(["dvc", "repro", "-q"], repo, env)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "baseline"], repo, env)
+    log = repo.parent / "queue.log"
+
+    def run(names: list[str]) -> list[tuple[str, str]]:
+        for name in names:
+            sh(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"a={name}"], repo, env)
+        _start_queue(repo, env, 2, log)
+        # Before the fix, two of four stayed Queued with no worker left: this wait ran out.
+        status = _wait_queue(repo, env, lambda s: not {"Queued", "Running"} & {st for _, st in s}, timeout_s=300)
+        deadline = time.monotonic() + 120
+        while "Worker status: 0 active, 0 idle" not in sh(["dvc", "queue", "status"], repo, env):
+            assert time.monotonic() < deadline, "the workers did not idle out"  # DVC's idle timeout is 10 s
+            time.sleep(2)
+        return status
+
+    assert sorted(run(["1", "2"])) == [("1", "Success"), ("2", "Success")]
+    sh(["dvc", "queue", "stop"], repo, env)  # no worker left to read it
+    assert stale_control_messages(repo), "DVC's broker holds no message for the gone workers: edc.dvcqueue is stale"
+    status = run(["3", "4", "5", "6"])
+    assert sorted(s for s in status if s[0] in "3456") == [(n, "Success") for n in "3456"], status
+    assert "dropped" in log.read_text()

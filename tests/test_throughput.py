@@ -245,3 +245,21 @@ def test_eval_jobs_with_torchrun_ranks_is_a_params_error():
                                 seed_for=lambda *k: 0, state={"done": {}, "current": None}, ckpt=None)
     assert train_seeds_in_parallel(1, Recipe(cfg, 2.0, world=SimpleNamespace(size=2, main=True)), None, None, None,
                                    seed_for=lambda *k: 0, state={"done": {}, "current": None}, ckpt=None) == set()
+
+
+def test_the_throughput_benchmark_measures_the_time_experiments_ran_together():
+    """benchmarks/throughput.py's seconds with at least one / at least two experiments running,
+    against a count over unit cells of random integer intervals."""
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location("throughput_bench", ROOT / "benchmarks" / "throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = random.Random(0)
+    for _ in range(200):
+        intervals = [tuple(sorted(rng.sample(range(21), 2))) for _ in range(rng.randint(1, 5))]
+        running = [sum(lo <= t < hi for lo, hi in intervals) for t in range(20)]
+        assert bench.covered(intervals) == sum(n >= 1 for n in running), intervals
+        assert bench.side_by_side(intervals) == sum(n >= 2 for n in running), intervals
+    assert bench.side_by_side([(0.0, 10.0), (10.0, 20.0)]) == 0  # one after the other: never together
