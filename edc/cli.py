@@ -516,10 +516,50 @@ def _queue_start(args: argparse.Namespace) -> None:
     env = {**os.environ, JOBS_ENV: str(args.jobs)}
     cmd = [dvc_command(), "queue", "start", "-j", str(args.jobs)]
     print(f"$ {JOBS_ENV}={args.jobs} " + " ".join(cmd), flush=True)
+    if args.watch:
+        from edc.dvcqueue import log_size
+        from edc.tracking import project_root
+
+        since = {num: log_size(project_root(), num) for num in range(1, args.jobs + 1)}
     r = subprocess.run(cmd, env=env)
     if r.returncode != 0:
         raise EdcError(f"dvc queue start failed (exit status {r.returncode}); see the output above")
     print("workers already running keep the thread count they started with; `dvc queue stop` ends them")
+    if args.watch:
+        _watch_queue(args.jobs, env, since)
+
+
+def _watch_queue(jobs: int, env: dict[str, str], since: dict[int, int]) -> None:
+    """Stay until the queue has nothing queued or running, starting again a worker that died while
+    experiments wait (edc.dvcqueue.Watch); Ctrl-C leaves the workers running."""
+    import os
+
+    from edc.dvcqueue import Watch
+    from edc.tracking import project_root
+
+    root = Path(project_root())
+
+    def spawn(num: int) -> None:
+        from dvc.repo import Repo
+
+        # DVC's own start of one worker number, as `dvc queue start` makes it for each missing one; the
+        # new process inherits this one's environment, so it keeps the thread split.
+        os.environ.update(env)
+        with Repo(str(root)) as repo:
+            repo.experiments.celery_queue._spawn_worker(num)
+
+    def tidy() -> None:
+        _fail_killed_tasks()
+        _drop_stale_control_messages()
+
+    print("watching the queue until nothing is queued or running (every 5 s; Ctrl-C stops watching)", flush=True)
+    try:
+        replaced = Watch(root, jobs, spawn, tidy, echo=lambda line: print(line, flush=True), since=since).run()
+    except KeyboardInterrupt:
+        print("\nstopped watching; the workers keep running (`dvc queue status` to follow, `dvc queue stop` "
+              "to end them)", flush=True)
+        return
+    print(f"the queue is empty: nothing queued or running ({replaced} worker(s) started again)", flush=True)
 
 
 def _exp_args(sp: argparse.ArgumentParser) -> None:
@@ -639,6 +679,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                                        "cores // N torch threads (a task killed with its worker is marked failed "
                                        "first, and control messages left for workers that are gone dropped)")
     qs.add_argument("-j", "--jobs", type=positive_int, default=1, help="experiments side by side (default 1)")
+    qs.add_argument("--watch", action="store_true",
+                    help="stay until nothing is queued or running, and start again a worker that dies while "
+                         "experiments wait (kombu's file broker can stop one: docs/performance.md), one line per "
+                         "restart; recommended for long queues. Ctrl-C stops watching, not the workers")
     qs.set_defaults(fn=_queue_start)
     args = ap.parse_args(argv)
     try:

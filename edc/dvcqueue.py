@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 RUN_DIR = Path(".dvc/tmp/exps/run")
@@ -83,3 +87,125 @@ def stale_control_messages(root: str | Path = ".") -> list[Path]:
         if node.endswith("@localhost") and node.removesuffix("@localhost").rsplit("-", 1)[-1] not in live:
             found.append(msg)
     return found
+
+
+# --- watching a queue drain (`edc queue start --watch`) -------------------------------------------
+# A worker also dies of a race in kombu's filesystem broker: a message's file is created empty and
+# only then locked and written, while a reader moves and reads it without a lock, so a worker polling
+# its control queue can read b"" and stop with "Unrecoverable error: JSONDecodeError('Expecting value:
+# line 1 column 1 (char 0)')" after finishing its experiment (docs/performance.md). The watch reads
+# the queue's files only: asking the workers (`dvc queue status`, `dvc queue start`) broadcasts into
+# every control queue, which is the race's trigger.
+
+_LOG_LINE = re.compile(r"^\[[^\]]*: (CRITICAL|ERROR)/[^\]]*\] (.*)$")
+
+
+def queued_tasks(root: str | Path = ".") -> int:
+    """How many experiments wait in the broker for a worker (task messages in ``broker/in``)."""
+    return len(list((Path(root) / CELERY_DIR / "broker" / "in").glob("*.celery.msg")))
+
+
+def running_tasks(root: str | Path = ".") -> list[str]:
+    """The Celery ids of the experiments a worker took and that have no result yet, sorted: what
+    `dvc queue status` lists as Running (a taken message moves to ``broker/processed``; the result
+    backend writes ``result/celery-task-meta-<id>`` when the experiment ends or is marked failed)."""
+    celery = Path(root) / CELERY_DIR
+    found = []
+    for msg in sorted((celery / "broker" / "processed").glob("*.celery.msg")):
+        try:
+            task = json.loads(msg.read_text())["headers"]["id"]
+        except (OSError, ValueError, KeyError, TypeError):  # being moved or written right now
+            continue
+        if not (celery / "result" / f"celery-task-meta-{task}").exists():
+            found.append(task)
+    return found
+
+
+def worker_record(root: str | Path, num: int) -> dict | None:
+    """Worker ``num``'s process record (``pid``, ``returncode``), None while it has none (not
+    spawned yet, or being written)."""
+    try:
+        return json.loads((Path(root) / CELERY_DIR / f"dvc-exp-worker-{num}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_gone(record: dict | None) -> bool:
+    """Whether the worker process a record describes has exited (a missing record is a worker being
+    spawned, not a gone one)."""
+    if record is None:
+        return False
+    pid = record.get("pid")
+    return record.get("returncode") is not None or not (isinstance(pid, int) and _exists(pid))
+
+
+def log_size(root: str | Path, num: int) -> int:
+    """The size of worker ``num``'s log (``dvc-exp-worker-<num>.out``, appended to by each worker of
+    that number), 0 without one."""
+    try:
+        return (Path(root) / CELERY_DIR / f"dvc-exp-worker-{num}.out").stat().st_size
+    except OSError:
+        return 0
+
+
+def death_reason(root: str | Path, num: int, since: int, record: dict | None) -> str:
+    """Why worker ``num`` stopped, from what its log gained after byte ``since``: the last error or
+    critical line (a traceback's first line), else a remote shutdown, else its exit status."""
+    try:
+        with open(Path(root) / CELERY_DIR / f"dvc-exp-worker-{num}.out", "rb") as f:
+            f.seek(since)
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in reversed(lines):
+        if (m := _LOG_LINE.match(line)) or "Got shutdown from remote" in line:
+            return m.group(2) if m else "Got shutdown from remote"
+    code = (record or {}).get("returncode")
+    return f"exit status {code}" if code is not None else "its process is gone, no error in its log"
+
+
+@dataclass
+class Watch:
+    """`edc queue start --watch`'s loop over the queue at ``root`` with worker numbers 1..``jobs``.
+    The callables are the side effects, so that a test can stand in for DVC: ``spawn(num)`` starts
+    worker ``num``; ``tidy()`` marks killed tasks failed and drops stale control messages."""
+
+    root: Path
+    jobs: int
+    spawn: Callable[[int], None]
+    tidy: Callable[[], None]
+    echo: Callable[[str], None] = print
+    sleep: Callable[[float], None] = time.sleep
+    interval: float = 5.0
+    since: dict[int, int] = field(default_factory=dict)  # each worker's log size when it was started
+    replacing: dict[int, object] = field(default_factory=dict)  # num -> the gone pid it replaces
+
+    def step(self) -> int:
+        """Replace each gone worker while experiments are queued; the number replaced."""
+        if not queued_tasks(self.root):
+            return 0
+        replaced = 0
+        for num in range(1, self.jobs + 1):
+            record = worker_record(self.root, num)
+            # Until the new process writes its record, the old one still says gone.
+            if not is_gone(record) or self.replacing.get(num, object()) == (record or {}).get("pid"):
+                continue
+            reason = death_reason(self.root, num, self.since.get(num, 0), record)
+            self.tidy()  # a `dvc queue stop` left for the gone worker would stop its successor at once
+            self.since[num] = log_size(self.root, num)
+            self.replacing[num] = (record or {}).get("pid")
+            self.spawn(num)
+            self.echo(f"worker {num} died ({reason}); started again")
+            replaced += 1
+        return replaced
+
+    def run(self) -> int:
+        """Until no experiment is queued or running: replace gone workers, mark killed tasks failed
+        every ``interval`` seconds; the number of workers replaced."""
+        replaced = 0
+        while True:
+            self.tidy()
+            if not queued_tasks(self.root) and not running_tasks(self.root):
+                return replaced
+            replaced += self.step()
+            self.sleep(self.interval)
