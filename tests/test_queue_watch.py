@@ -154,3 +154,57 @@ def test_edc_queue_start_returns_when_the_queue_is_empty(tmp_path, monkeypatch, 
     assert time.monotonic() - t < 5
     assert ("the queue is empty: nothing queued or running (0 worker(s) started again)" in capsys.readouterr().out) \
         == bool(watch)
+
+
+@pytest.mark.slow
+def test_a_worker_stopped_by_an_empty_control_message_is_started_again_and_the_queue_drains(dvc_repo):
+    """The race itself, made certain: an empty file in worker 2's control queue (what kombu's broker
+    leaves readable for an instant) stops it with "Unrecoverable error: JSONDecodeError" after its
+    experiment; `edc queue start -j 2 --watch` starts it again, the new worker 2 takes experiments,
+    every experiment succeeds and the watch ends."""
+    import re
+    import sys
+    import uuid
+
+    from tests.helpers import sh, write_yaml
+
+    repo, env = dvc_repo
+    # Each experiment sleeps a few seconds, so that some still wait when worker 2 dies.
+    write_yaml(repo / "dvc.yaml", {"stages": {"write": {
+        "cmd": "python -c \"import time, yaml; time.sleep(4); "
+               "open('out.txt', 'w').write(str(yaml.safe_load(open('params.yaml'))['a']))\"",
+        "params": ["a"], "outs": ["out.txt"]}}})
+    write_yaml(repo / "params.yaml", {"a": 0})
+    sh(["dvc", "repro", "-q"], repo, env)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "baseline"], repo, env)
+    names = [str(n) for n in range(1, 9)]
+    for name in names:
+        sh(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"a={name}"], repo, env)
+    celery = repo / CELERY_DIR
+    out2 = celery / "dvc-exp-worker-2.out"
+    log = repo.parent / "watch.log"
+    with open(log, "w") as f:
+        # The workers DVC spawns inherit stdout: a file, not a pipe that would stay open after the watch.
+        watch = subprocess.Popen([sys.executable, "-m", "edc.cli", "queue", "start", "-j", "2", "--watch"],
+                                 cwd=repo, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out2.exists() and " received" in out2.read_text()):  # worker 2 holds an experiment
+            assert time.monotonic() < deadline and watch.poll() is None, log.read_text()
+            time.sleep(0.5)
+        node = re.search(r"dvc-exp-\w+-2@localhost", out2.read_text()).group(0)
+        (celery / "broker" / "in" / f"{int(time.monotonic() * 1000)}_{uuid.uuid4()}.{node}.celery.pidbox.msg").touch()
+        watch.wait(timeout=600)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+    text = log.read_text()
+    assert watch.returncode == 0, text
+    assert "worker 2 died (Unrecoverable error: JSONDecodeError('Expecting value: line 1 column 1 (char 0)')); " \
+           "started again" in text, text
+    after = out2.read_text().split("Unrecoverable error", 1)[1]
+    assert "ready." in after and " succeeded in " in after, after  # the new worker 2 ran experiments
+    status = sh(["dvc", "queue", "status"], repo, env)
+    assert sorted(line.split()[1] for line in status.splitlines() if line.endswith("Success")) == sorted(names), status
+    sh(["dvc", "queue", "stop"], repo, env)  # the workers, before the repository goes
