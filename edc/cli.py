@@ -489,16 +489,17 @@ def _fail_killed_tasks() -> None:
         subprocess.run([dvc_command(), "queue", "kill", task])
 
 
-def _drop_stale_control_messages() -> None:
+def _drop_stale_control_messages(quiet: bool = False) -> None:
     """Delete the control messages left for queue workers that are gone (edc.dvcqueue): a `dvc queue
-    stop` among them would make the new worker of that number exit after its first experiment."""
+    stop` among them would make the new worker of that number exit after its first experiment.
+    ``quiet``: say nothing (the watch drops those a running worker's broadcasts leave at every poll)."""
     from edc.dvcqueue import stale_control_messages
     from edc.tracking import project_root
 
     stale = stale_control_messages(project_root())
     for msg in stale:
         msg.unlink(missing_ok=True)
-    if stale:
+    if stale and not quiet:
         print(f"dropped {len(stale)} control message(s) (`dvc queue stop`, `dvc queue status`) left for workers "
               "that are gone", flush=True)
 
@@ -550,9 +551,9 @@ def _watch_queue(jobs: int, env: dict[str, str], since: dict[int, int]) -> None:
 
     def tidy() -> None:
         _fail_killed_tasks()
-        _drop_stale_control_messages()
+        _drop_stale_control_messages(quiet=True)
 
-    print("watching the queue until nothing is queued or running (every 5 s; Ctrl-C stops watching)", flush=True)
+    print("watching the queue until nothing is queued or running (Ctrl-C stops watching)", flush=True)
     try:
         replaced = Watch(root, jobs, spawn, tidy, echo=lambda line: print(line, flush=True), since=since).run()
     except KeyboardInterrupt:

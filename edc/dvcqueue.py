@@ -176,7 +176,7 @@ class Watch:
     tidy: Callable[[], None]
     echo: Callable[[str], None] = print
     sleep: Callable[[float], None] = time.sleep
-    interval: float = 5.0
+    interval: float = 2.0
     since: dict[int, int] = field(default_factory=dict)  # each worker's log size when it was started
     replacing: dict[int, object] = field(default_factory=dict)  # num -> the gone pid it replaces
 
@@ -191,7 +191,6 @@ class Watch:
             if not is_gone(record) or self.replacing.get(num, object()) == (record or {}).get("pid"):
                 continue
             reason = death_reason(self.root, num, self.since.get(num, 0), record)
-            self.tidy()  # a `dvc queue stop` left for the gone worker would stop its successor at once
             self.since[num] = log_size(self.root, num)
             self.replacing[num] = (record or {}).get("pid")
             self.spawn(num)
@@ -200,8 +199,9 @@ class Watch:
         return replaced
 
     def run(self) -> int:
-        """Until no experiment is queued or running: replace gone workers, mark killed tasks failed
-        every ``interval`` seconds; the number of workers replaced."""
+        """Until no experiment is queued or running, every ``interval`` seconds: tidy (before a
+        replacement, so that a `dvc queue stop` left for the gone worker cannot stop its successor at
+        once), then replace gone workers; the number of workers replaced."""
         replaced = 0
         while True:
             self.tidy()
