@@ -13,6 +13,7 @@
     edc smoke [--keep DIR]             the whole pipeline on tiny settings in a scratch copy (1-2 minutes)
     edc restore [STAGE...]             after a failed stage: the outputs dvc.lock records, params.yaml as committed
     edc queue start -j N               `dvc queue start -j N` with the cores divided between the N workers
+    edc queue start -j N --watch       ... and stay until the queue is done, starting again a worker that dies
 
 A mistake on the command line ends in one line naming the option and what is wrong, exit status 2,
 before anything is written or launched: argparse's own errors (:class:`OneLineParser`), the type

@@ -1,5 +1,6 @@
-"""DVC's experiment queue, as `edc queue start` reads it: the tasks whose process was killed, and
-the control messages left for workers that are gone.
+"""DVC's experiment queue, as `edc queue start` reads it: the tasks whose process was killed, the
+control messages left for workers that are gone, and (``--watch``) what is queued or running and
+which workers died.
 
 DVC's queue worker runs each experiment as a ``dvc exp exec-run`` process and records it in
 ``.dvc/tmp/exps/run/<task>/<task>.json`` (``pid``; ``returncode`` null until the worker has waited
