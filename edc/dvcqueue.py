@@ -24,6 +24,7 @@ once it exited).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -48,8 +49,10 @@ def _exists(pid: int) -> bool:
 
 def killed_tasks(root: str | Path = ".") -> list[str]:
     """The task ids (stash revisions) DVC lists as running in the project at ``root`` whose process
-    is gone, sorted."""
-    found = []
+    is gone, sorted; with no worker alive, also those a worker took and died with before it started
+    their process (no record: killed mid-setup, nothing will ever run or finish them)."""
+    found = [] if _live_workers(Path(root) / CELERY_DIR) else \
+        [rev for _, rev in _taken(root) if not (Path(root) / RUN_DIR / rev / f"{rev}.json").exists()]
     for info in sorted((Path(root) / RUN_DIR).glob("*/*.json")):
         try:
             record = json.loads(info.read_text())
@@ -59,7 +62,7 @@ def killed_tasks(root: str | Path = ".") -> list[str]:
         if info.stem == info.parent.name and record.get("returncode") is None and isinstance(pid, int) \
                 and not _exists(pid):
             found.append(info.stem)
-    return found
+    return sorted(found)
 
 
 def _live_workers(celery: Path) -> set[str]:
@@ -106,20 +109,27 @@ def queued_tasks(root: str | Path = ".") -> int:
     return len(list((Path(root) / CELERY_DIR / "broker" / "in").glob("*.celery.msg")))
 
 
-def running_tasks(root: str | Path = ".") -> list[str]:
-    """The Celery ids of the experiments a worker took and that have no result yet, sorted: what
-    `dvc queue status` lists as Running (a taken message moves to ``broker/processed``; the result
-    backend writes ``result/celery-task-meta-<id>`` when the experiment ends or is marked failed)."""
+def _taken(root: str | Path) -> list[tuple[str, str]]:
+    """(Celery id, stash revision) of each experiment a worker took that has no result yet: what
+    `dvc queue status` lists as Running (a taken message moves to ``broker/processed``, its body the
+    base64 JSON of run_exp's arguments; the result backend writes ``result/celery-task-meta-<id>``
+    when the experiment ends or is marked failed)."""
     celery = Path(root) / CELERY_DIR
     found = []
     for msg in sorted((celery / "broker" / "processed").glob("*.celery.msg")):
         try:
-            task = json.loads(msg.read_text())["headers"]["id"]
-        except (OSError, ValueError, KeyError, TypeError):  # being moved or written right now
+            message = json.loads(msg.read_text())
+            task, rev = message["headers"]["id"], json.loads(base64.b64decode(message["body"]))[0][0]["stash_rev"]
+        except (OSError, ValueError, KeyError, TypeError, IndexError):  # being moved or written right now
             continue
         if not (celery / "result" / f"celery-task-meta-{task}").exists():
-            found.append(task)
+            found.append((task, rev))
     return found
+
+
+def running_tasks(root: str | Path = ".") -> list[str]:
+    """The stash revisions of the experiments `dvc queue status` lists as Running, sorted."""
+    return sorted(rev for _, rev in _taken(root))
 
 
 def worker_record(root: str | Path, num: int) -> dict | None:
