@@ -558,8 +558,8 @@ def _watch_queue(jobs: int, env: dict[str, str], since: dict[int, int]) -> None:
     try:
         replaced = Watch(root, jobs, spawn, tidy, echo=lambda line: print(line, flush=True), since=since).run()
     except KeyboardInterrupt:
-        print("\nstopped watching; the workers keep running (`dvc queue status` to follow, `dvc queue stop` "
-              "to end them)", flush=True)
+        print(f"\nstopped watching; the workers keep running (`edc queue start -j {jobs} --watch` watches them "
+              "again, `dvc queue stop` ends them)", flush=True)
         return
     print(f"the queue is empty: nothing queued or running ({replaced} worker(s) started again)", flush=True)
 

@@ -104,9 +104,15 @@ def stale_control_messages(root: str | Path = ".") -> list[Path]:
 _LOG_LINE = re.compile(r"^\[[^\]]*: (CRITICAL|ERROR)/[^\]]*\] (.*)$")
 
 
+def _task_messages(folder: Path) -> list[Path]:
+    """The messages of DVC's task queue (named ``celery``) in a broker folder, sorted; kombu's own
+    match, so a control queue's ``<node>.celery.pidbox`` is not among them."""
+    return sorted(msg for msg in folder.glob("*.msg") if msg.name.partition(".")[2] == "celery.msg")
+
+
 def queued_tasks(root: str | Path = ".") -> int:
     """How many experiments wait in the broker for a worker (task messages in ``broker/in``)."""
-    return len(list((Path(root) / CELERY_DIR / "broker" / "in").glob("*.celery.msg")))
+    return len(_task_messages(Path(root) / CELERY_DIR / "broker" / "in"))
 
 
 def _taken(root: str | Path) -> list[tuple[str, str]]:
@@ -116,7 +122,7 @@ def _taken(root: str | Path) -> list[tuple[str, str]]:
     when the experiment ends or is marked failed)."""
     celery = Path(root) / CELERY_DIR
     found = []
-    for msg in sorted((celery / "broker" / "processed").glob("*.celery.msg")):
+    for msg in _task_messages(celery / "broker" / "processed"):
         try:
             message = json.loads(msg.read_text())
             task, rev = message["headers"]["id"], json.loads(base64.b64decode(message["body"]))[0][0]["stash_rev"]

@@ -134,6 +134,10 @@ def test_the_watch_ends_at_once_when_nothing_is_queued_or_running(tmp_path):
     queue = FakeQueue(tmp_path, queued=0)
     queue._message("processed", 3)
     (queue.celery / "result" / "celery-task-meta-task-3").write_text("{}")  # finished
+    # Control messages (an inspection for worker 1, a reply) are no experiments.
+    for name in ("12_ab.dvc-exp-4091e2-1@localhost.celery.pidbox.msg", "13_cd.4f1e.reply.celery.pidbox.msg"):
+        (queue.celery / "broker" / "in" / name).write_text("{}")
+        (queue.celery / "broker" / "processed" / name).write_text("{}")
     assert Watch(tmp_path, 2, queue.spawn, lambda: None, sleep=queue.tick).run() == 0
     assert queue.ticks == 0
 
