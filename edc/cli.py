@@ -13,6 +13,7 @@
     edc smoke [--keep DIR]             the whole pipeline on tiny settings in a scratch copy (1-2 minutes)
     edc restore [STAGE...]             after a failed stage: the outputs dvc.lock records, params.yaml as committed
     edc queue start -j N               `dvc queue start -j N` with the cores divided between the N workers
+    edc queue start -j N --watch       ... and stay until the queue is done, starting again a worker that dies
 
 A mistake on the command line ends in one line naming the option and what is wrong, exit status 2,
 before anything is written or launched: argparse's own errors (:class:`OneLineParser`), the type
@@ -489,16 +490,17 @@ def _fail_killed_tasks() -> None:
         subprocess.run([dvc_command(), "queue", "kill", task])
 
 
-def _drop_stale_control_messages() -> None:
+def _drop_stale_control_messages(quiet: bool = False) -> None:
     """Delete the control messages left for queue workers that are gone (edc.dvcqueue): a `dvc queue
-    stop` among them would make the new worker of that number exit after its first experiment."""
+    stop` among them would make the new worker of that number exit after its first experiment.
+    ``quiet``: say nothing (the watch drops those a running worker's broadcasts leave at every poll)."""
     from edc.dvcqueue import stale_control_messages
     from edc.tracking import project_root
 
     stale = stale_control_messages(project_root())
     for msg in stale:
         msg.unlink(missing_ok=True)
-    if stale:
+    if stale and not quiet:
         print(f"dropped {len(stale)} control message(s) (`dvc queue stop`, `dvc queue status`) left for workers "
               "that are gone", flush=True)
 
@@ -516,10 +518,50 @@ def _queue_start(args: argparse.Namespace) -> None:
     env = {**os.environ, JOBS_ENV: str(args.jobs)}
     cmd = [dvc_command(), "queue", "start", "-j", str(args.jobs)]
     print(f"$ {JOBS_ENV}={args.jobs} " + " ".join(cmd), flush=True)
+    if args.watch:
+        from edc.dvcqueue import log_size
+        from edc.tracking import project_root
+
+        since = {num: log_size(project_root(), num) for num in range(1, args.jobs + 1)}
     r = subprocess.run(cmd, env=env)
     if r.returncode != 0:
         raise EdcError(f"dvc queue start failed (exit status {r.returncode}); see the output above")
     print("workers already running keep the thread count they started with; `dvc queue stop` ends them")
+    if args.watch:
+        _watch_queue(args.jobs, env, since)
+
+
+def _watch_queue(jobs: int, env: dict[str, str], since: dict[int, int]) -> None:
+    """Stay until the queue has nothing queued or running, starting again a worker that died while
+    experiments wait (edc.dvcqueue.Watch); Ctrl-C leaves the workers running."""
+    import os
+
+    from edc.dvcqueue import Watch
+    from edc.tracking import project_root
+
+    root = Path(project_root())
+
+    def spawn(num: int) -> None:
+        from dvc.repo import Repo
+
+        # DVC's own start of one worker number, as `dvc queue start` makes it for each missing one; the
+        # new process inherits this one's environment, so it keeps the thread split.
+        os.environ.update(env)
+        with Repo(str(root)) as repo:
+            repo.experiments.celery_queue._spawn_worker(num)
+
+    def tidy() -> None:
+        _fail_killed_tasks()
+        _drop_stale_control_messages(quiet=True)
+
+    print("watching the queue until nothing is queued or running (Ctrl-C stops watching)", flush=True)
+    try:
+        replaced = Watch(root, jobs, spawn, tidy, echo=lambda line: print(line, flush=True), since=since).run()
+    except KeyboardInterrupt:
+        print(f"\nstopped watching; the workers keep running (`edc queue start -j {jobs} --watch` watches them "
+              "again, `dvc queue stop` ends them)", flush=True)
+        return
+    print(f"the queue is empty: nothing queued or running ({replaced} worker(s) started again)", flush=True)
 
 
 def _exp_args(sp: argparse.ArgumentParser) -> None:
@@ -639,6 +681,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                                        "cores // N torch threads (a task killed with its worker is marked failed "
                                        "first, and control messages left for workers that are gone dropped)")
     qs.add_argument("-j", "--jobs", type=positive_int, default=1, help="experiments side by side (default 1)")
+    qs.add_argument("--watch", action="store_true",
+                    help="stay until nothing is queued or running, and start again a worker that dies while "
+                         "experiments wait (kombu's file broker can stop one: docs/performance.md), one line per "
+                         "restart; recommended for long queues. Ctrl-C stops watching, not the workers")
     qs.set_defaults(fn=_queue_start)
     args = ap.parse_args(argv)
     try:
