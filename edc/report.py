@@ -212,12 +212,14 @@ def _table(header: str, rows: list[tuple[str, Experiment | None]], students: lis
 def _preset_notes(rows: list[tuple[str, Experiment]]) -> list[str]:
     """A footnote naming each experiment whose params are not its preset's (an -S override, a preset
     changed since it ran), so that a row never passes for the preset it is named after."""
-    notes = []
+    groups: dict[tuple[str, str], list[str]] = {}  # experiments of one preset that differ alike: one line
     for method, e in rows:
         diff = preset_mismatch(method, e.params)
         if diff:
             shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
-            notes.append(f"- {e.name}: not the {method} preset's params: {shown}")
+            groups.setdefault((method, shown), []).append(e.name)
+    notes = [f"- {', '.join(names)}: not the {method} preset's params: {shown}"
+             for (method, shown), names in groups.items()]
     return (["Rows that differ from their preset:", ""] + notes + [""]) if notes else []
 
 

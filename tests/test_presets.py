@@ -184,6 +184,11 @@ def test_preset_mismatch_names_each_key_that_differs_and_the_report_shows_it(tmp
     notes = [ln for ln in lines if ln.startswith("- ") and "preset's params" in ln]
     assert len(notes) == 1 and notes[0].startswith("- random-soft-ipc10: not the random-soft preset's params: ")
     assert "synth.iterations: 300 (preset: 0)" in notes[0] and "synth.class_var" in notes[0]
+    # trials that differ alike share one line (a preset changed since they ran: one key, every trial)
+    alike = {e.name: e for e in [exp(f"edc-ipc10-t{k}", {"convnet": (0.9, 0.01)}, {**changed, "trial": k})
+                                 for k in range(3)]}
+    notes = [ln for ln in build_report(alike, None).splitlines() if "preset's params" in ln]
+    assert len(notes) == 1 and notes[0].startswith("- edc-ipc10-t0, edc-ipc10-t1, edc-ipc10-t2: not the edc ")
 
 
 def test_a_users_set_param_replaces_the_presets_value(tmp_path, monkeypatch, capsys):
