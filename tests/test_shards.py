@@ -265,21 +265,22 @@ def test_storage_is_counted_by_kind_and_adds_up_to_the_files(tmp_path):
 
 @pytest.mark.parametrize("ipc", [1, 10])
 def test_container_is_at_most_5_percent_of_the_labels_with_default_sizes(tmp_path, default_params, ipc):
-    """A set of the default shape (MNIST 28 x 28 grey, 10 classes, params.yaml's relabel plan, float16
-    logits of every epoch) and a card as big as the relabel stage writes: the container (tar framing,
-    .npy headers, meta.json) is at most 5 % of the label payload."""
+    """A set of the default shape (MNIST 28 x 28 grey, 10 classes, params.yaml's relabel plan and stored
+    epochs: every epoch at ipc 1, 150 of 250 at ipc 10; float16 logits) and a card as big as the relabel
+    stage writes: the container (tar framing, .npy headers, meta.json) is at most 5 % of the label payload."""
     from edc.data import DatasetFacts as Facts
     from edc.params import Params
-    from edc.plan import planned_epochs
+    from edc.plan import planned_epochs, stored_epochs
 
     cfg = Params.model_validate(default_params).relabel
     n = 10 * ipc
     epochs = planned_epochs(cfg.epochs, cfg.min_steps, n, cfg.batch_size)
+    stored = stored_epochs(cfg.label_epochs, epochs, cfg.label_views, ipc)
     facts = Facts(name="mnist5k", channels=1, height=28, width=28, num_classes=10,
                   class_names=[str(i) for i in range(10)], mean=[0.13], std=[0.31],
                   counts={"train": [400] * 10, "test": [100] * 10})
     meta = {"dataset": facts.to_dict(), "class_names": facts.class_names, "num_classes": 10, "ipc": ipc,
-            "teachers": cfg.teachers, "epochs": epochs, "stored_epochs": epochs, "batch_size": cfg.batch_size,
+            "teachers": cfg.teachers, "epochs": epochs, "stored_epochs": stored, "batch_size": cfg.batch_size,
             "codec": cfg.codec, "topk": cfg.topk, "cutmix": cfg.cutmix, "aug": cfg.aug.model_dump(),
             "params": {"seed": 0, "relabel": cfg.model_dump(), "synthesis": {  # as stages/synthesize.py writes it
                 "alpha": 0.5, "seed": 0, "params": default_params["synth"], "init": "rded", "dataset": "mnist5k",
@@ -289,12 +290,12 @@ def test_container_is_at_most_5_percent_of_the_labels_with_default_sizes(tmp_pat
     g = torch.Generator().manual_seed(0)
     u8 = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
     w = CondensedWriter(tmp_path, u8, torch.arange(n) % 10, meta)
-    for e in range(epochs):
+    for e in range(stored):
         plan = make_plan(n, 28, 28, cfg.batch_size, cfg.aug.scale_min, cfg.aug.flip, cutmix=cfg.cutmix, gen=g)
         w.write_epoch(e, plan, cfg.batch_size, torch.randn(n, 10, generator=g), cfg.topk)
     w.close()
     b = read_meta(tmp_path)["bytes"]
-    assert b["labels"] == n * epochs * 10 * 2
+    assert (stored, b["labels"]) == ({1: 1000, 10: 150}[ipc], n * stored * 10 * 2)
     assert b["container"] <= 0.05 * b["labels"], b
     print(f"ipc {ipc}: {b}")  # the figures docs/format.md quotes (pytest -s)
 
