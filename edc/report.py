@@ -215,12 +215,30 @@ def _preset_notes(rows: list[tuple[str, Experiment]]) -> list[str]:
     groups: dict[tuple[str, str], list[str]] = {}  # experiments of one preset that differ alike: one line
     for method, e in rows:
         diff = preset_mismatch(method, e.params)
+        if _stores_as_preset(method, e):  # another rule, the same stored epochs at this ipc: the same set
+            diff = [d for d in diff if not d.startswith(("relabel.label_views:", "relabel.label_epochs:"))]
         if diff:
             shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
             groups.setdefault((method, shown), []).append(e.name)
     notes = [f"- {', '.join(names)}: not the {method} preset's params: {shown}"
              for (method, shown), names in groups.items()]
     return (["Rows that differ from their preset:", ""] + notes + [""]) if notes else []
+
+
+def _stores_as_preset(method: str, e: Experiment) -> bool:
+    """Whether ``e`` stored as many epochs of labels as preset ``method`` stores now at its ipc: a set made
+    before relabel.label_views existed (every epoch) is the preset's own where the rule gives every epoch."""
+    from edc.plan import stored_epochs
+
+    rel, ipc = e.relabel or {}, (parse_name(e.name) or (None, None, 0))[2]
+    if not rel.get("epochs") or not rel.get("stored_epochs") or not ipc:
+        return False
+    try:
+        want = preset_overrides(method, parse_params(e.params))
+    except EdcError:
+        return False
+    return stored_epochs(want.get("relabel.label_epochs", 0), rel["epochs"], want.get("relabel.label_views", 0),
+                         ipc) == rel["stored_epochs"]
 
 
 def _sweep_points(sweep: str, ipc: int, exps: dict[str, Experiment]) -> list[tuple[str, Experiment]]:
@@ -914,6 +932,36 @@ def _rerun_commands(exps: dict[str, Experiment]) -> list[str]:
         for value in dict.fromkeys(others.values()):
             which = ",".join(str(t) for t, v in others.items() if v == value)
             lines.append(f"#   {method}-ipc{ipc} trials {which} ran with {value}")
+    return lines + _sweep_rerun_commands(exps)
+
+
+def _sweep_rerun_commands(exps: dict[str, Experiment]) -> list[str]:
+    """One `edc exp sweep NAME --ipc I --values V` per sweep point, with its trials and measurements, and
+    as -S the keys where the point differs from the edc preset as it stands now besides the swept one (a
+    default changed since it ran, an extra override), so that the command remakes it on today's code."""
+    points: dict[tuple[str, str, int], dict[int, Experiment]] = {}
+    suffixed: set[tuple[str, str, int]] = set()
+    for e in exps.values():
+        kind, value, ipc = parse_name(e.name) or (None, None, None)
+        if kind in SWEEPS and value is not None and kind != "ipc":
+            points.setdefault((kind, value, ipc), {})[e.trial] = e
+            if e.name != f"{kind}-{value}-ipc{ipc}":
+                suffixed.add((kind, value, ipc))
+    lines = []
+    for (sweep, value, ipc), trials in sorted(points.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
+        e = trials[min(trials)]
+        key = SWEEPS[sweep].key
+        try:
+            want = preset_overrides("edc", parse_params(e.params))
+        except EdcError:
+            want = {}
+        extra = [f"-S {shlex.quote(f'{k}={format_value(get_dotted(e.params, k))}')}" for k, v in want.items()
+                 if k != key and get_dotted(e.params, k, "(absent)") != v]
+        sets = [f"-S {shlex.quote(f'{k}={format_value(get_dotted(e.params, k))}')}"
+                for k in MEASUREMENT_KEYS if get_dotted(e.params, k) is not None]
+        count = f" --trials {max(trials) + 1}" if (sweep, value, ipc) in suffixed else ""
+        lines.append(" ".join([f"edc exp sweep {sweep} --ipc {ipc} --values {shlex.quote(value)}{count} --queue",
+                               *sets, *extra]))
     return lines
 
 

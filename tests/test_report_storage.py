@@ -107,3 +107,16 @@ def test_a_hard_label_run_on_a_soft_label_set_counts_the_set_without_its_labels(
     exps["labels-hard-ipc1"].params["evaluate"]["labels"] = "hard"
     assert [(p.title, p.bytes) for p in storage_points(1, exps)] == [
         ("hard labels (soft labels stored, not read)", 76_850), ("float16", 276_850)]
+
+
+def test_a_set_made_before_label_views_is_the_presets_own_where_the_rule_stores_every_epoch(tmp_path):
+    """Trials made before relabel.label_views existed stored every epoch: at ipc 1 the default rule
+    (1,500 views) stores every epoch too, so the page does not call them off-preset; at ipc 10 it stores
+    150 of 250, and the page says so."""
+    old = [record("edc-ipc1-t0", 0.90, 200_000), record("edc-ipc10-t0", 0.95, 500_000, images=78_500,
+                                                           plan=150_000, n=100, epochs=250)]
+    for e in old:
+        del e.params["relabel"]["label_views"]
+    notes = [ln for ln in build_report({e.name: e for e in old}, None, tmp_path).splitlines()
+             if "preset's params" in ln]
+    assert notes == ["- edc-ipc10-t0: not the edc preset's params: relabel.label_views: '(absent)' (preset: 1500)"]
