@@ -237,6 +237,8 @@ def test_a_worker_that_dies_mid_queue_is_started_again_and_the_queue_drains(dvc_
     assert len(started) == 3 and " succeeded in " in started[2], out2.read_text()  # the new worker 2 ran some
     status = [line.split() for line in sh(["dvc", "queue", "status"], repo, env).splitlines()]
     done = {cols[1]: cols[-1] for cols in status if len(cols) >= 4 and cols[-1] in ("Success", "Failed")}
-    lost = 1 if how == "SIGKILL" else 0  # the experiment worker 2 held when it was killed
-    assert sorted(done) == sorted(names) and list(done.values()).count("Failed") == lost, status
+    # The experiment worker 2 held when it was killed is lost, unless its own process had already started:
+    # that process outlives the worker and finishes (which of the two happens depends on timing).
+    lost = 1 if how == "SIGKILL" else 0
+    assert sorted(done) == sorted(names) and list(done.values()).count("Failed") <= lost, status
     sh(["dvc", "queue", "stop"], repo, env)  # the workers, before the repository goes
