@@ -252,18 +252,26 @@ def preset_overrides(name: str, p: Params) -> dict[str, Any]:
     return out
 
 
-def preset_mismatch(name: str, params: dict[str, Any]) -> list[str]:
-    """``key: value (preset: value)`` for every pinned key where ``params`` (an experiment's params.yaml as
-    a mapping) differs from preset ``name``'s value; [] when the experiment ran the preset as it stands
-    now. Params that no longer validate are one line saying so."""
+def preset_differences(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """{key: the preset's value} for every pinned key where ``params`` (an experiment's params.yaml as a
+    mapping) differs from preset ``name`` as it stands now. Raises ParamsError for params that no
+    longer validate."""
     from edc.params import parse_params
 
+    want = preset_overrides(name, parse_params(params))
+    return {key: value for key, value in want.items() if get_dotted(params, key, "(absent)") != value}
+
+
+def preset_mismatch(name: str, params: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """``key: value (preset: value)`` for every pinned key but ``ignore`` where ``params`` differs from
+    preset ``name``'s value; [] when the experiment ran the preset as it stands now. Params that no
+    longer validate are one line saying so."""
     try:
-        want = preset_overrides(name, parse_params(params))
+        diff = preset_differences(name, params)
     except ParamsError as exc:
         return [f"params do not validate ({exc})"]
-    return [f"{key}: {get_dotted(params, key, '(absent)')!r} (preset: {value!r})" for key, value in want.items()
-            if get_dotted(params, key, "(absent)") != value]
+    return [f"{key}: {get_dotted(params, key, '(absent)')!r} (preset: {value!r})" for key, value in diff.items()
+            if key not in ignore]
 
 
 @dataclass(frozen=True)

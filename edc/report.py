@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,16 @@ from typing import Any
 
 from edc.errors import EdcError
 from edc.params import get_dotted, parse_params
-from edc.presets import PRESET_HELP, SWEEPS, format_value, label, parse_name, preset_mismatch, preset_overrides
+from edc.presets import (
+    PRESET_HELP,
+    SWEEPS,
+    format_value,
+    label,
+    parse_name,
+    preset_differences,
+    preset_mismatch,
+    preset_overrides,
+)
 
 METRICS_FILE = "reports/metrics.json"
 STORAGE_FILE = "reports/relabel.json"
@@ -214,15 +224,28 @@ def _preset_notes(rows: list[tuple[str, Experiment]]) -> list[str]:
     changed since it ran), so that a row never passes for the preset it is named after."""
     groups: dict[tuple[str, str], list[str]] = {}  # experiments of one preset that differ alike: one line
     for method, e in rows:
-        diff = preset_mismatch(method, e.params)
-        if _stores_as_preset(method, e):  # another rule, the same stored epochs at this ipc: the same set
-            diff = [d for d in diff if not d.startswith(("relabel.label_views:", "relabel.label_epochs:"))]
+        # another rule for the stored epochs that gives the same number at this ipc makes the same set
+        diff = preset_mismatch(method, e.params, ignore=STORED_EPOCH_KEYS if _stores_as_preset(method, e) else ())
         if diff:
             shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
             groups.setdefault((method, shown), []).append(e.name)
     notes = [f"- {', '.join(names)}: not the {method} preset's params: {shown}"
              for (method, shown), names in groups.items()]
     return (["Rows that differ from their preset:", ""] + notes + [""]) if notes else []
+
+
+STORED_EPOCH_KEYS = ("relabel.label_epochs", "relabel.label_views")  # the keys that set how many epochs are stored
+
+
+def _keep_newest(slot: dict[int, Experiment], e: Experiment) -> None:
+    """Put ``e`` in ``slot`` ({trial: experiment}) unless a newer experiment of its trial is there."""
+    if e.trial not in slot or e.timestamp > slot[e.trial].timestamp:
+        slot[e.trial] = e
+
+
+def _set_arg(params: dict[str, Any], key: str) -> str:
+    """``-S key=value`` as a shell word, the value as an experiment's params hold it."""
+    return f"-S {shlex.quote(f'{key}={format_value(get_dotted(params, key))}')}"
 
 
 def _stores_as_preset(method: str, e: Experiment) -> bool:
@@ -358,9 +381,7 @@ def storage_points(ipc: int, exps: dict[str, Experiment]) -> list[StoragePoint]:
     bytes."""
     groups: dict[str, dict[int, Experiment]] = {}
     for e in sorted(_storage_experiments(ipc, exps), key=lambda e: e.name):
-        slot = groups.setdefault(_label_setting(e), {})
-        if e.trial not in slot or e.timestamp > slot[e.trial].timestamp:  # the newest of a trial
-            slot[e.trial] = e
+        _keep_newest(groups.setdefault(_label_setting(e), {}), e)
     points = [StoragePoint(title, [t[k] for k in sorted(t)],
                            round(math.fsum(_needed_bytes(e) for e in t.values()) / len(t)))
               for title, t in groups.items()]
@@ -372,11 +393,6 @@ def _over_trials(trials: list[Experiment], student: str, key: str = "acc_mean") 
     return t_interval(values) if values and len(values) == len(trials) else None
 
 
-def _sample_std(values: list[float]) -> float:
-    mean = math.fsum(values) / len(values)
-    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-
-
 def within_validation_rule(point: StoragePoint, full: StoragePoint, students: list[str]) -> bool | None:
     """The default's rule (docs/format.md): on every student, the point's mean validation accuracy is not
     below float16 logits of every epoch by more than the standard deviation of that full point's
@@ -386,9 +402,8 @@ def within_validation_rule(point: StoragePoint, full: StoragePoint, students: li
         mine, ref = _over_trials(point.trials, s, "val_acc_mean"), _over_trials(full.trials, s, "val_acc_mean")
         if mine is None or ref is None:
             continue
-        spread = _sample_std([e.metrics[s]["val_acc_mean"] for e in full.trials])
-        if len(full.trials) < 2:  # one trial: its seeds' spread
-            spread = full.trials[0].metrics[s].get("val_acc_std", 0.0)
+        spread = statistics.stdev(e.metrics[s]["val_acc_mean"] for e in full.trials) if len(full.trials) > 1 \
+            else full.trials[0].metrics[s].get("val_acc_std", 0.0)  # one trial: its seeds' spread
         verdicts.append(mine[0] >= ref[0] - spread - 1e-12)
     return all(verdicts) if verdicts else None
 
@@ -422,9 +437,7 @@ def _equal_bytes_baseline(exps: dict[str, Experiment]) -> list[tuple[int, list[E
     for e in exps.values():
         kind, value, e_ipc = parse_name(e.name) or (None, None, None)
         if kind == "random-hard" and value is None and e.storage and "labels" in e.storage:
-            slot = by_ipc.setdefault(e_ipc, {})
-            if e.trial not in slot or e.timestamp > slot[e.trial].timestamp:
-                slot[e.trial] = e
+            _keep_newest(by_ipc.setdefault(e_ipc, {}), e)
     return [(i, [t[k] for k in sorted(t)], round(math.fsum(int(e.storage["images"]) for e in t.values()) / len(t)))
             for i, t in sorted(by_ipc.items())]
 
@@ -576,9 +589,7 @@ def method_trials(exps: dict[str, Experiment]) -> dict[tuple[str, int], dict[int
         kind, value, ipc = parse_name(e.name)
         if value is not None or kind not in PRESET_HELP:
             continue
-        slot = out.setdefault((kind, ipc), {})
-        if e.trial not in slot or e.timestamp > slot[e.trial].timestamp:
-            slot[e.trial] = e
+        _keep_newest(out.setdefault((kind, ipc), {}), e)
     return out
 
 
@@ -921,8 +932,7 @@ def _rerun_commands(exps: dict[str, Experiment]) -> list[str]:
     for (method, ipc), trials in sorted(method_trials(exps).items(),
                                         key=lambda kv: (kv[0][1], list(PRESET_HELP).index(kv[0][0]))):
         def sets(e: Experiment) -> str:
-            return " ".join(f"-S {shlex.quote(f'{k}={format_value(get_dotted(e.params, k))}')}"
-                            for k in MEASUREMENT_KEYS if get_dotted(e.params, k) is not None)
+            return " ".join(_set_arg(e.params, k) for k in MEASUREMENT_KEYS if get_dotted(e.params, k) is not None)
 
         first = sets(trials[min(trials)])
         lines.append(f"edc exp preset {method} --ipc {ipc} --trials {max(trials) + 1} --queue {first}")
@@ -944,21 +954,18 @@ def _sweep_rerun_commands(exps: dict[str, Experiment]) -> list[str]:
     for e in exps.values():
         kind, value, ipc = parse_name(e.name) or (None, None, None)
         if kind in SWEEPS and value is not None and kind != "ipc":
-            points.setdefault((kind, value, ipc), {})[e.trial] = e
+            _keep_newest(points.setdefault((kind, value, ipc), {}), e)
             if e.name != f"{kind}-{value}-ipc{ipc}":
                 suffixed.add((kind, value, ipc))
     lines = []
     for (sweep, value, ipc), trials in sorted(points.items(), key=lambda kv: (kv[0][2], kv[0][0], kv[0][1])):
         e = trials[min(trials)]
-        key = SWEEPS[sweep].key
         try:
-            want = preset_overrides("edc", parse_params(e.params))
+            differ = preset_differences("edc", e.params)
         except EdcError:
-            want = {}
-        extra = [f"-S {shlex.quote(f'{k}={format_value(get_dotted(e.params, k))}')}" for k, v in want.items()
-                 if k != key and get_dotted(e.params, k, "(absent)") != v]
-        sets = [f"-S {shlex.quote(f'{k}={format_value(get_dotted(e.params, k))}')}"
-                for k in MEASUREMENT_KEYS if get_dotted(e.params, k) is not None]
+            differ = {}
+        extra = [_set_arg(e.params, k) for k in differ if k != SWEEPS[sweep].key]
+        sets = [_set_arg(e.params, k) for k in MEASUREMENT_KEYS if get_dotted(e.params, k) is not None]
         count = f" --trials {max(trials) + 1}" if (sweep, value, ipc) in suffixed else ""
         lines.append(" ".join([f"edc exp sweep {sweep} --ipc {ipc} --values {shlex.quote(value)}{count} --queue",
                                *sets, *extra]))
