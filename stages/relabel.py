@@ -59,7 +59,9 @@ def main(argv=None) -> None:
                 "ipc": img_meta["ipc"], "teachers": cfg.teachers, "epochs": epochs, "stored_epochs": stored,
                 "batch_size": cfg.batch_size, "codec": cfg.codec, "topk": cfg.topk, "cutmix": cfg.cutmix,
                 "aug": cfg.aug.model_dump(),
-                "params": {"seed": p.seed, **trial_meta(p.trial), "relabel": cfg.model_dump(), "synthesis": img_meta}}
+                "params": {"seed": p.seed, **trial_meta(p.trial), "relabel": cfg.model_dump(),
+                           # how the images were made; synthesis's loss diagnostics stay in reports/synth.json
+                           "synthesis": {k: v for k, v in img_meta.items() if k != "matching"}}}
         ckpt = Checkpointer(args.out, fingerprint("relabel", stage_params(p, "relabel"),
                                                   [args.data + "/facts.json", args.images,
                                                    *(Path(args.observers) / f"{t}.safetensors" for t in cfg.teachers)],

@@ -16,10 +16,11 @@ BASE = read_yaml(ROOT / "params.yaml")
 def record(name: str, acc: float, labels: int, images: int = 7_850, plan: int = 60_000, container: int = 9_000,
            n: int = 10, epochs: int = 1000, stored: int | None = None, trial: int = 0, val: float | None = None,
            **relabel) -> Experiment:
-    """An experiment as read_experiments makes it: params with ``relabel`` overrides and ``trial``, one
+    """An experiment as read_experiments makes it: params with ``relabel`` overrides (float16 logits
+    unless ``codec`` says otherwise) and ``trial``, one
     student, and reports/relabel.json (storage, epochs, stored epochs)."""
     params = copy.deepcopy(BASE)
-    params["relabel"].update(relabel)
+    params["relabel"].update({"codec": "float16", **relabel})  # float16 unless said (params.yaml stores int8)
     params["trial"] = trial
     if name.startswith("random-hard"):
         params["evaluate"]["labels"] = "hard"
@@ -113,8 +114,8 @@ def test_a_set_made_before_label_views_is_the_presets_own_where_the_rule_stores_
     """Trials made before relabel.label_views existed stored every epoch: at ipc 1 the default rule
     (1,500 views) stores every epoch too, so the page does not call them off-preset; at ipc 10 it stores
     150 of 250, and the page says so."""
-    old = [record("edc-ipc1-t0", 0.90, 200_000), record("edc-ipc10-t0", 0.95, 500_000, images=78_500,
-                                                           plan=150_000, n=100, epochs=250)]
+    old = [record("edc-ipc1-t0", 0.90, 140_000, codec="int8"),
+           record("edc-ipc10-t0", 0.95, 350_000, images=78_500, plan=150_000, n=100, epochs=250, codec="int8")]
     for e in old:
         del e.params["relabel"]["label_views"]
     notes = [ln for ln in build_report({e.name: e for e in old}, None, tmp_path).splitlines()
