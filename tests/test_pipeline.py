@@ -120,6 +120,9 @@ def test_relabel_and_post_evaluate_with_a_compressed_codec(tiny_workspace, tmp_p
     assert report["stored_epochs"] == (1 if codec == "int8" else 3)
     assert report["bytes"] == meta["bytes"]
     assert report["bytes"]["labels"] == (20 * 1 * (10 + 4) if codec == "int8" else 0)
+    # the card says how the images were made, not synthesis's loss diagnostics (reports/synth.json)
+    images = read_json(tmp_path / "condensed/images/meta.json")
+    assert "matching" in images and meta["params"]["synthesis"] == {k: v for k, v in images.items() if k != "matching"}
     assert ("teacher_agreement" in report) == (codec != "hard")
     import mlflow
 
